@@ -1,0 +1,147 @@
+"""The application's arguments: what a Serve config's `args:` may say, typed and documented.
+
+`serve_app.build_app` validates `args:` against `AppArgs`. Every field has a default or is
+required, every field has a description, and unknown keys are rejected (a misspelt option
+must fail the deployment, not be silently ignored). Ray Serve's own deployment options
+(replicas, autoscaling, `max_ongoing_requests`, `ray_actor_options`) are not here: they go in
+the config's `deployments:` list, where Ray validates them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.embedded_model import default_cache_dir
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """The model a generator replica loads, and the defaults of its requests."""
+
+    id: str = Field(
+        default="tiny-sd3",
+        min_length=1,
+        description="The name clients pass as `model` and `GET /v1/models` lists.",
+    )
+    source: str = Field(
+        default="embedded:tiny-sd3",
+        min_length=1,
+        description=(
+            "Where the weights come from: a Hugging Face hub id "
+            "(`stabilityai/stable-diffusion-3.5-medium`), a local directory written by "
+            "`save_pretrained`, or `embedded:tiny-sd3` for the built-in tiny model."
+        ),
+    )
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) to load; hub ids only."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="Weight dtype. `auto` is bfloat16 on CUDA and float32 elsewhere.",
+    )
+    device: str = Field(
+        default="auto",
+        description="Torch device (`cuda`, `cuda:1`, `mps`, `cpu`). `auto` picks CUDA, then MPS, "
+        "then CPU.",
+    )
+    owned_by: str = Field(
+        default="image-service", description="The `owned_by` field of `GET /v1/models`."
+    )
+    default_size: str = Field(
+        default="64x64",
+        pattern=r"^\d+x\d+$",
+        description="Image size (`WxH`) used when a request says `size: auto` or none.",
+    )
+    size_multiple: int = Field(
+        default=16,
+        ge=1,
+        description="Width and height must be multiples of this: the VAE's downsampling "
+        "factor times the transformer's patch size (16 for SD3).",
+    )
+    default_steps: int = Field(default=4, ge=1, description="Denoising steps when not given.")
+    default_guidance_scale: float = Field(
+        default=7.0, ge=0, description="Classifier-free guidance scale when not given."
+    )
+
+
+class RequestLimits(_Strict):
+    """Bounds on what one request may ask for; exceeding one is a 400 naming the parameter."""
+
+    max_prompt_chars: int = Field(
+        default=4000, ge=1, description="Longest `prompt` and `negative_prompt`, in characters."
+    )
+    max_images: int = Field(
+        default=10, ge=1, le=10, description="Largest `n` (OpenAI allows 1-10)."
+    )
+    max_pixels: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        description="Largest width x height of one image.",
+    )
+    max_steps: int = Field(default=50, ge=1, description="Largest `num_inference_steps`.")
+    max_guidance_scale: float = Field(default=20.0, ge=0, description="Largest `guidance_scale`.")
+
+
+class StorageConfig(_Strict):
+    """Where `response_format: url` images are kept, and for how long."""
+
+    directory: str | None = Field(
+        default=None,
+        description="Directory for stored images; default `<cache>/images`, where <cache> is "
+        "`$IMAGE_SERVICE_CACHE` or `~/.cache/image-service`. Several nodes need a shared "
+        "volume here.",
+    )
+    ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds a stored image stays retrievable (OpenAI's URLs last an hour).",
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        description="Base of the returned URLs (e.g. `https://images.example.com`). By default "
+        "the URL the request came in on.",
+    )
+
+    def resolved_directory(self) -> Path:
+        return Path(self.directory) if self.directory else default_cache_dir() / "images"
+
+
+class AppArgs(_Strict):
+    """`args:` of `import_path: serve_app:build_app`."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to serve.")
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits, description="Bounds on request parameters."
+    )
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Storage of `url` images."
+    )
+    worker_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Pipeline calls one generator replica runs at once, each in its own "
+        "thread. Requests beyond this wait inside the replica.",
+    )
+
+    @model_validator(mode="after")
+    def _default_size_fits(self) -> AppArgs:
+        width, height = (int(side) for side in self.model.default_size.split("x"))
+        multiple = self.model.size_multiple
+        if width % multiple or height % multiple:
+            raise ValueError(
+                f"model.default_size {self.model.default_size} is not a multiple of "
+                f"model.size_multiple ({multiple})"
+            )
+        if width * height > self.limits.max_pixels:
+            raise ValueError(
+                f"model.default_size {self.model.default_size} exceeds limits.max_pixels "
+                f"({self.limits.max_pixels})"
+            )
+        return self

@@ -1,0 +1,102 @@
+"""Errors as the API reports them: OpenAI's `{"error": {...}}` shape, one place for all.
+
+Handlers raise `APIError`; `error_response` turns it into a response. The `x-should-retry`
+header tells the official OpenAI clients (which retry 408/409/429/5xx by default) whether a
+retry can help, and `retry-after` tells them when.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from deployments.protocol import ErrorDetail, ErrorResponse
+
+
+class APIError(Exception):
+    """An error to send to the client. Its message must be safe to show: no internals."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str,
+        param: str | None = None,
+        code: str | None = None,
+        retryable: bool = False,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+def invalid_request(message: str, *, param: str | None = None, code: str | None = None):
+    return APIError(400, message, type="invalid_request_error", param=param, code=code)
+
+
+def internal_error() -> APIError:
+    return APIError(
+        500,
+        "The server had an error while processing your request. The error is logged with "
+        "this request's id (x-request-id).",
+        type="server_error",
+        code="internal_error",
+        retryable=True,
+    )
+
+
+def service_unavailable(message: str, *, retry_after_s: int = 1) -> APIError:
+    return APIError(
+        503,
+        message,
+        type="server_error",
+        code="service_unavailable",
+        retryable=True,
+        retry_after_s=retry_after_s,
+    )
+
+
+def error_response(error: APIError, request_id: str | None = None) -> JSONResponse:
+    body = ErrorResponse(
+        error=ErrorDetail(
+            message=error.message, type=error.type, param=error.param, code=error.code
+        )
+    )
+    headers = {"x-should-retry": "true" if error.retryable else "false"}
+    if error.retry_after_s is not None:
+        headers["retry-after"] = str(error.retry_after_s)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return JSONResponse(body.model_dump(), status_code=error.status_code, headers=headers)
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """The first problem of a failed request validation, as a 400 that names the parameter."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    location = [str(part) for part in first["loc"]]
+    param = ".".join(location) if location else None
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return invalid_request(
+            f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter"
+        )
+    if kind == "missing":
+        return invalid_request(
+            f"Missing required parameter: '{param}'.",
+            param=param,
+            code="missing_required_parameter",
+        )
+    if kind == "model_type" and not location:
+        return invalid_request("The request body must be a JSON object.", code="invalid_body")
+    # pydantic prefixes messages raised in validators with "Value error, ".
+    reason = first["msg"].removeprefix("Value error, ")
+    return invalid_request(
+        f"Invalid value for '{param}': {reason}.", param=param, code="invalid_value"
+    )

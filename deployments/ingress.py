@@ -1,0 +1,65 @@
+"""The ingress deployment: the HTTP front door, with no model and no GPU.
+
+It serves the FastAPI app of `deployments/api.py` and reaches the generator replicas through
+a `DeploymentHandle`, translating Ray's failures into the API's errors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.api import create_api
+from deployments.config import AppArgs
+from deployments.errors import service_unavailable
+from deployments.jobs import GeneratedImages, GenerationJob
+
+logger = logging.getLogger("ray.serve")
+
+INGRESS_DEPLOYMENT = "ImageIngress"
+
+
+class GeneratorClient:
+    """An `ImageBackend` over the generator deployment's handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def generate(self, job: GenerationJob) -> GeneratedImages:
+        try:
+            return await self._handle.generate.remote(job)
+        except BackPressureError:
+            raise service_unavailable(
+                "The service is at capacity and its queue is full. Retry shortly.",
+                retry_after_s=2,
+            ) from None
+        except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
+            logger.warning(
+                "request %s: generator replica unavailable", job.request_id, exc_info=True
+            )
+            raise service_unavailable(
+                "The replica generating this request stopped. Retry the request.",
+                retry_after_s=1,
+            ) from None
+
+
+@serve.deployment(
+    name=INGRESS_DEPLOYMENT,
+    # The ingress only awaits the generator and encodes, so it holds many requests at once.
+    max_ongoing_requests=256,
+    # No CPU reserved: on Kubernetes it runs on a head node that advertises num-cpus 0.
+    ray_actor_options={"num_cpus": 0},
+)
+@serve.ingress()
+class ImageIngress:
+    def __init__(self, args: AppArgs, generator: DeploymentHandle) -> None:
+        self._args = args
+        self._generator = generator
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self._args, GeneratorClient(self._generator))

@@ -1,0 +1,205 @@
+"""The HTTP API's request and response schemas, in the shape of OpenAI's Images API.
+
+Standard OpenAI fields come first, in OpenAI's order; this service's extensions follow,
+marked as such. Bounds that depend on the deployment (prompt length, size, steps) come from
+`RequestLimits` and `ModelConfig`, passed as pydantic's validation context, so every bad
+input is rejected here, in one place, before anything is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+
+from deployments.config import ModelConfig, RequestLimits
+from deployments.sizes import parse_size
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    """What a request is validated against: the deployment's limits and its model's rules."""
+
+    limits: RequestLimits
+    model: ModelConfig
+
+
+def _context(info: ValidationInfo) -> ValidationContext:
+    context = info.context
+    if not isinstance(context, ValidationContext):
+        return ValidationContext(limits=RequestLimits(), model=ModelConfig())
+    return context
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of `POST /v1/images/generations`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # --- OpenAI fields ---
+    prompt: str = Field(description="What to draw. Required, non-empty.")
+    model: str | None = Field(
+        default=None, description="Which model; the service's default model when omitted."
+    )
+    n: int = Field(default=1, ge=1, le=10, description="How many images (1-10).")
+    output_compression: int = Field(
+        default=100,
+        ge=0,
+        le=100,
+        description="Quality of jpeg and webp output, 0-100 (100 keeps the most detail). "
+        "Ignored for png.",
+    )
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        default="png", description="Encoding of the returned images."
+    )
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
+        default=None, description="Accepted for compatibility and ignored."
+    )
+    response_format: Literal["url", "b64_json"] = Field(
+        default="url",
+        description="`url`: the service stores the image and returns a link to it. "
+        "`b64_json`: the encoded image inline.",
+    )
+    size: str = Field(
+        default="auto",
+        description="`WIDTHxHEIGHT` (multiples of the model's size multiple) or `auto` for "
+        "the model's default size.",
+    )
+    style: Literal["vivid", "natural"] | None = Field(
+        default=None, description="Accepted for compatibility and ignored."
+    )
+    user: str | None = Field(
+        default=None, max_length=256, description="An end-user id, logged for tracing."
+    )
+
+    # --- Extensions of this service ---
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the first image; image i uses (seed + i) mod 2**32. Random when "
+        "omitted. The same request with the same seed gives the same images.",
+    )
+    negative_prompt: str | None = Field(default=None, description="What not to draw.")
+    num_inference_steps: int | None = Field(
+        default=None, ge=1, description="Denoising steps; the model's default when omitted."
+    )
+    guidance_scale: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Classifier-free guidance scale; the model's default when omitted.",
+    )
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _bounded_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        if info.field_name == "prompt" and not value.strip():
+            raise ValueError("must not be empty")
+        limit = _context(info).limits.max_prompt_chars
+        if len(value) > limit:
+            raise ValueError(f"is {len(value)} characters long; the limit is {limit}")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _n_within_limit(cls, value: int, info: ValidationInfo) -> int:
+        limit = _context(info).limits.max_images
+        if value > limit:
+            raise ValueError(f"this service generates at most {limit} images per request")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _valid_size(cls, value: str, info: ValidationInfo) -> str:
+        context = _context(info)
+        parse_size(
+            value,
+            default=context.model.default_size,
+            multiple=context.model.size_multiple,
+            max_pixels=context.limits.max_pixels,
+        )
+        return value
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _steps_within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = _context(info).limits.max_steps
+        if value is not None and value > limit:
+            raise ValueError(f"must be at most {limit}")
+        return value
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance_within_limit(cls, value: float | None, info: ValidationInfo) -> float | None:
+        limit = _context(info).limits.max_guidance_scale
+        if value is not None and value > limit:
+            raise ValueError(f"must be at most {limit}")
+        return value
+
+
+class Image(BaseModel):
+    """One generated image: exactly one of `url` and `b64_json` is set."""
+
+    # --- OpenAI fields ---
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+    url: str | None = None
+    # --- Extension: the seed that made this image, to reproduce it ---
+    seed: int
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_form(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # Like OpenAI, send only the form asked for; `revised_prompt` stays (always null).
+        data = handler(self)
+        for key in ("b64_json", "url"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class ImagesResponse(BaseModel):
+    """Body of a successful `POST /v1/images/generations`."""
+
+    created: int = Field(description="Unix time, in seconds, when the images were made.")
+    data: list[Image]
+    output_format: Literal["png", "jpeg", "webp"]
+    size: str = Field(description="The size of the images, `WIDTHxHEIGHT`.")
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of the whole API (OpenAI's)."""
+
+    error: ErrorDetail
