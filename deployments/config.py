@@ -131,7 +131,17 @@ class AppArgs(_Strict):
     )
 
     @model_validator(mode="after")
-    def _default_size_fits(self) -> AppArgs:
+    def _defaults_within_limits(self) -> AppArgs:
+        if self.model.default_steps > self.limits.max_steps:
+            raise ValueError(
+                f"model.default_steps ({self.model.default_steps}) exceeds limits.max_steps "
+                f"({self.limits.max_steps})"
+            )
+        if self.model.default_guidance_scale > self.limits.max_guidance_scale:
+            raise ValueError(
+                f"model.default_guidance_scale ({self.model.default_guidance_scale}) exceeds "
+                f"limits.max_guidance_scale ({self.limits.max_guidance_scale})"
+            )
         width, height = (int(side) for side in self.model.default_size.split("x"))
         multiple = self.model.size_multiple
         if width % multiple or height % multiple:

@@ -1,0 +1,244 @@
+"""The engine on the real embedded pipeline: concurrency, shared weights, seeds, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.config import ModelConfig
+from deployments.engine import GenerationCancelled, ImageEngine, ReplicaBroken
+from deployments.jobs import GenerationJob
+from deployments.pipelines import RequestPipelines, load_pipeline
+
+
+def job(
+    seed: int = 0,
+    *,
+    prompt: str = "a lighthouse at dusk",
+    width: int = 64,
+    height: int = 64,
+    steps: int = 3,
+    n: int = 1,
+    guidance: float = 7.0,
+    negative: str | None = None,
+) -> GenerationJob:
+    return GenerationJob(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        seeds=tuple(seed + i for i in range(n)),
+    )
+
+
+def weights_of(pipeline) -> dict[str, list[tuple[torch.dtype, int]]]:
+    """Each shared module's parameter dtypes and storage addresses."""
+    return {
+        name: [(p.dtype, p.data_ptr()) for p in module.parameters()]
+        for name, module in pipeline.components.items()
+        if isinstance(module, torch.nn.Module)
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return load_pipeline(ModelConfig(device="cpu", dtype="float32"))
+
+
+@pytest.fixture
+def engine(pipeline):
+    engine = ImageEngine(pipeline, worker_threads=4)
+    yield engine
+    engine.shutdown()
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def generate_all(engine: ImageEngine, jobs: list[GenerationJob]):
+    return await asyncio.gather(*(engine.generate(j) for j in jobs))
+
+
+def test_32_concurrent_requests_of_mixed_sizes_and_steps_all_succeed(engine, pipeline):
+    rng = random.Random(1)
+    jobs = [
+        job(
+            i,
+            prompt=f"prompt {i}",
+            width=rng.choice([32, 48, 64, 96]),
+            height=rng.choice([32, 64]),
+            steps=rng.choice([1, 2, 4, 6]),
+            n=rng.choice([1, 2]),
+            negative=rng.choice([None, "blurry"]),
+        )
+        for i in range(32)
+    ]
+    before = weights_of(pipeline)
+
+    results = run(generate_all(engine, jobs))
+    for sent, result in zip(jobs, results, strict=True):
+        assert result.seeds == sent.seeds
+        assert [image.shape for image in result.images] == [(sent.height, sent.width, 3)] * len(
+            sent.seeds
+        )
+        assert all(image.dtype == np.uint8 for image in result.images)
+    # Same modules, same dtype, same storage: no copy and no cast happened (design note 1).
+    assert weights_of(pipeline) == before
+
+
+def test_views_share_weights_but_not_the_scheduler(pipeline):
+    views = RequestPipelines(pipeline)
+    first, second = views.view(), views.view()
+    assert first.scheduler is not second.scheduler
+    assert first.scheduler is not pipeline.scheduler
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_3", "tokenizer_3"):
+        assert getattr(first, name) is getattr(pipeline, name)
+
+
+def test_bfloat16_weights_stay_bfloat16_and_in_place():
+    # diffusers' from_pipe would cast these to float32 on the first request (design note 1).
+    pipeline = load_pipeline(ModelConfig(device="cpu", dtype="bfloat16"))
+    before = weights_of(pipeline)
+    assert {dtype for params in before.values() for dtype, _ in params} == {torch.bfloat16}
+    engine = ImageEngine(pipeline, worker_threads=2)
+    try:
+        run(generate_all(engine, [job(seed, steps=2) for seed in range(4)]))
+    finally:
+        engine.shutdown()
+    assert weights_of(pipeline) == before
+
+
+def test_same_seed_gives_identical_images_alone_and_under_load(engine):
+    target = job(1234, prompt="a red bicycle", n=2, steps=4)
+    alone = run(engine.generate(target))
+
+    async def among_others():
+        noise = [engine.generate(job(s, prompt=f"other {s}", width=96, steps=5)) for s in range(8)]
+        results = await asyncio.gather(engine.generate(target), *noise)
+        return results[0]
+
+    loaded = run(among_others())
+    again = run(engine.generate(target))
+    for a, b, c in zip(alone.images, loaded.images, again.images, strict=True):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+    assert not np.array_equal(alone.images[0], alone.images[1]), "each image has its own seed"
+
+
+def test_different_seeds_give_different_images(engine):
+    first = run(engine.generate(job(1)))
+    second = run(engine.generate(job(2)))
+    assert not np.array_equal(first.images[0], second.images[0])
+
+
+def test_concurrent_prompt_encoding_is_serialized(pipeline):
+    # Fast tokenizers raise "Already borrowed" when two threads use one at once (design note 3).
+    views = RequestPipelines(pipeline)
+    errors: list[BaseException] = []
+
+    def encode_many(index: int) -> None:
+        view = views.view()
+        try:
+            for i in range(10):
+                view.encode_prompt(
+                    prompt=f"thread {index} prompt {i} " * (i + 1),
+                    prompt_2=None,
+                    prompt_3=None,
+                    device=torch.device("cpu"),
+                )
+        except BaseException as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=encode_many, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_cancelled_request_stops_at_the_next_step_and_frees_its_thread(pipeline):
+    engine = ImageEngine(pipeline, worker_threads=1)
+
+    async def cancel_midway():
+        task = asyncio.create_task(engine.generate(job(0, width=256, height=256, steps=200)))
+        while engine.steps_run < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        steps_at_cancel = engine.steps_run
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The only thread is free again: a new job completes.
+        await engine.generate(job(1, steps=2))
+        return steps_at_cancel
+
+    try:
+        steps_at_cancel = run(cancel_midway())
+    finally:
+        engine.shutdown()
+    # The cancelled job ran at most one more step (the one under way), then the new job's 2.
+    assert engine.steps_run - 2 <= steps_at_cancel + 1
+
+
+def test_cancelled_request_still_waiting_never_starts(pipeline):
+    engine = ImageEngine(pipeline, worker_threads=1)
+
+    async def cancel_queued():
+        running = asyncio.create_task(engine.generate(job(0, steps=20, width=128, height=128)))
+        queued = asyncio.create_task(engine.generate(job(1, steps=20)))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        await running
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+
+    try:
+        run(cancel_queued())
+        time.sleep(0.2)
+    finally:
+        engine.shutdown()
+    assert engine.steps_run == 20
+
+
+def test_device_failure_marks_the_replica_unhealthy(pipeline, monkeypatch):
+    engine = ImageEngine(pipeline, worker_threads=1)
+    engine.check_health()
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(pipeline.transformer, "forward", broken_forward)
+    try:
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            run(engine.generate(job(0)))
+    finally:
+        engine.shutdown()
+    with pytest.raises(ReplicaBroken):
+        engine.check_health()
+
+
+def test_ordinary_failures_keep_the_replica_healthy(pipeline, monkeypatch):
+    engine = ImageEngine(pipeline, worker_threads=1)
+    monkeypatch.setattr(
+        pipeline.transformer,
+        "forward",
+        lambda *a, **k: (_ for _ in ()).throw(ValueError("bad shapes")),
+    )
+    try:
+        with pytest.raises(ValueError):
+            run(engine.generate(job(0)))
+    finally:
+        engine.shutdown()
+    engine.check_health()
+
+
+def test_cancellation_exception_is_not_a_failure():
+    assert not issubclass(GenerationCancelled, RuntimeError)
