@@ -102,3 +102,15 @@ def test_every_field_is_described():
 def test_build_app_binds_ingress_in_front_of_the_generator():
     app = build_app({"worker_threads": 3})
     assert app._bound_deployment.name == INGRESS_DEPLOYMENT
+
+
+def test_readme_documents_every_args_key():
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    for section, field in AppArgs.model_fields.items():
+        nested = field.annotation
+        if isinstance(nested, type) and hasattr(nested, "model_fields"):
+            keys = [f"{section}.{name}" for name in nested.model_fields]
+        else:
+            keys = [section]
+        for key in keys:
+            assert f"`{key}`" in readme, f"README's configuration table lacks `{key}`"
