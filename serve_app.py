@@ -39,7 +39,7 @@ def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     app_args = parse_args(args)
-    generator = ImageGenerator.bind(app_args.model, app_args.worker_threads)
+    generator = ImageGenerator.bind(app_args.model, app_args.worker_threads, app_args.batching)
     return ImageIngress.bind(app_args, generator)
 
 

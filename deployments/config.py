@@ -112,6 +112,25 @@ class StorageConfig(_Strict):
         return Path(self.directory) if self.directory else default_cache_dir() / "images"
 
 
+class BatchingConfig(_Strict):
+    """How a generator replica groups compatible requests into one pipeline call."""
+
+    max_batch_images: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Most images in one pipeline call. 1 turns batching off: every request "
+        "runs alone (the per-request design).",
+    )
+    max_wait_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=1000,
+        description="How long a batch waits for compatible requests while the replica is "
+        "busy. An idle replica starts a lone request at once.",
+    )
+
+
 class AppArgs(_Strict):
     """`args:` of `import_path: serve_app:build_app`."""
 
@@ -122,12 +141,15 @@ class AppArgs(_Strict):
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Storage of `url` images."
     )
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig, description="Batching of compatible requests."
+    )
     worker_threads: int = Field(
         default=2,
         ge=1,
         le=64,
-        description="Pipeline calls one generator replica runs at once, each in its own "
-        "thread. Requests beyond this wait inside the replica.",
+        description="Pipeline calls (batches) one generator replica runs at once, each in "
+        "its own thread. Requests beyond these wait inside the replica.",
     )
 
     @model_validator(mode="after")

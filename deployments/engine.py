@@ -1,10 +1,12 @@
-"""The generation engine of a replica: jobs run on per-request pipeline views in worker threads.
+"""The generation engine of a replica: batches of jobs on pipeline views in worker threads.
 
 `ImageEngine.generate` is a coroutine: the replica's event loop keeps accepting requests
 while a bounded pool of threads runs the pipeline (torch releases the GIL in its kernels).
-Cancelling the coroutine (the client went away, or the request timed out) cannot stop a
-thread, so the engine tells the thread through the pipeline's step callback, which raises
-at the next denoising step; a job still waiting for a thread is dropped before it starts.
+Compatible jobs are grouped into one pipeline call by `deployments/batching.py`; each call
+runs on its own pipeline view (see `deployments/pipelines.py`). Cancelling the coroutine (the
+client went away, or the request timed out) cannot stop a thread, so a running batch whose
+jobs are all cancelled is told through the pipeline's step callback, which raises at the next
+denoising step; a job still waiting is simply dropped from its batch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from deployments.batching import BatchQueue
 from deployments.jobs import GeneratedImages, GenerationJob
 from deployments.pipelines import RequestPipelines
 
@@ -43,11 +46,25 @@ def _is_device_failure(error: BaseException) -> bool:
 
 
 class ImageEngine:
-    def __init__(self, pipeline: DiffusionPipeline, worker_threads: int) -> None:
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        worker_threads: int,
+        max_batch_images: int = 1,
+        max_wait_s: float = 0.0,
+    ) -> None:
         self._pipelines = RequestPipelines(pipeline)
         self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="generate")
+        self._queue = BatchQueue(
+            self._run_batch,
+            self._pool,
+            workers=worker_threads,
+            max_batch_images=max_batch_images,
+            max_wait_s=max_wait_s,
+        )
         self._broken: BaseException | None = None
-        self.steps_run = 0  # denoising steps completed by all jobs; tests read it
+        self._steps_lock = threading.Lock()
+        self.steps_run = 0  # denoising steps completed by all batches; tests read it
 
     @property
     def shared_pipeline(self) -> DiffusionPipeline:
@@ -58,46 +75,52 @@ class ImageEngine:
         if self._broken is not None:
             raise ReplicaBroken(f"the device failed: {type(self._broken).__name__}")
 
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Images in each batch started so far."""
+        return self._queue.batch_sizes
+
     async def generate(self, job: GenerationJob) -> GeneratedImages:
-        cancelled = threading.Event()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, self._run, job, cancelled)
         try:
-            return await future
+            return await self._queue.submit(job)
         except asyncio.CancelledError:
-            # A queued job never starts (the executor drops a cancelled future); a running
-            # one stops at its next step.
-            cancelled.set()
-            logger.info("request %s cancelled; stopping its generation", job.request_id)
+            logger.info("request %s cancelled; its generation stops", job.request_id)
             raise
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self, job: GenerationJob, cancelled: threading.Event) -> GeneratedImages:
+    def _run_batch(
+        self, jobs: list[GenerationJob], cancelled: threading.Event
+    ) -> list[GeneratedImages]:
+        """One pipeline call for compatible jobs (see `batch_key`); results in job order."""
         if cancelled.is_set():
             raise GenerationCancelled()
         started = time.perf_counter()
-        pipeline = self._pipelines.view()
+        first = jobs[0]
+        prompts = [job.prompt for job in jobs for _ in job.seeds]
+        negative_prompts = None
+        if first.negative_prompt is not None:  # the same for all jobs of a batch
+            negative_prompts = [job.negative_prompt for job in jobs for _ in job.seeds]
         # One generator per image, on the CPU: each image's noise depends only on its own seed
         # (not on its batch neighbours), and a seed gives the same noise on any device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
-        n = job.num_images
+        generators = [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.seeds]
 
         def on_step_end(_pipeline, _step, _timestep, callback_kwargs):
-            self.steps_run += 1
+            with self._steps_lock:
+                self.steps_run += 1
             if cancelled.is_set():
                 raise GenerationCancelled()
             return callback_kwargs
 
         try:
-            output = pipeline(
-                prompt=[job.prompt] * n,
-                negative_prompt=None if job.negative_prompt is None else [job.negative_prompt] * n,
-                width=job.width,
-                height=job.height,
-                num_inference_steps=job.num_inference_steps,
-                guidance_scale=job.guidance_scale,
+            output = self._pipelines.view()(
+                prompt=prompts,
+                negative_prompt=negative_prompts,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
                 generator=generators,
                 output_type="np",
                 callback_on_step_end=on_step_end,
@@ -108,12 +131,13 @@ class ImageEngine:
             if _is_device_failure(error):
                 self._broken = error
             raise
-        pixels = _to_uint8(output.images)
-        return GeneratedImages(
-            images=list(pixels),
-            seeds=job.seeds,
-            denoise_s=time.perf_counter() - started,
-        )
+        pixels = list(_to_uint8(output.images))
+        elapsed = time.perf_counter() - started
+        results = []
+        for job in jobs:
+            images, pixels = pixels[: job.num_images], pixels[job.num_images :]
+            results.append(GeneratedImages(images=images, seeds=job.seeds, denoise_s=elapsed))
+        return results
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:

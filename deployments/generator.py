@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from deployments.config import ModelConfig
+from deployments.config import BatchingConfig, ModelConfig
 from deployments.engine import ImageEngine
 from deployments.jobs import GeneratedImages, GenerationJob
 from deployments.pipelines import load_pipeline
@@ -33,8 +33,13 @@ GENERATOR_DEPLOYMENT = "ImageGenerator"
     ray_actor_options={"num_cpus": 1, "num_gpus": 0},
 )
 class ImageGenerator:
-    def __init__(self, model: ModelConfig, worker_threads: int) -> None:
-        self._engine = ImageEngine(load_pipeline(model), worker_threads)
+    def __init__(self, model: ModelConfig, worker_threads: int, batching: BatchingConfig) -> None:
+        self._engine = ImageEngine(
+            load_pipeline(model),
+            worker_threads,
+            max_batch_images=batching.max_batch_images,
+            max_wait_s=batching.max_wait_ms / 1000,
+        )
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         return await self._engine.generate(job)

@@ -1,0 +1,183 @@
+"""Batching compatible jobs into one pipeline call.
+
+On an accelerator, threads running separate pipeline calls mostly take turns; one call over a
+batch of images uses the device better where a single image does not fill it. Jobs are
+compatible when everything the call shares is equal: size, steps, guidance scale, and whether
+a negative prompt is given (`None` and `""` differ for some pipelines). Prompts, negative
+prompts and seeds stay per image.
+
+When a batch starts:
+- never before a worker thread is free; until then, waiting batches keep absorbing compatible
+  jobs (under load, batches grow by themselves);
+- at once when the replica is idle, so a lone request never waits for company;
+- otherwise when it is full (`max_batch_images`) or its oldest job has waited `max_wait_s`.
+A job with more images than `max_batch_images` runs as a batch of its own. With
+`max_batch_images=1` every job runs alone: the per-request design.
+
+A job cancelled while it waits leaves its batch; a running batch is told to stop only when
+every job in it is cancelled. A failing batch fails its own jobs, no others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from deployments.jobs import GeneratedImages, GenerationJob
+
+RunBatch = Callable[[list[GenerationJob], threading.Event], list[GeneratedImages]]
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    has_negative_prompt: bool
+
+
+def batch_key(job: GenerationJob) -> BatchKey:
+    return BatchKey(
+        width=job.width,
+        height=job.height,
+        num_inference_steps=job.num_inference_steps,
+        guidance_scale=job.guidance_scale,
+        has_negative_prompt=job.negative_prompt is not None,
+    )
+
+
+@dataclass(eq=False)
+class _Entry:
+    job: GenerationJob
+    result: asyncio.Future[GeneratedImages]
+
+
+@dataclass(eq=False)
+class _Batch:
+    key: BatchKey
+    created: float
+    entries: list[_Entry] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+
+    @property
+    def num_images(self) -> int:
+        return sum(entry.job.num_images for entry in self.entries)
+
+
+class BatchQueue:
+    """Groups jobs into batches and runs each batch with `run_batch` on `executor`.
+
+    All of its state is touched on the event loop's thread only; `run_batch` runs in the
+    executor's threads and sees nothing but its jobs and its batch's cancel flag.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        executor: Executor,
+        workers: int,
+        max_batch_images: int,
+        max_wait_s: float,
+    ) -> None:
+        self._run_batch = run_batch
+        self._executor = executor
+        self._workers = workers
+        self._max_batch_images = max_batch_images
+        self._max_wait_s = max_wait_s
+        self._pending: list[_Batch] = []
+        self._running = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self.batch_sizes: list[int] = []  # images per started batch, for tests and metrics
+
+    @property
+    def waiting_jobs(self) -> int:
+        return sum(len(batch.entries) for batch in self._pending)
+
+    async def submit(self, job: GenerationJob) -> GeneratedImages:
+        loop = asyncio.get_running_loop()
+        entry = _Entry(job=job, result=loop.create_future())
+        batch = self._batch_for(job)
+        batch.entries.append(entry)
+        self._dispatch()
+        try:
+            return await entry.result
+        except asyncio.CancelledError:
+            self._withdraw(batch, entry)
+            raise
+
+    def _batch_for(self, job: GenerationJob) -> _Batch:
+        key = batch_key(job)
+        for batch in self._pending:
+            if batch.key == key and batch.num_images + job.num_images <= self._max_batch_images:
+                return batch
+        batch = _Batch(key=key, created=time.monotonic())
+        self._pending.append(batch)
+        return batch
+
+    def _withdraw(self, batch: _Batch, entry: _Entry) -> None:
+        if not batch.started:
+            batch.entries.remove(entry)
+            if not batch.entries:
+                self._pending.remove(batch)
+            return
+        if all(other.result.cancelled() for other in batch.entries):
+            batch.cancelled.set()
+
+    def _dispatch(self) -> None:
+        now = time.monotonic()
+        while self._running < self._workers:
+            batch = self._next_ready(now)
+            if batch is None:
+                break
+            self._start(batch)
+        self._arm_timer(now)
+
+    def _next_ready(self, now: float) -> _Batch | None:
+        for batch in self._pending:
+            if batch.num_images >= self._max_batch_images:
+                return batch
+        for batch in self._pending:
+            if self._running == 0 or now - batch.created >= self._max_wait_s:
+                return batch
+        return None
+
+    def _arm_timer(self, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending or self._running >= self._workers:
+            return  # a finishing batch calls _dispatch again
+        oldest = min(batch.created for batch in self._pending)
+        delay = max(0.0, oldest + self._max_wait_s - now)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
+
+    def _start(self, batch: _Batch) -> None:
+        self._pending.remove(batch)
+        batch.started = True
+        self._running += 1
+        jobs = [entry.job for entry in batch.entries]
+        self.batch_sizes.append(batch.num_images)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._run_batch, jobs, batch.cancelled)
+        future.add_done_callback(lambda done: self._finish(batch, done))
+
+    def _finish(self, batch: _Batch, done: asyncio.Future[list[GeneratedImages]]) -> None:
+        self._running -= 1
+        if done.cancelled():  # the executor was shut down before the batch started
+            error: BaseException | None = RuntimeError("the replica is shutting down")
+        else:
+            error = done.exception()
+        for index, entry in enumerate(batch.entries):
+            if entry.result.done():
+                continue  # its caller cancelled and left
+            if error is not None:
+                entry.result.set_exception(error)
+            else:
+                entry.result.set_result(done.result()[index])
+        self._dispatch()

@@ -1,0 +1,251 @@
+"""The batching policy, with a fake batch runner: what runs together, and what never does."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from deployments.batching import BatchQueue, batch_key
+from deployments.jobs import GeneratedImages, GenerationJob
+
+
+def job(
+    seed: int,
+    *,
+    size: int = 64,
+    n: int = 1,
+    prompt: str = "p",
+    negative: str | None = None,
+    steps: int = 4,
+) -> GenerationJob:
+    return GenerationJob(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=size,
+        height=size,
+        num_inference_steps=steps,
+        guidance_scale=7.0,
+        seeds=tuple(range(seed, seed + n)),
+    )
+
+
+class FakeRunner:
+    """Runs batches instantly, or holds each until released; fails prompts named 'fail'."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, ...]]] = []
+        self.cancel_flags: list[threading.Event] = []
+        self._holding = False
+        self._gates = [threading.Event() for _ in range(64)]
+
+    def hold(self) -> None:
+        """Batches started from now on wait until released."""
+        self._holding = True
+
+    def release(self, index: int | None = None) -> None:
+        """Let batch `index` finish, or every batch (and stop holding) when None."""
+        if index is not None:
+            self._gates[index].set()
+            return
+        self._holding = False
+        for gate in self._gates:
+            gate.set()
+
+    def __call__(self, jobs: list[GenerationJob], cancelled: threading.Event):
+        index = len(self.batches)
+        self.batches.append([j.seeds for j in jobs])
+        self.cancel_flags.append(cancelled)
+        if self._holding:
+            self._gates[index].wait(timeout=10)
+        if any(j.prompt == "fail" for j in jobs):
+            raise ValueError("this batch failed")
+        return [
+            GeneratedImages(images=[np.zeros((1, 1, 3), np.uint8)] * j.num_images, seeds=j.seeds)
+            for j in jobs
+        ]
+
+
+@pytest.fixture
+def runner() -> FakeRunner:
+    return FakeRunner()
+
+
+def make_queue(runner, workers=1, max_images=8, max_wait_s=0.02):
+    pool = ThreadPoolExecutor(workers)
+    return BatchQueue(
+        runner, pool, workers=workers, max_batch_images=max_images, max_wait_s=max_wait_s
+    )
+
+
+async def started(runner: FakeRunner, count: int) -> None:
+    while len(runner.batches) < count:
+        await asyncio.sleep(0.001)
+
+
+def test_compatible_means_same_call_parameters():
+    assert batch_key(job(1, prompt="a")) == batch_key(job(2, prompt="b", n=3))
+    assert batch_key(job(1)) != batch_key(job(1, size=32))
+    assert batch_key(job(1)) != batch_key(job(1, steps=5))
+    assert batch_key(job(1, negative="x")) == batch_key(job(1, negative="y"))
+    assert batch_key(job(1)) != batch_key(job(1, negative=""))
+
+
+def test_an_idle_replica_starts_a_lone_job_without_waiting(runner):
+    async def scenario():
+        queue = make_queue(runner, max_wait_s=60)  # a window far longer than the test may take
+        return await asyncio.wait_for(queue.submit(job(5)), timeout=5)
+
+    assert asyncio.run(scenario()).seeds == (5,)
+
+
+def test_jobs_arriving_while_busy_share_one_batch_and_get_their_own_results(runner):
+    async def scenario():
+        queue = make_queue(runner)
+        runner.hold()
+        first = asyncio.create_task(queue.submit(job(0)))
+        await started(runner, 1)
+        rest = [asyncio.create_task(queue.submit(job(seed, n=2))) for seed in (10, 20, 30)]
+        await asyncio.sleep(0.05)
+        runner.release()
+        results = await asyncio.gather(first, *rest)
+        return queue, results
+
+    queue, results = asyncio.run(scenario())
+    assert runner.batches == [[(0,)], [(10, 11), (20, 21), (30, 31)]]
+    assert queue.batch_sizes == [1, 6]
+    assert [result.seeds for result in results] == [(0,), (10, 11), (20, 21), (30, 31)]
+    assert [len(result.images) for result in results] == [1, 2, 2, 2]
+
+
+def test_incompatible_jobs_form_separate_batches(runner):
+    async def scenario():
+        queue = make_queue(runner)
+        runner.hold()
+        tasks = [asyncio.create_task(queue.submit(job(0)))]
+        await started(runner, 1)
+        tasks += [
+            asyncio.create_task(queue.submit(job(seed, size=size)))
+            for seed, size in ((1, 32), (2, 64), (3, 32), (4, 64))
+        ]
+        await asyncio.sleep(0.05)
+        runner.release()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    assert sorted(runner.batches[1:]) == [[(1,), (3,)], [(2,), (4,)]]
+
+
+def test_batches_never_exceed_the_maximum_and_big_jobs_run_alone(runner):
+    async def scenario():
+        queue = make_queue(runner, max_images=4)
+        runner.hold()
+        tasks = [asyncio.create_task(queue.submit(job(0)))]
+        await started(runner, 1)
+        tasks += [asyncio.create_task(queue.submit(job(seed))) for seed in range(1, 10)]
+        tasks.append(asyncio.create_task(queue.submit(job(100, n=6))))
+        await asyncio.sleep(0.05)
+        runner.release()
+        await asyncio.gather(*tasks)
+        return queue
+
+    queue = asyncio.run(scenario())
+    assert max(size for size in queue.batch_sizes if size != 6) <= 4
+    assert [(100, 101, 102, 103, 104, 105)] in runner.batches
+    assert sum(queue.batch_sizes) == 16
+
+
+def test_a_maximum_of_one_runs_every_job_alone(runner):
+    async def scenario():
+        queue = make_queue(runner, max_images=1)
+        runner.hold()
+        tasks = [asyncio.create_task(queue.submit(job(seed))) for seed in range(5)]
+        await started(runner, 1)
+        runner.release()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    assert runner.batches == [[(seed,)] for seed in range(5)]
+
+
+def test_a_waiting_batch_starts_after_the_window_with_a_worker_free(runner):
+    async def scenario():
+        queue = make_queue(runner, workers=2, max_wait_s=0.02)
+        runner.hold()
+        blocked = asyncio.create_task(queue.submit(job(0)))
+        await started(runner, 1)
+        runner.release(1)  # the first batch stays busy; the next may finish
+        lone = await asyncio.wait_for(queue.submit(job(1, size=32)), timeout=5)
+        runner.release()
+        await blocked
+        return lone
+
+    assert asyncio.run(scenario()).seeds == (1,)
+
+
+def test_a_job_cancelled_while_waiting_leaves_its_batch(runner):
+    async def scenario():
+        queue = make_queue(runner)
+        runner.hold()
+        first = asyncio.create_task(queue.submit(job(0)))
+        await started(runner, 1)
+        kept = asyncio.create_task(queue.submit(job(1)))
+        dropped = asyncio.create_task(queue.submit(job(2)))
+        await asyncio.sleep(0.01)
+        dropped.cancel()
+        await asyncio.sleep(0.01)
+        runner.release()
+        await asyncio.gather(first, kept)
+        return queue
+
+    queue = asyncio.run(scenario())
+    assert runner.batches == [[(0,)], [(1,)]]
+    assert queue.waiting_jobs == 0
+
+
+def test_a_running_batch_is_stopped_only_when_all_its_jobs_are_cancelled(runner):
+    async def scenario():
+        queue = make_queue(runner)
+        runner.hold()
+        blocker = asyncio.create_task(queue.submit(job(0)))
+        await started(runner, 1)
+        pair = [asyncio.create_task(queue.submit(job(seed))) for seed in (1, 2)]
+        await asyncio.sleep(0.01)
+        runner.release(0)
+        await blocker
+        await started(runner, 2)
+        pair[0].cancel()
+        await asyncio.sleep(0.01)
+        one_cancelled = runner.cancel_flags[1].is_set()
+        pair[1].cancel()
+        await asyncio.sleep(0.01)
+        all_cancelled = runner.cancel_flags[1].is_set()
+        runner.release()
+        await asyncio.gather(*pair, return_exceptions=True)
+        return one_cancelled, all_cancelled
+
+    one_cancelled, all_cancelled = asyncio.run(scenario())
+    assert (one_cancelled, all_cancelled) == (False, True)
+
+
+def test_a_failing_batch_fails_only_its_own_jobs(runner):
+    async def scenario():
+        queue = make_queue(runner, workers=1)
+        runner.hold()
+        blocker = asyncio.create_task(queue.submit(job(0)))
+        await started(runner, 1)
+        failing = [
+            asyncio.create_task(queue.submit(job(seed, prompt=prompt)))
+            for seed, prompt in ((1, "fail"), (2, "ok"))
+        ]
+        other = asyncio.create_task(queue.submit(job(3, size=32)))
+        await asyncio.sleep(0.05)
+        runner.release()
+        return await asyncio.gather(blocker, *failing, other, return_exceptions=True)
+
+    blocker, fail_1, fail_2, other = asyncio.run(scenario())
+    assert isinstance(fail_1, ValueError) and isinstance(fail_2, ValueError)
+    assert blocker.seeds == (0,) and other.seeds == (3,)
