@@ -10,9 +10,12 @@ When a batch starts:
 - never before a worker thread is free; until then, waiting batches keep absorbing compatible
   jobs (under load, batches grow by themselves);
 - at once when the replica is idle, so a lone request never waits for company;
-- otherwise when it is full (`max_batch_images`) or its oldest job has waited `max_wait_s`.
-A job with more images than `max_batch_images` runs as a batch of its own. With
-`max_batch_images=1` every job runs alone: the per-request design.
+- otherwise when it is full or its oldest job has waited `max_wait_s`.
+A batch holds at most `max_batch_images` images and `max_batch_pixels` pixels: batching pays
+where one image leaves the device idle (small sizes) and buys nothing but latency and memory
+where one image fills it (large sizes), so large images batch less or run alone. A job with
+more images than fit runs as a batch of its own. With `max_batch_images=1` every job runs
+alone: the per-request design.
 
 A job cancelled while it waits leaves its batch; a running batch is told to stop only when
 every job in it is cancelled. A failing batch fails its own jobs, no others.
@@ -84,11 +87,13 @@ class BatchQueue:
         workers: int,
         max_batch_images: int,
         max_wait_s: float,
+        max_batch_pixels: int | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
         self._workers = workers
         self._max_batch_images = max_batch_images
+        self._max_batch_pixels = max_batch_pixels
         self._max_wait_s = max_wait_s
         self._pending: list[_Batch] = []
         self._running = 0
@@ -111,10 +116,18 @@ class BatchQueue:
             self._withdraw(batch, entry)
             raise
 
+    def capacity(self, key: BatchKey) -> int:
+        """Most images a batch of this key holds (at least 1)."""
+        capacity = self._max_batch_images
+        if self._max_batch_pixels is not None:
+            capacity = min(capacity, self._max_batch_pixels // (key.width * key.height))
+        return max(1, capacity)
+
     def _batch_for(self, job: GenerationJob) -> _Batch:
         key = batch_key(job)
+        capacity = self.capacity(key)
         for batch in self._pending:
-            if batch.key == key and batch.num_images + job.num_images <= self._max_batch_images:
+            if batch.key == key and batch.num_images + job.num_images <= capacity:
                 return batch
         batch = _Batch(key=key, created=time.monotonic())
         self._pending.append(batch)
@@ -140,7 +153,7 @@ class BatchQueue:
 
     def _next_ready(self, now: float) -> _Batch | None:
         for batch in self._pending:
-            if batch.num_images >= self._max_batch_images:
+            if batch.num_images >= self.capacity(batch.key):
                 return batch
         for batch in self._pending:
             if self._running == 0 or now - batch.created >= self._max_wait_s:

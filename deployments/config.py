@@ -122,6 +122,13 @@ class BatchingConfig(_Strict):
         description="Most images in one pipeline call. 1 turns batching off: every request "
         "runs alone (the per-request design).",
     )
+    max_batch_pixels: int = Field(
+        default=8 * 256 * 256,
+        ge=1,
+        description="Most pixels (width x height x images) in one pipeline call. Large images "
+        "fill the device alone, so batching them only adds latency and memory; this keeps "
+        "them in small batches or alone.",
+    )
     max_wait_ms: float = Field(
         default=10.0,
         ge=0,

@@ -52,6 +52,7 @@ class ImageEngine:
         worker_threads: int,
         max_batch_images: int = 1,
         max_wait_s: float = 0.0,
+        max_batch_pixels: int | None = None,
     ) -> None:
         self._pipelines = RequestPipelines(pipeline)
         self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="generate")
@@ -60,6 +61,7 @@ class ImageEngine:
             self._pool,
             workers=worker_threads,
             max_batch_images=max_batch_images,
+            max_batch_pixels=max_batch_pixels,
             max_wait_s=max_wait_s,
         )
         self._broken: BaseException | None = None

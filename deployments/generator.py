@@ -21,8 +21,9 @@ GENERATOR_DEPLOYMENT = "ImageGenerator"
 
 @serve.deployment(
     name=GENERATOR_DEPLOYMENT,
-    # Requests a replica takes at once: the running ones plus a short queue inside it.
-    max_ongoing_requests=8,
+    # Requests a replica takes at once: the running batches plus those forming inside it
+    # (at least worker_threads x max_batch_images, so batches can fill).
+    max_ongoing_requests=24,
     # Requests waiting for a replica before new ones get 503 (Serve's default is no limit).
     max_queued_requests=64,
     # Let in-flight generations finish on redeploy or scale-down.
@@ -38,6 +39,7 @@ class ImageGenerator:
             load_pipeline(model),
             worker_threads,
             max_batch_images=batching.max_batch_images,
+            max_batch_pixels=batching.max_batch_pixels,
             max_wait_s=batching.max_wait_ms / 1000,
         )
 

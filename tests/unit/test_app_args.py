@@ -37,7 +37,11 @@ def test_config_file_is_a_valid_serve_config_with_valid_args(path):
         ):
             assert option in generator, f"{path.name} must set {option} explicitly"
         assert "num_gpus" in generator["ray_actor_options"]
-        assert args.model.id
+        # Batches form inside the replica, so it must hold enough requests to fill them.
+        full_batches = args.worker_threads * args.batching.max_batch_images
+        assert generator["max_ongoing_requests"] >= full_batches
+        autoscaling = generator["autoscaling_config"]
+        assert autoscaling["target_ongoing_requests"] <= generator["max_ongoing_requests"]
 
 
 def test_gpu_config_asks_for_a_gpu_and_the_local_one_does_not():

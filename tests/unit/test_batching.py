@@ -74,10 +74,15 @@ def runner() -> FakeRunner:
     return FakeRunner()
 
 
-def make_queue(runner, workers=1, max_images=8, max_wait_s=0.02):
+def make_queue(runner, workers=1, max_images=8, max_wait_s=0.02, max_pixels=None):
     pool = ThreadPoolExecutor(workers)
     return BatchQueue(
-        runner, pool, workers=workers, max_batch_images=max_images, max_wait_s=max_wait_s
+        runner,
+        pool,
+        workers=workers,
+        max_batch_images=max_images,
+        max_wait_s=max_wait_s,
+        max_batch_pixels=max_pixels,
     )
 
 
@@ -249,3 +254,25 @@ def test_a_failing_batch_fails_only_its_own_jobs(runner):
     blocker, fail_1, fail_2, other = asyncio.run(scenario())
     assert isinstance(fail_1, ValueError) and isinstance(fail_2, ValueError)
     assert blocker.seeds == (0,) and other.seeds == (3,)
+
+
+def test_large_images_batch_within_the_pixel_budget(runner):
+    async def scenario():
+        queue = make_queue(runner, max_images=8, max_pixels=2 * 64 * 64)
+        runner.hold()
+        tasks = [asyncio.create_task(queue.submit(job(0, size=16)))]
+        await started(runner, 1)
+        tasks += [asyncio.create_task(queue.submit(job(seed, size=64))) for seed in range(1, 6)]
+        tasks += [asyncio.create_task(queue.submit(job(seed, size=32))) for seed in range(6, 14)]
+        await asyncio.sleep(0.05)
+        runner.release()
+        await asyncio.gather(*tasks)
+        return queue
+
+    queue = asyncio.run(scenario())
+    assert queue.capacity(batch_key(job(0, size=64))) == 2
+    assert queue.capacity(batch_key(job(0, size=32))) == 8
+    assert queue.capacity(batch_key(job(0, size=128))) == 1  # too big for the budget: alone
+    large = [batch for batch in runner.batches[1:] if batch[0][0] < 6]
+    assert sorted(len(batch) for batch in large) == [1, 2, 2]
+    assert [len(batch) for batch in runner.batches[1:] if batch[0][0] >= 6] == [8]
