@@ -160,13 +160,16 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
             _package_images, generated, params, store, str(request.base_url), args
         )
         logger.info(
-            "request %s: %d image(s) %dx%d, %d steps, user=%s, in %.2fs",
+            "request %s: %d image(s) %dx%d, %d steps, user=%s; batch of %d images, "
+            "generated in %.3fs, answered in %.3fs",
             request_id,
             len(images),
             width,
             height,
             job.num_inference_steps,
             params.user,
+            generated.batch_images,
+            generated.generate_s,
             time.perf_counter() - started_at,
         )
         return ImagesResponse(

@@ -130,7 +130,7 @@ class BatchingConfig(_Strict):
         "them in small batches or alone.",
     )
     max_wait_ms: float = Field(
-        default=10.0,
+        default=25.0,
         ge=0,
         le=1000,
         description="How long a batch waits for compatible requests while the replica is "

@@ -136,9 +136,17 @@ class ImageEngine:
         pixels = list(_to_uint8(output.images))
         elapsed = time.perf_counter() - started
         results = []
+        batch_images = len(pixels)
         for job in jobs:
             images, pixels = pixels[: job.num_images], pixels[job.num_images :]
-            results.append(GeneratedImages(images=images, seeds=job.seeds, denoise_s=elapsed))
+            results.append(
+                GeneratedImages(
+                    images=images,
+                    seeds=job.seeds,
+                    generate_s=elapsed,
+                    batch_images=batch_images,
+                )
+            )
         return results
 
 

@@ -36,4 +36,6 @@ class GeneratedImages:
 
     images: list[np.ndarray]
     seeds: tuple[int, ...]
-    denoise_s: float = 0.0
+    # How the job ran: seconds of its pipeline call, and images in that call (its batch).
+    generate_s: float = 0.0
+    batch_images: int = 0

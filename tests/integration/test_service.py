@@ -11,9 +11,10 @@ import pytest
 import ray
 from ray import serve
 
+from bench.server import free_port
 from serve_app import build_app
 
-from .helpers import decode_png, free_port
+from .helpers import decode_png
 
 pytestmark = pytest.mark.integration
 

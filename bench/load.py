@@ -1,0 +1,180 @@
+"""Closed-loop load over HTTP: `concurrency` clients, each sending its next request as soon as
+the last one is answered, with a fixed, seeded request mix; and the replica's memory meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+import psutil
+
+PROMPTS = [
+    "a lighthouse on a cliff at dusk",
+    "a bowl of ramen, studio photo",
+    "an astronaut riding a horse",
+    "a watercolor of a fox in snow",
+    "a city street after rain, neon",
+    "a cabin in a pine forest",
+    "a macro photo of a dragonfly",
+    "a still life with lemons",
+]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    size: str
+    steps: int
+    images_per_request: int = 1
+
+    def request(self, rng: random.Random) -> dict:
+        return {
+            "prompt": rng.choice(PROMPTS),
+            "size": self.size,
+            "num_inference_steps": self.steps,
+            "n": self.images_per_request,
+            "seed": rng.randrange(2**32),
+            "response_format": "b64_json",
+        }
+
+    @property
+    def pixels(self) -> int:
+        width, height = (int(side) for side in self.size.split("x"))
+        return width * height
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    duration_s: float
+    images: int
+    latencies_s: list[float] = field(repr=False)
+    statuses: dict[str, int]
+    peak_rss_bytes: int | None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.duration_s
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies_s)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+    def summary(self) -> dict:
+        return {
+            "concurrency": self.concurrency,
+            "images_per_s": round(self.images_per_s, 3),
+            "requests": len(self.latencies_s),
+            "p50_s": round(self.percentile(50), 4),
+            "p95_s": round(self.percentile(95), 4),
+            "p99_s": round(self.percentile(99), 4),
+            "mean_s": round(statistics.fmean(self.latencies_s), 4) if self.latencies_s else None,
+            "statuses": self.statuses,
+            "peak_replica_rss_mib": (
+                round(self.peak_rss_bytes / 2**20, 1) if self.peak_rss_bytes else None
+            ),
+        }
+
+
+class MemorySampler:
+    """Samples the resident memory of some processes in a thread, keeping the peak of the sum."""
+
+    def __init__(self, processes: list[psutil.Process], interval_s: float = 0.05) -> None:
+        self._processes = processes
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak_bytes = 0
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                total = sum(process.memory_info().rss for process in self._processes)
+            except psutil.Error:
+                total = 0
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(self._interval_s)
+
+
+async def closed_loop(
+    base_url: str,
+    workload: Workload,
+    concurrency: int,
+    duration_s: float,
+    seed: int = 0,
+    warmup_requests: int | None = None,
+) -> tuple[list[float], Counter[str], int, float]:
+    """Run the load; return latencies of successes, statuses, images made, elapsed seconds."""
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    images = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        warmup = random.Random(seed - 1)
+        await asyncio.gather(
+            *(
+                client.post("/v1/images/generations", json=workload.request(warmup))
+                for _ in range(warmup_requests if warmup_requests is not None else concurrency)
+            )
+        )
+        started = time.perf_counter()
+        deadline = started + duration_s
+
+        async def client_loop(index: int) -> None:
+            nonlocal images
+            rng = random.Random(seed * 1000 + index)
+            while time.perf_counter() < deadline:
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(
+                        "/v1/images/generations", json=workload.request(rng)
+                    )
+                except httpx.HTTPError as error:
+                    statuses[type(error).__name__] += 1
+                    continue
+                statuses[str(response.status_code)] += 1
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - sent)
+                    images += len(response.json()["data"])
+
+        await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return latencies, statuses, images, elapsed
+
+
+def run_load(
+    base_url: str,
+    workload: Workload,
+    concurrency: int,
+    duration_s: float,
+    replica: list[psutil.Process],
+) -> LoadResult:
+    with MemorySampler(replica) as memory:
+        latencies, statuses, images, elapsed = asyncio.run(
+            closed_loop(base_url, workload, concurrency, duration_s)
+        )
+    return LoadResult(
+        concurrency=concurrency,
+        duration_s=elapsed,
+        images=images,
+        latencies_s=latencies,
+        statuses=dict(statuses),
+        peak_rss_bytes=memory.peak_bytes or None,
+    )

@@ -1,0 +1,124 @@
+"""Running the service as a user does, `serve run <config>`, on a free port of 127.0.0.1."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def with_overrides(
+    config: dict[str, Any], *, port: int, args: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A copy of a Serve config on `port`, with `args` merged into its application's args."""
+    config = copy.deepcopy(config)
+    config["http_options"]["host"] = "127.0.0.1"
+    config["http_options"]["port"] = port
+    application_args = config["applications"][0].setdefault("args", {})
+    for section, values in (args or {}).items():
+        if isinstance(values, dict):
+            application_args.setdefault(section, {}).update(values)
+        else:
+            application_args[section] = values
+    return config
+
+
+class ServeRun:
+    """`serve run` in a subprocess; a context manager that stops it (and its Ray) on exit."""
+
+    def __init__(self, config: dict[str, Any], log_path: Path | None = None) -> None:
+        self.config = config
+        self.port = config["http_options"]["port"]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._workdir = Path(tempfile.mkdtemp(prefix="serve-run-"))
+        self.log_path = log_path or self._workdir / "serve.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServeRun:
+        config_path = self._workdir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(self.config))
+        serve = shutil.which("serve", path=os.path.dirname(sys.executable)) or "serve"
+        log = self.log_path.open("w")
+        self._process = subprocess.Popen(
+            [serve, "run", str(config_path)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        process = self._process
+        if process is None:
+            return
+        process.send_signal(signal.SIGINT)  # serve run shuts Serve and its Ray down
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def wait_for_first_image(self, timeout_s: float = 300) -> tuple[httpx.Response, float]:
+        """Poll until a generation answers 200; return it and the seconds since the start."""
+        started = time.monotonic()
+        last: object = None
+        while time.monotonic() - started < timeout_s:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"serve run exited; see {self.log_path}")
+            try:
+                response = httpx.post(
+                    f"{self.base_url}/v1/images/generations",
+                    json={"prompt": "first light", "response_format": "b64_json"},
+                    timeout=60,
+                )
+                if response.status_code == 200:
+                    return response, time.monotonic() - started
+                last = f"{response.status_code} {response.text[:200]}"
+            except httpx.HTTPError as error:
+                last = error
+            time.sleep(0.25)
+        raise TimeoutError(f"no image from {self.base_url} in {timeout_s}s; last: {last}")
+
+    def replica_processes(self, deployment: str = "ImageGenerator") -> list[psutil.Process]:
+        """This application's replica processes of a deployment (`ServeReplica:app:name`).
+
+        Only descendants of this `serve run` count, so another Ray on the machine can't skew
+        the memory figures.
+        """
+        assert self._process is not None
+        found = []
+        for process in psutil.Process(self._process.pid).children(recursive=True):
+            try:
+                command = " ".join(process.cmdline())
+            except psutil.Error:
+                continue
+            if "ServeReplica:" in command and f":{deployment}" in command:
+                found.append(process)
+        return found
