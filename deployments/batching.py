@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -98,7 +99,8 @@ class BatchQueue:
         self._pending: list[_Batch] = []
         self._running = 0
         self._timer: asyncio.TimerHandle | None = None
-        self.batch_sizes: list[int] = []  # images per started batch, for tests and metrics
+        # Images in each of the most recent batches (bounded: a replica lives for weeks).
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
 
     @property
     def waiting_jobs(self) -> int:

@@ -79,8 +79,8 @@ class ImageEngine:
 
     @property
     def batch_sizes(self) -> list[int]:
-        """Images in each batch started so far."""
-        return self._queue.batch_sizes
+        """Images in each of the most recent batches, oldest first."""
+        return list(self._queue.batch_sizes)
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         try:

@@ -121,7 +121,7 @@ def test_jobs_arriving_while_busy_share_one_batch_and_get_their_own_results(runn
 
     queue, results = asyncio.run(scenario())
     assert runner.batches == [[(0,)], [(10, 11), (20, 21), (30, 31)]]
-    assert queue.batch_sizes == [1, 6]
+    assert list(queue.batch_sizes) == [1, 6]
     assert [result.seeds for result in results] == [(0,), (10, 11), (20, 21), (30, 31)]
     assert [len(result.images) for result in results] == [1, 2, 2, 2]
 
