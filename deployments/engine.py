@@ -68,10 +68,6 @@ class ImageEngine:
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
 
-    @property
-    def shared_pipeline(self) -> DiffusionPipeline:
-        return self._pipelines.shared
-
     def check_health(self) -> None:
         """Raise if the replica can no longer generate, so that Serve replaces it."""
         if self._broken is not None:

@@ -71,12 +71,16 @@ def test_openai_client_url_form_links_to_the_image(client):
 
 
 def test_same_seed_same_bytes_alone_and_under_concurrent_load(base_url):
+    # No other request shares the target's step count, so batching never puts them in one
+    # call: the target runs concurrently with 31 others, on the same threads, in its own batch.
+    # (Inside a shared batch, CPU float32 may differ by one level in a few pixels; the engine
+    # tests bound that.)
     target = {
         "prompt": "a tidy desk",
         "seed": 99,
         "n": 2,
         "response_format": "b64_json",
-        "num_inference_steps": 4,
+        "num_inference_steps": 5,
     }
 
     def post(body):
