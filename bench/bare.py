@@ -7,8 +7,6 @@ import time
 import torch
 
 from bench.load import PROMPTS, Workload
-from deployments.config import ModelConfig
-from deployments.pipelines import load_pipeline
 
 
 def weights_bytes(pipeline) -> int:
@@ -21,10 +19,9 @@ def weights_bytes(pipeline) -> int:
 
 
 def measure_bare(
-    model: ModelConfig, workload: Workload, batch_sizes: list[int], repeats: int = 3
-) -> tuple[dict[int, dict], int]:
-    """Seconds per call and images/s for each batch size (best of `repeats`); weights' bytes."""
-    pipeline = load_pipeline(model)
+    pipeline, workload: Workload, batch_sizes: list[int], repeats: int = 3
+) -> dict[int, dict]:
+    """Seconds per call and images/s for each batch size (best of `repeats`)."""
     width, height = (int(side) for side in workload.size.split("x"))
 
     def call(batch: int) -> float:
@@ -48,4 +45,4 @@ def measure_bare(
             "s_per_call": round(seconds, 4),
             "images_per_s": round(batch / seconds, 3),
         }
-    return results, weights_bytes(pipeline)
+    return results

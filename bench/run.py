@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 
 from bench import report
-from bench.bare import measure_bare
+from bench.bare import measure_bare, weights_bytes
 from bench.load import Workload, run_load
 from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
+from deployments.pipelines import load_pipeline
 from serve_app import parse_args
 
 WORKLOADS = {
@@ -52,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     bare: dict[str, dict] = {}
-    weights = 0
+    pipeline = load_pipeline(app_args.model)
+    weights = weights_bytes(pipeline)
     for name, workload in WORKLOADS.items():
         print(f"bare pipeline, {name} ({workload.size})...", flush=True)
-        measured, weights = measure_bare(app_args.model, workload, BARE_BATCH_SIZES)
+        measured = measure_bare(pipeline, workload, BARE_BATCH_SIZES)
         bare[name] = {str(batch): row for batch, row in measured.items()}
         print("  ", {batch: row["images_per_s"] for batch, row in measured.items()}, flush=True)
+
+    del pipeline  # the servers below need the memory and cores
 
     served: dict[str, dict[str, list]] = {}
     for mode, overrides in MODES.items():

@@ -66,8 +66,9 @@ def cpu_threads_per_call(worker_threads: int) -> int:
     """On a CPU, the replica's cores split among its worker threads.
 
     torch's intra-op thread pool belongs to the process: two concurrent pipeline calls that
-    each use every core oversubscribe them (measured on 2 cores: a batch of 8 took 2.5x its
-    time alone, against 2x when each call has one core).
+    each use every core oversubscribe them. Measured on 2 cores with 16 clients of 64x64
+    images: batches of 8 took 0.8-1.0 s against 0.3 s alone, and one thread per call raised
+    throughput from about 13 to 17-20 images/s.
     """
     assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
     cores = int(assigned) if assigned else (os.cpu_count() or 1)

@@ -91,6 +91,24 @@ async def started(runner: FakeRunner, count: int) -> None:
         await asyncio.sleep(0.001)
 
 
+def behind_a_busy_worker(queue: BatchQueue, runner: FakeRunner, jobs: list[GenerationJob]):
+    """Hold job 0 on the only worker, submit `jobs` meanwhile, then let everything finish.
+
+    Returns job 0's result followed by each job's result (or exception), in order.
+    """
+
+    async def scenario():
+        runner.hold()
+        blocker = asyncio.create_task(queue.submit(job(0)))
+        await started(runner, 1)
+        tasks = [asyncio.create_task(queue.submit(j)) for j in jobs]
+        await asyncio.sleep(0.05)
+        runner.release()
+        return await asyncio.gather(blocker, *tasks, return_exceptions=True)
+
+    return asyncio.run(scenario())
+
+
 def test_compatible_means_same_call_parameters():
     assert batch_key(job(1, prompt="a")) == batch_key(job(2, prompt="b", n=3))
     assert batch_key(job(1)) != batch_key(job(1, size=32))
@@ -108,18 +126,8 @@ def test_an_idle_replica_starts_a_lone_job_without_waiting(runner):
 
 
 def test_jobs_arriving_while_busy_share_one_batch_and_get_their_own_results(runner):
-    async def scenario():
-        queue = make_queue(runner)
-        runner.hold()
-        first = asyncio.create_task(queue.submit(job(0)))
-        await started(runner, 1)
-        rest = [asyncio.create_task(queue.submit(job(seed, n=2))) for seed in (10, 20, 30)]
-        await asyncio.sleep(0.05)
-        runner.release()
-        results = await asyncio.gather(first, *rest)
-        return queue, results
-
-    queue, results = asyncio.run(scenario())
+    queue = make_queue(runner)
+    results = behind_a_busy_worker(queue, runner, [job(seed, n=2) for seed in (10, 20, 30)])
     assert runner.batches == [[(0,)], [(10, 11), (20, 21), (30, 31)]]
     assert list(queue.batch_sizes) == [1, 6]
     assert [result.seeds for result in results] == [(0,), (10, 11), (20, 21), (30, 31)]
@@ -127,37 +135,14 @@ def test_jobs_arriving_while_busy_share_one_batch_and_get_their_own_results(runn
 
 
 def test_incompatible_jobs_form_separate_batches(runner):
-    async def scenario():
-        queue = make_queue(runner)
-        runner.hold()
-        tasks = [asyncio.create_task(queue.submit(job(0)))]
-        await started(runner, 1)
-        tasks += [
-            asyncio.create_task(queue.submit(job(seed, size=size)))
-            for seed, size in ((1, 32), (2, 64), (3, 32), (4, 64))
-        ]
-        await asyncio.sleep(0.05)
-        runner.release()
-        await asyncio.gather(*tasks)
-
-    asyncio.run(scenario())
+    jobs = [job(seed, size=size) for seed, size in ((1, 32), (2, 64), (3, 32), (4, 64))]
+    behind_a_busy_worker(make_queue(runner), runner, jobs)
     assert sorted(runner.batches[1:]) == [[(1,), (3,)], [(2,), (4,)]]
 
 
 def test_batches_never_exceed_the_maximum_and_big_jobs_run_alone(runner):
-    async def scenario():
-        queue = make_queue(runner, max_images=4)
-        runner.hold()
-        tasks = [asyncio.create_task(queue.submit(job(0)))]
-        await started(runner, 1)
-        tasks += [asyncio.create_task(queue.submit(job(seed))) for seed in range(1, 10)]
-        tasks.append(asyncio.create_task(queue.submit(job(100, n=6))))
-        await asyncio.sleep(0.05)
-        runner.release()
-        await asyncio.gather(*tasks)
-        return queue
-
-    queue = asyncio.run(scenario())
+    queue = make_queue(runner, max_images=4)
+    behind_a_busy_worker(queue, runner, [*(job(seed) for seed in range(1, 10)), job(100, n=6)])
     assert max(size for size in queue.batch_sizes if size != 6) <= 4
     assert [(100, 101, 102, 103, 104, 105)] in runner.batches
     assert sum(queue.batch_sizes) == 16
@@ -237,39 +222,18 @@ def test_a_running_batch_is_stopped_only_when_all_its_jobs_are_cancelled(runner)
 
 
 def test_a_failing_batch_fails_only_its_own_jobs(runner):
-    async def scenario():
-        queue = make_queue(runner, workers=1)
-        runner.hold()
-        blocker = asyncio.create_task(queue.submit(job(0)))
-        await started(runner, 1)
-        failing = [
-            asyncio.create_task(queue.submit(job(seed, prompt=prompt)))
-            for seed, prompt in ((1, "fail"), (2, "ok"))
-        ]
-        other = asyncio.create_task(queue.submit(job(3, size=32)))
-        await asyncio.sleep(0.05)
-        runner.release()
-        return await asyncio.gather(blocker, *failing, other, return_exceptions=True)
-
-    blocker, fail_1, fail_2, other = asyncio.run(scenario())
+    jobs = [job(1, prompt="fail"), job(2, prompt="ok"), job(3, size=32)]
+    blocker, fail_1, fail_2, other = behind_a_busy_worker(make_queue(runner), runner, jobs)
     assert isinstance(fail_1, ValueError) and isinstance(fail_2, ValueError)
     assert blocker.seeds == (0,) and other.seeds == (3,)
 
 
 def test_large_images_batch_within_the_pixel_budget(runner):
-    async def scenario():
-        queue = make_queue(runner, max_images=8, max_pixels=2 * 64 * 64)
-        runner.hold()
-        tasks = [asyncio.create_task(queue.submit(job(0, size=16)))]
-        await started(runner, 1)
-        tasks += [asyncio.create_task(queue.submit(job(seed, size=64))) for seed in range(1, 6)]
-        tasks += [asyncio.create_task(queue.submit(job(seed, size=32))) for seed in range(6, 14)]
-        await asyncio.sleep(0.05)
-        runner.release()
-        await asyncio.gather(*tasks)
-        return queue
-
-    queue = asyncio.run(scenario())
+    queue = make_queue(runner, max_images=8, max_pixels=2 * 64 * 64)
+    jobs = [job(seed, size=64) for seed in range(1, 6)] + [
+        job(seed, size=32) for seed in range(6, 14)
+    ]
+    behind_a_busy_worker(queue, runner, jobs)
     assert queue.capacity(batch_key(job(0, size=64))) == 2
     assert queue.capacity(batch_key(job(0, size=32))) == 8
     assert queue.capacity(batch_key(job(0, size=128))) == 1  # too big for the budget: alone
