@@ -10,6 +10,7 @@ images here, on the ingress, so generator replicas spend their time on the model
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -17,21 +18,26 @@ import time
 import uuid
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, JSONResponse
 
+from deployments.auth import APIKeys, bearer_token
 from deployments.config import AppArgs
 from deployments.encoding import encode_image, to_base64
 from deployments.errors import (
     APIError,
+    body_too_large,
     error_response,
     from_validation_error,
     internal_error,
     invalid_request,
+    timed_out,
+    unauthorized,
 )
 from deployments.jobs import GeneratedImages, GenerationJob
 from deployments.protocol import (
@@ -70,12 +76,37 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
     store = store or ImageStore(args.storage.resolved_directory(), args.storage.ttl_s)
     started = int(time.time())
     model_card = Model(id=model_config.id, created=started, owned_by=model_config.owned_by)
+    api_keys = APIKeys(args.auth)
+
+    async def authenticate(request: Request) -> None:
+        """Routes that cost money or reveal the service take a key when auth is on."""
+        if not api_keys.enabled:
+            return
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                code="missing_api_key",
+            )
+        if not api_keys.accepts(token):
+            raise unauthorized("Incorrect API key provided.", code="invalid_api_key")
+
+    protected = [Depends(authenticate)]
 
     app = FastAPI(
         title="Image generation service",
         description="OpenAI-compatible image generation with diffusers on Ray Serve.",
         version="0.1.0",
     )
+    if args.cors.allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=args.cors.allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+            expose_headers=["x-request-id", "retry-after"],
+            max_age=args.cors.max_age_s,
+        )
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -101,11 +132,11 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=protected)
     async def list_models() -> ModelList:
         return ModelList(data=[model_card])
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", dependencies=protected)
     async def get_model(model_id: str) -> Model:
         if model_id != model_config.id:
             raise _model_not_found(model_id)
@@ -114,6 +145,7 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
     @app.post(
         "/v1/images/generations",
         response_model=ImagesResponse,
+        dependencies=protected,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -125,7 +157,7 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
     )
     async def generate_images(request: Request) -> ImagesResponse:
         request_id = request_id_of(request)
-        body = await _json_body(request)
+        body = await _json_body(request, args.limits.max_body_bytes)
         try:
             params = ImageGenerationRequest.model_validate(body, context=context)
         except ValidationError as exc:
@@ -155,7 +187,14 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
             request_id=request_id,
         )
         started_at = time.perf_counter()
-        generated = await backend.generate(job)
+        try:
+            # On timeout the await is cancelled, which cancels the generation downstream:
+            # a waiting job leaves its batch, a running one stops at its next step.
+            async with asyncio.timeout(args.request_timeout_s):
+                generated = await backend.generate(job)
+        except TimeoutError:
+            logger.warning("request %s timed out after %gs", request_id, args.request_timeout_s)
+            raise timed_out(args.request_timeout_s) from None
         images = await run_in_threadpool(
             _package_images, generated, params, store, str(request.base_url), args
         )
@@ -179,6 +218,8 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
             size=f"{width}x{height}",
         )
 
+    # Image files take no key: their 256-bit random names are the capability, like OpenAI's
+    # signed URLs, so that a returned `url` works in an <img> tag or a browser.
     @app.get(IMAGE_FILES_PATH + "/{name}")
     async def get_image_file(name: str) -> FileResponse:
         path = store.path_of(name)
@@ -218,8 +259,19 @@ def _package_images(
     return images
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+async def _json_body(request: Request, max_bytes: int) -> Any:
+    """The parsed JSON body, read no further than `max_bytes` whatever it claims to be."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise body_too_large(max_bytes)
+    chunks = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise body_too_large(max_bytes)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -86,6 +86,11 @@ class RequestLimits(_Strict):
     )
     max_steps: int = Field(default=50, ge=1, description="Largest `num_inference_steps`.")
     max_guidance_scale: float = Field(default=20.0, ge=0, description="Largest `guidance_scale`.")
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body, in bytes; a larger one gets 413 before it is read.",
+    )
 
 
 class StorageConfig(_Strict):
@@ -110,6 +115,42 @@ class StorageConfig(_Strict):
 
     def resolved_directory(self) -> Path:
         return Path(self.directory) if self.directory else default_cache_dir() / "images"
+
+
+class AuthConfig(_Strict):
+    """API keys that `/v1/` requests must present as `Authorization: Bearer <key>`.
+
+    Off when neither source is set. When one is set and holds no key, the ingress refuses to
+    start: a service meant to be closed must never run open by mistake.
+    """
+
+    api_keys_env: str | None = Field(
+        default=None,
+        description="Name of an environment variable holding the accepted keys, separated by "
+        "commas or whitespace (e.g. `IMAGE_SERVICE_API_KEYS`).",
+    )
+    api_keys_file: str | None = Field(
+        default=None,
+        description="Path of a file holding the accepted keys, one per line (e.g. a mounted "
+        "Kubernetes Secret). Re-read when it changes, so keys rotate without a restart.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.api_keys_env is not None or self.api_keys_file is not None
+
+
+class CORSConfig(_Strict):
+    """Cross-origin access for browser pages served from other origins. Off by default."""
+
+    allow_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (`https://app.example.com`,"
+        " or `*` for any). Empty turns CORS off.",
+    )
+    max_age_s: int = Field(
+        default=600, ge=0, description="How long browsers may cache a preflight answer."
+    )
 
 
 class BatchingConfig(_Strict):
@@ -150,6 +191,15 @@ class AppArgs(_Strict):
     )
     batching: BatchingConfig = Field(
         default_factory=BatchingConfig, description="Batching of compatible requests."
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off by default).")
+    cors: CORSConfig = Field(default_factory=CORSConfig, description="CORS (off by default).")
+    request_timeout_s: float = Field(
+        default=110.0,
+        gt=0,
+        description="Seconds the ingress waits for a request's images before answering 504 in "
+        "the API's error shape and cancelling its generation. Keep it below "
+        "`http_options.request_timeout_s`, where Ray's proxy answers a plain-text 408.",
     )
     worker_threads: int = Field(
         default=2,

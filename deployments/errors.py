@@ -63,6 +63,31 @@ def service_unavailable(message: str, *, retry_after_s: int = 1) -> APIError:
     )
 
 
+def unauthorized(message: str, *, code: str) -> APIError:
+    return APIError(401, message, type="invalid_request_error", code=code)
+
+
+def body_too_large(max_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than this service accepts ({max_bytes} bytes).",
+        type="invalid_request_error",
+        code="request_too_large",
+    )
+
+
+def timed_out(timeout_s: float) -> APIError:
+    # Not retryable by default: the same request would likely time out again, and a retry
+    # doubles the load that made it slow. A client that knows better may still retry.
+    return APIError(
+        504,
+        f"The images were not ready within {timeout_s:g} seconds, so the request was stopped. "
+        "Ask for fewer or smaller images or fewer steps, or try again later.",
+        type="server_error",
+        code="timeout",
+    )
+
+
 def error_response(error: APIError, request_id: str | None = None) -> JSONResponse:
     body = ErrorResponse(
         error=ErrorDetail(
@@ -72,6 +97,8 @@ def error_response(error: APIError, request_id: str | None = None) -> JSONRespon
     headers = {"x-should-retry": "true" if error.retryable else "false"}
     if error.retry_after_s is not None:
         headers["retry-after"] = str(error.retry_after_s)
+    if error.status_code == 401:
+        headers["www-authenticate"] = "Bearer"
     if request_id:
         headers["x-request-id"] = request_id
     return JSONResponse(body.model_dump(), status_code=error.status_code, headers=headers)

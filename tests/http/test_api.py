@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import time
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -14,57 +12,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from deployments.api import create_api
-from deployments.config import AppArgs
 from deployments.errors import service_unavailable
-from deployments.storage import ImageStore
 
-from .fakes import FakeGenerator, pixels_for
+from .checks import assert_openai_error, decode
+from .fakes import pixels_for
 
 GENERATIONS = "/v1/images/generations"
-
-
-@pytest.fixture
-def generator() -> FakeGenerator:
-    return FakeGenerator()
-
-
-@pytest.fixture
-def args() -> AppArgs:
-    return AppArgs.model_validate(
-        {
-            "model": {
-                "id": "tiny-sd3",
-                "default_size": "64x32",
-                "default_steps": 3,
-                "default_guidance_scale": 5.0,
-            },
-            "limits": {"max_pixels": 128 * 128, "max_steps": 20},
-        }
-    )
-
-
-@pytest.fixture
-def store(tmp_path) -> ImageStore:
-    return ImageStore(tmp_path / "images", ttl_s=600)
-
-
-@pytest.fixture
-def client(args, generator, store) -> TestClient:
-    return TestClient(create_api(args, generator, store), raise_server_exceptions=False)
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
-
-
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None):
-    assert response.status_code == status
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["param"] == param
-    assert "Traceback" not in response.text
-    return body["error"]
 
 
 def test_b64_images_are_the_generated_pixels(client, generator):

@@ -26,6 +26,9 @@ def test_config_file_is_a_valid_serve_config_with_valid_args(path):
     for application in config.applications:
         assert application.import_path == "serve_app:build_app"
         args = parse_args(application.args)
+        # The ingress answers a timed-out request in the API's error shape before Ray's
+        # proxy cuts it off with a plain-text 408.
+        assert args.request_timeout_s < config.http_options.request_timeout_s
         deployments = {deployment.name: deployment for deployment in application.deployments}
         assert set(deployments) == {INGRESS_DEPLOYMENT, GENERATOR_DEPLOYMENT}
         generator = deployments[GENERATOR_DEPLOYMENT].model_dump(exclude_unset=True)
