@@ -273,13 +273,18 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
         raise invalid_request(
             "We could not parse the JSON body of your request. Send a JSON object with "
             "'Content-Type: application/json'.",
             code="invalid_json",
         ) from None
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which JSON does not.
+    raise ValueError(f"{name} is not JSON")
 
 
 def _model_not_found(model_id: str) -> APIError:

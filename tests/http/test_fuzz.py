@@ -1,0 +1,98 @@
+"""Fuzzing: whatever is sent, the answer is never a 500, always in the OpenAI error shape, and
+never carries internals. Schemathesis drives the app from its own OpenAPI schema (valid and
+deliberately invalid requests), and hypothesis sends any JSON and any bytes."""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deployments.api import create_api
+from deployments.config import AppArgs
+from tests.strategies import request_bodies
+
+from .checks import assert_openai_error
+from .fakes import FakeGenerator
+
+ARGS = AppArgs.model_validate(
+    {
+        "model": {"default_size": "32x32", "default_steps": 2},
+        "limits": {"max_pixels": 64 * 64, "max_steps": 8, "max_images": 4},
+    }
+)
+# Words that only a leaked exception or traceback would put in a body.
+INTERNALS = (
+    "Traceback",
+    'File "',
+    "Error(",
+    "pydantic",
+    "starlette",
+    "deployments.",
+    "/site-packages/",
+)
+
+
+def _fuzzed_app():
+    # Stored images go to the session's temporary cache (see tests/conftest.py).
+    return create_api(ARGS, FakeGenerator())
+
+
+schema = schemathesis.openapi.from_asgi("/openapi.json", _fuzzed_app())
+schema.config.generation.update(
+    modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
+    max_examples=60,
+)
+
+
+@schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_input_gets_a_500_or_leaks_internals(case):
+    response = case.call()
+    assert response.status_code < 500, response.text
+    for word in INTERNALS:
+        assert word not in response.text
+    if response.status_code >= 400:
+        body = response.json()
+        assert set(body) == {"error"}
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def client():
+    return TestClient(_fuzzed_app(), raise_server_exceptions=False)
+
+
+@given(body=request_bodies)
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_json_body_is_answered_in_shape(client, body):
+    response = client.post("/v1/images/generations", json=body)
+    if response.status_code != 200:
+        error = assert_openai_error(
+            response, response.status_code, response.json()["error"]["param"]
+        )
+        assert response.status_code in (400, 404)
+        for word in INTERNALS:
+            assert word not in error["message"]
+
+
+@given(raw=st.binary(max_size=200))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_bytes_are_answered_in_shape(client, raw):
+    response = client.post(
+        "/v1/images/generations", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code in (200, 400, 404)
+    if response.status_code != 200:
+        assert_openai_error(response, response.status_code, response.json()["error"]["param"])
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_json_number_constants_are_400(client, constant):
+    raw = '{"prompt": "x", "guidance_scale": ' + constant + "}"
+    response = client.post(
+        "/v1/images/generations", content=raw, headers={"content-type": "application/json"}
+    )
+    assert_openai_error(response, 400)
