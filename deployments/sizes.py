@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-_SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
+_SIZE = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
 
 
 def parse_size(text: str, *, default: str, multiple: int, max_pixels: int) -> tuple[int, int]:
@@ -15,7 +15,7 @@ def parse_size(text: str, *, default: str, multiple: int, max_pixels: int) -> tu
     """
     if text == "auto":
         text = default
-    match = _SIZE.match(text)
+    match = _SIZE.fullmatch(text)
     if match is None:
         raise ValueError(f"must be 'auto' or 'WIDTHxHEIGHT' such as '1024x1024', not {text!r}")
     width, height = int(match.group(1)), int(match.group(2))

@@ -26,6 +26,7 @@ def test_largest_allowed_size_passes():
         ("-64x64", "WIDTHxHEIGHT"),
         ("0x64", "WIDTHxHEIGHT"),
         (" 64x64", "WIDTHxHEIGHT"),
+        ("64x64\n", "WIDTHxHEIGHT"),
         ("１２８x64", "WIDTHxHEIGHT"),  # non-ASCII digits
         ("99999999x16", "WIDTHxHEIGHT"),
         ("", "WIDTHxHEIGHT"),
