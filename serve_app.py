@@ -8,6 +8,7 @@ embedded tiny model on the CPU, for `serve run serve_app:app`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -38,9 +39,18 @@ def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
-    app_args = parse_args(args)
-    generator = ImageGenerator.bind(app_args.model, app_args.worker_threads, app_args.batching)
-    return ImageIngress.bind(app_args, generator)
+    return build_application(parse_args(args))
+
+
+def build_application(
+    args: AppArgs, generator_options: Mapping[str, Any] | None = None
+) -> Application:
+    """The application for validated args. `generator_options` override the generator
+    deployment's options in code, as a config's `deployments:` entry does (tests use it)."""
+    generator = ImageGenerator.options(**(generator_options or {})).bind(
+        args.model, args.worker_threads, args.batching
+    )
+    return ImageIngress.bind(args, generator)
 
 
 app = build_app()

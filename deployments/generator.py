@@ -56,6 +56,10 @@ class ImageGenerator:
     def check_health(self) -> None:
         self._engine.check_health()
 
+    def counters(self) -> dict[str, int]:
+        """What the replica has done so far, for operators and tests."""
+        return {"pid": os.getpid(), "steps_run": self._engine.steps_run}
+
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
         if engine is not None:

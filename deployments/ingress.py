@@ -6,6 +6,7 @@ a `DeploymentHandle`, translating Ray's failures into the API's errors.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI
@@ -31,8 +32,15 @@ class GeneratorClient:
         self._handle = handle
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
+        response = self._handle.generate.remote(job)
         try:
-            return await self._handle.generate.remote(job)
+            return await response
+        except asyncio.CancelledError:
+            # Cancelling the await does not cancel the request on the replica (measured: a
+            # timed-out request ran all its steps); cancelling the response does, and the
+            # engine stops the generation at its next step.
+            response.cancel()
+            raise
         except BackPressureError:
             raise service_unavailable(
                 "The service is at capacity and its queue is full. Retry shortly.",

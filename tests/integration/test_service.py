@@ -8,10 +8,8 @@ import random
 import httpx
 import openai
 import pytest
-import ray
 from ray import serve
 
-from bench.server import free_port
 from serve_app import build_app
 
 from .helpers import decode_png
@@ -26,14 +24,10 @@ ARGS = {
 
 
 @pytest.fixture(scope="module")
-def base_url():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def base_url(serve_url):
     serve.run(build_app(ARGS), name="images", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield serve_url
+    serve.delete("images")
 
 
 @pytest.fixture(scope="module")
