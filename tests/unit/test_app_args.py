@@ -59,6 +59,15 @@ def test_gpu_config_asks_for_a_gpu_and_the_local_one_does_not():
     assert generator_gpus("local.yaml") == 0
 
 
+def test_gpu_config_requires_keys_and_the_local_one_does_not():
+    def auth(name: str) -> bool:
+        config = yaml.safe_load((CONFIG_DIR / name).read_text())
+        return parse_args(config["applications"][0]["args"]).auth.enabled
+
+    assert auth("sd3.5-medium.yaml")
+    assert not auth("local.yaml")
+
+
 def test_defaults_serve_the_embedded_model():
     args = parse_args({})
     assert args.model.source == "embedded:tiny-sd3"
