@@ -1,0 +1,306 @@
+"""The KubeRay manifests in k8s/ are valid before anyone applies them.
+
+Every object is checked against its schema with unknown fields rejected (the API server would
+silently drop them): the RayService against KubeRay v1.7.0's CRD, built-in kinds and the pod
+templates inside the RayService against Kubernetes' own schemas (`kubernetes-validate`).
+`serveConfigV2` must parse as a Serve config with valid builder args and equal the GPU config
+in config/, the Ray version and image tags must match the Ray this project installs, and
+breaking a manifest on purpose must be caught.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import ray
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.generator import GENERATOR_DEPLOYMENT
+from serve_app import InvalidArgs, parse_args
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+OVERLAYS = [K8S / "base", K8S / "ha"]
+CRD = Path(__file__).resolve().parents[1] / "data/kuberay/v1.7.0/ray.io_rayservices.yaml"
+SHARED_CRD = REPO.parent / "shared/kuberay/v1.7.0/ray.io_rayservices.yaml"
+GPU_CONFIG = REPO / "config/sd3.5-medium.yaml"
+KUBERNETES_VERSION = "1.32"
+Doc = dict[str, Any]
+
+
+def _strict(schema: Any) -> Any:
+    """The schema with unknown fields rejected wherever the CRD lists the known ones."""
+    if isinstance(schema, dict):
+        schema = {key: _strict(value) for key, value in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    return schema
+
+
+def _crd_schema() -> Doc:
+    crd = yaml.safe_load(CRD.read_text())
+    (v1,) = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
+    return _strict(v1["schema"]["openAPIV3Schema"])
+
+
+RAYSERVICE_VALIDATOR = jsonschema.Draft7Validator(_crd_schema())
+
+
+# --- rendering: the subset of kustomize that k8s/ uses ---------------------------------------
+
+
+def _merge(target: Doc, patch: Doc) -> None:
+    """A JSON merge patch (RFC 7386): what a strategic merge does when no list is patched."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def render(directory: Path) -> list[Doc]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(kustomization) <= {"apiVersion", "kind", "resources", "patches"}, (
+        "k8s/ uses a kustomize feature this renderer does not know"
+    )
+    docs: list[Doc] = []
+    for resource in kustomization.get("resources", []):
+        path = directory / resource
+        if path.is_dir():
+            docs += render(path)
+        else:
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for entry in kustomization.get("patches", []):
+        patch = yaml.safe_load((directory / entry["path"]).read_text())
+        (target,) = [
+            doc
+            for doc in docs
+            if doc["kind"] == patch["kind"] and doc["metadata"]["name"] == patch["metadata"]["name"]
+        ]
+        _merge(target, {key: value for key, value in patch.items() if key != "metadata"})
+    return docs
+
+
+def _by_identity(docs: list[Doc]) -> dict[tuple[str, str], Doc]:
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in docs}
+
+
+# --- the checks -----------------------------------------------------------------------------
+
+
+def _kubernetes_problems(doc: Doc, where: str) -> list[str]:
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{where}: {str(error).splitlines()[0]}"]
+    return []
+
+
+def _pod_template_problems(template: Doc, where: str) -> list[str]:
+    pod_template = {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": {"name": "check"},
+        "template": template,
+    }
+    return _kubernetes_problems(pod_template, where)
+
+
+def _serve_config_problems(text: str) -> list[str]:
+    try:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    except (yaml.YAMLError, ValidationError) as error:
+        return [f"serveConfigV2 is not a Serve config: {str(error).splitlines()[0]}"]
+    problems = []
+    for application in config.applications:
+        try:
+            parse_args(application.args)
+        except InvalidArgs as error:
+            problems.append(f"serveConfigV2 application {application.name}: {error}")
+    if yaml.safe_load(text) != yaml.safe_load(GPU_CONFIG.read_text()):
+        problems.append(f"serveConfigV2 differs from {GPU_CONFIG.relative_to(REPO)}")
+    return problems
+
+
+def _images(cluster: Doc) -> list[str]:
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [
+        container["image"]
+        for group in groups
+        for container in group["template"]["spec"]["containers"]
+    ]
+
+
+def _rayservice_problems(doc: Doc) -> list[str]:
+    problems = [
+        f"RayService {'.'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+        for error in RAYSERVICE_VALIDATOR.iter_errors(doc)
+    ]
+    spec = doc.get("spec", {})
+    problems += _serve_config_problems(spec.get("serveConfigV2", ""))
+    cluster = spec.get("rayClusterConfig", {})
+    if cluster.get("rayVersion") != ray.__version__:
+        problems.append(f"rayVersion {cluster.get('rayVersion')} is not {ray.__version__}")
+    if not cluster.get("enableInTreeAutoscaling"):
+        problems.append("enableInTreeAutoscaling is not true")
+    head = cluster.get("headGroupSpec", {})
+    if head.get("rayStartParams", {}).get("num-cpus") != "0":
+        problems.append('the head must run no model: rayStartParams num-cpus "0"')
+    groups = {"head": head} | {
+        f"worker group {group.get('groupName')}": group
+        for group in cluster.get("workerGroupSpecs", [])
+    }
+    for name, group in groups.items():
+        for key, value in group.get("rayStartParams", {}).items():
+            if not isinstance(value, str):
+                problems.append(f"{name}: rayStartParams {key} must be a string")
+        if "template" in group:
+            problems += _pod_template_problems(group["template"], f"{name} pod template")
+    try:
+        images = _images(cluster)
+    except (KeyError, TypeError):
+        images = []
+    for image in images:
+        if not image.endswith(f"-ray{ray.__version__}"):
+            problems.append(f"image {image} is not tagged for Ray {ray.__version__}")
+    return problems
+
+
+def manifest_problems(docs: list[Doc]) -> list[str]:
+    problems = []
+    for doc in docs:
+        if doc.get("kind") == "RayService":
+            problems += _rayservice_problems(doc)
+        else:
+            where = f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}"
+            problems += _kubernetes_problems(doc, where)
+    return problems
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda path: path.name)
+def test_manifests_validate(overlay):
+    assert manifest_problems(render(overlay)) == []
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda path: path.name)
+def test_rendering_matches_kustomize(overlay):
+    output = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], check=True, capture_output=True, text=True
+    ).stdout
+    assert _by_identity(list(yaml.safe_load_all(output))) == _by_identity(render(overlay))
+
+
+def test_the_crd_is_kuberays_v1_7_0():
+    if SHARED_CRD.exists():  # the workplace's copy, where there is one
+        assert CRD.read_bytes() == SHARED_CRD.read_bytes()
+    assert "rayservices.ray.io" in CRD.read_text()[:2000]
+
+
+def test_gpu_workers_scale_with_the_generator():
+    (service,) = [doc for doc in render(K8S / "base") if doc["kind"] == "RayService"]
+    cluster = service["spec"]["rayClusterConfig"]
+    (gpu,) = cluster["workerGroupSpecs"]
+    (container,) = gpu["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert any(t["key"] == "nvidia.com/gpu" for t in gpu["template"]["spec"]["tolerations"])
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (generator,) = [
+        deployment
+        for deployment in serve_config["applications"][0]["deployments"]
+        if deployment["name"] == GENERATOR_DEPLOYMENT
+    ]
+    autoscaling = generator["autoscaling_config"]
+    # One generator replica per GPU pod: the pods must be able to hold the most replicas.
+    assert generator["ray_actor_options"]["num_gpus"] == 1
+    assert gpu["minReplicas"] <= autoscaling["min_replicas"]
+    assert gpu["maxReplicas"] >= autoscaling["max_replicas"]
+
+
+def test_ha_variant_keeps_gcs_state_in_redis():
+    docs = _by_identity(render(K8S / "ha"))
+    options = docs[("RayService", "image-service")]["spec"]["rayClusterConfig"][
+        "gcsFaultToleranceOptions"
+    ]
+    host, _, port = options["redisAddress"].partition(":")
+    service = docs[("Service", host)]
+    assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
+    assert ("Deployment", host) in docs
+
+
+def test_dockerfile_builds_on_rays_image_of_the_installed_version():
+    dockerfile = (K8S / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM (\S+)", dockerfile, flags=re.MULTILINE)
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu", base)
+
+
+def _rayservice(docs: list[Doc]) -> Doc:
+    (service,) = [doc for doc in docs if doc["kind"] == "RayService"]
+    return service
+
+
+def _break_serve_config(docs: list[Doc], change) -> None:
+    spec = _rayservice(docs)["spec"]
+    config = yaml.safe_load(spec["serveConfigV2"])
+    change(config)
+    spec["serveConfigV2"] = yaml.safe_dump(config)
+
+
+BREAKAGES = {
+    "rayStartParams number": lambda docs: _rayservice(docs)["spec"]["rayClusterConfig"][
+        "headGroupSpec"
+    ]["rayStartParams"].update({"num-cpus": 0}),
+    "misspelt field": lambda docs: _rayservice(docs)["spec"]["rayClusterConfig"].update(
+        {"enableInTreeAutoscalling": True}
+    ),
+    "worker group without a name": lambda docs: _rayservice(docs)["spec"]["rayClusterConfig"][
+        "workerGroupSpecs"
+    ][0].pop("groupName"),
+    "other Ray version": lambda docs: _rayservice(docs)["spec"]["rayClusterConfig"].update(
+        {"rayVersion": "2.9.0"}
+    ),
+    "bad pod template": lambda docs: _rayservice(docs)["spec"]["rayClusterConfig"][
+        "workerGroupSpecs"
+    ][0]["template"]["spec"]["containers"][0].update({"limit": {"cpu": "1"}}),
+    "bad built-in object": lambda docs: next(
+        doc for doc in docs if doc["kind"] == "PersistentVolumeClaim"
+    )["spec"].update({"accessModes": "ReadWriteMany"}),
+    "unknown args key": lambda docs: _break_serve_config(
+        docs, lambda config: config["applications"][0]["args"].update({"modle": {}})
+    ),
+    "not a Serve config": lambda docs: _break_serve_config(
+        docs, lambda config: config.update({"applications": "images"})
+    ),
+    "drift from config/": lambda docs: _break_serve_config(
+        docs, lambda config: config.update({"proxy_location": "HeadOnly"})
+    ),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES, ids=list(BREAKAGES))
+def test_a_broken_manifest_is_caught(breakage):
+    docs = render(K8S / "base")
+    BREAKAGES[breakage](docs)
+    assert manifest_problems(docs), f"{breakage} went unnoticed"
