@@ -43,14 +43,16 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
 
 
 def build_application(
-    args: AppArgs, generator_options: Mapping[str, Any] | None = None
+    args: AppArgs,
+    generator_options: Mapping[str, Any] | None = None,
+    ingress_options: Mapping[str, Any] | None = None,
 ) -> Application:
-    """The application for validated args. `generator_options` override the generator
-    deployment's options in code, as a config's `deployments:` entry does (tests use it)."""
+    """The application for validated args. The options override each deployment's options in
+    code, as a config's `deployments:` entries do (tests use them)."""
     generator = ImageGenerator.options(**(generator_options or {})).bind(
         args.model, args.worker_threads, args.batching
     )
-    return ImageIngress.bind(args, generator)
+    return ImageIngress.options(**(ingress_options or {})).bind(args, generator)
 
 
 app = build_app()

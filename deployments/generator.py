@@ -56,9 +56,13 @@ class ImageGenerator:
     def check_health(self) -> None:
         self._engine.check_health()
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, int | str]:
         """What the replica has done so far, for operators and tests."""
-        return {"pid": os.getpid(), "steps_run": self._engine.steps_run}
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "steps_run": self._engine.steps_run,
+        }
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
