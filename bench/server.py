@@ -66,6 +66,9 @@ class ServeRun:
         self._process = subprocess.Popen(
             [serve, "run", str(config_path)],
             cwd=REPO,
+            # A Ray of its own: without this, `serve run` joins a cluster already running
+            # on this machine (a test's, say) and deploys into it.
+            env={**os.environ, "RAY_ADDRESS": "local"},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
