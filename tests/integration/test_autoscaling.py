@@ -17,16 +17,12 @@ from ray import serve
 from deployments.generator import GENERATOR_DEPLOYMENT
 from serve_app import build_application, parse_args
 
+from .helpers import one_at_a_time
+
 pytestmark = pytest.mark.integration
 
 GENERATIONS = "/v1/images/generations"
-ARGS = {
-    "model": {"id": "tiny-sd3", "device": "cpu", "default_size": "32x32", "default_steps": 4},
-    "limits": {"max_steps": 200},
-    "batching": {"max_batch_images": 1},
-    "worker_threads": 1,
-    "request_timeout_s": 100,
-}
+ARGS = one_at_a_time(request_timeout_s=100)
 FAST_AUTOSCALING = {
     "target_ongoing_requests": 1,
     "upscale_delay_s": 1,

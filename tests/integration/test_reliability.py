@@ -21,17 +21,12 @@ from ray import serve
 from deployments.generator import GENERATOR_DEPLOYMENT
 from serve_app import build_application, parse_args
 
+from .helpers import one_at_a_time
+
 pytestmark = pytest.mark.integration
 
 GENERATIONS = "/v1/images/generations"
-MODEL = {"id": "tiny-sd3", "device": "cpu", "default_size": "32x32", "default_steps": 4}
-SLOW_ARGS = {
-    "model": MODEL,
-    "limits": {"max_steps": 5000, "max_pixels": 64 * 64},
-    "batching": {"max_batch_images": 1},
-    "worker_threads": 1,
-    "request_timeout_s": 5,
-}
+SLOW_ARGS = one_at_a_time(request_timeout_s=5)
 SLOW_OPTIONS = {
     "max_ongoing_requests": 8,
     "max_queued_requests": 8,
@@ -39,13 +34,7 @@ SLOW_OPTIONS = {
     "graceful_shutdown_wait_loop_s": 0.5,
     "ray_actor_options": {"num_cpus": 1},
 }
-OVERLOAD_ARGS = {
-    "model": MODEL,
-    "limits": {"max_steps": 5000},
-    "batching": {"max_batch_images": 1},
-    "worker_threads": 1,
-    "request_timeout_s": 30,
-}
+OVERLOAD_ARGS = one_at_a_time(request_timeout_s=30)
 # Two requests in the replica and two waiting for it: the service holds four at once.
 OVERLOAD_OPTIONS = {
     "max_ongoing_requests": 2,
