@@ -36,6 +36,7 @@ from deployments.errors import (
     from_validation_error,
     internal_error,
     invalid_request,
+    model_not_found,
     timed_out,
     unauthorized,
 )
@@ -139,7 +140,7 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
     @app.get("/v1/models/{model_id:path}", dependencies=protected)
     async def get_model(model_id: str) -> Model:
         if model_id != model_config.id:
-            raise _model_not_found(model_id)
+            raise model_not_found(model_id)
         return model_card
 
     @app.post(
@@ -163,7 +164,7 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         if params.model is not None and params.model != model_config.id:
-            raise _model_not_found(params.model)
+            raise model_not_found(params.model)
 
         width, height = parse_size(
             params.size,
@@ -188,8 +189,8 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
         )
         started_at = time.perf_counter()
         try:
-            # On timeout the await is cancelled, which cancels the generation downstream:
-            # a waiting job leaves its batch, a running one stops at its next step.
+            # On timeout the await is cancelled; the backend passes that on to the replica,
+            # where a waiting job leaves its batch and a running one stops at its next step.
             async with asyncio.timeout(args.request_timeout_s):
                 generated = await backend.generate(job)
         except TimeoutError:
@@ -274,7 +275,7 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
     raw = b"".join(chunks)
     try:
         return json.loads(raw, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError among them
         raise invalid_request(
             "We could not parse the JSON body of your request. Send a JSON object with "
             "'Content-Type: application/json'.",
@@ -285,13 +286,3 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
 def _reject_constant(name: str) -> Any:
     # Python's json accepts NaN and Infinity, which JSON does not.
     raise ValueError(f"{name} is not JSON")
-
-
-def _model_not_found(model_id: str) -> APIError:
-    return APIError(
-        404,
-        f"The model '{model_id}' does not exist.",
-        type="invalid_request_error",
-        param="model",
-        code="model_not_found",
-    )

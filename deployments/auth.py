@@ -60,16 +60,14 @@ class APIKeys:
     def enabled(self) -> bool:
         return self._config.enabled
 
-    def accepts(self, token: str | None) -> bool:
-        if not self.enabled:
-            return True
+    def accepts(self, token: str) -> bool:
         self._reload_if_changed()
-        presented = _digest(token or "")
+        presented = _digest(token)
         matched = False
         for accepted in self._digests:
             # `|` rather than `or`: every key is compared, whichever matches.
             matched |= hmac.compare_digest(presented, accepted)
-        return matched and token is not None
+        return matched
 
     def _load(self) -> None:
         if not self.enabled:
@@ -87,16 +85,12 @@ class APIKeys:
                     f"auth.api_keys_file {path} cannot be read ({error.strerror})"
                 ) from None
         if not keys:
-            sources = [
-                f"the environment variable {self._config.api_keys_env}"
-                if self._config.api_keys_env
-                else None,
-                f"the file {self._config.api_keys_file}" if self._config.api_keys_file else None,
-            ]
-            raise NoAPIKeys(
-                "auth is on but no API key was found in "
-                + " or ".join(source for source in sources if source)
-            )
+            sources = []
+            if self._config.api_keys_env is not None:
+                sources.append(f"the environment variable {self._config.api_keys_env}")
+            if self._config.api_keys_file is not None:
+                sources.append(f"the file {self._config.api_keys_file}")
+            raise NoAPIKeys("auth is on but no API key was found in " + " or ".join(sources))
         self._digests = [_digest(key) for key in keys]
 
     def _reload_if_changed(self) -> None:

@@ -63,6 +63,16 @@ def service_unavailable(message: str, *, retry_after_s: int = 1) -> APIError:
     )
 
 
+def model_not_found(model_id: str) -> APIError:
+    return APIError(
+        404,
+        f"The model '{model_id}' does not exist.",
+        type="invalid_request_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
 def unauthorized(message: str, *, code: str) -> APIError:
     return APIError(401, message, type="invalid_request_error", code=code)
 
