@@ -6,6 +6,9 @@
 
 The handlers validate, route by `model`, hand the job over, then encode and store the
 images here, on the ingress, so generator replicas spend their time on the model alone.
+With `stream: true` the answer is server-sent events (see `deployments/streaming.py`). Each
+generation request gets one log line (`deployments/request_log.py`); each error answer is
+counted by the optional `ErrorMetrics`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
@@ -24,11 +28,10 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from deployments.auth import APIKeys, bearer_token
 from deployments.config import AppArgs
-from deployments.encoding import encode_image, to_base64
 from deployments.errors import (
     APIError,
     body_too_large,
@@ -40,28 +43,37 @@ from deployments.errors import (
     timed_out,
     unauthorized,
 )
-from deployments.jobs import GeneratedImages, GenerationJob
+from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob
+from deployments.output import IMAGE_FILES_PATH, ImagePackager
 from deployments.protocol import (
     MAX_SEED,
-    Image,
     ImageGenerationRequest,
     ImagesResponse,
     Model,
     ModelList,
     ValidationContext,
 )
+from deployments.request_log import RequestLog
 from deployments.sizes import parse_size
 from deployments.storage import ImageStore
+from deployments.streaming import SSE_HEADERS, EventEncoder, first_event, sse_body, timings_of
 
 logger = logging.getLogger("ray.serve")
-
-IMAGE_FILES_PATH = "/v1/images/files"
 
 
 class ImageBackend(Protocol):
     """Generates the images of a job. Raises `APIError` for failures the client should see."""
 
     async def generate(self, job: GenerationJob) -> GeneratedImages: ...
+
+    def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
+        """Progress and previews as the job runs, then its `GeneratedImages`; closing the
+        iterator early cancels the job."""
+        ...
+
+
+class ErrorMetrics(Protocol):
+    def error(self, error_type: str, code: str | None) -> None: ...
 
 
 def request_id_of(request: Request) -> str:
@@ -71,7 +83,12 @@ def request_id_of(request: Request) -> str:
     return request.state.request_id
 
 
-def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = None) -> FastAPI:
+def create_api(
+    args: AppArgs,
+    backend: ImageBackend,
+    store: ImageStore | None = None,
+    metrics: ErrorMetrics | None = None,
+) -> FastAPI:
     model_config = args.model
     context = ValidationContext(limits=args.limits, model=model_config)
     store = store or ImageStore(args.storage.resolved_directory(), args.storage.ttl_s)
@@ -94,6 +111,14 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
 
     protected = [Depends(authenticate)]
 
+    def report_error(error: APIError) -> None:
+        if metrics is not None:
+            metrics.error(error.type, error.code)
+
+    def answer_error(error: APIError) -> JSONResponse:
+        report_error(error)
+        return error_response(error)
+
     app = FastAPI(
         title="Image generation service",
         description="OpenAI-compatible image generation with diffusers on Ray Serve.",
@@ -111,23 +136,23 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+        return answer_error(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Unknown routes and wrong methods, in the API's one error shape.
         message = "Not found." if exc.status_code == 404 else str(exc.detail)
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(exc.status_code, message, type=kind))
+        return answer_error(APIError(exc.status_code, message, type=kind))
 
     @app.exception_handler(RequestValidationError)
     async def _path_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(invalid_request("Invalid request parameters."))
+        return answer_error(invalid_request("Invalid request parameters."))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("request %s failed", request_id_of(request), exc_info=exc)
-        return error_response(internal_error())
+        return answer_error(internal_error())
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -153,71 +178,79 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
                 "content": {
                     "application/json": {"schema": ImageGenerationRequest.model_json_schema()}
                 },
-            }
+            },
+            "responses": {
+                "200": {"content": {"text/event-stream": {"description": "With `stream`."}}}
+            },
         },
     )
-    async def generate_images(request: Request) -> ImagesResponse:
+    async def generate_images(request: Request) -> Response:
         request_id = request_id_of(request)
-        body = await _json_body(request, args.limits.max_body_bytes)
+        log = RequestLog(request_id, "generations")
         try:
-            params = ImageGenerationRequest.model_validate(body, context=context)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from None
-        if params.model is not None and params.model != model_config.id:
-            raise model_not_found(params.model)
-
-        width, height = parse_size(
-            params.size,
-            default=model_config.default_size,
-            multiple=model_config.size_multiple,
-            max_pixels=args.limits.max_pixels,
-        )
-        first_seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        job = GenerationJob(
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt,
-            width=width,
-            height=height,
-            num_inference_steps=params.num_inference_steps or model_config.default_steps,
-            guidance_scale=(
-                params.guidance_scale
-                if params.guidance_scale is not None
-                else model_config.default_guidance_scale
-            ),
-            seeds=tuple((first_seed + i) % (MAX_SEED + 1) for i in range(params.n)),
-            request_id=request_id,
-        )
-        started_at = time.perf_counter()
-        try:
-            # On timeout the await is cancelled; the backend passes that on to the replica,
-            # where a waiting job leaves its batch and a running one stops at its next step.
-            async with asyncio.timeout(args.request_timeout_s):
-                generated = await backend.generate(job)
-        except TimeoutError:
-            logger.warning("request %s timed out after %gs", request_id, args.request_timeout_s)
-            raise timed_out(args.request_timeout_s) from None
-        images = await run_in_threadpool(
-            _package_images, generated, params, store, str(request.base_url), args
-        )
-        logger.info(
-            "request %s: %d image(s) %dx%d, %d steps, user=%s; batch of %d images, "
-            "generated in %.3fs, answered in %.3fs",
-            request_id,
-            len(images),
-            width,
-            height,
-            job.num_inference_steps,
-            params.user,
-            generated.batch_images,
-            generated.generate_s,
-            time.perf_counter() - started_at,
-        )
-        return ImagesResponse(
-            created=int(time.time()),
-            data=images,
-            output_format=params.output_format,
-            size=f"{width}x{height}",
-        )
+            body = await _json_body(request, args.limits.max_body_bytes)
+            try:
+                params = ImageGenerationRequest.model_validate(body, context=context)
+            except ValidationError as exc:
+                raise from_validation_error(exc) from None
+            if params.model is not None and params.model != model_config.id:
+                raise model_not_found(params.model)
+            if (option := params.streaming_option_without_stream()) is not None:
+                raise invalid_request(
+                    f"Invalid value for '{option}': it needs 'stream': true.",
+                    param=option,
+                    code="invalid_value",
+                )
+            job = _job_for(params, args, request_id)
+            log.add(**_logged_parameters(params, job, model_config.id, args))
+            packager = ImagePackager(
+                params, store, args.storage.public_base_url or str(request.base_url)
+            )
+            deadline = asyncio.get_running_loop().time() + args.request_timeout_s
+            if params.stream:
+                events = backend.stream(job)
+                first = await first_event(events, deadline, args.request_timeout_s)
+                frames = sse_body(
+                    first,
+                    events,
+                    EventEncoder(params, job, packager),
+                    deadline,
+                    args.request_timeout_s,
+                    log,
+                    report_error,
+                )
+                return StreamingResponse(
+                    frames, media_type="text/event-stream", headers=SSE_HEADERS
+                )
+            try:
+                # On timeout the await is cancelled; the backend passes that on to the
+                # replica, where a waiting job leaves its batch and a running one stops at
+                # its next step.
+                async with asyncio.timeout_at(deadline):
+                    generated = await backend.generate(job)
+            except TimeoutError:
+                raise timed_out(args.request_timeout_s) from None
+            encode_started = time.perf_counter()
+            images = await run_in_threadpool(packager.images, generated.images, generated.seeds)
+            log.add(**timings_of(generated), encode_s=time.perf_counter() - encode_started)
+            log.finish(200)
+            return JSONResponse(
+                ImagesResponse(
+                    created=int(time.time()),
+                    data=images,
+                    output_format=params.output_format,
+                    size=f"{job.width}x{job.height}",
+                ).model_dump()
+            )
+        except APIError as error:
+            log.finish(error.status_code, error.code)
+            raise
+        except asyncio.CancelledError:
+            log.finish(499, "client_closed_request")
+            raise
+        except Exception:
+            log.finish(500, "internal_error")
+            raise
 
     # Image files take no key: their 256-bit random names are the capability, like OpenAI's
     # signed URLs, so that a returned `url` works in an <img> tag or a browser.
@@ -240,24 +273,56 @@ def create_api(args: AppArgs, backend: ImageBackend, store: ImageStore | None = 
     return app
 
 
-def _package_images(
-    generated: GeneratedImages,
-    params: ImageGenerationRequest,
-    store: ImageStore,
-    request_base_url: str,
-    args: AppArgs,
-) -> list[Image]:
-    """Encode each image, then inline it or store it and link to it. Runs in a thread."""
-    base_url = (args.storage.public_base_url or request_base_url).rstrip("/")
-    images = []
-    for pixels, seed in zip(generated.images, generated.seeds, strict=True):
-        data = encode_image(pixels, params.output_format, params.output_compression)
-        if params.response_format == "b64_json":
-            images.append(Image(b64_json=to_base64(data), seed=seed))
-        else:
-            name = store.save(data, params.output_format)
-            images.append(Image(url=f"{base_url}{IMAGE_FILES_PATH}/{name}", seed=seed))
-    return images
+def _job_for(params: ImageGenerationRequest, args: AppArgs, request_id: str) -> GenerationJob:
+    """The generator's job for a validated request, with the model's defaults filled in."""
+    model = args.model
+    width, height = parse_size(
+        params.size,
+        default=model.default_size,
+        multiple=model.size_multiple,
+        max_pixels=args.limits.max_pixels,
+    )
+    first_seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    return GenerationJob(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=width,
+        height=height,
+        num_inference_steps=params.num_inference_steps or model.default_steps,
+        guidance_scale=(
+            params.guidance_scale
+            if params.guidance_scale is not None
+            else model.default_guidance_scale
+        ),
+        seeds=tuple((first_seed + i) % (MAX_SEED + 1) for i in range(params.n)),
+        request_id=request_id,
+        partial_images=params.partial_images,
+    )
+
+
+def _logged_parameters(
+    params: ImageGenerationRequest, job: GenerationJob, model_id: str, args: AppArgs
+) -> dict[str, object]:
+    """What a request's log line says of what it asked for (the prompt only if configured)."""
+    fields: dict[str, object] = {
+        "model": model_id,
+        "user": params.user,
+        "n": job.num_images,
+        "size": f"{job.width}x{job.height}",
+        "steps": job.num_inference_steps,
+        "guidance_scale": job.guidance_scale,
+        "seed": job.seeds[0],
+        "has_negative_prompt": job.negative_prompt is not None,
+        "response_format": params.response_format,
+        "output_format": params.output_format,
+        "stream": params.stream,
+        "partial_images": params.partial_images,
+        "prompt_chars": len(job.prompt),
+    }
+    if args.request_logs.include_prompts:
+        fields["prompt"] = job.prompt
+        fields["negative_prompt"] = job.negative_prompt
+    return fields
 
 
 async def _json_body(request: Request, max_bytes: int) -> Any:

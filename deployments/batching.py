@@ -89,8 +89,11 @@ class BatchQueue:
         max_batch_images: int,
         max_wait_s: float,
         max_batch_pixels: int | None = None,
+        on_change: Callable[[int], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        # Told the number of waiting jobs whenever it may have changed (for a metric).
+        self._on_change = on_change
         self._executor = executor
         self._workers = workers
         self._max_batch_images = max_batch_images
@@ -140,6 +143,8 @@ class BatchQueue:
             batch.entries.remove(entry)
             if not batch.entries:
                 self._pending.remove(batch)
+            if self._on_change is not None:
+                self._on_change(self.waiting_jobs)
             return
         if all(other.result.cancelled() for other in batch.entries):
             batch.cancelled.set()
@@ -152,6 +157,8 @@ class BatchQueue:
                 break
             self._start(batch)
         self._arm_timer(now)
+        if self._on_change is not None:
+            self._on_change(self.waiting_jobs)
 
     def _next_ready(self, now: float) -> _Batch | None:
         for batch in self._pending:

@@ -153,6 +153,16 @@ class CORSConfig(_Strict):
     )
 
 
+class RequestLogConfig(_Strict):
+    """The one log line each image request gets (see `deployments/request_log.py`)."""
+
+    include_prompts: bool = Field(
+        default=False,
+        description="Write `prompt` and `negative_prompt` into the line. Off by default: "
+        "prompts can be personal data; the line has their length instead.",
+    )
+
+
 class BatchingConfig(_Strict):
     """How a generator replica groups compatible requests into one pipeline call."""
 
@@ -194,6 +204,9 @@ class AppArgs(_Strict):
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off by default).")
     cors: CORSConfig = Field(default_factory=CORSConfig, description="CORS (off by default).")
+    request_logs: RequestLogConfig = Field(
+        default_factory=RequestLogConfig, description="Per-request log lines."
+    )
     request_timeout_s: float = Field(
         default=110.0,
         gt=0,

@@ -40,3 +40,9 @@ def encode_image(pixels: np.ndarray, output_format: OutputFormat, compression: i
 
 def to_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def upscale(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize an RGB uint8 array to (height, width, 3), smoothly (for small previews)."""
+    image = Image.fromarray(pixels, mode="RGB").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image)

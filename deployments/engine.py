@@ -7,6 +7,11 @@ runs on its own pipeline view (see `deployments/pipelines.py`). Cancelling the c
 client went away, or the request timed out) cannot stop a thread, so a running batch whose
 jobs are all cancelled is told through the pipeline's step callback, which raises at the next
 denoising step; a job still waiting is simply dropped from its batch.
+
+The same step callback feeds streamed jobs (`ImageEngine.stream`): it reports progress and,
+at the steps a job asked previews for, turns that job's slice of the latents into small
+previews (`deployments/previews.py`). It also times each call's phases for the request logs
+and the metrics.
 """
 
 from __future__ import annotations
@@ -15,17 +20,51 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
 from deployments.batching import BatchQueue
-from deployments.jobs import GeneratedImages, GenerationJob
+from deployments.jobs import (
+    GeneratedImages,
+    GenerationEvent,
+    GenerationJob,
+    PartialImage,
+    StepProgress,
+)
 from deployments.pipelines import RequestPipelines
+from deployments.previews import fit_previewer
 
 logger = logging.getLogger("ray.serve")
+
+# Streamed progress is sent at most this often per job (and always after the last step): a
+# page needs a few updates a second, not one per step of a fast model.
+PROGRESS_INTERVAL_S = 0.1
+
+EventSink = Callable[[GenerationEvent], None]
+
+
+class EngineMetrics(Protocol):
+    """What the engine reports, for `deployments/metrics.py` (or a test) to record."""
+
+    def batch_finished(
+        self, images: int, generate_s: float, steps: int, denoise_s: float
+    ) -> None: ...
+
+    def queue_changed(self, waiting_jobs: int) -> None: ...
+
+
+@dataclass
+class _Tracked:
+    """What the engine keeps of a job between its submission and its batch."""
+
+    submitted: float
+    sink: EventSink | None
 
 
 class GenerationCancelled(Exception):
@@ -53,8 +92,11 @@ class ImageEngine:
         max_batch_images: int = 1,
         max_wait_s: float = 0.0,
         max_batch_pixels: int | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self._pipelines = RequestPipelines(pipeline)
+        self._previewer = fit_previewer(pipeline)
+        self._metrics = metrics
         self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="generate")
         self._queue = BatchQueue(
             self._run_batch,
@@ -63,7 +105,11 @@ class ImageEngine:
             max_batch_images=max_batch_images,
             max_batch_pixels=max_batch_pixels,
             max_wait_s=max_wait_s,
+            on_change=metrics.queue_changed if metrics is not None else None,
         )
+        # Jobs between submission and result, by identity: equal jobs (same parameters and
+        # seeds) from two requests are still two jobs. Read by the worker threads.
+        self._tracked: dict[int, _Tracked] = {}
         self._broken: BaseException | None = None
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
@@ -78,12 +124,39 @@ class ImageEngine:
         """Images in each of the most recent batches, oldest first."""
         return list(self._queue.batch_sizes)
 
-    async def generate(self, job: GenerationJob) -> GeneratedImages:
+    async def generate(self, job: GenerationJob, sink: EventSink | None = None) -> GeneratedImages:
+        """The job's images; `sink`, if given, is called (from a worker thread) with its
+        progress and previews."""
+        self._tracked[id(job)] = _Tracked(submitted=time.perf_counter(), sink=sink)
         try:
             return await self._queue.submit(job)
         except asyncio.CancelledError:
             logger.info("request %s cancelled; its generation stops", job.request_id)
             raise
+        finally:
+            self._tracked.pop(id(job), None)
+
+    async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
+        """The job's progress and previews as they happen, then its `GeneratedImages`.
+
+        Closing the iterator early (the client went away) cancels the generation.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationEvent | None] = asyncio.Queue()
+
+        def sink(event: GenerationEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        # The worker thread's events reach the loop before the batch's result does (both go
+        # through call_soon_threadsafe, in order), so None comes after all of them.
+        task = asyncio.ensure_future(self.generate(job, sink))
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            yield task.result()
+        finally:
+            task.cancel()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -95,6 +168,7 @@ class ImageEngine:
         if cancelled.is_set():
             raise GenerationCancelled()
         started = time.perf_counter()
+        tracked = [self._tracked.get(id(job)) for job in jobs]
         first = jobs[0]
         prompts = [job.prompt for job in jobs for _ in job.seeds]
         negative_prompts = None
@@ -103,16 +177,36 @@ class ImageEngine:
         # One generator per image, on the CPU: each image's noise depends only on its own seed
         # (not on its batch neighbours), and a seed gives the same noise on any device.
         generators = [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.seeds]
+        reporter = _StepReporter(jobs, [t.sink if t else None for t in tracked], self._previewer)
+        denoise_started = started
+        last_step_end = started
 
-        def on_step_end(_pipeline, _step, _timestep, callback_kwargs):
+        def on_step_end(_pipeline, step, _timestep, callback_kwargs):
+            nonlocal last_step_end
+            last_step_end = time.perf_counter()
             with self._steps_lock:
                 self.steps_run += 1
             if cancelled.is_set():
                 raise GenerationCancelled()
+            reporter.step_done(step + 1, callback_kwargs["latents"])
             return callback_kwargs
 
+        view = self._pipelines.view()
+        text_encode_s = 0.0
+        encode_prompt = view.encode_prompt
+
+        def timed_encode_prompt(*args, **kwargs):
+            nonlocal text_encode_s, denoise_started
+            encode_started = time.perf_counter()
+            try:
+                return encode_prompt(*args, **kwargs)
+            finally:
+                denoise_started = time.perf_counter()
+                text_encode_s += denoise_started - encode_started
+
+        view.encode_prompt = timed_encode_prompt
         try:
-            output = self._pipelines.view()(
+            output = view(
                 prompt=prompts,
                 negative_prompt=negative_prompts,
                 width=first.width,
@@ -130,10 +224,19 @@ class ImageEngine:
                 self._broken = error
             raise
         pixels = list(_to_uint8(output.images))
-        elapsed = time.perf_counter() - started
+        finished = time.perf_counter()
+        elapsed = finished - started
+        denoise_s = last_step_end - denoise_started
+        if self._metrics is not None:
+            self._metrics.batch_finished(
+                images=len(pixels),
+                generate_s=elapsed,
+                steps=first.num_inference_steps,
+                denoise_s=denoise_s,
+            )
         results = []
         batch_images = len(pixels)
-        for job in jobs:
+        for job, record in zip(jobs, tracked, strict=True):
             images, pixels = pixels[: job.num_images], pixels[job.num_images :]
             results.append(
                 GeneratedImages(
@@ -141,9 +244,53 @@ class ImageEngine:
                     seeds=job.seeds,
                     generate_s=elapsed,
                     batch_images=batch_images,
+                    queue_s=started - record.submitted if record else 0.0,
+                    text_encode_s=text_encode_s,
+                    denoise_s=denoise_s,
+                    decode_s=finished - last_step_end,
                 )
             )
         return results
+
+
+class _StepReporter:
+    """Sends each streamed job of a batch its progress and, at its preview steps, previews.
+
+    Runs in the worker thread, inside the pipeline's step callback.
+    """
+
+    def __init__(
+        self,
+        jobs: list[GenerationJob],
+        sinks: list[EventSink | None],
+        previewer,
+    ) -> None:
+        self._streamed = []
+        offset = 0
+        for job, sink in zip(jobs, sinks, strict=True):
+            if sink is not None:
+                previews = job.preview_steps() if previewer is not None else ()
+                self._streamed.append((job, sink, offset, previews))
+            offset += job.num_images
+        self._previewer = previewer
+        self._last_progress = 0.0
+
+    def step_done(self, step: int, latents: torch.Tensor) -> None:
+        if not self._streamed:
+            return
+        now = time.monotonic()
+        total = self._streamed[0][0].num_inference_steps
+        send_progress = step == total or now - self._last_progress >= PROGRESS_INTERVAL_S
+        if send_progress:
+            self._last_progress = now
+        for job, sink, offset, preview_steps in self._streamed:
+            if step in preview_steps:
+                index = preview_steps.index(step)
+                previews = self._previewer.to_rgb(latents[offset : offset + job.num_images])
+                for image_index, pixels in enumerate(previews):
+                    sink(PartialImage(image_index, index, pixels))
+            if send_progress:
+                sink(StepProgress(step=step, total_steps=total))
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:

@@ -98,12 +98,13 @@ def timed_out(timeout_s: float) -> APIError:
     )
 
 
+def error_body(error: APIError) -> dict:
+    """The JSON body of an error answer; also the data of a stream's `error` event."""
+    detail = ErrorDetail(message=error.message, type=error.type, param=error.param, code=error.code)
+    return ErrorResponse(error=detail).model_dump()
+
+
 def error_response(error: APIError, request_id: str | None = None) -> JSONResponse:
-    body = ErrorResponse(
-        error=ErrorDetail(
-            message=error.message, type=error.type, param=error.param, code=error.code
-        )
-    )
     headers = {"x-should-retry": "true" if error.retryable else "false"}
     if error.retry_after_s is not None:
         headers["retry-after"] = str(error.retry_after_s)
@@ -111,7 +112,7 @@ def error_response(error: APIError, request_id: str | None = None) -> JSONRespon
         headers["www-authenticate"] = "Bearer"
     if request_id:
         headers["x-request-id"] = request_id
-    return JSONResponse(body.model_dump(), status_code=error.status_code, headers=headers)
+    return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
 def from_validation_error(exc: ValidationError) -> APIError:

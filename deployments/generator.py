@@ -10,6 +10,7 @@ where one request holds the device for seconds (Serve's own defaults assume mill
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 
 import ray
 import torch
@@ -17,7 +18,8 @@ from ray import serve
 
 from deployments.config import BatchingConfig, ModelConfig
 from deployments.engine import ImageEngine
-from deployments.jobs import GeneratedImages, GenerationJob
+from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob
+from deployments.metrics import GeneratorMetrics
 from deployments.pipelines import load_pipeline
 
 GENERATOR_DEPLOYMENT = "ImageGenerator"
@@ -48,10 +50,16 @@ class ImageGenerator:
             max_batch_images=batching.max_batch_images,
             max_batch_pixels=batching.max_batch_pixels,
             max_wait_s=batching.max_wait_ms / 1000,
+            metrics=GeneratorMetrics(model.id),
         )
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         return await self._engine.generate(job)
+
+    async def generate_stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
+        """Progress and previews while the job runs, then its images (a streaming call)."""
+        async for event in self._engine.stream(job):
+            yield event
 
     def check_health(self) -> None:
         self._engine.check_health()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 from fastapi import FastAPI
 from ray import serve
@@ -18,7 +20,8 @@ from ray.serve.handle import DeploymentHandle
 from deployments.api import create_api
 from deployments.config import AppArgs
 from deployments.errors import service_unavailable
-from deployments.jobs import GeneratedImages, GenerationJob
+from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob
+from deployments.metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -33,27 +36,44 @@ class GeneratorClient:
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         response = self._handle.generate.remote(job)
+        with _ray_errors_as_api_errors(job):
+            try:
+                return await response
+            except asyncio.CancelledError:
+                # Cancelling the await does not cancel the request on the replica (measured:
+                # a timed-out request ran all its steps); cancelling the response does, and
+                # the engine stops the generation at its next step.
+                response.cancel()
+                raise
+
+    async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
+        responses = self._handle.options(stream=True).generate_stream.remote(job)
+        finished = False
         try:
-            return await response
-        except asyncio.CancelledError:
-            # Cancelling the await does not cancel the request on the replica (measured: a
-            # timed-out request ran all its steps); cancelling the response does, and the
-            # engine stops the generation at its next step.
-            response.cancel()
-            raise
-        except BackPressureError:
-            raise service_unavailable(
-                "The service is at capacity and its queue is full. Retry shortly.",
-                retry_after_s=2,
-            ) from None
-        except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
-            logger.warning(
-                "request %s: generator replica unavailable", job.request_id, exc_info=True
-            )
-            raise service_unavailable(
-                "The replica generating this request stopped. Retry the request.",
-                retry_after_s=1,
-            ) from None
+            with _ray_errors_as_api_errors(job):
+                async for event in responses:
+                    yield event
+            finished = True
+        finally:
+            if not finished:  # closed early or failed: stop the generation (see `generate`)
+                responses.cancel()
+
+
+@contextmanager
+def _ray_errors_as_api_errors(job: GenerationJob) -> Iterator[None]:
+    try:
+        yield
+    except BackPressureError:
+        raise service_unavailable(
+            "The service is at capacity and its queue is full. Retry shortly.",
+            retry_after_s=2,
+        ) from None
+    except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
+        logger.warning("request %s: generator replica unavailable", job.request_id, exc_info=True)
+        raise service_unavailable(
+            "The replica generating this request stopped. Retry the request.",
+            retry_after_s=1,
+        ) from None
 
 
 @serve.deployment(
@@ -70,4 +90,4 @@ class ImageIngress:
         self._generator = generator
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self._args, GeneratorClient(self._generator))
+        return create_api(self._args, GeneratorClient(self._generator), metrics=IngressMetrics())

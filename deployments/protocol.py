@@ -42,6 +42,14 @@ def _context(info: ValidationInfo) -> ValidationContext:
     return context
 
 
+def _without_unused_form(data: dict) -> dict:
+    """An image's serialized fields without whichever of `b64_json` and `url` is unset."""
+    for key in ("b64_json", "url"):
+        if data.get(key) is None:
+            data.pop(key, None)
+    return data
+
+
 class ImageGenerationRequest(BaseModel):
     """Body of `POST /v1/images/generations`."""
 
@@ -63,6 +71,13 @@ class ImageGenerationRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = Field(
         default="png", description="Encoding of the returned images."
     )
+    partial_images: int = Field(
+        default=0,
+        ge=0,
+        le=3,
+        description="With `stream`, how many previews of each image to send while it is "
+        "generated (0-3). Fewer come when the model runs too few steps.",
+    )
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
         default=None, description="Accepted for compatibility and ignored."
     )
@@ -75,6 +90,12 @@ class ImageGenerationRequest(BaseModel):
         default="auto",
         description="`WIDTHxHEIGHT` (multiples of the model's size multiple) or `auto` for "
         "the model's default size.",
+    )
+    stream: bool = Field(
+        default=False,
+        strict=True,
+        description="Answer with server-sent events: `image_generation.partial_image` "
+        "previews, then one `image_generation.completed` event per image.",
     )
     style: Literal["vivid", "natural"] | None = Field(
         default=None, description="Accepted for compatibility and ignored."
@@ -101,6 +122,20 @@ class ImageGenerationRequest(BaseModel):
         allow_inf_nan=False,
         description="Classifier-free guidance scale; the model's default when omitted.",
     )
+    stream_progress: bool = Field(
+        default=False,
+        strict=True,
+        description="With `stream`, also send `image_generation.progress` events (denoising "
+        "step of total) a few times a second.",
+    )
+
+    def streaming_option_without_stream(self) -> str | None:
+        """The name of a streaming option given without `stream`, if any."""
+        if not self.stream:
+            for name in ("partial_images", "stream_progress"):
+                if getattr(self, name):
+                    return name
+        return None
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -164,11 +199,7 @@ class Image(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_unused_form(self, handler: SerializerFunctionWrapHandler) -> dict:
         # Like OpenAI, send only the form asked for; `revised_prompt` stays (always null).
-        data = handler(self)
-        for key in ("b64_json", "url"):
-            if data.get(key) is None:
-                data.pop(key, None)
-        return data
+        return _without_unused_form(handler(self))
 
 
 class ImagesResponse(BaseModel):
@@ -178,6 +209,67 @@ class ImagesResponse(BaseModel):
     data: list[Image]
     output_format: Literal["png", "jpeg", "webp"]
     size: str = Field(description="The size of the images, `WIDTHxHEIGHT`.")
+
+
+class ImageGenerationEvent(BaseModel):
+    """The fields shared by the events of a streamed generation (OpenAI's, then ours)."""
+
+    # --- OpenAI fields ---
+    background: Literal["opaque"] = "opaque"
+    created_at: int = Field(description="Unix time, in seconds, of the event.")
+    output_format: Literal["png", "jpeg", "webp"]
+    quality: str = "auto"
+    size: str = Field(description="The size of the images, `WIDTHxHEIGHT`.")
+
+
+class ImageGenerationPartialImageEvent(ImageGenerationEvent):
+    """`image_generation.partial_image`: a preview of an image still being generated."""
+
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    b64_json: str
+    partial_image_index: int
+    # --- Extension: which image of the request (0 to n-1) this previews ---
+    image_index: int
+
+
+class Usage(BaseModel):
+    """OpenAI's token usage, which only its GPT image models count: zeros here."""
+
+    input_tokens: int = 0
+    input_tokens_details: dict[str, int] = Field(
+        default_factory=lambda: {"image_tokens": 0, "text_tokens": 0}
+    )
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ImageGenerationCompletedEvent(ImageGenerationEvent):
+    """`image_generation.completed`: one finished image (one event per image of the request).
+
+    It carries `b64_json`, or `url` instead when the request asked for
+    `response_format: url`.
+    """
+
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    b64_json: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    # --- Extensions: which image of the request, its seed, and its link ---
+    image_index: int
+    seed: int
+    url: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_form(self, handler: SerializerFunctionWrapHandler) -> dict:
+        return _without_unused_form(handler(self))
+
+
+class ImageGenerationProgressEvent(BaseModel):
+    """Extension `image_generation.progress`: denoising steps done (with `stream_progress`)."""
+
+    type: Literal["image_generation.progress"] = "image_generation.progress"
+    created_at: int
+    step: int
+    total_steps: int
 
 
 class Model(BaseModel):

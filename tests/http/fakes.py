@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import numpy as np
 
-from deployments.jobs import GeneratedImages, GenerationJob
+from deployments.jobs import (
+    GeneratedImages,
+    GenerationEvent,
+    GenerationJob,
+    PartialImage,
+    StepProgress,
+)
 
 
 def pixels_for(seed: int, width: int, height: int) -> np.ndarray:
@@ -17,7 +24,9 @@ class FakeGenerator:
     """Records the jobs it receives; raises `fail_with` instead of generating when set.
 
     With `delay_s` it takes that long, and records in `cancelled` the jobs whose caller
-    stopped waiting (what a real replica's engine would stop generating).
+    stopped waiting (what a real replica's engine would stop generating). Streamed, it sends
+    progress after every step and previews where a real engine would, `delay_s` spread over
+    the steps.
     """
 
     def __init__(self) -> None:
@@ -37,3 +46,23 @@ class FakeGenerator:
             raise
         images = [pixels_for(seed, job.width, job.height) for seed in job.seeds]
         return GeneratedImages(images=images, seeds=job.seeds)
+
+    async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
+        self.jobs.append(job)
+        if self.fail_with is not None:
+            raise self.fail_with
+        steps = job.num_inference_steps
+        try:
+            for step in range(1, steps + 1):
+                await asyncio.sleep(self.delay_s / steps)
+                if step in job.preview_steps():
+                    index = job.preview_steps().index(step)
+                    for image_index, seed in enumerate(job.seeds):
+                        small = pixels_for(seed, job.width // 8, job.height // 8)
+                        yield PartialImage(image_index, index, small)
+                yield StepProgress(step=step, total_steps=steps)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled.append(job)
+            raise
+        images = [pixels_for(seed, job.width, job.height) for seed in job.seeds]
+        yield GeneratedImages(images=images, seeds=job.seeds)

@@ -1,0 +1,90 @@
+"""Application metrics, through Ray's metrics API.
+
+Ray exports them from every node on its Prometheus endpoint (the node's metrics export port),
+next to Serve's own request metrics, with the prefix `ray_`; Ray's Grafana dashboards read
+the same Prometheus. Generator replicas record what the model does; the ingress records the
+errors clients get. The generator's metrics carry the model id as their `model` tag.
+"""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+# Seconds of one pipeline call, from a tiny model on a CPU to a large one on a busy GPU.
+GENERATION_SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
+BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32]
+
+
+class GeneratorMetrics:
+    """Recorded by a generator replica's engine (see `EngineMetrics`)."""
+
+    def __init__(self, model_id: str) -> None:
+        tags = {"model": model_id}
+        self._images = Counter(
+            "image_generation_images",
+            description="Images generated.",
+            tag_keys=("model",),
+        )
+        self._seconds = Histogram(
+            "image_generation_seconds",
+            description="Seconds of each pipeline call (a batch): prompt encoding, denoising "
+            "and decoding.",
+            boundaries=GENERATION_SECONDS_BOUNDARIES,
+            tag_keys=("model",),
+        )
+        self._steps = Counter(
+            "image_generation_denoising_steps",
+            description="Denoising steps run (one step of a batch counts once).",
+            tag_keys=("model",),
+        )
+        self._steps_per_second = Gauge(
+            "image_generation_denoising_steps_per_second",
+            description="Denoising steps per second of the replica's latest batch.",
+            tag_keys=("model",),
+        )
+        self._batch_size = Histogram(
+            "image_generation_batch_size",
+            description="Images in each pipeline call.",
+            boundaries=BATCH_SIZE_BOUNDARIES,
+            tag_keys=("model",),
+        )
+        self._waiting = Gauge(
+            "image_generation_requests_waiting",
+            description="Requests on the replica waiting for their batch to start.",
+            tag_keys=("model",),
+        )
+        for metric in (
+            self._images,
+            self._seconds,
+            self._steps,
+            self._steps_per_second,
+            self._batch_size,
+            self._waiting,
+        ):
+            metric.set_default_tags(tags)
+        self._waiting.set(0)
+
+    def batch_finished(self, images: int, generate_s: float, steps: int, denoise_s: float) -> None:
+        self._images.inc(images)
+        self._seconds.observe(generate_s)
+        self._steps.inc(steps)
+        if denoise_s > 0:
+            self._steps_per_second.set(steps / denoise_s)
+        self._batch_size.observe(images)
+
+    def queue_changed(self, waiting_jobs: int) -> None:
+        self._waiting.set(waiting_jobs)
+
+
+class IngressMetrics:
+    """Recorded by the ingress: each error answer, by its OpenAI error type and code."""
+
+    def __init__(self) -> None:
+        self._errors = Counter(
+            "image_generation_errors",
+            description="Requests answered with an error, by error type and code.",
+            tag_keys=("type", "code"),
+        )
+
+    def error(self, error_type: str, code: str | None) -> None:
+        self._errors.inc(1, tags={"type": error_type, "code": code or "none"})
