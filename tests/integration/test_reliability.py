@@ -139,6 +139,30 @@ def test_client_disconnect_stops_its_generation_and_frees_its_slot(slow, step_s)
     assert answered_at - disconnected_at < 5
 
 
+def test_closing_a_stream_stops_its_generation(slow, step_s):
+    long_steps = steps_for(30, step_s)
+    before = wait_until_steady(slow)
+    body = {"prompt": "x", "stream": True, "stream_progress": True}
+    body["num_inference_steps"] = long_steps
+    progress = 0
+    with httpx.stream("POST", slow.url + GENERATIONS, json=body, timeout=30) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            progress += line == "event: image_generation.progress"
+            if progress == 3:
+                break  # leaving the block closes the connection
+    steps_at_close = slow.steps_run()
+    after = wait_until_steady(slow)
+    report(
+        "stream closed",
+        steps_before_close=steps_at_close - before,
+        steps_after_close=after - steps_at_close,
+        of_steps=long_steps,
+    )
+    assert steps_at_close - before > 0, "the generation had started"
+    assert after - steps_at_close <= 5
+
+
 def test_request_over_the_timeout_gets_504_and_its_generation_stops(slow, step_s):
     long_steps = steps_for(30, step_s)
     before = wait_until_steady(slow)

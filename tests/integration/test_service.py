@@ -64,6 +64,22 @@ def test_openai_client_url_form_links_to_the_image(client):
     assert fetched.content[:3] == b"\xff\xd8\xff"
 
 
+def test_openai_client_streams_previews_then_the_same_image(client):
+    request = {"model": "tiny-sd3", "prompt": "a lighthouse", "size": "64x32"}
+    extensions = {"seed": 11, "num_inference_steps": 6}
+    events = list(
+        client.images.generate(**request, stream=True, partial_images=2, extra_body=extensions)
+    )
+    assert [event.type for event in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    assert {decode_png(event.b64_json).shape for event in events} == {(32, 64, 3)}
+    plain = client.images.generate(**request, response_format="b64_json", extra_body=extensions)
+    assert events[-1].b64_json == plain.data[0].b64_json
+
+
 def test_same_seed_same_bytes_alone_and_under_concurrent_load(base_url):
     # No other request shares the target's step count, so batching never puts them in one
     # call: the target runs concurrently with 31 others, on the same threads, in its own batch.
