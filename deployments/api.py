@@ -20,6 +20,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
@@ -29,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.staticfiles import StaticFiles
 
 from deployments.auth import APIKeys, bearer_token
 from deployments.config import AppArgs
@@ -59,6 +61,8 @@ from deployments.storage import ImageStore
 from deployments.streaming import SSE_HEADERS, EventEncoder, first_event, sse_body, timings_of
 
 logger = logging.getLogger("ray.serve")
+
+PLAYGROUND_DIR = Path(__file__).parent / "playground"
 
 
 class ImageBackend(Protocol):
@@ -157,6 +161,17 @@ def create_api(
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    if args.playground:
+        # A page to try the service in a browser: static files, open like /health. It calls
+        # the API from the browser, with the key its user types when auth is on.
+        @app.get("/", include_in_schema=False)
+        async def playground() -> FileResponse:
+            return FileResponse(
+                PLAYGROUND_DIR / "index.html", headers={"cache-control": "no-cache"}
+            )
+
+        app.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR), name="playground")
 
     @app.get("/v1/models", dependencies=protected)
     async def list_models() -> ModelList:

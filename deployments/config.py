@@ -207,6 +207,11 @@ class AppArgs(_Strict):
     request_logs: RequestLogConfig = Field(
         default_factory=RequestLogConfig, description="Per-request log lines."
     )
+    playground: bool = Field(
+        default=True,
+        description="Serve the playground page at `/` (static files; the API calls it makes "
+        "still need a key when auth is on).",
+    )
     request_timeout_s: float = Field(
         default=110.0,
         gt=0,

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from deployments.api import create_api
+from deployments.config import AppArgs
 from deployments.errors import service_unavailable
 
 from .checks import assert_openai_error, decode
@@ -211,3 +212,19 @@ def test_openapi_schema_documents_the_request_body(client):
     body = schema["paths"]["/v1/images/generations"]["post"]["requestBody"]
     properties = body["content"]["application/json"]["schema"]["properties"]
     assert {"prompt", "n", "size", "seed", "num_inference_steps"} <= set(properties)
+
+
+def test_the_playground_page_and_its_files_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    for asset in ("playground/playground.js", "playground/playground.css"):
+        assert asset in page.text
+        assert client.get(f"/{asset}").status_code == 200
+
+
+def test_the_playground_can_be_turned_off(args, generator, store):
+    args = AppArgs.model_validate({**args.model_dump(), "playground": False})
+    client = TestClient(create_api(args, generator, store))
+    assert_openai_error(client.get("/"), 404)
+    assert_openai_error(client.get("/playground/playground.js"), 404)
