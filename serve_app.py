@@ -1,9 +1,10 @@
 """The Ray Serve application: `import_path: serve_app:build_app` in a Serve config.
 
 `build_app(args)` turns the config's `args:` (validated by `deployments.config.AppArgs`) into
-an application of two deployments: `ImageIngress` (HTTP, no model) in front of
-`ImageGenerator` (the model's replicas). `serve_app:app` is the same with default args: the
-embedded tiny model on the CPU, for `serve run serve_app:app`.
+an application: `ImageIngress` (HTTP, no model) in front of one `ImageGenerator:<model id>`
+deployment per model (that model's replicas, with the model's own deployment options).
+`serve_app:app` is the same with default args: the embedded tiny model on the CPU, for
+`serve run serve_app:app`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray.serve import Application
 
-from deployments.config import AppArgs
+from deployments.config import AppArgs, generator_deployment_name
 from deployments.generator import ImageGenerator
 from deployments.ingress import ImageIngress
 
@@ -47,12 +48,16 @@ def build_application(
     generator_options: Mapping[str, Any] | None = None,
     ingress_options: Mapping[str, Any] | None = None,
 ) -> Application:
-    """The application for validated args. The options override each deployment's options in
-    code, as a config's `deployments:` entries do (tests use them)."""
-    generator = ImageGenerator.options(**(generator_options or {})).bind(
-        args.model, args.worker_threads, args.batching
-    )
-    return ImageIngress.options(**(ingress_options or {})).bind(args, generator)
+    """The application for validated args. The options override every generator's and the
+    ingress's options in code, as a config's `deployments:` entries do (tests use them)."""
+    generators = {
+        model.id: ImageGenerator.options(
+            name=generator_deployment_name(model.id),
+            **{**model.deployment, **(generator_options or {})},
+        ).bind(model, args.worker_threads, args.batching)
+        for model in args.models
+    }
+    return ImageIngress.options(**(ingress_options or {})).bind(args, generators)
 
 
 app = build_app()

@@ -22,6 +22,7 @@ from bench import report
 from bench.bare import measure_bare, weights_bytes
 from bench.load import Workload, run_load
 from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
+from deployments.config import generator_deployment_name
 from deployments.pipelines import load_pipeline
 from serve_app import parse_args
 
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     bare: dict[str, dict] = {}
-    pipeline = load_pipeline(app_args.model)
+    # The default model is measured (the others, if any, sit idle on their own replicas).
+    model = app_args.model_by_id()[app_args.default_model_id]
+    pipeline = load_pipeline(model)
     weights = weights_bytes(pipeline)
     for name, workload in WORKLOADS.items():
         print(f"bare pipeline, {name} ({workload.size})...", flush=True)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         config_for_mode = with_overrides(config, port=free_port(), args=overrides)
         with ServeRun(config_for_mode) as server:
             _, startup_s = server.wait_for_first_image()
-            replica = server.replica_processes()
+            replica = server.replica_processes(generator_deployment_name(model.id))
             print(
                 f"{mode}: serving after {startup_s:.1f} s; replica pids {[p.pid for p in replica]}",
                 flush=True,
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "date": datetime.date.today().isoformat(),
         "config": os.path.relpath(options.config, REPO),
-        "model": app_args.model.source,
+        "model": model.source,
         "machine": report.machine(),
         "duration_s": options.duration,
         "concurrencies": options.concurrency,

@@ -109,7 +109,7 @@ class ServeRun:
             time.sleep(0.25)
         raise TimeoutError(f"no image from {self.base_url} in {timeout_s}s; last: {last}")
 
-    def replica_processes(self, deployment: str = "ImageGenerator") -> list[psutil.Process]:
+    def replica_processes(self, deployment: str) -> list[psutil.Process]:
         """This application's replica processes of a deployment (`ServeReplica:app:name`).
 
         Only descendants of this `serve run` count, so another Ray on the machine can't skew

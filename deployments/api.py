@@ -1,11 +1,13 @@
 """The OpenAI-compatible HTTP API, as a FastAPI app that knows nothing of Ray.
 
-`create_api` builds the app around an `ImageBackend`, the thing that turns a
-`GenerationJob` into pixels. On Ray Serve the backend is the generator deployment's handle
-(see `deployments/ingress.py`); tests pass a fake one and call the app in-process.
+`create_api` builds the app around one `ImageBackend` per model, the thing that turns a
+`GenerationJob` into pixels. On Ray Serve each backend is a generator deployment's handle
+(see `deployments/ingress.py`); tests pass fake ones and call the app in-process.
 
-The handlers validate, route by `model`, hand the job over, then encode and store the
-images here, on the ingress, so generator replicas spend their time on the model alone.
+The handlers validate (against the chosen model's rules and what its pipeline takes), route
+by `model`, hand the job over, then encode and store the images here, on the ingress, so
+generator replicas spend their time on the model alone. Generations take JSON; edits take
+OpenAI's multipart form with the image (and mask) files (see `deployments/uploads.py`).
 With `stream: true` the answer is server-sent events (see `deployments/streaming.py`). Each
 generation request gets one log line (`deployments/request_log.py`); each error answer is
 counted by the optional `ErrorMetrics`.
@@ -19,21 +21,23 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
 from deployments.auth import APIKeys, bearer_token
-from deployments.config import AppArgs
+from deployments.config import AppArgs, ModelConfig
 from deployments.errors import (
     APIError,
     body_too_large,
@@ -45,11 +49,18 @@ from deployments.errors import (
     timed_out,
     unauthorized,
 )
-from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob
+from deployments.jobs import (
+    GeneratedImages,
+    GenerationEvent,
+    GenerationJob,
+    ModelCapabilities,
+)
 from deployments.output import IMAGE_FILES_PATH, ImagePackager
 from deployments.protocol import (
     MAX_SEED,
+    ImageEditRequest,
     ImageGenerationRequest,
+    ImageRequest,
     ImagesResponse,
     Model,
     ModelList,
@@ -59,6 +70,13 @@ from deployments.request_log import RequestLog
 from deployments.sizes import parse_size
 from deployments.storage import ImageStore
 from deployments.streaming import SSE_HEADERS, EventEncoder, first_event, sse_body, timings_of
+from deployments.uploads import (
+    UploadError,
+    decode_image,
+    fit_size,
+    image_pixels,
+    mask_pixels,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,6 +87,10 @@ class ImageBackend(Protocol):
     """Generates the images of a job. Raises `APIError` for failures the client should see."""
 
     async def generate(self, job: GenerationJob) -> GeneratedImages: ...
+
+    async def capabilities(self) -> ModelCapabilities:
+        """What the model's pipeline can do (the same for the backend's whole life)."""
+        ...
 
     def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
         """Progress and previews as the job runs, then its `GeneratedImages`; closing the
@@ -89,16 +111,44 @@ def request_id_of(request: Request) -> str:
 
 def create_api(
     args: AppArgs,
-    backend: ImageBackend,
+    backends: Mapping[str, ImageBackend],
     store: ImageStore | None = None,
     metrics: ErrorMetrics | None = None,
 ) -> FastAPI:
-    model_config = args.model
-    context = ValidationContext(limits=args.limits, model=model_config)
+    """The app, with `backends` holding one backend per model id of `args.models`."""
+    models = args.model_by_id()
+    if set(backends) != set(models):
+        raise ValueError(f"backends for {sorted(backends)}, models {sorted(models)}")
     store = store or ImageStore(args.storage.resolved_directory(), args.storage.ttl_s)
     started = int(time.time())
-    model_card = Model(id=model_config.id, created=started, owned_by=model_config.owned_by)
+    model_cards = {
+        model.id: Model(id=model.id, created=started, owned_by=model.owned_by)
+        for model in args.models
+    }
     api_keys = APIKeys(args.auth)
+
+    def model_for(requested: object) -> ModelConfig:
+        """The model a request names, or the default one; 404 for an unknown name. (A name
+        that is not a string is left to the request's validation, against the default.)"""
+        if requested is None or not isinstance(requested, str):
+            return models[args.default_model_id]
+        if requested not in models:
+            raise model_not_found(requested)
+        return models[requested]
+
+    def validate(schema: type[ImageRequest], fields: object, model: ModelConfig) -> ImageRequest:
+        context = ValidationContext(limits=args.limits, model=model)
+        try:
+            params = schema.model_validate(fields, context=context)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        if (option := params.streaming_option_without_stream()) is not None:
+            raise invalid_request(
+                f"Invalid value for '{option}': it needs 'stream': true.",
+                param=option,
+                code="invalid_value",
+            )
+        return params
 
     async def authenticate(request: Request) -> None:
         """Routes that cost money or reveal the service take a key when auth is on."""
@@ -175,13 +225,74 @@ def create_api(
 
     @app.get("/v1/models", dependencies=protected)
     async def list_models() -> ModelList:
-        return ModelList(data=[model_card])
+        return ModelList(data=list(model_cards.values()))
 
     @app.get("/v1/models/{model_id:path}", dependencies=protected)
     async def get_model(model_id: str) -> Model:
-        if model_id != model_config.id:
+        if model_id not in model_cards:
             raise model_not_found(model_id)
-        return model_card
+        return model_cards[model_id]
+
+    async def answer(
+        request: Request,
+        params: ImageRequest,
+        job: GenerationJob,
+        backend: ImageBackend,
+        log: RequestLog,
+        event_prefix: str,
+    ) -> Response:
+        """Run a validated job and answer with its images (or their event stream)."""
+        packager = ImagePackager(
+            params, store, args.storage.public_base_url or str(request.base_url)
+        )
+        deadline = asyncio.get_running_loop().time() + args.request_timeout_s
+        if params.stream:
+            events = backend.stream(job)
+            first = await first_event(events, deadline, args.request_timeout_s)
+            frames = sse_body(
+                first,
+                events,
+                EventEncoder(params, job, packager, event_prefix),
+                deadline,
+                args.request_timeout_s,
+                log,
+                report_error,
+            )
+            return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            # On timeout the await is cancelled; the backend passes that on to the replica,
+            # where a waiting job leaves its batch and a running one stops at its next step.
+            async with asyncio.timeout_at(deadline):
+                generated = await backend.generate(job)
+        except TimeoutError:
+            raise timed_out(args.request_timeout_s) from None
+        encode_started = time.perf_counter()
+        images = await run_in_threadpool(packager.images, generated.images, generated.seeds)
+        log.add(**timings_of(generated), encode_s=time.perf_counter() - encode_started)
+        log.finish(200)
+        return JSONResponse(
+            ImagesResponse(
+                created=int(time.time()),
+                data=images,
+                output_format=params.output_format,
+                size=f"{job.width}x{job.height}",
+            ).model_dump()
+        )
+
+    async def logged(request: Request, endpoint: str, handle) -> Response:
+        """Run `handle(log)`, writing the request's one log line however it ends."""
+        log = RequestLog(request_id_of(request), endpoint)
+        try:
+            return await handle(log)
+        except APIError as error:
+            log.finish(error.status_code, error.code)
+            raise
+        except asyncio.CancelledError:
+            log.finish(499, "client_closed_request")
+            raise
+        except Exception:
+            log.finish(500, "internal_error")
+            raise
 
     @app.post(
         "/v1/images/generations",
@@ -200,72 +311,66 @@ def create_api(
         },
     )
     async def generate_images(request: Request) -> Response:
-        request_id = request_id_of(request)
-        log = RequestLog(request_id, "generations")
-        try:
+        async def handle(log: RequestLog) -> Response:
             body = await _json_body(request, args.limits.max_body_bytes)
+            model = model_for(body.get("model") if isinstance(body, dict) else None)
+            params = validate(ImageGenerationRequest, body, model)
+            backend = backends[model.id]
+            check_supported(params, await backend.capabilities(), model, "text-to-image")
+            job = _job_for(params, model, args, request_id_of(request))
+            log.add(**_logged_parameters(params, job, model.id, args))
+            return await answer(request, params, job, backend, log, "image_generation")
+
+        return await logged(request, "generations", handle)
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        dependencies=protected,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"multipart/form-data": {"schema": _edit_form_schema()}},
+            },
+            "responses": {
+                "200": {"content": {"text/event-stream": {"description": "With `stream`."}}}
+            },
+        },
+    )
+    async def edit_images(request: Request) -> Response:
+        async def handle(log: RequestLog) -> Response:
+            form = await _form_body(request, args.limits.max_upload_bytes)
             try:
-                params = ImageGenerationRequest.model_validate(body, context=context)
-            except ValidationError as exc:
-                raise from_validation_error(exc) from None
-            if params.model is not None and params.model != model_config.id:
-                raise model_not_found(params.model)
-            if (option := params.streaming_option_without_stream()) is not None:
+                fields, image_file, mask_file = await _edit_form_parts(form)
+            finally:
+                await form.close()
+            model = model_for(fields.get("model"))
+            params = validate(ImageEditRequest, fields, model)
+            task = "image-to-image" if mask_file is None else "inpaint"
+            backend = backends[model.id]
+            check_supported(params, await backend.capabilities(), model, task)
+            try:
+                image, mask, (width, height) = await run_in_threadpool(
+                    _edit_inputs, image_file, mask_file, params, model, args
+                )
+            except UploadError as error:
                 raise invalid_request(
-                    f"Invalid value for '{option}': it needs 'stream': true.",
-                    param=option,
-                    code="invalid_value",
-                )
-            job = _job_for(params, args, request_id)
-            log.add(**_logged_parameters(params, job, model_config.id, args))
-            packager = ImagePackager(
-                params, store, args.storage.public_base_url or str(request.base_url)
+                    error.message, param=error.param, code="invalid_image"
+                ) from None
+            job = _job_for(
+                params,
+                model,
+                args,
+                request_id_of(request),
+                size=(width, height),
+                image=image,
+                mask=mask,
+                strength=params.strength or model.default_strength,
             )
-            deadline = asyncio.get_running_loop().time() + args.request_timeout_s
-            if params.stream:
-                events = backend.stream(job)
-                first = await first_event(events, deadline, args.request_timeout_s)
-                frames = sse_body(
-                    first,
-                    events,
-                    EventEncoder(params, job, packager),
-                    deadline,
-                    args.request_timeout_s,
-                    log,
-                    report_error,
-                )
-                return StreamingResponse(
-                    frames, media_type="text/event-stream", headers=SSE_HEADERS
-                )
-            try:
-                # On timeout the await is cancelled; the backend passes that on to the
-                # replica, where a waiting job leaves its batch and a running one stops at
-                # its next step.
-                async with asyncio.timeout_at(deadline):
-                    generated = await backend.generate(job)
-            except TimeoutError:
-                raise timed_out(args.request_timeout_s) from None
-            encode_started = time.perf_counter()
-            images = await run_in_threadpool(packager.images, generated.images, generated.seeds)
-            log.add(**timings_of(generated), encode_s=time.perf_counter() - encode_started)
-            log.finish(200)
-            return JSONResponse(
-                ImagesResponse(
-                    created=int(time.time()),
-                    data=images,
-                    output_format=params.output_format,
-                    size=f"{job.width}x{job.height}",
-                ).model_dump()
-            )
-        except APIError as error:
-            log.finish(error.status_code, error.code)
-            raise
-        except asyncio.CancelledError:
-            log.finish(499, "client_closed_request")
-            raise
-        except Exception:
-            log.finish(500, "internal_error")
-            raise
+            log.add(**_logged_parameters(params, job, model.id, args))
+            return await answer(request, params, job, backend, log, "image_edit")
+
+        return await logged(request, "edits", handle)
 
     # Image files take no key: their 256-bit random names are the capability, like OpenAI's
     # signed URLs, so that a returned `url` works in an <img> tag or a browser.
@@ -288,10 +393,42 @@ def create_api(
     return app
 
 
-def _job_for(params: ImageGenerationRequest, args: AppArgs, request_id: str) -> GenerationJob:
+def check_supported(
+    params: ImageRequest, capabilities: ModelCapabilities, model: ModelConfig, task: str
+) -> None:
+    """400 naming the parameter if the model's pipeline cannot do what the request asks (a
+    parameter it would silently ignore, or a task its family has no pipeline for)."""
+    pipeline = capabilities.pipeline_class
+    if task not in capabilities.tasks:
+        what = "inpaint (no mask is supported)" if task == "inpaint" else "edit images"
+        raise invalid_request(
+            f"The model '{model.id}' ({pipeline}) cannot {what}.",
+            param="mask" if task == "inpaint" else "image",
+            code="unsupported_parameter",
+        )
+    takes = capabilities.tasks[task]
+    for name in ("negative_prompt", "guidance_scale", "strength"):
+        if getattr(params, name, None) is not None and name not in takes:
+            raise invalid_request(
+                f"The model '{model.id}' ({pipeline}) does not take '{name}'.",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
+def _job_for(
+    params: ImageRequest,
+    model: ModelConfig,
+    args: AppArgs,
+    request_id: str,
+    *,
+    size: tuple[int, int] | None = None,
+    image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    strength: float | None = None,
+) -> GenerationJob:
     """The generator's job for a validated request, with the model's defaults filled in."""
-    model = args.model
-    width, height = parse_size(
+    width, height = size or parse_size(
         params.size,
         default=model.default_size,
         multiple=model.size_multiple,
@@ -312,11 +449,121 @@ def _job_for(params: ImageGenerationRequest, args: AppArgs, request_id: str) -> 
         seeds=tuple((first_seed + i) % (MAX_SEED + 1) for i in range(params.n)),
         request_id=request_id,
         partial_images=params.partial_images,
+        image=image,
+        mask=mask,
+        strength=strength,
     )
 
 
+# The edit form's file fields: OpenAI's clients send `image` (one file) or `image[]` (several).
+_IMAGE_FIELDS = ("image", "image[]")
+_MASK_FIELD = "mask"
+
+
+async def _edit_form_parts(form: FormData) -> tuple[dict[str, object], bytes, bytes | None]:
+    """The form's text fields, and the contents of its one image and its optional mask."""
+    fields: dict[str, object] = {}
+    images: list[UploadFile] = []
+    masks: list[UploadFile] = []
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if name in _IMAGE_FIELDS:
+                images.append(value)
+            elif name == _MASK_FIELD:
+                masks.append(value)
+            else:
+                raise invalid_request(
+                    f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter"
+                )
+        elif name in _IMAGE_FIELDS or name == _MASK_FIELD:
+            raise invalid_request(
+                f"Invalid value for '{name}': it must be a file.", param=name, code="invalid_value"
+            )
+        elif name in fields:
+            raise invalid_request(
+                f"Invalid value for '{name}': it is given twice.", param=name, code="invalid_value"
+            )
+        else:
+            fields[name] = _form_value(value)
+    if not images:
+        raise invalid_request(
+            "Missing required parameter: 'image'.", param="image", code="missing_required_parameter"
+        )
+    if len(images) > 1:
+        raise invalid_request(
+            "Invalid value for 'image': these models edit one image at a time.",
+            param="image",
+            code="invalid_value",
+        )
+    if len(masks) > 1:
+        raise invalid_request(
+            "Invalid value for 'mask': give one mask.", param="mask", code="invalid_value"
+        )
+    mask = await masks[0].read() if masks else None
+    return fields, await images[0].read(), mask
+
+
+def _form_value(value: str) -> object:
+    # Form fields are text; the flags are JSON-like `true`/`false`, and everything else is
+    # left to the schema's usual coercion (`"2"` is a valid `n`).
+    return {"true": True, "false": False}.get(value, value)
+
+
+def _edit_inputs(
+    image_file: bytes,
+    mask_file: bytes | None,
+    params: ImageRequest,
+    model: ModelConfig,
+    args: AppArgs,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """Decode the uploads and scale them to the output size (in a worker thread)."""
+    limits = args.limits
+    image = decode_image(image_file, "image", limits.max_input_pixels)
+    mask = None
+    if mask_file is not None:
+        mask = decode_image(mask_file, "mask", limits.max_input_pixels)
+        if mask.size != image.size:
+            raise UploadError(
+                "mask",
+                f"The mask is {mask.size[0]}x{mask.size[1]}; it must be the image's size, "
+                f"{image.size[0]}x{image.size[1]}.",
+            )
+    if params.size == "auto":
+        width, height = fit_size(*image.size, model.size_multiple, limits.max_pixels)
+    else:
+        width, height = parse_size(
+            params.size,
+            default=model.default_size,
+            multiple=model.size_multiple,
+            max_pixels=limits.max_pixels,
+        )
+    pixels = image_pixels(image, width, height)
+    redraw = mask_pixels(mask, width, height) if mask is not None else None
+    return pixels, redraw, (width, height)
+
+
+def _edit_form_schema() -> dict[str, Any]:
+    """The edit form for the OpenAPI schema: the files, then the fields of `ImageEditRequest`."""
+    schema = ImageEditRequest.model_json_schema()
+    file = {"type": "string", "format": "binary"}
+    schema["properties"] = {
+        "image": {
+            **file,
+            "description": "The image to edit (or several as `image[]`; one is accepted).",
+        },
+        "mask": {
+            **file,
+            "description": "Where to redraw: transparent (alpha 0) or, without "
+            "alpha, white. The image's size.",
+        },
+        **schema["properties"],
+    }
+    schema["required"] = ["image", *schema.get("required", [])]
+    return schema
+
+
 def _logged_parameters(
-    params: ImageGenerationRequest, job: GenerationJob, model_id: str, args: AppArgs
+    params: ImageRequest, job: GenerationJob, model_id: str, args: AppArgs
 ) -> dict[str, object]:
     """What a request's log line says of what it asked for (the prompt only if configured)."""
     fields: dict[str, object] = {
@@ -332,6 +579,8 @@ def _logged_parameters(
         "output_format": params.output_format,
         "stream": params.stream,
         "partial_images": params.partial_images,
+        "task": job.task,
+        "strength": job.strength,
         "prompt_chars": len(job.prompt),
     }
     if args.request_logs.include_prompts:
@@ -340,8 +589,8 @@ def _logged_parameters(
     return fields
 
 
-async def _json_body(request: Request, max_bytes: int) -> Any:
-    """The parsed JSON body, read no further than `max_bytes` whatever it claims to be."""
+async def _bounded_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, read no further than `max_bytes` whatever it claims to be."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise body_too_large(max_bytes)
@@ -352,7 +601,32 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
         if received > max_bytes:
             raise body_too_large(max_bytes)
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def _form_body(request: Request, max_bytes: int) -> FormData:
+    """The parsed multipart form, from a body read no further than `max_bytes`."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise invalid_request(
+            "Send the edit as 'multipart/form-data' with the image as a file field.",
+            code="invalid_body",
+        )
+    raw = await _bounded_body(request, max_bytes)
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    try:
+        return await Request(request.scope, replay).form(max_part_size=max_bytes)
+    except Exception:  # starlette's MultiPartException, or a malformed body
+        raise invalid_request(
+            "We could not parse the multipart form of your request.", code="invalid_body"
+        ) from None
+
+
+async def _json_body(request: Request, max_bytes: int) -> Any:
+    """The parsed JSON body, read no further than `max_bytes` whatever it claims to be."""
+    raw = await _bounded_body(request, max_bytes)
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError among them

@@ -2,9 +2,10 @@
 
 On an accelerator, threads running separate pipeline calls mostly take turns; one call over a
 batch of images uses the device better where a single image does not fill it. Jobs are
-compatible when everything the call shares is equal: size, steps, guidance scale, and whether
-a negative prompt is given (`None` and `""` differ for some pipelines). Prompts, negative
-prompts and seeds stay per image.
+compatible when everything the call shares is equal: size, steps, guidance scale, whether
+a negative prompt is given (`None` and `""` differ for some pipelines), and for edits the
+task (image-to-image or inpainting) and strength. Prompts, negative prompts, seeds and input
+images stay per image.
 
 When a batch starts:
 - never before a worker thread is free; until then, waiting batches keep absorbing compatible
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from deployments.jobs import GeneratedImages, GenerationJob
+from deployments.jobs import GeneratedImages, GenerationJob, Task
 
 RunBatch = Callable[[list[GenerationJob], threading.Event], list[GeneratedImages]]
 
@@ -43,6 +44,9 @@ class BatchKey:
     num_inference_steps: int
     guidance_scale: float
     has_negative_prompt: bool
+    # Edits run on another pipeline class, and their strength sets how many steps run.
+    task: Task = "text-to-image"
+    strength: float | None = None
 
 
 def batch_key(job: GenerationJob) -> BatchKey:
@@ -52,6 +56,8 @@ def batch_key(job: GenerationJob) -> BatchKey:
         num_inference_steps=job.num_inference_steps,
         guidance_scale=job.guidance_scale,
         has_negative_prompt=job.negative_prompt is not None,
+        task=job.task,
+        strength=job.strength,
     )
 
 

@@ -9,10 +9,13 @@ the config's `deployments:` list, where Ray validates them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import diffusers
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.serve.schema import DeploymentSchema
 
 from deployments.embedded_model import default_cache_dir
 
@@ -22,7 +25,8 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """The model a generator replica loads, and the defaults of its requests."""
+    """A model the service serves: what its generator replicas load, the defaults of its
+    requests, and the Ray Serve options of its own generator deployment."""
 
     id: str = Field(
         default="tiny-sd3",
@@ -35,8 +39,15 @@ class ModelConfig(_Strict):
         description=(
             "Where the weights come from: a Hugging Face hub id "
             "(`stabilityai/stable-diffusion-3.5-medium`), a local directory written by "
-            "`save_pretrained`, or `embedded:tiny-sd3` for the built-in tiny model."
+            "`save_pretrained`, or `embedded:tiny-sd3`, `embedded:tiny-sdxl`, "
+            "`embedded:tiny-flux` for the built-in tiny models."
         ),
+    )
+    pipeline_class: str | None = Field(
+        default=None,
+        description="The diffusers text-to-image pipeline class to load it with "
+        "(`StableDiffusionXLPipeline`, `FluxPipeline`, ...). By default the class named in "
+        "the checkpoint's `model_index.json`, as diffusers' `DiffusionPipeline` chooses it.",
     )
     revision: str | None = Field(
         default=None, description="Hub revision (branch, tag or commit) to load; hub ids only."
@@ -68,6 +79,39 @@ class ModelConfig(_Strict):
     default_guidance_scale: float = Field(
         default=7.0, ge=0, description="Classifier-free guidance scale when not given."
     )
+    default_strength: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="For edits: how much of the input image is redrawn when not given.",
+    )
+    deployment: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray Serve options of this model's generator deployment, as in a config's "
+        "`deployments:` entry (`num_replicas` or `autoscaling_config`, `ray_actor_options` "
+        "with `num_gpus`, `max_ongoing_requests`, `max_queued_requests`, ...). Unset options "
+        "keep the defaults of `deployments/generator.py`.",
+    )
+
+    @field_validator("pipeline_class")
+    @classmethod
+    def _known_pipeline_class(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        found = getattr(diffusers, value, None)
+        if not (isinstance(found, type) and issubclass(found, diffusers.DiffusionPipeline)):
+            raise ValueError(f"diffusers has no pipeline class named {value!r}")
+        return value
+
+    @field_validator("deployment")
+    @classmethod
+    def _valid_deployment_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        known = set(DeploymentSchema.model_fields) - {"name"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown deployment option(s): {', '.join(unknown)}")
+        DeploymentSchema.model_validate({"name": "generator", **value})  # Ray's own checks
+        return value
 
 
 class RequestLimits(_Strict):
@@ -89,7 +133,19 @@ class RequestLimits(_Strict):
     max_body_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,
-        description="Largest request body, in bytes; a larger one gets 413 before it is read.",
+        description="Largest JSON request body, in bytes; a larger one gets 413 before it is read.",
+    )
+    max_upload_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest `POST /v1/images/edits` body (its images and fields), in bytes; "
+        "a larger one gets 413.",
+    )
+    max_input_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="Largest width x height of an uploaded image or mask (it is scaled to the "
+        "output size, at most `max_pixels`).",
     )
 
 
@@ -192,7 +248,17 @@ class BatchingConfig(_Strict):
 class AppArgs(_Strict):
     """`args:` of `import_path: serve_app:build_app`."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to serve.")
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig()],
+        min_length=1,
+        description="The models to serve, each on its own generator deployment (so each "
+        "scales on its own); requests choose one by `model`.",
+    )
+    default_model: str | None = Field(
+        default=None,
+        description="The `id` of the model for requests that name none; the first model "
+        "when unset.",
+    )
     limits: RequestLimits = Field(
         default_factory=RequestLimits, description="Bounds on request parameters."
     )
@@ -200,7 +266,8 @@ class AppArgs(_Strict):
         default_factory=StorageConfig, description="Storage of `url` images."
     )
     batching: BatchingConfig = Field(
-        default_factory=BatchingConfig, description="Batching of compatible requests."
+        default_factory=BatchingConfig,
+        description="Batching of compatible requests (on every model's replicas).",
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off by default).")
     cors: CORSConfig = Field(default_factory=CORSConfig, description="CORS (off by default).")
@@ -227,28 +294,54 @@ class AppArgs(_Strict):
         "its own thread. Requests beyond these wait inside the replica.",
     )
 
+    @property
+    def default_model_id(self) -> str:
+        return self.default_model or self.models[0].id
+
+    def model_by_id(self) -> dict[str, ModelConfig]:
+        return {model.id: model for model in self.models}
+
     @model_validator(mode="after")
-    def _defaults_within_limits(self) -> AppArgs:
-        if self.model.default_steps > self.limits.max_steps:
+    def _models_fit_the_service(self) -> AppArgs:
+        ids = [model.id for model in self.models]
+        if len({generator_deployment_name(model_id) for model_id in ids}) != len(ids):
+            raise ValueError(f"models: two models have the same id ({', '.join(ids)})")
+        if self.default_model is not None and self.default_model not in ids:
+            raise ValueError(f"default_model {self.default_model!r} is not one of the models")
+        for model in self.models:
+            self._check_defaults(model)
+        return self
+
+    def _check_defaults(self, model: ModelConfig) -> None:
+        name = f"model {model.id!r}"
+        if model.default_steps > self.limits.max_steps:
             raise ValueError(
-                f"model.default_steps ({self.model.default_steps}) exceeds limits.max_steps "
+                f"{name}: default_steps ({model.default_steps}) exceeds limits.max_steps "
                 f"({self.limits.max_steps})"
             )
-        if self.model.default_guidance_scale > self.limits.max_guidance_scale:
+        if model.default_guidance_scale > self.limits.max_guidance_scale:
             raise ValueError(
-                f"model.default_guidance_scale ({self.model.default_guidance_scale}) exceeds "
+                f"{name}: default_guidance_scale ({model.default_guidance_scale}) exceeds "
                 f"limits.max_guidance_scale ({self.limits.max_guidance_scale})"
             )
-        width, height = (int(side) for side in self.model.default_size.split("x"))
-        multiple = self.model.size_multiple
+        width, height = (int(side) for side in model.default_size.split("x"))
+        multiple = model.size_multiple
         if width % multiple or height % multiple:
             raise ValueError(
-                f"model.default_size {self.model.default_size} is not a multiple of "
-                f"model.size_multiple ({multiple})"
+                f"{name}: default_size {model.default_size} is not a multiple of "
+                f"size_multiple ({multiple})"
             )
         if width * height > self.limits.max_pixels:
             raise ValueError(
-                f"model.default_size {self.model.default_size} exceeds limits.max_pixels "
+                f"{name}: default_size {model.default_size} exceeds limits.max_pixels "
                 f"({self.limits.max_pixels})"
             )
-        return self
+
+
+GENERATOR_DEPLOYMENT = "ImageGenerator"
+
+
+def generator_deployment_name(model_id: str) -> str:
+    """The name of a model's generator deployment: `ImageGenerator:<id>`, with any character
+    of the id outside letters, digits, `-`, `_` and `.` as `_`."""
+    return f"{GENERATOR_DEPLOYMENT}:{re.sub(r'[^A-Za-z0-9_.-]', '_', model_id)}"

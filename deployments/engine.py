@@ -17,6 +17,7 @@ and the metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
@@ -34,10 +36,12 @@ from deployments.jobs import (
     GeneratedImages,
     GenerationEvent,
     GenerationJob,
+    ModelCapabilities,
     PartialImage,
     StepProgress,
+    preview_steps,
 )
-from deployments.pipelines import RequestPipelines
+from deployments.pipelines import RequestPipelines, call_parameters
 from deployments.previews import fit_previewer
 
 logger = logging.getLogger("ray.serve")
@@ -114,6 +118,9 @@ class ImageEngine:
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
 
+    def capabilities(self) -> ModelCapabilities:
+        return self._pipelines.capabilities()
+
     def check_health(self) -> None:
         """Raise if the replica can no longer generate, so that Serve replaces it."""
         if self._broken is not None:
@@ -177,21 +184,30 @@ class ImageEngine:
         # One generator per image, on the CPU: each image's noise depends only on its own seed
         # (not on its batch neighbours), and a seed gives the same noise on any device.
         generators = [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.seeds]
-        reporter = _StepReporter(jobs, [t.sink if t else None for t in tracked], self._previewer)
+        view = self._pipelines.view(first.task)
+        reporter = _StepReporter(
+            jobs,
+            [t.sink if t else None for t in tracked],
+            self._previewer,
+            spatial=functools.partial(_spatial_latents, view, first.width, first.height),
+        )
         denoise_started = started
         last_step_end = started
+        steps_done = 0
 
-        def on_step_end(_pipeline, step, _timestep, callback_kwargs):
-            nonlocal last_step_end
+        def on_step_end(pipeline, step, _timestep, callback_kwargs):
+            nonlocal last_step_end, steps_done
             last_step_end = time.perf_counter()
+            steps_done = step + 1
             with self._steps_lock:
                 self.steps_run += 1
             if cancelled.is_set():
                 raise GenerationCancelled()
-            reporter.step_done(step + 1, callback_kwargs["latents"])
+            # Edits run fewer steps than asked (num_inference_steps x strength).
+            total = getattr(pipeline, "_num_timesteps", None) or first.num_inference_steps
+            reporter.step_done(step + 1, total, callback_kwargs["latents"])
             return callback_kwargs
 
-        view = self._pipelines.view()
         text_encode_s = 0.0
         encode_prompt = view.encode_prompt
 
@@ -205,18 +221,29 @@ class ImageEngine:
                 text_encode_s += denoise_started - encode_started
 
         view.encode_prompt = timed_encode_prompt
+        arguments = {
+            "prompt": prompts,
+            "negative_prompt": negative_prompts,
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": first.num_inference_steps,
+            "guidance_scale": first.guidance_scale,
+            "generator": generators,
+            "output_type": "np",
+            "callback_on_step_end": on_step_end,
+        }
+        if first.image is not None:  # an edit: each image of each job starts from its input
+            arguments["image"] = [_pil(job.image) for job in jobs for _ in job.seeds]
+            arguments["strength"] = first.strength
+        if first.mask is not None:
+            arguments["mask_image"] = [_pil(job.mask) for job in jobs for _ in job.seeds]
+        # The ingress rejected what a client asked for that this pipeline does not take; what
+        # is left out here are the service's own defaults (say, `width` for a pipeline that
+        # takes its size from the input image).
+        takes = call_parameters(type(view))
+        arguments = {name: value for name, value in arguments.items() if name in takes}
         try:
-            output = view(
-                prompt=prompts,
-                negative_prompt=negative_prompts,
-                width=first.width,
-                height=first.height,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                output_type="np",
-                callback_on_step_end=on_step_end,
-            )
+            output = view(**arguments)
         except GenerationCancelled:
             raise
         except Exception as error:
@@ -231,7 +258,7 @@ class ImageEngine:
             self._metrics.batch_finished(
                 images=len(pixels),
                 generate_s=elapsed,
-                steps=first.num_inference_steps,
+                steps=steps_done,
                 denoise_s=denoise_s,
             )
         results = []
@@ -256,7 +283,8 @@ class ImageEngine:
 class _StepReporter:
     """Sends each streamed job of a batch its progress and, at its preview steps, previews.
 
-    Runs in the worker thread, inside the pipeline's step callback.
+    Runs in the worker thread, inside the pipeline's step callback. `spatial` turns the
+    pipeline's latents into (B, C, h, w), whatever the family's layout.
     """
 
     def __init__(
@@ -264,33 +292,48 @@ class _StepReporter:
         jobs: list[GenerationJob],
         sinks: list[EventSink | None],
         previewer,
+        spatial: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
         self._streamed = []
         offset = 0
         for job, sink in zip(jobs, sinks, strict=True):
             if sink is not None:
-                previews = job.preview_steps() if previewer is not None else ()
-                self._streamed.append((job, sink, offset, previews))
+                self._streamed.append((job, sink, offset))
             offset += job.num_images
         self._previewer = previewer
+        self._spatial = spatial
         self._last_progress = 0.0
 
-    def step_done(self, step: int, latents: torch.Tensor) -> None:
+    def step_done(self, step: int, total: int, latents: torch.Tensor) -> None:
         if not self._streamed:
             return
         now = time.monotonic()
-        total = self._streamed[0][0].num_inference_steps
         send_progress = step == total or now - self._last_progress >= PROGRESS_INTERVAL_S
         if send_progress:
             self._last_progress = now
-        for job, sink, offset, preview_steps in self._streamed:
-            if step in preview_steps:
-                index = preview_steps.index(step)
-                previews = self._previewer.to_rgb(latents[offset : offset + job.num_images])
-                for image_index, pixels in enumerate(previews):
+        for job, sink, offset in self._streamed:
+            steps = preview_steps(job.partial_images, total) if self._previewer else ()
+            if step in steps:
+                index = steps.index(step)
+                own = self._spatial(latents[offset : offset + job.num_images])
+                for image_index, pixels in enumerate(self._previewer.to_rgb(own)):
                     sink(PartialImage(image_index, index, pixels))
             if send_progress:
                 sink(StepProgress(step=step, total_steps=total))
+
+
+def _spatial_latents(
+    pipeline: DiffusionPipeline, width: int, height: int, latents: torch.Tensor
+) -> torch.Tensor:
+    """Latents as (B, C, h, w). FLUX-style pipelines denoise 2x2 patches packed into a
+    sequence, (B, h/2 * w/2, 4C), and say how to unpack them."""
+    if latents.ndim == 3 and hasattr(pipeline, "_unpack_latents"):
+        return pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+    return latents
+
+
+def _pil(pixels: np.ndarray) -> PIL.Image.Image:
+    return PIL.Image.fromarray(pixels)
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:

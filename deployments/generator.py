@@ -2,9 +2,11 @@
 
 It does the model's work only: it receives `GenerationJob`s from the ingress, runs them on
 per-request pipeline views in its worker threads (see `deployments/engine.py`) and returns
-raw pixels. Resources (`num_gpus`), replica counts and queue limits come from the Serve
-config's `deployments:` entry named `ImageGenerator`; the defaults below suit image work,
-where one request holds the device for seconds (Serve's own defaults assume milliseconds).
+raw pixels. Each served model has its own deployment of this class, named
+`ImageGenerator:<model id>`, so each scales on its own. Resources (`num_gpus`), replica counts
+and queue limits come from the model's `deployment:` options in `args`; the defaults below
+suit image work, where one request holds the device for seconds (Serve's own defaults assume
+milliseconds).
 """
 
 from __future__ import annotations
@@ -16,13 +18,11 @@ import ray
 import torch
 from ray import serve
 
-from deployments.config import BatchingConfig, ModelConfig
+from deployments.config import GENERATOR_DEPLOYMENT, BatchingConfig, ModelConfig
 from deployments.engine import ImageEngine
-from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob
+from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
 from deployments.metrics import GeneratorMetrics
 from deployments.pipelines import load_pipeline
-
-GENERATOR_DEPLOYMENT = "ImageGenerator"
 
 
 @serve.deployment(
@@ -60,6 +60,10 @@ class ImageGenerator:
         """Progress and previews while the job runs, then its images (a streaming call)."""
         async for event in self._engine.stream(job):
             yield event
+
+    def capabilities(self) -> ModelCapabilities:
+        """What the loaded pipeline can do, for the ingress to check requests against."""
+        return self._engine.capabilities()
 
     def check_health(self) -> None:
         self._engine.check_health()

@@ -1,7 +1,8 @@
 """The ingress deployment: the HTTP front door, with no model and no GPU.
 
-It serves the FastAPI app of `deployments/api.py` and reaches the generator replicas through
-a `DeploymentHandle`, translating Ray's failures into the API's errors.
+It serves the FastAPI app of `deployments/api.py` and reaches each model's generator
+replicas through that model's `DeploymentHandle`, translating Ray's failures into the API's
+errors.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.api import create_api
 from deployments.config import AppArgs
 from deployments.errors import service_unavailable
-from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob
+from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
 from deployments.metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -29,14 +30,24 @@ INGRESS_DEPLOYMENT = "ImageIngress"
 
 
 class GeneratorClient:
-    """An `ImageBackend` over the generator deployment's handle."""
+    """An `ImageBackend` over one model's generator deployment handle."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle
+        self._capabilities: ModelCapabilities | None = None
+        self._capabilities_lock = asyncio.Lock()
+
+    async def capabilities(self) -> ModelCapabilities:
+        """Asked of a replica once (every replica loads the same model), then remembered."""
+        async with self._capabilities_lock:
+            if self._capabilities is None:
+                with _ray_errors_as_api_errors("capabilities"):
+                    self._capabilities = await self._handle.capabilities.remote()
+            return self._capabilities
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         response = self._handle.generate.remote(job)
-        with _ray_errors_as_api_errors(job):
+        with _ray_errors_as_api_errors(job.request_id):
             try:
                 return await response
             except asyncio.CancelledError:
@@ -50,7 +61,7 @@ class GeneratorClient:
         responses = self._handle.options(stream=True).generate_stream.remote(job)
         finished = False
         try:
-            with _ray_errors_as_api_errors(job):
+            with _ray_errors_as_api_errors(job.request_id):
                 async for event in responses:
                     yield event
             finished = True
@@ -60,7 +71,7 @@ class GeneratorClient:
 
 
 @contextmanager
-def _ray_errors_as_api_errors(job: GenerationJob) -> Iterator[None]:
+def _ray_errors_as_api_errors(request_id: str) -> Iterator[None]:
     try:
         yield
     except BackPressureError:
@@ -69,7 +80,7 @@ def _ray_errors_as_api_errors(job: GenerationJob) -> Iterator[None]:
             retry_after_s=2,
         ) from None
     except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
-        logger.warning("request %s: generator replica unavailable", job.request_id, exc_info=True)
+        logger.warning("request %s: generator replica unavailable", request_id, exc_info=True)
         raise service_unavailable(
             "The replica generating this request stopped. Retry the request.",
             retry_after_s=1,
@@ -85,9 +96,13 @@ def _ray_errors_as_api_errors(job: GenerationJob) -> Iterator[None]:
 )
 @serve.ingress()
 class ImageIngress:
-    def __init__(self, args: AppArgs, generator: DeploymentHandle) -> None:
+    def __init__(self, args: AppArgs, generators: dict[str, DeploymentHandle]) -> None:
+        """`generators`: each model's generator deployment, by model id."""
         self._args = args
-        self._generator = generator
+        self._generators = generators
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self._args, GeneratorClient(self._generator), metrics=IngressMetrics())
+        backends = {
+            model_id: GeneratorClient(handle) for model_id, handle in self._generators.items()
+        }
+        return create_api(self._args, backends, metrics=IngressMetrics())

@@ -10,14 +10,22 @@ A streamed job also gets events while it runs: `StepProgress` after denoising st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+
+# What a pipeline call does: draw from a prompt, redraw a whole image (image-to-image), or
+# redraw the masked part of one (inpainting).
+Task = Literal["text-to-image", "image-to-image", "inpaint"]
 
 
 @dataclass(frozen=True)
 class GenerationJob:
-    """One request's images: all share the prompt and parameters, each has its own seed."""
+    """One request's images: all share the prompt and parameters, each has its own seed.
+
+    An edit also carries its input image (and mask), already at the output size.
+    """
 
     prompt: str
     negative_prompt: str | None
@@ -29,18 +37,46 @@ class GenerationJob:
     request_id: str = ""
     # Previews of each image while it is denoised (0-3); streamed jobs only.
     partial_images: int = 0
+    # Edits: RGB uint8 (height, width, 3); the mask is uint8 (height, width), 255 = redraw.
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float | None = None
 
     @property
     def num_images(self) -> int:
         return len(self.seeds)
 
-    def preview_steps(self) -> tuple[int, ...]:
-        """After which steps (1-based) a preview is made: spread evenly, never the last."""
-        steps = self.num_inference_steps
-        wanted = {
-            round(steps * (i + 1) / (self.partial_images + 1)) for i in range(self.partial_images)
-        }
-        return tuple(sorted(step for step in wanted if 1 <= step < steps))
+    @property
+    def task(self) -> Task:
+        if self.image is None:
+            return "text-to-image"
+        return "image-to-image" if self.mask is None else "inpaint"
+
+
+def preview_steps(partial_images: int, total_steps: int) -> tuple[int, ...]:
+    """After which steps (1-based) a preview is made: spread evenly, never the last."""
+    wanted = {round(total_steps * (i + 1) / (partial_images + 1)) for i in range(partial_images)}
+    return tuple(sorted(step for step in wanted if 1 <= step < total_steps))
+
+
+# The optional request parameters that a pipeline may or may not take, by the name of the
+# pipeline call's argument that each one becomes.
+OPTIONAL_PARAMETERS = {
+    "negative_prompt": "negative_prompt",
+    "guidance_scale": "guidance_scale",
+    "strength": "strength",
+    "mask": "mask_image",
+}
+
+
+@dataclass(frozen=True)
+class ModelCapabilities:
+    """What a model's loaded pipeline can do: for each task it can run, the optional request
+    parameters (keys of `OPTIONAL_PARAMETERS`) its pipeline takes. The ingress checks
+    requests against it, so a parameter the model would ignore is a 400 that names it."""
+
+    pipeline_class: str
+    tasks: dict[str, frozenset[str]]
 
 
 @dataclass(frozen=True)

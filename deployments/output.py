@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from deployments.encoding import encode_image, to_base64, upscale
-from deployments.protocol import Image, ImageGenerationRequest
+from deployments.protocol import Image, ImageRequest
 from deployments.storage import ImageStore
 
 IMAGE_FILES_PATH = "/v1/images/files"
@@ -17,7 +17,7 @@ IMAGE_FILES_PATH = "/v1/images/files"
 class ImagePackager:
     """Encodes the images of one request the way it asked for them."""
 
-    def __init__(self, params: ImageGenerationRequest, store: ImageStore, base_url: str) -> None:
+    def __init__(self, params: ImageRequest, store: ImageStore, base_url: str) -> None:
         self._params = params
         self._store = store
         self._base_url = base_url.rstrip("/")

@@ -1,9 +1,12 @@
 """Loading the one shared pipeline of a replica, and the per-request views that run on it.
 
 A replica holds ONE diffusers pipeline for its whole life. Each request runs on a view: a new
-pipeline object of the same class over the same component objects (same weights in memory),
-except for a fresh scheduler, because schedulers keep per-run state (step index, sigmas) and
-a shared one fails under concurrency (`IndexError: index 21 is out of bounds ...`).
+pipeline object over the same component objects (same weights in memory), except for a fresh
+scheduler, because schedulers keep per-run state (step index, sigmas) and a shared one fails
+under concurrency (`IndexError: index 21 is out of bounds ...`). A text-to-image request's
+view is of the loaded pipeline's class; an edit's is of the family's image-to-image or
+inpainting class (found the way diffusers' auto pipelines find it), over the same components:
+edits never load a second copy of the weights.
 
 Two diffusers traps are avoided here on purpose:
 - `DiffusionPipeline.from_pipe` casts the shared modules to float32 unless given a dtype
@@ -16,16 +19,24 @@ Two diffusers traps are avoided here on purpose:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.pipelines.auto_pipeline import (
+    AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+    AUTO_INPAINT_PIPELINES_MAPPING,
+    AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+)
 
 from deployments.config import ModelConfig
 from deployments.embedded_model import ensure_embedded_model, is_embedded
+from deployments.jobs import OPTIONAL_PARAMETERS, ModelCapabilities, Task
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,26 +69,77 @@ def load_pipeline(model: ModelConfig) -> DiffusionPipeline:
     source: str | Path = model.source
     if is_embedded(model.source):
         source = ensure_embedded_model(model.source)
-    logger.info("loading %s from %s as %s on %s", model.id, source, dtype, device)
-    pipeline = DiffusionPipeline.from_pretrained(source, revision=model.revision, dtype=dtype)
+    # DiffusionPipeline reads the class from the checkpoint's model_index.json.
+    pipeline_class = getattr(diffusers, model.pipeline_class or "DiffusionPipeline")
+    logger.info(
+        "loading %s from %s as %s on %s with %s",
+        model.id,
+        source,
+        dtype,
+        device,
+        pipeline_class.__name__,
+    )
+    pipeline = pipeline_class.from_pretrained(source, revision=model.revision, dtype=dtype)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
+def task_classes(text_to_image: type) -> dict[Task, type]:
+    """The pipeline classes of each task of the family of `text_to_image` (by diffusers' own
+    auto-pipeline tables); a family without an image-to-image or inpainting class lacks it."""
+    classes: dict[Task, type] = {"text-to-image": text_to_image}
+    for family, cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.items():
+        if cls is text_to_image:
+            for task, mapping in (
+                ("image-to-image", AUTO_IMAGE2IMAGE_PIPELINES_MAPPING),
+                ("inpaint", AUTO_INPAINT_PIPELINES_MAPPING),
+            ):
+                if family in mapping:
+                    classes[task] = mapping[family]
+            break
+    return classes
+
+
+def call_parameters(pipeline_class: type) -> frozenset[str]:
+    """The arguments the pipeline class's `__call__` takes."""
+    return frozenset(inspect.signature(pipeline_class.__call__).parameters)
+
+
 class RequestPipelines:
-    """Makes per-request views of one shared pipeline."""
+    """Makes per-request views of one shared pipeline, for each task its family has."""
 
     def __init__(self, shared: DiffusionPipeline) -> None:
         self.shared = shared
         self._encode_lock = threading.Lock()
+        self._classes = task_classes(type(shared))
 
-    def view(self) -> DiffusionPipeline:
-        """A pipeline over the shared weights with its own scheduler, safe to run in a thread."""
-        components: dict[str, Any] = dict(self.shared.components)
+    def capabilities(self) -> ModelCapabilities:
+        tasks = {}
+        for task, cls in self._classes.items():
+            takes = call_parameters(cls)
+            supported = {
+                name for name, argument in OPTIONAL_PARAMETERS.items() if argument in takes
+            }
+            if "true_cfg_scale" in takes:
+                # FLUX-style pipelines use a negative prompt only with "true" classifier-free
+                # guidance (`true_cfg_scale` > 1, twice the compute), which this service does
+                # not run: the negative prompt would be silently ignored.
+                supported.discard("negative_prompt")
+            tasks[task] = frozenset(supported)
+        return ModelCapabilities(pipeline_class=type(self.shared).__name__, tasks=tasks)
+
+    def view(self, task: Task = "text-to-image") -> DiffusionPipeline:
+        """A pipeline for `task` over the shared weights with its own scheduler, safe to run
+        in a thread. Raises KeyError for a task the family has no pipeline for."""
+        cls = self._classes[task]
         scheduler = self.shared.scheduler
-        components["scheduler"] = type(scheduler).from_config(scheduler.config)
-        view = type(self.shared)(**components)
+        components: dict[str, Any] = {
+            **self.shared.components,
+            "scheduler": type(scheduler).from_config(scheduler.config),
+        }
+        accepted = inspect.signature(cls.__init__).parameters
+        view = cls(**{name: value for name, value in components.items() if name in accepted})
         view.set_progress_bar_config(disable=True)
         # An instance attribute shadows the method, so the pipeline's own call to
         # `self.encode_prompt(...)` goes through the lock.

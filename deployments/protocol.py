@@ -50,8 +50,8 @@ def _without_unused_form(data: dict) -> dict:
     return data
 
 
-class ImageGenerationRequest(BaseModel):
-    """Body of `POST /v1/images/generations`."""
+class ImageRequest(BaseModel):
+    """The fields that generations and edits share, in OpenAI's order, then the extensions."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -89,16 +89,13 @@ class ImageGenerationRequest(BaseModel):
     size: str = Field(
         default="auto",
         description="`WIDTHxHEIGHT` (multiples of the model's size multiple) or `auto` for "
-        "the model's default size.",
+        "the model's default size (for edits: the input image's size, scaled to fit).",
     )
     stream: bool = Field(
         default=False,
         strict=True,
-        description="Answer with server-sent events: `image_generation.partial_image` "
-        "previews, then one `image_generation.completed` event per image.",
-    )
-    style: Literal["vivid", "natural"] | None = Field(
-        default=None, description="Accepted for compatibility and ignored."
+        description="Answer with server-sent events: `partial_image` previews, then one "
+        "`completed` event per image.",
     )
     user: str | None = Field(
         default=None, max_length=256, description="An end-user id, logged for tracing."
@@ -125,8 +122,8 @@ class ImageGenerationRequest(BaseModel):
     stream_progress: bool = Field(
         default=False,
         strict=True,
-        description="With `stream`, also send `image_generation.progress` events (denoising "
-        "step of total) a few times a second.",
+        description="With `stream`, also send `progress` events (denoising step of total) a "
+        "few times a second.",
     )
 
     def streaming_option_without_stream(self) -> str | None:
@@ -186,6 +183,31 @@ class ImageGenerationRequest(BaseModel):
         return value
 
 
+class ImageGenerationRequest(ImageRequest):
+    """Body of `POST /v1/images/generations` (JSON)."""
+
+    # --- OpenAI field ---
+    style: Literal["vivid", "natural"] | None = Field(
+        default=None, description="Accepted for compatibility and ignored."
+    )
+
+
+class ImageEditRequest(ImageRequest):
+    """The fields of `POST /v1/images/edits` (multipart form) besides its files: `image` (or
+    `image[]`) and the optional `mask`, which `deployments/uploads.py` reads."""
+
+    # --- Extension ---
+    strength: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="How much of the image to redraw, (0, 1]: 1 ignores the input's content, "
+        "small values keep it. Runs `num_inference_steps x strength` steps. The model's "
+        "`default_strength` when omitted.",
+    )
+
+
 class Image(BaseModel):
     """One generated image: exactly one of `url` and `b64_json` is set."""
 
@@ -203,7 +225,7 @@ class Image(BaseModel):
 
 
 class ImagesResponse(BaseModel):
-    """Body of a successful `POST /v1/images/generations`."""
+    """Body of a successful `POST /v1/images/generations` or `/v1/images/edits`."""
 
     created: int = Field(description="Unix time, in seconds, when the images were made.")
     data: list[Image]
@@ -223,9 +245,10 @@ class ImageGenerationEvent(BaseModel):
 
 
 class ImageGenerationPartialImageEvent(ImageGenerationEvent):
-    """`image_generation.partial_image`: a preview of an image still being generated."""
+    """`image_generation.partial_image` (`image_edit.partial_image` for edits): a preview of
+    an image still being generated."""
 
-    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
     b64_json: str
     partial_image_index: int
     # --- Extension: which image of the request (0 to n-1) this previews ---
@@ -244,13 +267,14 @@ class Usage(BaseModel):
 
 
 class ImageGenerationCompletedEvent(ImageGenerationEvent):
-    """`image_generation.completed`: one finished image (one event per image of the request).
+    """`image_generation.completed` (`image_edit.completed` for edits): one finished image
+    (one event per image of the request).
 
     It carries `b64_json`, or `url` instead when the request asked for
     `response_format: url`.
     """
 
-    type: Literal["image_generation.completed"] = "image_generation.completed"
+    type: Literal["image_generation.completed", "image_edit.completed"]
     b64_json: str | None = None
     usage: Usage = Field(default_factory=Usage)
     # --- Extensions: which image of the request, its seed, and its link ---
@@ -264,9 +288,10 @@ class ImageGenerationCompletedEvent(ImageGenerationEvent):
 
 
 class ImageGenerationProgressEvent(BaseModel):
-    """Extension `image_generation.progress`: denoising steps done (with `stream_progress`)."""
+    """Extension `image_generation.progress` (`image_edit.progress` for edits): denoising
+    steps done (with `stream_progress`)."""
 
-    type: Literal["image_generation.progress"] = "image_generation.progress"
+    type: Literal["image_generation.progress", "image_edit.progress"]
     created_at: int
     step: int
     total_steps: int

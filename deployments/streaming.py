@@ -27,7 +27,7 @@ from deployments.protocol import (
     ImageGenerationCompletedEvent,
     ImageGenerationPartialImageEvent,
     ImageGenerationProgressEvent,
-    ImageGenerationRequest,
+    ImageRequest,
 )
 from deployments.request_log import RequestLog
 
@@ -46,9 +46,14 @@ class EventEncoder:
     images)."""
 
     def __init__(
-        self, params: ImageGenerationRequest, job: GenerationJob, packager: ImagePackager
+        self,
+        params: ImageRequest,
+        job: GenerationJob,
+        packager: ImagePackager,
+        event_prefix: str = "image_generation",
     ) -> None:
         self._params = params
+        self._prefix = event_prefix  # OpenAI's: `image_generation` or `image_edit`
         self._job = job
         self._packager = packager
         self._size = f"{job.width}x{job.height}"
@@ -64,6 +69,7 @@ class EventEncoder:
             preview = self._packager.preview(event.pixels, self._job.width, self._job.height)
             partial = ImageGenerationPartialImageEvent(
                 **common,
+                type=f"{self._prefix}.partial_image",
                 size=self._size,
                 b64_json=preview,
                 partial_image_index=event.partial_image_index,
@@ -76,6 +82,7 @@ class EventEncoder:
                 image = self._packager.image(pixels, seed, self._inline)
                 completed = ImageGenerationCompletedEvent(
                     **common,
+                    type=f"{self._prefix}.completed",
                     size=self._size,
                     b64_json=image.b64_json,
                     url=image.url,
@@ -87,7 +94,10 @@ class EventEncoder:
         if not self._params.stream_progress:
             return []
         progress = ImageGenerationProgressEvent(
-            created_at=now, step=event.step, total_steps=event.total_steps
+            type=f"{self._prefix}.progress",
+            created_at=now,
+            step=event.step,
+            total_steps=event.total_steps,
         )
         return [sse_frame(progress.type, progress)]
 

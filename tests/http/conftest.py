@@ -21,12 +21,14 @@ def generator() -> FakeGenerator:
 def args() -> AppArgs:
     return AppArgs.model_validate(
         {
-            "model": {
-                "id": "tiny-sd3",
-                "default_size": "64x32",
-                "default_steps": 3,
-                "default_guidance_scale": 5.0,
-            },
+            "models": [
+                {
+                    "id": "tiny-sd3",
+                    "default_size": "64x32",
+                    "default_steps": 3,
+                    "default_guidance_scale": 5.0,
+                }
+            ],
             "limits": {"max_pixels": 128 * 128, "max_steps": 20},
         }
     )
@@ -39,4 +41,6 @@ def store(tmp_path) -> ImageStore:
 
 @pytest.fixture
 def client(args, generator, store) -> TestClient:
-    return TestClient(create_api(args, generator, store), raise_server_exceptions=False)
+    return TestClient(
+        create_api(args, {"tiny-sd3": generator}, store), raise_server_exceptions=False
+    )

@@ -11,8 +11,20 @@ from deployments.jobs import (
     GeneratedImages,
     GenerationEvent,
     GenerationJob,
+    ModelCapabilities,
     PartialImage,
     StepProgress,
+    preview_steps,
+)
+
+# What SD3's pipelines take: every task, every optional parameter.
+EVERYTHING = ModelCapabilities(
+    pipeline_class="FakePipeline",
+    tasks={
+        "text-to-image": frozenset({"negative_prompt", "guidance_scale"}),
+        "image-to-image": frozenset({"negative_prompt", "guidance_scale", "strength"}),
+        "inpaint": frozenset({"negative_prompt", "guidance_scale", "strength", "mask"}),
+    },
 )
 
 
@@ -29,11 +41,15 @@ class FakeGenerator:
     the steps.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capabilities: ModelCapabilities = EVERYTHING) -> None:
+        self.model_capabilities = capabilities
         self.jobs: list[GenerationJob] = []
         self.cancelled: list[GenerationJob] = []
         self.fail_with: BaseException | None = None
         self.delay_s = 0.0
+
+    async def capabilities(self) -> ModelCapabilities:
+        return self.model_capabilities
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         self.jobs.append(job)
@@ -55,8 +71,8 @@ class FakeGenerator:
         try:
             for step in range(1, steps + 1):
                 await asyncio.sleep(self.delay_s / steps)
-                if step in job.preview_steps():
-                    index = job.preview_steps().index(step)
+                if step in preview_steps(job.partial_images, steps):
+                    index = preview_steps(job.partial_images, steps).index(step)
                     for image_index, seed in enumerate(job.seeds):
                         small = pixels_for(seed, job.width // 8, job.height // 8)
                         yield PartialImage(image_index, index, small)

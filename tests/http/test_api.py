@@ -98,7 +98,7 @@ def test_public_base_url_is_used_for_links(args, generator, store):
             )
         }
     )
-    client = TestClient(create_api(args, generator, store))
+    client = TestClient(create_api(args, {"tiny-sd3": generator}, store))
     url = client.post(GENERATIONS, json={"prompt": "x"}).json()["data"][0]["url"]
     assert url.startswith("https://images.example.com/v1/images/files/")
 
@@ -225,6 +225,6 @@ def test_the_playground_page_and_its_files_are_served(client):
 
 def test_the_playground_can_be_turned_off(args, generator, store):
     args = AppArgs.model_validate({**args.model_dump(), "playground": False})
-    client = TestClient(create_api(args, generator, store))
+    client = TestClient(create_api(args, {"tiny-sd3": generator}, store))
     assert_openai_error(client.get("/"), 404)
     assert_openai_error(client.get("/playground/playground.js"), 404)

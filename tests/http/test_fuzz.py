@@ -19,7 +19,7 @@ from .fakes import FakeGenerator
 
 ARGS = AppArgs.model_validate(
     {
-        "model": {"default_size": "32x32", "default_steps": 2},
+        "models": [{"default_size": "32x32", "default_steps": 2}],
         "limits": {"max_pixels": 64 * 64, "max_steps": 8, "max_images": 4},
     }
 )
@@ -37,7 +37,7 @@ INTERNALS = (
 
 def _fuzzed_app():
     # Stored images go to the session's temporary cache (see tests/conftest.py).
-    return create_api(ARGS, FakeGenerator())
+    return create_api(ARGS, {"tiny-sd3": FakeGenerator()})
 
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", _fuzzed_app())

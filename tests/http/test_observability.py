@@ -54,7 +54,7 @@ def test_a_request_gets_one_line_with_parameters_timings_and_outcome(client, cap
 
 def test_prompts_are_logged_only_when_configured(args, generator, store, caplog):
     args = AppArgs.model_validate({**args.model_dump(), "request_logs": {"include_prompts": True}})
-    client = TestClient(create_api(args, generator, store))
+    client = TestClient(create_api(args, {"tiny-sd3": generator}, store))
     client.post("/v1/images/generations", json={"prompt": 'a "quoted"\nfox'})
     (record,) = request_lines(caplog)
     assert record.image_request["prompt"] == 'a "quoted"\nfox'
@@ -76,7 +76,7 @@ def test_rejected_and_streamed_requests_get_their_line_too(client, caplog):
 
 def test_errors_are_counted_by_type_and_code(args, generator, store):
     counts = ErrorCounts()
-    client = TestClient(create_api(args, generator, store, metrics=counts))
+    client = TestClient(create_api(args, {"tiny-sd3": generator}, store, metrics=counts))
     client.post("/v1/images/generations", json={"prompt": "a fox", "size": "33x33"})
     client.post("/v1/images/generations", json={"prompt": "a fox", "size": "33x33"})
     client.post("/v1/images/generations", json={"prompt": "a fox", "model": "nope"})

@@ -26,7 +26,9 @@ def with_args(args: AppArgs, **update) -> AppArgs:
 def keyed_client(args, generator, store, monkeypatch) -> TestClient:
     monkeypatch.setenv(KEYS_ENV, "sk-first, sk-second")
     args = with_args(args, auth={"api_keys_env": KEYS_ENV})
-    return TestClient(create_api(args, generator, store), raise_server_exceptions=False)
+    return TestClient(
+        create_api(args, {"tiny-sd3": generator}, store), raise_server_exceptions=False
+    )
 
 
 def test_auth_is_off_by_default(client):
@@ -85,7 +87,9 @@ def test_keys_file_is_reread_when_it_changes(args, generator, store, tmp_path):
     keys = tmp_path / "api-keys"
     keys.write_text("# rotated monthly\nsk-old\n")
     client = TestClient(
-        create_api(with_args(args, auth={"api_keys_file": str(keys)}), generator, store)
+        create_api(
+            with_args(args, auth={"api_keys_file": str(keys)}), {"tiny-sd3": generator}, store
+        )
     )
     old = {"authorization": "Bearer sk-old"}
     assert client.get("/v1/models", headers=old).status_code == 200
@@ -98,15 +102,19 @@ def test_keys_file_is_reread_when_it_changes(args, generator, store, tmp_path):
 def test_auth_without_any_key_refuses_to_start(args, generator, store, monkeypatch, tmp_path):
     monkeypatch.delenv(KEYS_ENV, raising=False)
     with pytest.raises(NoAPIKeys, match=KEYS_ENV):
-        create_api(with_args(args, auth={"api_keys_env": KEYS_ENV}), generator, store)
+        create_api(with_args(args, auth={"api_keys_env": KEYS_ENV}), {"tiny-sd3": generator}, store)
     (tmp_path / "empty").write_text("\n# nothing\n")
     with pytest.raises(NoAPIKeys, match="empty"):
         create_api(
-            with_args(args, auth={"api_keys_file": str(tmp_path / "empty")}), generator, store
+            with_args(args, auth={"api_keys_file": str(tmp_path / "empty")}),
+            {"tiny-sd3": generator},
+            store,
         )
     with pytest.raises(NoAPIKeys, match="cannot be read"):
         create_api(
-            with_args(args, auth={"api_keys_file": str(tmp_path / "absent")}), generator, store
+            with_args(args, auth={"api_keys_file": str(tmp_path / "absent")}),
+            {"tiny-sd3": generator},
+            store,
         )
 
 
@@ -122,7 +130,7 @@ def test_body_over_the_limit_is_413_declared_or_not(args, generator, store):
     client = TestClient(
         create_api(
             with_args(args, limits={**args.limits.model_dump(), "max_body_bytes": 2048}),
-            generator,
+            {"tiny-sd3": generator},
             store,
         )
     )
@@ -146,7 +154,9 @@ def test_body_over_the_limit_is_413_declared_or_not(args, generator, store):
 
 def test_timeout_is_504_in_openai_shape_and_cancels_the_generation(args, generator, store):
     generator.delay_s = 30
-    client = TestClient(create_api(with_args(args, request_timeout_s=0.2), generator, store))
+    client = TestClient(
+        create_api(with_args(args, request_timeout_s=0.2), {"tiny-sd3": generator}, store)
+    )
     response = client.post(GENERATIONS, json={"prompt": "x"})
     error = assert_openai_error(response, 504)
     assert error["code"] == "timeout"
@@ -167,7 +177,9 @@ def test_cors_is_off_by_default(client):
 def test_cors_allows_only_configured_origins(args, generator, store):
     allowed = "https://app.example.com"
     client = TestClient(
-        create_api(with_args(args, cors={"allow_origins": [allowed]}), generator, store)
+        create_api(
+            with_args(args, cors={"allow_origins": [allowed]}), {"tiny-sd3": generator}, store
+        )
     )
     preflight = client.options(
         GENERATIONS,

@@ -97,7 +97,7 @@ def test_a_stream_that_cannot_start_is_a_plain_http_error(client, generator):
 def test_timeout_mid_stream_ends_it_with_an_error_event_and_cancels(args, generator, store):
     args = args.model_copy(update={"request_timeout_s": 1.0})
     generator.delay_s = 4.0  # 0.2 s a step
-    client = TestClient(create_api(args, generator, store))
+    client = TestClient(create_api(args, {"tiny-sd3": generator}, store))
     _, _, events = stream(client, num_inference_steps=20, stream_progress=True)
     kinds = [kind for kind, _ in events]
     assert kinds[0] == "image_generation.progress"
@@ -130,7 +130,7 @@ def test_openai_client_streams(client):
 def test_openai_client_raises_a_mid_stream_error(args, generator, store):
     args = args.model_copy(update={"request_timeout_s": 1.0})
     generator.delay_s = 4.0  # 0.2 s a step
-    client = TestClient(create_api(args, generator, store))
+    client = TestClient(create_api(args, {"tiny-sd3": generator}, store))
     api = openai.OpenAI(
         base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0
     )

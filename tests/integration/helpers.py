@@ -17,7 +17,9 @@ def one_at_a_time(*, request_timeout_s: float, max_steps: int = 5000, **limits) 
     """Args of a replica that runs one request at a time (one worker thread, no batching) on
     32x32 images of the embedded model: its load and timing are easy to reason about."""
     return {
-        "model": {"id": "tiny-sd3", "device": "cpu", "default_size": "32x32", "default_steps": 4},
+        "models": [
+            {"id": "tiny-sd3", "device": "cpu", "default_size": "32x32", "default_steps": 4}
+        ],
         "limits": {"max_steps": max_steps, **limits},
         "batching": {"max_batch_images": 1},
         "worker_threads": 1,

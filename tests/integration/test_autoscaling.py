@@ -14,7 +14,7 @@ import httpx
 import pytest
 from ray import serve
 
-from deployments.generator import GENERATOR_DEPLOYMENT
+from deployments.config import generator_deployment_name
 from serve_app import build_application, parse_args
 
 from .helpers import one_at_a_time
@@ -47,7 +47,7 @@ def deploy(serve_url: str, name: str, autoscaling: dict) -> str:
 
 
 def running_replicas(app: str) -> int:
-    status = serve.status().applications[app].deployments[GENERATOR_DEPLOYMENT]
+    status = serve.status().applications[app].deployments[generator_deployment_name("tiny-sd3")]
     return status.replica_states.get("RUNNING", 0)
 
 

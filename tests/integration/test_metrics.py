@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 MODEL_ID = "metrics-sd3"  # its own id: other modules' replicas report under theirs
 ARGS = {
-    "model": {"id": MODEL_ID, "device": "cpu", "default_size": "32x32", "default_steps": 5},
+    "models": [{"id": MODEL_ID, "device": "cpu", "default_size": "32x32", "default_steps": 5}],
     "limits": {"max_body_bytes": 4096},
 }
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")

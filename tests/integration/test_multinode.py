@@ -8,7 +8,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.generator import GENERATOR_DEPLOYMENT
+from deployments.config import generator_deployment_name
 from serve_app import build_application, parse_args
 
 from .conftest import ACCELERATOR_RESOURCE, HEAD_RESOURCE
@@ -16,7 +16,9 @@ from .helpers import decode_png
 
 pytestmark = pytest.mark.integration
 
-ARGS = {"model": {"id": "tiny-sd3", "device": "cpu", "default_size": "32x32", "default_steps": 2}}
+ARGS = {
+    "models": [{"id": "tiny-sd3", "device": "cpu", "default_size": "32x32", "default_steps": 2}]
+}
 
 
 def node_with(resource: str) -> str:
@@ -41,7 +43,7 @@ def test_generator_on_the_accelerator_node_ingress_on_the_head(serve_url):
         route_prefix=f"/{app}",
     )
     try:
-        generator = serve.get_deployment_handle(GENERATOR_DEPLOYMENT, app_name=app)
+        generator = serve.get_deployment_handle(generator_deployment_name("tiny-sd3"), app_name=app)
         assert generator.counters.remote().result()["node_id"] == node_with(ACCELERATOR_RESOURCE)
         assert node_with(HEAD_RESOURCE) != node_with(ACCELERATOR_RESOURCE)
 

@@ -19,7 +19,7 @@ from serve_app import build_app
 pytestmark = pytest.mark.integration
 
 ARGS = {
-    "model": {"id": "tiny-sd3", "device": "cpu", "default_size": "64x64", "default_steps": 4},
+    "models": [{"id": "tiny-sd3", "device": "cpu", "default_size": "64x64", "default_steps": 4}],
     "limits": {"max_steps": 50},
 }
 SCREENSHOT = Path(__file__).parents[2] / "deployments" / "playground" / "screenshot.png"

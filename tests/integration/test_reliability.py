@@ -18,7 +18,7 @@ import psutil
 import pytest
 from ray import serve
 
-from deployments.generator import GENERATOR_DEPLOYMENT
+from deployments.config import generator_deployment_name
 from serve_app import build_application, parse_args
 
 from .helpers import one_at_a_time
@@ -61,7 +61,8 @@ class Deployed:
         self.name = name
         self.url = f"{serve_url}/{name}"
         serve.run(build_application(parse_args(args), options), name=name, route_prefix=f"/{name}")
-        self.generator = serve.get_deployment_handle(GENERATOR_DEPLOYMENT, app_name=name)
+        generator = generator_deployment_name("tiny-sd3")
+        self.generator = serve.get_deployment_handle(generator, app_name=name)
 
     def post(self, timeout: float | httpx.Timeout = 60, **body) -> httpx.Response:
         return httpx.post(self.url + GENERATIONS, json={"prompt": "x", **body}, timeout=timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
+from deployments.config import generator_deployment_name
 
 from .helpers import decode_png
 
@@ -19,4 +20,6 @@ def test_serve_run_local_config_serves_images():
         print(f"\nserve run -> first image: {seconds:.1f} s")
         (image,) = response.json()["data"]
         assert decode_png(image["b64_json"]).shape == (64, 64, 3)
-        assert len(server.replica_processes()) == 1
+        # Each of the config's two models has its own generator replica.
+        for model_id in ("tiny-sd3", "tiny-flux"):
+            assert len(server.replica_processes(generator_deployment_name(model_id))) == 1

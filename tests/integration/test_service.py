@@ -17,7 +17,7 @@ from .helpers import decode_png
 pytestmark = pytest.mark.integration
 
 ARGS = {
-    "model": {"id": "tiny-sd3", "device": "cpu", "default_size": "64x64", "default_steps": 3},
+    "models": [{"id": "tiny-sd3", "device": "cpu", "default_size": "64x64", "default_steps": 3}],
     "limits": {"max_pixels": 128 * 128, "max_steps": 20},
     "worker_threads": 2,
 }

@@ -6,8 +6,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.config import AppArgs
-from deployments.generator import GENERATOR_DEPLOYMENT
+from deployments.config import AppArgs, ModelConfig, generator_deployment_name
 from deployments.ingress import INGRESS_DEPLOYMENT
 from serve_app import InvalidArgs, build_app, parse_args
 
@@ -29,34 +28,33 @@ def test_config_file_is_a_valid_serve_config_with_valid_args(path):
         # The ingress answers a timed-out request in the API's error shape before Ray's
         # proxy cuts it off with a plain-text 408.
         assert args.request_timeout_s < config.http_options.request_timeout_s
-        deployments = {deployment.name: deployment for deployment in application.deployments}
-        assert set(deployments) == {INGRESS_DEPLOYMENT, GENERATOR_DEPLOYMENT}
-        generator = deployments[GENERATOR_DEPLOYMENT].model_dump(exclude_unset=True)
-        for option in (
-            "max_ongoing_requests",
-            "max_queued_requests",
-            "graceful_shutdown_timeout_s",
-            "autoscaling_config",
-        ):
-            assert option in generator, f"{path.name} must set {option} explicitly"
-        assert "num_gpus" in generator["ray_actor_options"]
-        # Batches form inside the replica, so it must hold enough requests to fill them.
-        full_batches = args.worker_threads * args.batching.max_batch_images
-        assert generator["max_ongoing_requests"] >= full_batches
-        autoscaling = generator["autoscaling_config"]
-        assert autoscaling["target_ongoing_requests"] <= generator["max_ongoing_requests"]
+        # The generators' options live with their models, in args.
+        assert [deployment.name for deployment in application.deployments] == [INGRESS_DEPLOYMENT]
+        for model in args.models:
+            generator = model.deployment
+            for option in (
+                "max_ongoing_requests",
+                "max_queued_requests",
+                "graceful_shutdown_timeout_s",
+                "autoscaling_config",
+            ):
+                assert option in generator, f"{path.name}: {model.id} must set {option}"
+            assert "num_gpus" in generator["ray_actor_options"]
+            # Batches form inside the replica, so it must hold enough requests to fill them.
+            full_batches = args.worker_threads * args.batching.max_batch_images
+            assert generator["max_ongoing_requests"] >= full_batches
+            autoscaling = generator["autoscaling_config"]
+            assert autoscaling["target_ongoing_requests"] <= generator["max_ongoing_requests"]
 
 
 def test_gpu_config_asks_for_a_gpu_and_the_local_one_does_not():
-    def generator_gpus(name: str) -> float:
+    def generator_gpus(name: str) -> list[float]:
         config = yaml.safe_load((CONFIG_DIR / name).read_text())
-        (generator,) = [
-            d for d in config["applications"][0]["deployments"] if d["name"] == GENERATOR_DEPLOYMENT
-        ]
-        return generator["ray_actor_options"]["num_gpus"]
+        args = parse_args(config["applications"][0]["args"])
+        return [model.deployment["ray_actor_options"]["num_gpus"] for model in args.models]
 
-    assert generator_gpus("sd3.5-medium.yaml") == 1
-    assert generator_gpus("local.yaml") == 0
+    assert generator_gpus("sd3.5-medium.yaml") == [1]
+    assert generator_gpus("local.yaml") == [0, 0]
 
 
 def test_gpu_config_requires_keys_and_the_local_one_does_not():
@@ -70,37 +68,74 @@ def test_gpu_config_requires_keys_and_the_local_one_does_not():
 
 def test_defaults_serve_the_embedded_model():
     args = parse_args({})
-    assert args.model.source == "embedded:tiny-sd3"
+    assert [model.source for model in args.models] == ["embedded:tiny-sd3"]
+    assert args.default_model_id == "tiny-sd3"
     assert args == AppArgs()
+
+
+def test_the_local_config_serves_two_models_sd3_by_default():
+    config = yaml.safe_load((CONFIG_DIR / "local.yaml").read_text())
+    args = parse_args(config["applications"][0]["args"])
+    assert [model.source for model in args.models] == ["embedded:tiny-sd3", "embedded:tiny-flux"]
+    assert args.default_model_id == "tiny-sd3"
+
+
+def test_models_must_have_distinct_ids_and_a_known_default():
+    with pytest.raises(InvalidArgs, match="same id"):
+        parse_args({"models": [{"id": "a"}, {"id": "a"}]})
+    with pytest.raises(InvalidArgs, match="same id"):  # the same deployment name
+        parse_args({"models": [{"id": "a/b"}, {"id": "a_b"}]})
+    with pytest.raises(InvalidArgs, match="default_model"):
+        parse_args({"models": [{"id": "a"}], "default_model": "b"})
+    with pytest.raises(InvalidArgs, match=r"args\.models"):
+        parse_args({"models": []})
+    args = parse_args({"models": [{"id": "a"}, {"id": "b"}], "default_model": "b"})
+    assert args.default_model_id == "b"
+
+
+def test_pipeline_class_and_deployment_options_are_checked_up_front():
+    with pytest.raises(InvalidArgs, match="no pipeline class named 'FluxPipelin'"):
+        parse_args({"models": [{"pipeline_class": "FluxPipelin"}]})
+    with pytest.raises(InvalidArgs, match=r"unknown deployment option.*num_replica"):
+        parse_args({"models": [{"deployment": {"num_replica": 2}}]})
+    with pytest.raises(InvalidArgs, match=r"args\.models\.0\.deployment"):
+        parse_args({"models": [{"deployment": {"max_ongoing_requests": "many"}}]})
+    args = parse_args({"models": [{"pipeline_class": "FluxPipeline"}]})
+    assert args.models[0].pipeline_class == "FluxPipeline"
+
+
+def test_each_model_gets_its_own_generator_deployment():
+    assert generator_deployment_name("tiny-sd3") == "ImageGenerator:tiny-sd3"
+    assert generator_deployment_name("stabilityai/sd3.5") == "ImageGenerator:stabilityai_sd3.5"
 
 
 def test_unknown_keys_are_rejected_by_name():
     with pytest.raises(InvalidArgs) as caught:
-        parse_args({"model": {"id": "m", "sorce": "x"}, "workers": 3})
+        parse_args({"models": [{"id": "m", "sorce": "x"}], "workers": 3})
     message = str(caught.value)
-    assert "args.model.sorce: unknown key" in message
+    assert "args.models.0.sorce: unknown key" in message
     assert "args.workers: unknown key" in message
 
 
 def test_bad_values_are_rejected_by_name():
     with pytest.raises(InvalidArgs, match=r"args\.worker_threads"):
         parse_args({"worker_threads": 0})
-    with pytest.raises(InvalidArgs, match=r"args\.model\.dtype"):
-        parse_args({"model": {"dtype": "float8"}})
+    with pytest.raises(InvalidArgs, match=r"args\.models\.0\.dtype"):
+        parse_args({"models": [{"dtype": "float8"}]})
 
 
 def test_default_size_must_fit_the_models_rules():
     with pytest.raises(InvalidArgs, match="multiple"):
-        parse_args({"model": {"default_size": "100x100"}})
+        parse_args({"models": [{"default_size": "100x100"}]})
     with pytest.raises(InvalidArgs, match="max_pixels"):
-        parse_args({"model": {"default_size": "1024x1024"}, "limits": {"max_pixels": 4096}})
+        parse_args({"models": [{"default_size": "1024x1024"}], "limits": {"max_pixels": 4096}})
 
 
 def test_defaults_must_be_within_the_limits():
     with pytest.raises(InvalidArgs, match="max_steps"):
-        parse_args({"model": {"default_steps": 30}, "limits": {"max_steps": 20}})
+        parse_args({"models": [{"default_steps": 30}], "limits": {"max_steps": 20}})
     with pytest.raises(InvalidArgs, match="max_guidance_scale"):
-        parse_args({"model": {"default_guidance_scale": 9}, "limits": {"max_guidance_scale": 8}})
+        parse_args({"models": [{"default_guidance_scale": 9}], "limits": {"max_guidance_scale": 8}})
 
 
 def test_every_field_is_described():
@@ -111,7 +146,7 @@ def test_every_field_is_described():
             if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
                 yield from fields(annotation)
 
-    for name, field in fields(AppArgs):
+    for name, field in [*fields(AppArgs), *fields(ModelConfig)]:
         assert field.description, f"{name} has no description"
 
 
@@ -124,7 +159,9 @@ def test_readme_documents_every_args_key():
     readme = (CONFIG_DIR.parent / "README.md").read_text()
     for section, field in AppArgs.model_fields.items():
         nested = field.annotation
-        if isinstance(nested, type) and hasattr(nested, "model_fields"):
+        if section == "models":
+            keys = [f"models[].{name}" for name in ModelConfig.model_fields]
+        elif isinstance(nested, type) and hasattr(nested, "model_fields"):
             keys = [f"{section}.{name}" for name in nested.model_fields]
         else:
             keys = [section]

@@ -25,7 +25,6 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.generator import GENERATOR_DEPLOYMENT
 from serve_app import InvalidArgs, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -227,11 +226,8 @@ def test_gpu_workers_scale_with_the_generator():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert any(t["key"] == "nvidia.com/gpu" for t in gpu["template"]["spec"]["tolerations"])
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    (generator,) = [
-        deployment
-        for deployment in serve_config["applications"][0]["deployments"]
-        if deployment["name"] == GENERATOR_DEPLOYMENT
-    ]
+    (model,) = parse_args(serve_config["applications"][0]["args"]).models
+    generator = model.deployment
     autoscaling = generator["autoscaling_config"]
     # One generator replica per GPU pod: the pods must be able to hold the most replicas.
     assert generator["ray_actor_options"]["num_gpus"] == 1

@@ -17,7 +17,7 @@ from tests.strategies import request_bodies
 
 ARGS = AppArgs.model_validate(
     {
-        "model": {"default_size": "32x32", "default_steps": 2},
+        "models": [{"default_size": "32x32", "default_steps": 2}],
         "limits": {"max_pixels": 64 * 64, "max_steps": 8, "max_images": 4},
     }
 )
@@ -38,7 +38,7 @@ def test_parse_size_accepts_only_bounded_multiples(size):
 @given(body=request_bodies)
 @settings(max_examples=300)
 def test_request_validation_fails_only_as_a_named_400(body):
-    context = ValidationContext(limits=ARGS.limits, model=ARGS.model)
+    context = ValidationContext(limits=ARGS.limits, model=ARGS.models[0])
     try:
         ImageGenerationRequest.model_validate(body, context=context)
     except ValidationError as exc:
