@@ -606,7 +606,8 @@ async def _bounded_body(request: Request, max_bytes: int) -> bytes:
 
 async def _form_body(request: Request, max_bytes: int) -> FormData:
     """The parsed multipart form, from a body read no further than `max_bytes`."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise invalid_request(
             "Send the edit as 'multipart/form-data' with the image as a file field.",
             code="invalid_body",
