@@ -1,0 +1,151 @@
+"""Three model families in one application, through real Ray Serve and real HTTP: SD3, SDXL and
+FLUX embedded models, each on its own generator deployment, generating and editing."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+from ray import serve
+
+from deployments.config import generator_deployment_name
+from serve_app import build_app
+
+from .helpers import decode_png
+
+pytestmark = pytest.mark.integration
+
+FAMILIES = ("tiny-sd3", "tiny-sdxl", "tiny-flux")
+ARGS = {
+    "models": [
+        {
+            "id": name,
+            "source": f"embedded:{name}",
+            "device": "cpu",
+            "default_size": "32x32",
+            "default_steps": 3,
+            "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+        }
+        for name in FAMILIES
+    ],
+    "limits": {"max_pixels": 64 * 64, "max_steps": 20},
+}
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_url):
+    serve.run(build_app(ARGS), name="families", route_prefix="/families")
+    yield f"{serve_url}/families"
+    serve.delete("families")
+
+
+@pytest.fixture(scope="module")
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generate(client: openai.OpenAI, **request) -> list[bytes]:
+    result = client.images.generate(prompt="a lighthouse", response_format="b64_json", **request)
+    return [base64.b64decode(image.b64_json) for image in result.data]
+
+
+def test_each_model_has_its_own_deployment_and_is_listed(client):
+    deployments = serve.status().applications["families"].deployments
+    for name in FAMILIES:
+        assert deployments[generator_deployment_name(name)].status == "HEALTHY"
+    assert [model.id for model in client.models.list().data] == list(FAMILIES)
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_each_family_generates_reproducibly(client, model):
+    request = {"model": model, "n": 2, "size": "48x32", "extra_body": {"seed": 11}}
+    first = generate(client, **request)
+    again = generate(client, **request)
+    assert first == again, "the same seed gives the same bytes"
+    assert first[0] != first[1], "each image has its own seed"
+    assert [np.asarray(Image.open(io.BytesIO(data))).shape for data in first] == [(32, 48, 3)] * 2
+
+
+def test_a_request_without_model_goes_to_the_default(client):
+    extensions = {"extra_body": {"seed": 5}}
+    assert generate(client, **extensions) == generate(client, model="tiny-sd3", **extensions)
+    assert generate(client, **extensions) != generate(client, model="tiny-flux", **extensions)
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_each_family_edits_with_and_without_a_mask(client, model):
+    source = np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    mask = np.zeros((32, 48, 4), dtype=np.uint8)
+    mask[..., 3] = 255
+    mask[:, 24:, 3] = 0  # redraw the right half
+    for extra in ({}, {"mask": ("mask.png", png(mask), "image/png")}):
+        result = client.images.edit(
+            model=model,
+            image=("in.png", png(source), "image/png"),
+            prompt="the same, at night",
+            response_format="b64_json",
+            extra_body={"seed": 2, "strength": 0.6, "num_inference_steps": 5},
+            **extra,
+        )
+        (image,) = result.data
+        assert decode_png(image.b64_json).shape == (32, 48, 3)
+
+
+def test_a_streamed_edit_sends_previews_then_the_image(client):
+    source = np.full((32, 32, 3), 128, dtype=np.uint8)
+    events = list(
+        client.images.edit(
+            model="tiny-flux",
+            image=("in.png", png(source), "image/png"),
+            prompt="a storm",
+            stream=True,
+            partial_images=2,
+            extra_body={"seed": 4, "strength": 1.0, "num_inference_steps": 6},
+        )
+    )
+    assert [event.type for event in events] == [
+        "image_edit.partial_image",
+        "image_edit.partial_image",
+        "image_edit.completed",
+    ]
+    assert decode_png(events[-1].b64_json).shape == (32, 32, 3)
+
+
+def test_a_parameter_the_pipeline_would_ignore_is_a_400_naming_it(base_url):
+    # FLUX uses a negative prompt only with true CFG, which the service does not run.
+    response = httpx.post(
+        f"{base_url}/v1/images/generations",
+        json={"model": "tiny-flux", "prompt": "a fox", "negative_prompt": "blurry"},
+        timeout=60,
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "negative_prompt" and "FluxPipeline" in error["message"]
+    accepted = httpx.post(
+        f"{base_url}/v1/images/generations",
+        json={"model": "tiny-sdxl", "prompt": "a fox", "negative_prompt": "blurry"},
+        timeout=60,
+    )
+    assert accepted.status_code == 200
+
+
+def test_bad_images_are_a_400_across_ray(base_url):
+    response = httpx.post(
+        f"{base_url}/v1/images/edits",
+        data={"prompt": "x", "model": "tiny-sdxl"},
+        files={"image": ("in.png", b"\x89PNG but not really", "image/png")},
+        timeout=60,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "image"
