@@ -101,9 +101,16 @@ def task_classes(text_to_image: type) -> dict[Task, type]:
     return classes
 
 
+@functools.cache
 def call_parameters(pipeline_class: type) -> frozenset[str]:
-    """The arguments the pipeline class's `__call__` takes."""
+    """The arguments the pipeline class's `__call__` takes (asked for every pipeline call)."""
     return frozenset(inspect.signature(pipeline_class.__call__).parameters)
+
+
+@functools.cache
+def init_parameters(pipeline_class: type) -> frozenset[str]:
+    """The components (and options) the pipeline class's constructor takes."""
+    return frozenset(inspect.signature(pipeline_class.__init__).parameters)
 
 
 class RequestPipelines:
@@ -138,7 +145,7 @@ class RequestPipelines:
             **self.shared.components,
             "scheduler": type(scheduler).from_config(scheduler.config),
         }
-        accepted = inspect.signature(cls.__init__).parameters
+        accepted = init_parameters(cls)
         view = cls(**{name: value for name, value in components.items() if name in accepted})
         view.set_progress_bar_config(disable=True)
         # An instance attribute shadows the method, so the pipeline's own call to

@@ -214,8 +214,10 @@ CAPACITY = OVERLOAD_OPTIONS["max_ongoing_requests"] + OVERLOAD_OPTIONS["max_queu
 
 
 def test_past_the_queue_requests_get_503_at_once(overload, step_s):
-    # Fill the service with requests of about 2 s each, then send three times as many more.
-    long_steps = steps_for(2, step_s)
+    # Fill the service with requests of about 5 s each, then send three times as many more.
+    # (The calibration can be off by a few times when other work shared the cores then; the
+    # admitted requests must outlast the burst of extras even so.)
+    long_steps = steps_for(5, step_s)
     with concurrent.futures.ThreadPoolExecutor(4 * CAPACITY) as pool:
         admitted = [
             pool.submit(timed_post, overload, num_inference_steps=long_steps)
@@ -248,7 +250,7 @@ def test_past_the_queue_requests_get_503_at_once(overload, step_s):
         probe_503_s=round(sorted(probes)[2], 3),
         slowest_admitted_s=round(max(seconds for _, seconds in served), 2),
     )
-    # At once: while the admitted requests still run (each holds the replica for ~2 s).
+    # At once: while the admitted requests still run (each holds the replica for ~5 s).
     assert rejection_s[-1] < 1.0 and max(probes) < 0.5
 
 

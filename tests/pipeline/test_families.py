@@ -14,7 +14,7 @@ import torch
 
 from deployments.config import ModelConfig
 from deployments.engine import ImageEngine
-from deployments.jobs import GeneratedImages, GenerationJob, PartialImage
+from deployments.jobs import GeneratedImages, GenerationJob, PartialImage, StepProgress
 from deployments.pipelines import RequestPipelines, load_pipeline
 
 FAMILIES = {
@@ -194,3 +194,20 @@ def test_edits_run_on_views_over_the_same_weights(pipeline):
     assert engine.batch_sizes == [1, 1, 2]
     assert engine.steps_run == 2 + 2 + 2
     assert storage_of(pipeline.components) == shared
+
+
+def test_a_streamed_edit_reports_the_steps_it_really_runs(pipeline):
+    engine = ImageEngine(pipeline, worker_threads=1)
+    image = np.full((32, 64, 3), 90, dtype=np.uint8)
+    edit = job(8, image=image, strength=0.5, num_inference_steps=8, partial_images=1)
+
+    async def collect():
+        return [event async for event in engine.stream(edit)]
+
+    try:
+        events = asyncio.run(collect())
+    finally:
+        engine.shutdown()
+    progress = [event for event in events if isinstance(event, StepProgress)]
+    assert progress[-1] == StepProgress(step=4, total_steps=4)  # 8 steps x strength 0.5
+    assert [type(event) for event in events].count(PartialImage) == 1
