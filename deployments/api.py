@@ -240,12 +240,12 @@ def create_api(
         backend: ImageBackend,
         log: RequestLog,
         event_prefix: str,
+        deadline: float,
     ) -> Response:
         """Run a validated job and answer with its images (or their event stream)."""
         packager = ImagePackager(
             params, store, args.storage.public_base_url or str(request.base_url)
         )
-        deadline = asyncio.get_running_loop().time() + args.request_timeout_s
         if params.stream:
             events = backend.stream(job)
             first = await first_event(events, deadline, args.request_timeout_s)
@@ -279,11 +279,25 @@ def create_api(
             ).model_dump()
         )
 
-    async def logged(request: Request, endpoint: str, handle) -> Response:
-        """Run `handle(log)`, writing the request's one log line however it ends."""
-        log = RequestLog(request_id_of(request), endpoint)
+    async def checked(
+        params: ImageRequest, backend: ImageBackend, model: ModelConfig, task: str, deadline: float
+    ) -> None:
+        """`check_supported` against the model's capabilities, asked of a replica the first
+        time (within the request's time: the replica may still be starting)."""
         try:
-            return await handle(log)
+            async with asyncio.timeout_at(deadline):
+                capabilities = await backend.capabilities()
+        except TimeoutError:
+            raise timed_out(args.request_timeout_s) from None
+        check_supported(params, capabilities, model, task)
+
+    async def logged(request: Request, endpoint: str, handle) -> Response:
+        """Run `handle(log, deadline)`, writing the request's one log line however it ends.
+        The deadline (`request_timeout_s` from now) bounds all the request waits for."""
+        log = RequestLog(request_id_of(request), endpoint)
+        deadline = asyncio.get_running_loop().time() + args.request_timeout_s
+        try:
+            return await handle(log, deadline)
         except APIError as error:
             log.finish(error.status_code, error.code)
             raise
@@ -311,15 +325,15 @@ def create_api(
         },
     )
     async def generate_images(request: Request) -> Response:
-        async def handle(log: RequestLog) -> Response:
+        async def handle(log: RequestLog, deadline: float) -> Response:
             body = await _json_body(request, args.limits.max_body_bytes)
             model = model_for(body.get("model") if isinstance(body, dict) else None)
             params = validate(ImageGenerationRequest, body, model)
             backend = backends[model.id]
-            check_supported(params, await backend.capabilities(), model, "text-to-image")
+            await checked(params, backend, model, "text-to-image", deadline)
             job = _job_for(params, model, args, request_id_of(request))
             log.add(**_logged_parameters(params, job, model.id, args))
-            return await answer(request, params, job, backend, log, "image_generation")
+            return await answer(request, params, job, backend, log, "image_generation", deadline)
 
         return await logged(request, "generations", handle)
 
@@ -338,7 +352,7 @@ def create_api(
         },
     )
     async def edit_images(request: Request) -> Response:
-        async def handle(log: RequestLog) -> Response:
+        async def handle(log: RequestLog, deadline: float) -> Response:
             form = await _form_body(request, args.limits.max_upload_bytes)
             try:
                 fields, image_file, mask_file = await _edit_form_parts(form)
@@ -348,7 +362,7 @@ def create_api(
             params = validate(ImageEditRequest, fields, model)
             task = "image-to-image" if mask_file is None else "inpaint"
             backend = backends[model.id]
-            check_supported(params, await backend.capabilities(), model, task)
+            await checked(params, backend, model, task, deadline)
             try:
                 image, mask, (width, height) = await run_in_threadpool(
                     _edit_inputs, image_file, mask_file, params, model, args
@@ -368,7 +382,7 @@ def create_api(
                 strength=params.strength or model.default_strength,
             )
             log.add(**_logged_parameters(params, job, model.id, args))
-            return await answer(request, params, job, backend, log, "image_edit")
+            return await answer(request, params, job, backend, log, "image_edit", deadline)
 
         return await logged(request, "edits", handle)
 

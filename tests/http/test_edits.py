@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
@@ -217,3 +218,15 @@ def test_requests_are_routed_by_model_with_a_default(args, store):
     # Each model's own defaults: tiny-flux's default size is the ModelConfig default.
     assert (flux.jobs[0].width, flux.jobs[0].height) == (64, 64)
     assert (sd3.jobs[0].width, sd3.jobs[0].height) == (64, 32)
+
+
+def test_a_model_whose_replicas_never_answer_times_out_in_the_api_shape(args, store):
+    class NeverStarts(FakeGenerator):
+        async def capabilities(self) -> ModelCapabilities:
+            await asyncio.sleep(3600)  # no replica comes up to say
+            raise AssertionError("unreachable")
+
+    fast = AppArgs.model_validate({**args.model_dump(), "request_timeout_s": 0.2})
+    client = TestClient(create_api(fast, {"tiny-sd3": NeverStarts()}, store))
+    assert_openai_error(client.post("/v1/images/generations", json={"prompt": "x"}), 504)
+    assert_openai_error(edit(client), 504)

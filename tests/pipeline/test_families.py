@@ -52,6 +52,19 @@ def storage_of(modules: dict) -> dict[str, list[tuple[torch.dtype, int]]]:
     }
 
 
+def stream_alone(pipeline, streamed: GenerationJob) -> list:
+    """Every event of one streamed job, on an engine of its own."""
+    engine = ImageEngine(pipeline, worker_threads=1)
+
+    async def collect():
+        return [event async for event in engine.stream(streamed)]
+
+    try:
+        return asyncio.run(collect())
+    finally:
+        engine.shutdown()
+
+
 def run_all(engine: ImageEngine, jobs: list[GenerationJob]) -> list[GeneratedImages]:
     async def gather():
         return await asyncio.gather(*(engine.generate(j) for j in jobs))
@@ -140,16 +153,7 @@ def test_cancelling_stops_the_generation_at_the_next_step(pipeline):
 
 
 def test_streamed_previews_come_at_the_latents_resolution(pipeline):
-    engine = ImageEngine(pipeline, worker_threads=1)
-
-    async def collect():
-        streamed = job(5, num_inference_steps=6, partial_images=2, seeds=(5, 6))
-        return [event async for event in engine.stream(streamed)]
-
-    try:
-        events = asyncio.run(collect())
-    finally:
-        engine.shutdown()
+    events = stream_alone(pipeline, job(5, num_inference_steps=6, partial_images=2, seeds=(5, 6)))
     previews = [event for event in events if isinstance(event, PartialImage)]
     assert [(p.image_index, p.partial_image_index) for p in previews] == [
         (0, 0),
@@ -197,17 +201,9 @@ def test_edits_run_on_views_over_the_same_weights(pipeline):
 
 
 def test_a_streamed_edit_reports_the_steps_it_really_runs(pipeline):
-    engine = ImageEngine(pipeline, worker_threads=1)
     image = np.full((32, 64, 3), 90, dtype=np.uint8)
     edit = job(8, image=image, strength=0.5, num_inference_steps=8, partial_images=1)
-
-    async def collect():
-        return [event async for event in engine.stream(edit)]
-
-    try:
-        events = asyncio.run(collect())
-    finally:
-        engine.shutdown()
+    events = stream_alone(pipeline, edit)
     progress = [event for event in events if isinstance(event, StepProgress)]
     assert progress[-1] == StepProgress(step=4, total_steps=4)  # 8 steps x strength 0.5
     assert [type(event) for event in events].count(PartialImage) == 1
