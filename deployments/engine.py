@@ -233,10 +233,10 @@ class ImageEngine:
             "callback_on_step_end": on_step_end,
         }
         if first.image is not None:  # an edit: each image of each job starts from its input
-            arguments["image"] = [_pil(job.image) for job in jobs for _ in job.seeds]
+            arguments["image"] = _per_image(jobs, [_pil(job.image) for job in jobs])
             arguments["strength"] = first.strength
         if first.mask is not None:
-            arguments["mask_image"] = [_pil(job.mask) for job in jobs for _ in job.seeds]
+            arguments["mask_image"] = _per_image(jobs, [_pil(job.mask) for job in jobs])
         # The ingress rejected what a client asked for that this pipeline does not take; what
         # is left out here are the service's own defaults (say, `width` for a pipeline that
         # takes its size from the input image).
@@ -334,6 +334,11 @@ def _spatial_latents(
 
 def _pil(pixels: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(pixels)
+
+
+def _per_image(jobs: list[GenerationJob], per_job: list) -> list:
+    """One entry per image of the batch: each job's own, repeated for each of its seeds."""
+    return [value for job, value in zip(jobs, per_job, strict=True) for _ in job.seeds]
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
