@@ -15,9 +15,10 @@ from typing import Any
 from pydantic import ValidationError
 from ray.serve import Application
 
-from deployments.config import AppArgs, generator_deployment_name
-from deployments.generator import ImageGenerator
-from deployments.ingress import ImageIngress
+from deployments.config import AppArgs
+from deployments.generator.deployment import ImageGenerator
+from deployments.ingress.deployment import ImageIngress
+from deployments.model_config import generator_deployment_name
 
 
 class InvalidArgs(ValueError):
@@ -54,7 +55,7 @@ def build_application(
         model.id: ImageGenerator.options(
             name=generator_deployment_name(model.id),
             **{**model.deployment, **(generator_options or {})},
-        ).bind(model, args.worker_threads, args.batching)
+        ).bind(model, *args.engine_settings(model))
         for model in args.models
     }
     return ImageIngress.options(**(ingress_options or {})).bind(args, generators)

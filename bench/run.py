@@ -22,8 +22,8 @@ from bench import report
 from bench.bare import measure_bare, weights_bytes
 from bench.load import Workload, run_load
 from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
-from deployments.config import generator_deployment_name
-from deployments.pipelines import load_pipeline
+from deployments.generator.pipelines import load_pipeline
+from deployments.model_config import generator_deployment_name
 from serve_app import parse_args
 
 WORKLOADS = {

@@ -9,112 +9,21 @@ the config's `deployments:` list, where Ray validates them.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal
 
-import diffusers
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from ray.serve.schema import DeploymentSchema
+from pydantic import Field, model_validator
 
-from deployments.embedded_model import default_cache_dir
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Strict):
-    """A model the service serves: what its generator replicas load, the defaults of its
-    requests, and the Ray Serve options of its own generator deployment."""
-
-    id: str = Field(
-        default="tiny-sd3",
-        min_length=1,
-        description="The name clients pass as `model` and `GET /v1/models` lists.",
-    )
-    source: str = Field(
-        default="embedded:tiny-sd3",
-        min_length=1,
-        description=(
-            "Where the weights come from: a Hugging Face hub id "
-            "(`stabilityai/stable-diffusion-3.5-medium`), a local directory written by "
-            "`save_pretrained`, or `embedded:tiny-sd3`, `embedded:tiny-sdxl`, "
-            "`embedded:tiny-flux` for the built-in tiny models."
-        ),
-    )
-    pipeline_class: str | None = Field(
-        default=None,
-        description="The diffusers text-to-image pipeline class to load it with "
-        "(`StableDiffusionXLPipeline`, `FluxPipeline`, ...). By default the class named in "
-        "the checkpoint's `model_index.json`, as diffusers' `DiffusionPipeline` chooses it.",
-    )
-    revision: str | None = Field(
-        default=None, description="Hub revision (branch, tag or commit) to load; hub ids only."
-    )
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto",
-        description="Weight dtype. `auto` is bfloat16 on CUDA and float32 elsewhere.",
-    )
-    device: str = Field(
-        default="auto",
-        description="Torch device (`cuda`, `cuda:1`, `mps`, `cpu`). `auto` picks CUDA, then MPS, "
-        "then CPU.",
-    )
-    owned_by: str = Field(
-        default="image-service", description="The `owned_by` field of `GET /v1/models`."
-    )
-    default_size: str = Field(
-        default="64x64",
-        pattern=r"^\d+x\d+$",
-        description="Image size (`WxH`) used when a request says `size: auto` or none.",
-    )
-    size_multiple: int = Field(
-        default=16,
-        ge=1,
-        description="Width and height must be multiples of this: the VAE's downsampling "
-        "factor times the transformer's patch size (16 for SD3).",
-    )
-    default_steps: int = Field(default=4, ge=1, description="Denoising steps when not given.")
-    default_guidance_scale: float = Field(
-        default=7.0, ge=0, description="Classifier-free guidance scale when not given."
-    )
-    default_strength: float = Field(
-        default=0.8,
-        gt=0,
-        le=1,
-        description="For edits: how much of the input image is redrawn when not given.",
-    )
-    deployment: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Ray Serve options of this model's generator deployment, as in a config's "
-        "`deployments:` entry (`num_replicas` or `autoscaling_config`, `ray_actor_options` "
-        "with `num_gpus`, `max_ongoing_requests`, `max_queued_requests`, ...). Unset options "
-        "keep the defaults of `deployments/generator.py`.",
-    )
-
-    @field_validator("pipeline_class")
-    @classmethod
-    def _known_pipeline_class(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        found = getattr(diffusers, value, None)
-        if not (isinstance(found, type) and issubclass(found, diffusers.DiffusionPipeline)):
-            raise ValueError(f"diffusers has no pipeline class named {value!r}")
-        return value
-
-    @field_validator("deployment")
-    @classmethod
-    def _valid_deployment_options(cls, value: dict[str, Any]) -> dict[str, Any]:
-        known = set(DeploymentSchema.model_fields) - {"name"}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown deployment option(s): {', '.join(unknown)}")
-        DeploymentSchema.model_validate({"name": "generator", **value})  # Ray's own checks
-        return value
+from deployments.cache import default_cache_dir
+from deployments.model_config import (
+    BatchingConfig,
+    ModelConfig,
+    Strict,
+    generator_deployment_name,
+)
+from deployments.sizes import parse_size
 
 
-class RequestLimits(_Strict):
+class RequestLimits(Strict):
     """Bounds on what one request may ask for; exceeding one is a 400 naming the parameter."""
 
     max_prompt_chars: int = Field(
@@ -149,7 +58,7 @@ class RequestLimits(_Strict):
     )
 
 
-class StorageConfig(_Strict):
+class StorageConfig(Strict):
     """Where `response_format: url` images are kept, and for how long."""
 
     directory: str | None = Field(
@@ -173,7 +82,7 @@ class StorageConfig(_Strict):
         return Path(self.directory) if self.directory else default_cache_dir() / "images"
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Strict):
     """API keys that `/v1/` requests must present as `Authorization: Bearer <key>`.
 
     Off when neither source is set. When one is set and holds no key, the ingress refuses to
@@ -196,7 +105,7 @@ class AuthConfig(_Strict):
         return self.api_keys_env is not None or self.api_keys_file is not None
 
 
-class CORSConfig(_Strict):
+class CORSConfig(Strict):
     """Cross-origin access for browser pages served from other origins. Off by default."""
 
     allow_origins: list[str] = Field(
@@ -209,8 +118,8 @@ class CORSConfig(_Strict):
     )
 
 
-class RequestLogConfig(_Strict):
-    """The one log line each image request gets (see `deployments/request_log.py`)."""
+class RequestLogConfig(Strict):
+    """The one log line each image request gets (see `deployments/ingress/request_log.py`)."""
 
     include_prompts: bool = Field(
         default=False,
@@ -219,33 +128,7 @@ class RequestLogConfig(_Strict):
     )
 
 
-class BatchingConfig(_Strict):
-    """How a generator replica groups compatible requests into one pipeline call."""
-
-    max_batch_images: int = Field(
-        default=8,
-        ge=1,
-        le=64,
-        description="Most images in one pipeline call. 1 turns batching off: every request "
-        "runs alone (the per-request design).",
-    )
-    max_batch_pixels: int = Field(
-        default=8 * 256 * 256,
-        ge=1,
-        description="Most pixels (width x height x images) in one pipeline call. Large images "
-        "fill the device alone, so batching them only adds latency and memory; this keeps "
-        "them in small batches or alone.",
-    )
-    max_wait_ms: float = Field(
-        default=25.0,
-        ge=0,
-        le=1000,
-        description="How long a batch waits for compatible requests while the replica is "
-        "busy. An idle replica starts a lone request at once.",
-    )
-
-
-class AppArgs(_Strict):
+class AppArgs(Strict):
     """`args:` of `import_path: serve_app:build_app`."""
 
     models: list[ModelConfig] = Field(
@@ -267,7 +150,8 @@ class AppArgs(_Strict):
     )
     batching: BatchingConfig = Field(
         default_factory=BatchingConfig,
-        description="Batching of compatible requests (on every model's replicas).",
+        description="Batching of compatible requests: the default of every model that sets "
+        "no `batching` of its own.",
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off by default).")
     cors: CORSConfig = Field(default_factory=CORSConfig, description="CORS (off by default).")
@@ -291,12 +175,20 @@ class AppArgs(_Strict):
         ge=1,
         le=64,
         description="Pipeline calls (batches) one generator replica runs at once, each in "
-        "its own thread. Requests beyond these wait inside the replica.",
+        "its own thread; the default of every model that sets no `worker_threads` of its "
+        "own. Requests beyond these wait inside the replica.",
     )
 
     @property
     def default_model_id(self) -> str:
         return self.default_model or self.models[0].id
+
+    def engine_settings(self, model: ModelConfig) -> tuple[int, BatchingConfig]:
+        """The worker threads and batching of `model`'s replicas: its own, else the app's."""
+        return (
+            model.worker_threads or self.worker_threads,
+            model.batching or self.batching,
+        )
 
     def model_by_id(self) -> dict[str, ModelConfig]:
         return {model.id: model for model in self.models}
@@ -324,24 +216,12 @@ class AppArgs(_Strict):
                 f"{name}: default_guidance_scale ({model.default_guidance_scale}) exceeds "
                 f"limits.max_guidance_scale ({self.limits.max_guidance_scale})"
             )
-        width, height = (int(side) for side in model.default_size.split("x"))
-        multiple = model.size_multiple
-        if width % multiple or height % multiple:
-            raise ValueError(
-                f"{name}: default_size {model.default_size} is not a multiple of "
-                f"size_multiple ({multiple})"
+        try:
+            parse_size(
+                model.default_size,
+                default=model.default_size,
+                multiple=model.size_multiple,
+                max_pixels=self.limits.max_pixels,
             )
-        if width * height > self.limits.max_pixels:
-            raise ValueError(
-                f"{name}: default_size {model.default_size} exceeds limits.max_pixels "
-                f"({self.limits.max_pixels})"
-            )
-
-
-GENERATOR_DEPLOYMENT = "ImageGenerator"
-
-
-def generator_deployment_name(model_id: str) -> str:
-    """The name of a model's generator deployment: `ImageGenerator:<id>`, with any character
-    of the id outside letters, digits, `-`, `_` and `.` as `_`."""
-    return f"{GENERATOR_DEPLOYMENT}:{re.sub(r'[^A-Za-z0-9_.-]', '_', model_id)}"
+        except ValueError as error:
+            raise ValueError(f"{name}: default_size: {error} (limits.max_pixels)") from None

@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from deployments.sizes import format_size
+
 # What a pipeline call does: draw from a prompt, redraw a whole image (image-to-image), or
 # redraw the masked part of one (inpainting).
 Task = Literal["text-to-image", "image-to-image", "inpaint"]
@@ -41,6 +43,11 @@ class GenerationJob:
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
+
+    @property
+    def size(self) -> str:
+        """`WIDTHxHEIGHT`, as the API writes sizes."""
+        return format_size(self.width, self.height)
 
     @property
     def num_images(self) -> int:

@@ -1,10 +1,19 @@
-"""Parsing the `size` parameter: `"WxH"` or `"auto"`, checked against a model's rules."""
+"""Image sizes: parsing the `size` parameter (`"WxH"` or `"auto"`) against a model's rules,
+fitting an uploaded image's size to them, and writing a size back as `"WxH"`.
+
+Plain functions of plain values: the request schema resolves a request's size with
+`resolve_size`, once, for generations and edits alike.
+"""
 
 from __future__ import annotations
 
 import re
 
 _SIZE = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
+
+
+def format_size(width: int, height: int) -> str:
+    return f"{width}x{height}"
 
 
 def parse_size(text: str, *, default: str, multiple: int, max_pixels: int) -> tuple[int, int]:
@@ -26,3 +35,33 @@ def parse_size(text: str, *, default: str, multiple: int, max_pixels: int) -> tu
             f"{text} is {width * height} pixels; this service allows at most {max_pixels}"
         )
     return width, height
+
+
+def fit_size(width: int, height: int, multiple: int, max_pixels: int) -> tuple[int, int]:
+    """The output size for an input of `width` x `height` (`size: auto` of an edit): the same
+    aspect, scaled down to at most `max_pixels`, each side a multiple of `multiple` (at least
+    one)."""
+    scale = min(1.0, (max_pixels / (width * height)) ** 0.5)
+    fitted_width = max(multiple, int(width * scale) // multiple * multiple)
+    fitted_height = max(multiple, int(height * scale) // multiple * multiple)
+    while fitted_width * fitted_height > max_pixels and max(fitted_width, fitted_height) > multiple:
+        if fitted_width >= fitted_height:
+            fitted_width -= multiple
+        else:
+            fitted_height -= multiple
+    return fitted_width, fitted_height
+
+
+def resolve_size(
+    text: str,
+    *,
+    default: str,
+    multiple: int,
+    max_pixels: int,
+    input_size: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """The (width, height) to generate for a request's `size`: `auto` is the input image's
+    size fitted to the rules when there is an input (edits), else the model's `default`."""
+    if text == "auto" and input_size is not None:
+        return fit_size(*input_size, multiple, max_pixels)
+    return parse_size(text, default=default, multiple=multiple, max_pixels=max_pixels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from deployments.protocol import ImageGenerationRequest
+from deployments.ingress.protocol import ImageGenerationRequest
 
 # Any JSON value, nested a little (NaN and Infinity are not JSON).
 json_values = st.recursive(

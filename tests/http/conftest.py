@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.api import create_api
 from deployments.config import AppArgs
-from deployments.storage import ImageStore
+from deployments.ingress.app import create_api
+from deployments.ingress.storage import ImageStore
 
 from .fakes import FakeGenerator
 

@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from deployments.api import create_api
 from deployments.config import AppArgs
-from deployments.errors import service_unavailable
+from deployments.ingress.app import create_api
+from deployments.ingress.errors import service_unavailable
 
 from .checks import assert_openai_error, decode
 from .fakes import pixels_for

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from deployments.api import create_api
 from deployments.config import AppArgs
+from deployments.ingress.app import create_api
 from deployments.jobs import ModelCapabilities
 
 from .checks import assert_openai_error, decode

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployments.api import create_api
 from deployments.config import AppArgs
+from deployments.ingress.app import create_api
 from tests.strategies import request_bodies
 
 from .checks import assert_openai_error

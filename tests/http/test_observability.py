@@ -7,8 +7,8 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.api import create_api
 from deployments.config import AppArgs
+from deployments.ingress.app import create_api
 
 
 class ErrorCounts:

@@ -8,9 +8,9 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.api import create_api
-from deployments.auth import NoAPIKeys, bearer_token, parse_keys
 from deployments.config import AppArgs
+from deployments.ingress.app import create_api
+from deployments.ingress.auth import NoAPIKeys, bearer_token, parse_keys
 
 from .checks import assert_openai_error
 

@@ -9,8 +9,8 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.api import create_api
-from deployments.errors import service_unavailable
+from deployments.ingress.app import create_api
+from deployments.ingress.errors import service_unavailable
 
 from .checks import assert_openai_error, decode
 from .fakes import pixels_for

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
-from deployments.config import generator_deployment_name
+from deployments.model_config import generator_deployment_name
 from serve_app import build_app
 
 from .helpers import decode_png
@@ -35,6 +36,14 @@ ARGS = {
     ],
     "limits": {"max_pixels": 64 * 64, "max_steps": 20},
 }
+# Engine settings per model: tiny-sd3 never batches, tiny-flux batches in one worker thread,
+# and tiny-sdxl keeps the application's defaults.
+ENGINES = {
+    "tiny-sd3": {"batching": {"max_batch_images": 1}},
+    "tiny-flux": {"batching": {"max_batch_images": 8, "max_wait_ms": 200}, "worker_threads": 1},
+}
+for _model in ARGS["models"]:
+    _model.update(ENGINES.get(_model["id"], {}))
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +158,26 @@ def test_bad_images_are_a_400_across_ray(base_url):
     )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "image"
+
+
+def test_two_models_of_one_application_batch_differently(client):
+    def batch_sizes(model: str) -> list[int]:
+        handle = serve.get_deployment_handle(generator_deployment_name(model), "families")
+        return handle.counters.remote().result()["batch_sizes"]
+
+    before = {model: len(batch_sizes(model)) for model in ("tiny-sd3", "tiny-flux")}
+    with ThreadPoolExecutor(12) as pool:
+        # Slow enough (20 steps) that the others arrive while the first request runs.
+        futures = [
+            pool.submit(
+                generate, client, model=model, extra_body={"num_inference_steps": 20, "seed": i}
+            )
+            for model in ("tiny-sd3", "tiny-flux")
+            for i in range(6)
+        ]
+        for future in futures:
+            future.result()
+    sd3 = batch_sizes("tiny-sd3")[before["tiny-sd3"] :]
+    flux = batch_sizes("tiny-flux")[before["tiny-flux"] :]
+    assert sd3 == [1] * 6, sd3
+    assert sum(flux) == 6 and max(flux) > 1, flux

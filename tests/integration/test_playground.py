@@ -22,7 +22,7 @@ ARGS = {
     "models": [{"id": "tiny-sd3", "device": "cpu", "default_size": "64x64", "default_steps": 4}],
     "limits": {"max_steps": 50},
 }
-SCREENSHOT = Path(__file__).parents[2] / "deployments" / "playground" / "screenshot.png"
+SCREENSHOT = Path(__file__).parents[2] / "deployments" / "ingress" / "playground" / "screenshot.png"
 # As the environment notes say: no sandbox as root, and no background traffic on a closed net.
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from ray import serve
 
-from deployments.config import generator_deployment_name
+from deployments.model_config import generator_deployment_name
 from serve_app import build_application, parse_args
 
 from .helpers import one_at_a_time

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
-from deployments.config import generator_deployment_name
+from deployments.model_config import generator_deployment_name
 
 from .helpers import decode_png
 

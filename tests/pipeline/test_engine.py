@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.config import ModelConfig
-from deployments.engine import ImageEngine, ReplicaBroken
+from deployments.generator.engine import ImageEngine, ReplicaBroken
+from deployments.generator.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import GenerationJob
-from deployments.pipelines import RequestPipelines, load_pipeline
+from deployments.model_config import BatchingConfig, ModelConfig
 
 
 def job(
@@ -71,7 +71,9 @@ async def generate_all(engine: ImageEngine, jobs: list[GenerationJob]):
 @pytest.mark.parametrize("max_batch_images", [1, 8], ids=["per-request", "batched"])
 def test_32_concurrent_requests_of_mixed_sizes_and_steps_all_succeed(pipeline, max_batch_images):
     engine = ImageEngine(
-        pipeline, worker_threads=4, max_batch_images=max_batch_images, max_wait_s=0.01
+        pipeline,
+        worker_threads=4,
+        batching=BatchingConfig(max_batch_images=max_batch_images, max_wait_ms=10),
     )
     rng = random.Random(1)
     jobs = [
@@ -249,7 +251,9 @@ def test_ordinary_failures_keep_the_replica_healthy(pipeline, monkeypatch):
 
 
 def test_compatible_requests_arriving_together_run_as_one_call(pipeline):
-    engine = ImageEngine(pipeline, worker_threads=1, max_batch_images=8, max_wait_s=0.05)
+    engine = ImageEngine(
+        pipeline, worker_threads=1, batching=BatchingConfig(max_batch_images=8, max_wait_ms=50)
+    )
     jobs = [job(seed, prompt=f"prompt {seed}", steps=2) for seed in range(9)]
     try:
         run(generate_all(engine, jobs))
@@ -268,7 +272,9 @@ def test_an_image_is_the_same_alone_or_in_a_batch_of_8(pipeline):
     uint8 conversion can land on either side. Allowed: at most 1 level, in at most 0.1% of
     the values (measured: 1 level in 0.02%).
     """
-    engine = ImageEngine(pipeline, worker_threads=1, max_batch_images=8, max_wait_s=0.05)
+    engine = ImageEngine(
+        pipeline, worker_threads=1, batching=BatchingConfig(max_batch_images=8, max_wait_ms=50)
+    )
     target = job(77, prompt="a lighthouse", n=2, steps=4)
     others = [job(seed, prompt=f"another prompt {seed}", steps=4) for seed in range(6)]
 

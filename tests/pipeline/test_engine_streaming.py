@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.config import ModelConfig
-from deployments.engine import ImageEngine
+from deployments.generator.engine import ImageEngine
+from deployments.generator.pipelines import load_pipeline
+from deployments.generator.previews import LatentPreviewer
 from deployments.jobs import GeneratedImages, GenerationJob, PartialImage, StepProgress
-from deployments.pipelines import load_pipeline
-from deployments.previews import LatentPreviewer
+from deployments.model_config import BatchingConfig, ModelConfig
 
 
 class RecordedMetrics:
@@ -59,7 +59,12 @@ def metrics() -> RecordedMetrics:
 
 @pytest.fixture
 def engine(pipeline, metrics):
-    engine = ImageEngine(pipeline, worker_threads=2, max_batch_images=8, metrics=metrics)
+    engine = ImageEngine(
+        pipeline,
+        worker_threads=2,
+        batching=BatchingConfig(max_batch_images=8, max_wait_ms=0),
+        metrics=metrics,
+    )
     yield engine
     engine.shutdown()
 
@@ -95,7 +100,9 @@ def test_streamed_and_plain_generation_give_the_same_images(engine):
 
 
 def test_batched_streams_each_get_their_own_previews(pipeline):
-    engine = ImageEngine(pipeline, worker_threads=1, max_batch_images=8, max_wait_s=0.2)
+    engine = ImageEngine(
+        pipeline, worker_threads=1, batching=BatchingConfig(max_batch_images=8, max_wait_ms=200)
+    )
 
     async def together():
         blocker = asyncio.ensure_future(engine.generate(streamed_job(0, steps=2)))

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.config import ModelConfig
-from deployments.engine import ImageEngine
+from deployments.generator.engine import ImageEngine
+from deployments.generator.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import GeneratedImages, GenerationJob, PartialImage, StepProgress
-from deployments.pipelines import RequestPipelines, load_pipeline
+from deployments.model_config import BatchingConfig, ModelConfig
 
 FAMILIES = {
     "tiny-sd3": "StableDiffusion3Pipeline",
@@ -89,7 +89,9 @@ def test_concurrent_batched_jobs_succeed_on_shared_unchanged_weights(pipeline):
     before = storage_of(pipeline.components)
     takes = RequestPipelines(pipeline).capabilities().tasks["text-to-image"]
     negative = "blurry" if "negative_prompt" in takes else None
-    engine = ImageEngine(pipeline, worker_threads=2, max_batch_images=4, max_wait_s=0.02)
+    engine = ImageEngine(
+        pipeline, worker_threads=2, batching=BatchingConfig(max_batch_images=4, max_wait_ms=20)
+    )
     jobs = [
         job(seed, prompt=f"prompt {seed}", negative_prompt=negative if seed % 2 else None)
         for seed in range(6)
@@ -108,7 +110,9 @@ def test_concurrent_batched_jobs_succeed_on_shared_unchanged_weights(pipeline):
 
 def test_a_seed_gives_the_same_image_alone_and_in_a_batch(pipeline):
     """Within the CPU float32 bound of test_engine.py: 1 level in 0.1% of the values."""
-    engine = ImageEngine(pipeline, worker_threads=1, max_batch_images=8, max_wait_s=0.05)
+    engine = ImageEngine(
+        pipeline, worker_threads=1, batching=BatchingConfig(max_batch_images=8, max_wait_ms=50)
+    )
     target = job(77, prompt="a red bicycle")
 
     async def alone_then_batched():
@@ -181,7 +185,9 @@ def test_edits_run_on_views_over_the_same_weights(pipeline):
     image = rng.integers(0, 256, size=(32, 64, 3), dtype=np.uint8)
     mask = np.zeros((32, 64), dtype=np.uint8)
     mask[:, 32:] = 255
-    engine = ImageEngine(pipeline, worker_threads=1, max_batch_images=4, max_wait_s=0.02)
+    engine = ImageEngine(
+        pipeline, worker_threads=1, batching=BatchingConfig(max_batch_images=4, max_wait_ms=20)
+    )
     edits = [
         job(1, image=image, strength=0.5, num_inference_steps=4),
         job(2, image=image, strength=0.5, num_inference_steps=4),

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from deployments.batching import BatchQueue, batch_key
+from deployments.generator.batching import BatchQueue, QueuedJob, batch_key
 from deployments.jobs import GeneratedImages, GenerationJob
+from deployments.model_config import BatchingConfig
 
 
 def job(
@@ -38,6 +40,7 @@ class FakeRunner:
 
     def __init__(self) -> None:
         self.batches: list[list[tuple[int, ...]]] = []
+        self.entries: list[list[QueuedJob]] = []
         self.cancel_flags: list[threading.Event] = []
         self._holding = False
         self._gates = [threading.Event() for _ in range(64)]
@@ -55,9 +58,11 @@ class FakeRunner:
         for gate in self._gates:
             gate.set()
 
-    def __call__(self, jobs: list[GenerationJob], cancelled: threading.Event):
+    def __call__(self, queued: list[QueuedJob], cancelled: threading.Event):
         index = len(self.batches)
+        jobs = [entry.job for entry in queued]
         self.batches.append([j.seeds for j in jobs])
+        self.entries.append(queued)
         self.cancel_flags.append(cancelled)
         if self._holding:
             self._gates[index].wait(timeout=10)
@@ -74,16 +79,12 @@ def runner() -> FakeRunner:
     return FakeRunner()
 
 
-def make_queue(runner, workers=1, max_images=8, max_wait_s=0.02, max_pixels=None):
-    pool = ThreadPoolExecutor(workers)
-    return BatchQueue(
-        runner,
-        pool,
-        workers=workers,
-        max_batch_images=max_images,
-        max_wait_s=max_wait_s,
-        max_batch_pixels=max_pixels,
+def make_queue(runner, workers=1, max_images=8, max_wait_ms=20.0, max_pixels=1 << 30):
+    """A queue on its own pool; by default the pixel budget is too large to matter."""
+    settings = BatchingConfig(
+        max_batch_images=max_images, max_wait_ms=max_wait_ms, max_batch_pixels=max_pixels
     )
+    return BatchQueue(runner, ThreadPoolExecutor(workers), workers=workers, settings=settings)
 
 
 async def started(runner: FakeRunner, count: int) -> None:
@@ -119,8 +120,9 @@ def test_compatible_means_same_call_parameters():
 
 def test_an_idle_replica_starts_a_lone_job_without_waiting(runner):
     async def scenario():
-        queue = make_queue(runner, max_wait_s=60)  # a window far longer than the test may take
-        return await asyncio.wait_for(queue.submit(job(5)), timeout=5)
+        # The longest window the settings allow: a lone job must not sit through it.
+        queue = make_queue(runner, max_wait_ms=1000)
+        return await asyncio.wait_for(queue.submit(job(5)), timeout=0.5)
 
     assert asyncio.run(scenario()).seeds == (5,)
 
@@ -163,7 +165,7 @@ def test_a_maximum_of_one_runs_every_job_alone(runner):
 
 def test_a_waiting_batch_starts_after_the_window_with_a_worker_free(runner):
     async def scenario():
-        queue = make_queue(runner, workers=2, max_wait_s=0.02)
+        queue = make_queue(runner, workers=2, max_wait_ms=20)
         runner.hold()
         blocked = asyncio.create_task(queue.submit(job(0)))
         await started(runner, 1)
@@ -240,3 +242,34 @@ def test_large_images_batch_within_the_pixel_budget(runner):
     large = [batch for batch in runner.batches[1:] if batch[0][0] < 6]
     assert sorted(len(batch) for batch in large) == [1, 2, 2]
     assert [len(batch) for batch in runner.batches[1:] if batch[0][0] >= 6] == [8]
+
+
+def test_each_queued_job_carries_its_own_sink_and_submit_time(runner):
+    """Equal jobs from two requests are two entries, each with its own sink."""
+
+    def first_sink(event) -> None:
+        pass
+
+    def second_sink(event) -> None:
+        pass
+
+    async def scenario():
+        queue = make_queue(runner)
+        runner.hold()
+        blocker = asyncio.create_task(queue.submit(job(0)))
+        await started(runner, 1)
+        before = time.perf_counter()
+        twins = [
+            asyncio.create_task(queue.submit(job(1), sink)) for sink in (first_sink, second_sink)
+        ]
+        await asyncio.sleep(0.05)
+        runner.release()
+        await asyncio.gather(blocker, *twins)
+        return before
+
+    before = asyncio.run(scenario())
+    (alone,), (first, second) = runner.entries
+    assert alone.sink is None
+    assert first.sink is first_sink and second.sink is second_sink
+    assert first.job == second.job
+    assert alone.submitted < before <= first.submitted <= second.submitted

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.encoding import encode_image, to_base64
+from deployments.ingress.encoding import encode_image, to_base64
 
 
 @pytest.fixture

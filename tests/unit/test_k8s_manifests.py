@@ -14,6 +14,7 @@ import copy
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,15 @@ def test_dockerfile_builds_on_rays_image_of_the_installed_version():
     dockerfile = (K8S / "Dockerfile").read_text()
     (base,) = re.findall(r"^FROM (\S+)", dockerfile, flags=re.MULTILINE)
     assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu", base)
+
+
+def test_dockerfile_python_is_one_the_project_supports():
+    # `asyncio.timeout_at` is on the request path: Python 3.11 at least.
+    dockerfile = (K8S / "Dockerfile").read_text()
+    (minor,) = re.findall(r"^FROM rayproject/ray:\S+-py3(\d+)-", dockerfile, flags=re.MULTILINE)
+    pyproject = tomllib.loads((K8S.parent / "pyproject.toml").read_text())
+    required = re.fullmatch(r">=3\.(\d+)", pyproject["project"]["requires-python"])
+    assert required is not None and int(minor) >= int(required.group(1)) >= 11
 
 
 def _rayservice(docs: list[Doc]) -> Doc:

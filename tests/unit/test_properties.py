@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from deployments.config import AppArgs
-from deployments.errors import from_validation_error
-from deployments.protocol import ImageGenerationRequest, ValidationContext
+from deployments.ingress.errors import from_validation_error
+from deployments.ingress.protocol import ImageGenerationRequest, ValidationContext
 from deployments.sizes import parse_size
 from tests.strategies import request_bodies
 

@@ -3,9 +3,10 @@
 import pytest
 from pydantic import ValidationError
 
-from deployments.config import ModelConfig, RequestLimits
-from deployments.errors import from_validation_error
-from deployments.protocol import Image, ImageGenerationRequest, ValidationContext
+from deployments.config import RequestLimits
+from deployments.ingress.errors import from_validation_error
+from deployments.ingress.protocol import Image, ImageGenerationRequest, ValidationContext
+from deployments.model_config import ModelConfig
 
 CONTEXT = ValidationContext(
     limits=RequestLimits(

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from deployments.storage import ImageStore
+from deployments.ingress.storage import ImageStore
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.uploads import UploadError, decode_image, fit_size, image_pixels, mask_pixels
+from deployments.ingress.uploads import UploadError, decode_image, image_pixels, mask_pixels
+from deployments.sizes import fit_size
 
 
 def encoded(image: Image.Image, format: str = "PNG") -> bytes:

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from deployments.encoding import MEDIA_TYPES
+from deployments.ingress.encoding import MEDIA_TYPES
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{43}\.(png|jpeg|webp)$")
 _SWEEP_INTERVAL_S = 60.0

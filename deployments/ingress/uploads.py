@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -49,20 +51,6 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def fit_size(width: int, height: int, multiple: int, max_pixels: int) -> tuple[int, int]:
-    """The output size for an input of `width` x `height` (`size: auto`): the same aspect,
-    scaled down to at most `max_pixels`, each side a multiple of `multiple` (at least one)."""
-    scale = min(1.0, (max_pixels / (width * height)) ** 0.5)
-    fitted_width = max(multiple, int(width * scale) // multiple * multiple)
-    fitted_height = max(multiple, int(height * scale) // multiple * multiple)
-    while fitted_width * fitted_height > max_pixels and max(fitted_width, fitted_height) > multiple:
-        if fitted_width >= fitted_height:
-            fitted_width -= multiple
-        else:
-            fitted_height -= multiple
-    return fitted_width, fitted_height
-
-
 def image_pixels(image: Image.Image, width: int, height: int) -> np.ndarray:
     """The image as RGB uint8 (height, width, 3), scaled to the output size."""
     rgb = image.convert("RGB")
@@ -84,3 +72,39 @@ def mask_pixels(mask: Image.Image, width: int, height: int) -> np.ndarray:
     if redraw.size != (width, height):
         redraw = redraw.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(redraw, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """An edit's uploads, decoded and scaled to the output size."""
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    # The uploaded image's own size, which `size: auto` follows.
+    input_size: tuple[int, int]
+
+
+def read_edit_inputs(
+    image_file: bytes,
+    mask_file: bytes | None,
+    max_input_pixels: int,
+    output_size: Callable[[tuple[int, int]], tuple[int, int]],
+) -> EditInputs:
+    """Decode the uploads and scale them to `output_size(input size)` (in a worker thread:
+    decoding and scaling a large photo takes a while)."""
+    image = decode_image(image_file, "image", max_input_pixels)
+    mask = None
+    if mask_file is not None:
+        mask = decode_image(mask_file, "mask", max_input_pixels)
+        if mask.size != image.size:
+            raise UploadError(
+                "mask",
+                f"The mask is {mask.size[0]}x{mask.size[1]}; it must be the image's size, "
+                f"{image.size[0]}x{image.size[1]}.",
+            )
+    width, height = output_size(image.size)
+    return EditInputs(
+        image=image_pixels(image, width, height),
+        mask=mask_pixels(mask, width, height) if mask is not None else None,
+        input_size=image.size,
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from deployments.protocol import ErrorDetail, ErrorResponse
+from deployments.ingress.protocol import ErrorDetail, ErrorResponse
 
 
 class APIError(Exception):
@@ -104,14 +104,12 @@ def error_body(error: APIError) -> dict:
     return ErrorResponse(error=detail).model_dump()
 
 
-def error_response(error: APIError, request_id: str | None = None) -> JSONResponse:
+def error_response(error: APIError) -> JSONResponse:
     headers = {"x-should-retry": "true" if error.retryable else "false"}
     if error.retry_after_s is not None:
         headers["retry-after"] = str(error.retry_after_s)
     if error.status_code == 401:
         headers["www-authenticate"] = "Bearer"
-    if request_id:
-        headers["x-request-id"] = request_id
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 

@@ -1,8 +1,8 @@
 """The generator deployment: a replica that loads ONE pipeline at start and keeps it.
 
 It does the model's work only: it receives `GenerationJob`s from the ingress, runs them on
-per-request pipeline views in its worker threads (see `deployments/engine.py`) and returns
-raw pixels. Each served model has its own deployment of this class, named
+per-request pipeline views in its worker threads (see `deployments/generator/engine.py`) and
+returns raw pixels. Each served model has its own deployment of this class, named
 `ImageGenerator:<model id>`, so each scales on its own. Resources (`num_gpus`), replica counts
 and queue limits come from the model's `deployment:` options in `args`; the defaults below
 suit image work, where one request holds the device for seconds (Serve's own defaults assume
@@ -18,11 +18,11 @@ import ray
 import torch
 from ray import serve
 
-from deployments.config import GENERATOR_DEPLOYMENT, BatchingConfig, ModelConfig
-from deployments.engine import ImageEngine
+from deployments.generator.engine import ImageEngine
+from deployments.generator.pipelines import load_pipeline
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
 from deployments.metrics import GeneratorMetrics
-from deployments.pipelines import load_pipeline
+from deployments.model_config import GENERATOR_DEPLOYMENT, BatchingConfig, ModelConfig
 
 
 @serve.deployment(
@@ -45,12 +45,7 @@ class ImageGenerator:
         if pipeline.device.type == "cpu":
             torch.set_num_threads(cpu_threads_per_call(worker_threads))
         self._engine = ImageEngine(
-            pipeline,
-            worker_threads,
-            max_batch_images=batching.max_batch_images,
-            max_batch_pixels=batching.max_batch_pixels,
-            max_wait_s=batching.max_wait_ms / 1000,
-            metrics=GeneratorMetrics(model.id),
+            pipeline, worker_threads, batching=batching, metrics=GeneratorMetrics(model.id)
         )
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
@@ -68,12 +63,14 @@ class ImageGenerator:
     def check_health(self) -> None:
         self._engine.check_health()
 
-    def counters(self) -> dict[str, int | str]:
+    def counters(self) -> dict[str, int | str | list[int]]:
         """What the replica has done so far, for operators and tests."""
         return {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "steps_run": self._engine.steps_run,
+            # Images in each of its most recent pipeline calls, oldest first: how it batched.
+            "batch_sizes": self._engine.batch_sizes[-100:],
         }
 
     def __del__(self) -> None:

@@ -2,16 +2,17 @@
 
 `ImageEngine.generate` is a coroutine: the replica's event loop keeps accepting requests
 while a bounded pool of threads runs the pipeline (torch releases the GIL in its kernels).
-Compatible jobs are grouped into one pipeline call by `deployments/batching.py`; each call
-runs on its own pipeline view (see `deployments/pipelines.py`). Cancelling the coroutine (the
-client went away, or the request timed out) cannot stop a thread, so a running batch whose
-jobs are all cancelled is told through the pipeline's step callback, which raises at the next
+Compatible jobs are grouped into one pipeline call by `deployments/generator/batching.py`;
+each call runs on its own pipeline view (see `deployments/generator/pipelines.py`), with the
+arguments of `deployments/generator/call_arguments.py`. Cancelling the coroutine (the client
+went away, or the request timed out) cannot stop a thread, so a running batch whose jobs are
+all cancelled is told through the pipeline's step callback, which raises at the next
 denoising step; a job still waiting is simply dropped from its batch.
 
 The same step callback feeds streamed jobs (`ImageEngine.stream`): it reports progress and,
 at the steps a job asked previews for, turns that job's slice of the latents into small
-previews (`deployments/previews.py`). It also times each call's phases for the request logs
-and the metrics.
+previews (`deployments/generator/previews.py`). It also times each call's phases for the
+request logs and the metrics (`deployments/generator/call_timing.py`).
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
-from deployments.batching import BatchQueue
+from deployments.generator.batching import BatchQueue, EventSink, QueuedJob
+from deployments.generator.call_arguments import StepCallback, pipeline_arguments
+from deployments.generator.call_timing import CallTimer, CallTimes
+from deployments.generator.pipelines import RequestPipelines, call_parameters
+from deployments.generator.previews import fit_previewer
 from deployments.jobs import (
     GeneratedImages,
     GenerationEvent,
@@ -41,8 +44,7 @@ from deployments.jobs import (
     StepProgress,
     preview_steps,
 )
-from deployments.pipelines import RequestPipelines, call_parameters
-from deployments.previews import fit_previewer
+from deployments.model_config import BatchingConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,7 +52,8 @@ logger = logging.getLogger("ray.serve")
 # page needs a few updates a second, not one per step of a fast model.
 PROGRESS_INTERVAL_S = 0.1
 
-EventSink = Callable[[GenerationEvent], None]
+# The engine's batching unless told otherwise: every job runs alone, at once.
+UNBATCHED = BatchingConfig(max_batch_images=1, max_wait_ms=0)
 
 
 class EngineMetrics(Protocol):
@@ -61,14 +64,6 @@ class EngineMetrics(Protocol):
     ) -> None: ...
 
     def queue_changed(self, waiting_jobs: int) -> None: ...
-
-
-@dataclass
-class _Tracked:
-    """What the engine keeps of a job between its submission and its batch."""
-
-    submitted: float
-    sink: EventSink | None
 
 
 class GenerationCancelled(Exception):
@@ -89,13 +84,14 @@ def _is_device_failure(error: BaseException) -> bool:
 
 
 class ImageEngine:
+    """Runs jobs on one shared pipeline in `worker_threads` threads, grouped into pipeline
+    calls as `batching` says (by default, each job alone)."""
+
     def __init__(
         self,
         pipeline: DiffusionPipeline,
         worker_threads: int,
-        max_batch_images: int = 1,
-        max_wait_s: float = 0.0,
-        max_batch_pixels: int | None = None,
+        batching: BatchingConfig = UNBATCHED,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self._pipelines = RequestPipelines(pipeline)
@@ -106,14 +102,9 @@ class ImageEngine:
             self._run_batch,
             self._pool,
             workers=worker_threads,
-            max_batch_images=max_batch_images,
-            max_batch_pixels=max_batch_pixels,
-            max_wait_s=max_wait_s,
+            settings=batching,
             on_change=metrics.queue_changed if metrics is not None else None,
         )
-        # Jobs between submission and result, by identity: equal jobs (same parameters and
-        # seeds) from two requests are still two jobs. Read by the worker threads.
-        self._tracked: dict[int, _Tracked] = {}
         self._broken: BaseException | None = None
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
@@ -134,14 +125,11 @@ class ImageEngine:
     async def generate(self, job: GenerationJob, sink: EventSink | None = None) -> GeneratedImages:
         """The job's images; `sink`, if given, is called (from a worker thread) with its
         progress and previews."""
-        self._tracked[id(job)] = _Tracked(submitted=time.perf_counter(), sink=sink)
         try:
-            return await self._queue.submit(job)
+            return await self._queue.submit(job, sink)
         except asyncio.CancelledError:
             logger.info("request %s cancelled; its generation stops", job.request_id)
             raise
-        finally:
-            self._tracked.pop(id(job), None)
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
         """The job's progress and previews as they happen, then its `GeneratedImages`.
@@ -169,79 +157,59 @@ class ImageEngine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run_batch(
-        self, jobs: list[GenerationJob], cancelled: threading.Event
+        self, queued: list[QueuedJob], cancelled: threading.Event
     ) -> list[GeneratedImages]:
         """One pipeline call for compatible jobs (see `batch_key`); results in job order."""
         if cancelled.is_set():
             raise GenerationCancelled()
-        started = time.perf_counter()
-        tracked = [self._tracked.get(id(job)) for job in jobs]
+        timer = CallTimer()
+        jobs = [entry.job for entry in queued]
         first = jobs[0]
-        prompts = [job.prompt for job in jobs for _ in job.seeds]
-        negative_prompts = None
-        if first.negative_prompt is not None:  # the same for all jobs of a batch
-            negative_prompts = [job.negative_prompt for job in jobs for _ in job.seeds]
-        # One generator per image, on the CPU: each image's noise depends only on its own seed
-        # (not on its batch neighbours), and a seed gives the same noise on any device.
-        generators = [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.seeds]
         view = self._pipelines.view(first.task)
         reporter = _StepReporter(
-            jobs,
-            [t.sink if t else None for t in tracked],
+            queued,
             self._previewer,
             spatial=functools.partial(_spatial_latents, view, first.width, first.height),
         )
-        denoise_started = started
-        last_step_end = started
-        steps_done = 0
+        on_step_end = self._step_callback(timer, reporter, cancelled, first.num_inference_steps)
+        view.encode_prompt = timer.timed_encode_prompt(view.encode_prompt)
+        arguments = pipeline_arguments(jobs, call_parameters(type(view)), on_step_end)
+        pixels = self._call(view, arguments)
+        times = timer.finished()
+        if self._metrics is not None:
+            self._metrics.batch_finished(
+                images=len(pixels),
+                generate_s=times.generate_s,
+                steps=times.steps,
+                denoise_s=times.denoise_s,
+            )
+        return _results(queued, pixels, times)
 
-        def on_step_end(pipeline, step, _timestep, callback_kwargs):
-            nonlocal last_step_end, steps_done
-            last_step_end = time.perf_counter()
-            steps_done = step + 1
+    def _step_callback(
+        self,
+        timer: CallTimer,
+        reporter: _StepReporter,
+        cancelled: threading.Event,
+        asked_steps: int,
+    ) -> StepCallback:
+        """The pipeline's `callback_on_step_end` for one batch: times and counts the step,
+        stops a cancelled batch, and reports to the batch's streamed jobs."""
+
+        def on_step_end(pipeline, step: int, _timestep, callback_kwargs: dict[str, Any]):
+            timer.step_ended(step)
             with self._steps_lock:
                 self.steps_run += 1
             if cancelled.is_set():
                 raise GenerationCancelled()
             # Edits run fewer steps than asked (num_inference_steps x strength).
-            total = getattr(pipeline, "_num_timesteps", None) or first.num_inference_steps
+            total = getattr(pipeline, "_num_timesteps", None) or asked_steps
             reporter.step_done(step + 1, total, callback_kwargs["latents"])
             return callback_kwargs
 
-        text_encode_s = 0.0
-        encode_prompt = view.encode_prompt
+        return on_step_end
 
-        def timed_encode_prompt(*args, **kwargs):
-            nonlocal text_encode_s, denoise_started
-            encode_started = time.perf_counter()
-            try:
-                return encode_prompt(*args, **kwargs)
-            finally:
-                denoise_started = time.perf_counter()
-                text_encode_s += denoise_started - encode_started
-
-        view.encode_prompt = timed_encode_prompt
-        arguments = {
-            "prompt": prompts,
-            "negative_prompt": negative_prompts,
-            "width": first.width,
-            "height": first.height,
-            "num_inference_steps": first.num_inference_steps,
-            "guidance_scale": first.guidance_scale,
-            "generator": generators,
-            "output_type": "np",
-            "callback_on_step_end": on_step_end,
-        }
-        if first.image is not None:  # an edit: each image of each job starts from its input
-            arguments["image"] = _per_image(jobs, [_pil(job.image) for job in jobs])
-            arguments["strength"] = first.strength
-        if first.mask is not None:
-            arguments["mask_image"] = _per_image(jobs, [_pil(job.mask) for job in jobs])
-        # The ingress rejected what a client asked for that this pipeline does not take; what
-        # is left out here are the service's own defaults (say, `width` for a pipeline that
-        # takes its size from the input image).
-        takes = call_parameters(type(view))
-        arguments = {name: value for name, value in arguments.items() if name in takes}
+    def _call(self, view: DiffusionPipeline, arguments: dict[str, Any]) -> list[np.ndarray]:
+        """The pipeline call itself: its images as uint8 arrays, in batch order."""
         try:
             output = view(**arguments)
         except GenerationCancelled:
@@ -250,34 +218,31 @@ class ImageEngine:
             if _is_device_failure(error):
                 self._broken = error
             raise
-        pixels = list(_to_uint8(output.images))
-        finished = time.perf_counter()
-        elapsed = finished - started
-        denoise_s = last_step_end - denoise_started
-        if self._metrics is not None:
-            self._metrics.batch_finished(
-                images=len(pixels),
-                generate_s=elapsed,
-                steps=steps_done,
-                denoise_s=denoise_s,
+        return list(_to_uint8(output.images))
+
+
+def _results(
+    queued: list[QueuedJob], pixels: list[np.ndarray], times: CallTimes
+) -> list[GeneratedImages]:
+    """The batch's images split back into its jobs, each with the account of its call."""
+    results = []
+    batch_images = len(pixels)
+    for entry in queued:
+        job = entry.job
+        images, pixels = pixels[: job.num_images], pixels[job.num_images :]
+        results.append(
+            GeneratedImages(
+                images=images,
+                seeds=job.seeds,
+                generate_s=times.generate_s,
+                batch_images=batch_images,
+                queue_s=times.started - entry.submitted,
+                text_encode_s=times.text_encode_s,
+                denoise_s=times.denoise_s,
+                decode_s=times.decode_s,
             )
-        results = []
-        batch_images = len(pixels)
-        for job, record in zip(jobs, tracked, strict=True):
-            images, pixels = pixels[: job.num_images], pixels[job.num_images :]
-            results.append(
-                GeneratedImages(
-                    images=images,
-                    seeds=job.seeds,
-                    generate_s=elapsed,
-                    batch_images=batch_images,
-                    queue_s=started - record.submitted if record else 0.0,
-                    text_encode_s=text_encode_s,
-                    denoise_s=denoise_s,
-                    decode_s=finished - last_step_end,
-                )
-            )
-        return results
+        )
+    return results
 
 
 class _StepReporter:
@@ -289,17 +254,16 @@ class _StepReporter:
 
     def __init__(
         self,
-        jobs: list[GenerationJob],
-        sinks: list[EventSink | None],
+        queued: list[QueuedJob],
         previewer,
         spatial: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        self._streamed = []
-        offset = 0
-        for job, sink in zip(jobs, sinks, strict=True):
-            if sink is not None:
-                self._streamed.append((job, sink, offset))
-            offset += job.num_images
+        self._streamed: list[tuple[GenerationJob, EventSink, int]] = []
+        offset = 0  # the job's first image in the batch
+        for entry in queued:
+            if entry.sink is not None:
+                self._streamed.append((entry.job, entry.sink, offset))
+            offset += entry.job.num_images
         self._previewer = previewer
         self._spatial = spatial
         self._last_progress = 0.0
@@ -330,15 +294,6 @@ def _spatial_latents(
     if latents.ndim == 3 and hasattr(pipeline, "_unpack_latents"):
         return pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
     return latents
-
-
-def _pil(pixels: np.ndarray) -> PIL.Image.Image:
-    return PIL.Image.fromarray(pixels)
-
-
-def _per_image(jobs: list[GenerationJob], per_job: list) -> list:
-    """One entry per image of the batch: each job's own, repeated for each of its seeds."""
-    return [value for job, value in zip(jobs, per_job, strict=True) for _ in job.seeds]
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:

@@ -34,9 +34,9 @@ from diffusers.pipelines.auto_pipeline import (
     AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
 )
 
-from deployments.config import ModelConfig
-from deployments.embedded_model import ensure_embedded_model, is_embedded
+from deployments.generator.embedded_model import ensure_embedded_model, is_embedded
 from deployments.jobs import OPTIONAL_PARAMETERS, ModelCapabilities, Task
+from deployments.model_config import ModelConfig
 
 logger = logging.getLogger("ray.serve")
 

@@ -1,6 +1,6 @@
 """The ingress deployment: the HTTP front door, with no model and no GPU.
 
-It serves the FastAPI app of `deployments/api.py` and reaches each model's generator
+It serves the FastAPI app of `deployments/ingress/app.py` and reaches each model's generator
 replicas through that model's `DeploymentHandle`, translating Ray's failures into the API's
 errors.
 """
@@ -18,9 +18,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.api import create_api
 from deployments.config import AppArgs
-from deployments.errors import service_unavailable
+from deployments.ingress.app import create_api
+from deployments.ingress.errors import service_unavailable
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
 from deployments.metrics import IngressMetrics
 

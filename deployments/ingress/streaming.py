@@ -16,24 +16,88 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 from starlette.concurrency import run_in_threadpool
 
-from deployments.errors import APIError, error_body, internal_error, timed_out
+from deployments.ingress.deadline import Deadline
+from deployments.ingress.errors import APIError, error_body, internal_error
+from deployments.ingress.output import ImagePackager
+from deployments.ingress.protocol import ImageRequest, without_unused_form
+from deployments.ingress.request_log import RequestLog
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, PartialImage
-from deployments.output import ImagePackager
-from deployments.protocol import (
-    ImageGenerationCompletedEvent,
-    ImageGenerationPartialImageEvent,
-    ImageGenerationProgressEvent,
-    ImageRequest,
-)
-from deployments.request_log import RequestLog
 
 logger = logging.getLogger("ray.serve")
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+# --- The events' schemas: OpenAI's fields first, then this service's extensions ---
+
+
+class ImageGenerationEvent(BaseModel):
+    """The fields shared by the events of a streamed generation (OpenAI's, then ours)."""
+
+    # --- OpenAI fields ---
+    background: Literal["opaque"] = "opaque"
+    created_at: int = Field(description="Unix time, in seconds, of the event.")
+    output_format: Literal["png", "jpeg", "webp"]
+    quality: str = "auto"
+    size: str = Field(description="The size of the images, `WIDTHxHEIGHT`.")
+
+
+class ImageGenerationPartialImageEvent(ImageGenerationEvent):
+    """`image_generation.partial_image` (`image_edit.partial_image` for edits): a preview of
+    an image still being generated."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    b64_json: str
+    partial_image_index: int
+    # --- Extension: which image of the request (0 to n-1) this previews ---
+    image_index: int
+
+
+class Usage(BaseModel):
+    """OpenAI's token usage, which only its GPT image models count: zeros here."""
+
+    input_tokens: int = 0
+    input_tokens_details: dict[str, int] = Field(
+        default_factory=lambda: {"image_tokens": 0, "text_tokens": 0}
+    )
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ImageGenerationCompletedEvent(ImageGenerationEvent):
+    """`image_generation.completed` (`image_edit.completed` for edits): one finished image
+    (one event per image of the request).
+
+    It carries `b64_json`, or `url` instead when the request asked for
+    `response_format: url`.
+    """
+
+    type: Literal["image_generation.completed", "image_edit.completed"]
+    b64_json: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    # --- Extensions: which image of the request, its seed, and its link ---
+    image_index: int
+    seed: int
+    url: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_form(self, handler: SerializerFunctionWrapHandler) -> dict:
+        return without_unused_form(handler(self))
+
+
+class ImageGenerationProgressEvent(BaseModel):
+    """Extension `image_generation.progress` (`image_edit.progress` for edits): denoising
+    steps done (with `stream_progress`)."""
+
+    type: Literal["image_generation.progress", "image_edit.progress"]
+    created_at: int
+    step: int
+    total_steps: int
 
 
 def sse_frame(event_type: str, data: BaseModel | dict) -> bytes:
@@ -103,15 +167,12 @@ class EventEncoder:
 
 
 async def first_event(
-    events: AsyncIterator[GenerationEvent], deadline: float, timeout_s: float
+    events: AsyncIterator[GenerationEvent], deadline: Deadline
 ) -> GenerationEvent:
     """The stream's first event, awaited before answering, so that a stream that cannot start
     (a full queue, say) is answered with a plain HTTP error and status."""
     try:
-        async with asyncio.timeout_at(deadline):
-            return await anext(events)
-    except TimeoutError:
-        raise timed_out(timeout_s) from None
+        return await deadline.wait(anext(events))
     except StopAsyncIteration:
         raise RuntimeError("the generation stream ended without an event") from None
 
@@ -120,8 +181,7 @@ async def sse_body(
     first: GenerationEvent,
     events: AsyncIterator[GenerationEvent],
     encoder: EventEncoder,
-    deadline: float,
-    timeout_s: float,
+    deadline: Deadline,
     log: RequestLog,
     report_error: Callable[[APIError], None],
 ) -> AsyncIterator[bytes]:
@@ -139,11 +199,7 @@ async def sse_body(
                 log.add(**timings_of(event), encode_s=encode_s)
                 break
             # The deadline bounds the waits for the generator only, never a send.
-            try:
-                async with asyncio.timeout_at(deadline):
-                    event = await anext(events)
-            except TimeoutError:
-                raise timed_out(timeout_s) from None
+            event = await deadline.wait(anext(events))
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
         status, error_code = 499, "client_closed_request"
         raise

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from deployments.encoding import encode_image, to_base64, upscale
-from deployments.protocol import Image, ImageRequest
-from deployments.storage import ImageStore
+from deployments.ingress.encoding import encode_image, to_base64, upscale
+from deployments.ingress.protocol import Image, ImageRequest
+from deployments.ingress.storage import ImageStore
 
 IMAGE_FILES_PATH = "/v1/images/files"
 

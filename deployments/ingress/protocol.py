@@ -8,9 +8,11 @@ input is rejected here, in one place, before anything is queued.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -21,8 +23,10 @@ from pydantic import (
     model_serializer,
 )
 
-from deployments.config import ModelConfig, RequestLimits
-from deployments.sizes import parse_size
+from deployments.config import RequestLimits
+from deployments.jobs import GenerationJob
+from deployments.model_config import ModelConfig
+from deployments.sizes import resolve_size
 
 MAX_SEED = 2**32 - 1
 
@@ -42,7 +46,19 @@ def _context(info: ValidationInfo) -> ValidationContext:
     return context
 
 
-def _without_unused_form(data: dict) -> dict:
+def _resolve_size(
+    size: str, context: ValidationContext, input_size: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    return resolve_size(
+        size,
+        default=context.model.default_size,
+        multiple=context.model.size_multiple,
+        max_pixels=context.limits.max_pixels,
+        input_size=input_size,
+    )
+
+
+def without_unused_form(data: dict) -> dict:
     """An image's serialized fields without whichever of `b64_json` and `url` is unset."""
     for key in ("b64_json", "url"):
         if data.get(key) is None:
@@ -126,6 +142,51 @@ class ImageRequest(BaseModel):
         "few times a second.",
     )
 
+    def output_size(
+        self, context: ValidationContext, input_size: tuple[int, int] | None = None
+    ) -> tuple[int, int]:
+        """(width, height) of the images: the `size` asked for, or for `auto` the model's
+        default size or, for an edit, its input image's size fitted to the model's rules."""
+        return _resolve_size(self.size, context, input_size)
+
+    def to_job(
+        self,
+        context: ValidationContext,
+        request_id: str,
+        *,
+        image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        input_size: tuple[int, int] | None = None,
+    ) -> GenerationJob:
+        """The generator's job for this validated request, with the model's defaults filled
+        in. An edit's `image` and `mask` must already be at `output_size(context, input_size)`.
+        """
+        model = context.model
+        width, height = self.output_size(context, input_size)
+        first_seed = self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        return GenerationJob(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps or model.default_steps,
+            guidance_scale=(
+                self.guidance_scale
+                if self.guidance_scale is not None
+                else model.default_guidance_scale
+            ),
+            seeds=tuple((first_seed + i) % (MAX_SEED + 1) for i in range(self.n)),
+            request_id=request_id,
+            partial_images=self.partial_images,
+            image=image,
+            mask=mask,
+            strength=self.edit_strength(model) if image is not None else None,
+        )
+
+    def edit_strength(self, model: ModelConfig) -> float | None:
+        """How much of an input image an edit redraws (edits only)."""
+        return None
+
     def streaming_option_without_stream(self) -> str | None:
         """The name of a streaming option given without `stream`, if any."""
         if not self.stream:
@@ -157,13 +218,8 @@ class ImageRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _valid_size(cls, value: str, info: ValidationInfo) -> str:
-        context = _context(info)
-        parse_size(
-            value,
-            default=context.model.default_size,
-            multiple=context.model.size_multiple,
-            max_pixels=context.limits.max_pixels,
-        )
+        if value != "auto":  # `auto` is the model's default size, or an edit's input's
+            _resolve_size(value, _context(info))
         return value
 
     @field_validator("num_inference_steps")
@@ -194,7 +250,7 @@ class ImageGenerationRequest(ImageRequest):
 
 class ImageEditRequest(ImageRequest):
     """The fields of `POST /v1/images/edits` (multipart form) besides its files: `image` (or
-    `image[]`) and the optional `mask`, which `deployments/uploads.py` reads."""
+    `image[]`) and the optional `mask`, which `deployments/ingress/uploads.py` reads."""
 
     # --- Extension ---
     strength: float | None = Field(
@@ -206,6 +262,9 @@ class ImageEditRequest(ImageRequest):
         "small values keep it. Runs `num_inference_steps x strength` steps. The model's "
         "`default_strength` when omitted.",
     )
+
+    def edit_strength(self, model: ModelConfig) -> float | None:
+        return self.strength if self.strength is not None else model.default_strength
 
 
 class Image(BaseModel):
@@ -221,7 +280,7 @@ class Image(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_unused_form(self, handler: SerializerFunctionWrapHandler) -> dict:
         # Like OpenAI, send only the form asked for; `revised_prompt` stays (always null).
-        return _without_unused_form(handler(self))
+        return without_unused_form(handler(self))
 
 
 class ImagesResponse(BaseModel):
@@ -231,70 +290,6 @@ class ImagesResponse(BaseModel):
     data: list[Image]
     output_format: Literal["png", "jpeg", "webp"]
     size: str = Field(description="The size of the images, `WIDTHxHEIGHT`.")
-
-
-class ImageGenerationEvent(BaseModel):
-    """The fields shared by the events of a streamed generation (OpenAI's, then ours)."""
-
-    # --- OpenAI fields ---
-    background: Literal["opaque"] = "opaque"
-    created_at: int = Field(description="Unix time, in seconds, of the event.")
-    output_format: Literal["png", "jpeg", "webp"]
-    quality: str = "auto"
-    size: str = Field(description="The size of the images, `WIDTHxHEIGHT`.")
-
-
-class ImageGenerationPartialImageEvent(ImageGenerationEvent):
-    """`image_generation.partial_image` (`image_edit.partial_image` for edits): a preview of
-    an image still being generated."""
-
-    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
-    b64_json: str
-    partial_image_index: int
-    # --- Extension: which image of the request (0 to n-1) this previews ---
-    image_index: int
-
-
-class Usage(BaseModel):
-    """OpenAI's token usage, which only its GPT image models count: zeros here."""
-
-    input_tokens: int = 0
-    input_tokens_details: dict[str, int] = Field(
-        default_factory=lambda: {"image_tokens": 0, "text_tokens": 0}
-    )
-    output_tokens: int = 0
-    total_tokens: int = 0
-
-
-class ImageGenerationCompletedEvent(ImageGenerationEvent):
-    """`image_generation.completed` (`image_edit.completed` for edits): one finished image
-    (one event per image of the request).
-
-    It carries `b64_json`, or `url` instead when the request asked for
-    `response_format: url`.
-    """
-
-    type: Literal["image_generation.completed", "image_edit.completed"]
-    b64_json: str | None = None
-    usage: Usage = Field(default_factory=Usage)
-    # --- Extensions: which image of the request, its seed, and its link ---
-    image_index: int
-    seed: int
-    url: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_unused_form(self, handler: SerializerFunctionWrapHandler) -> dict:
-        return _without_unused_form(handler(self))
-
-
-class ImageGenerationProgressEvent(BaseModel):
-    """Extension `image_generation.progress` (`image_edit.progress` for edits): denoising
-    steps done (with `stream_progress`)."""
-
-    type: Literal["image_generation.progress", "image_edit.progress"]
-    created_at: int
-    step: int
-    total_steps: int
 
 
 class Model(BaseModel):

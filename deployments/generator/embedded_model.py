@@ -13,17 +13,17 @@ CPU. Their images are noise.
 
 from __future__ import annotations
 
-import os
 import shutil
 import string
 import tempfile
 from pathlib import Path
 
+from deployments.cache import default_cache_dir
+
 EMBEDDED_SCHEME = "embedded:"
 EMBEDDED_MODELS = ("tiny-sd3", "tiny-sdxl", "tiny-flux")
 # Bump when a recipe changes, so caches built by an older version are not reused.
 RECIPE_VERSION = 2
-CACHE_ENV_VAR = "IMAGE_SERVICE_CACHE"
 
 _SEED = 0
 _CLIP_VOCAB_SIZE = 1000
@@ -33,14 +33,6 @@ _T5_VOCAB_SIZE = 200
 def is_embedded(source: str) -> bool:
     """Whether a model `source` names an embedded model (`embedded:<name>`)."""
     return source.startswith(EMBEDDED_SCHEME)
-
-
-def default_cache_dir() -> Path:
-    """Where embedded models are saved: `$IMAGE_SERVICE_CACHE`, else `~/.cache/image-service`."""
-    configured = os.environ.get(CACHE_ENV_VAR)
-    if configured:
-        return Path(configured)
-    return Path.home() / ".cache" / "image-service"
 
 
 def ensure_embedded_model(source: str, cache_dir: Path | None = None) -> Path:
@@ -227,39 +219,16 @@ def build_tiny_sd3_pipeline():
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(_SEED)
     # Text encoders: hidden sizes chosen so the joint embedding is 32 wide, like
-    # caption_projection's input in the transformer (CLIP 2 x 16 padded to T5's 32).
-    clip_config = CLIPTextConfig(
-        vocab_size=_CLIP_VOCAB_SIZE,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_act="gelu",
-    )
-    text_encoder = CLIPTextModelWithProjection(clip_config)
-    text_encoder_2 = CLIPTextModelWithProjection(clip_config)
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=_T5_VOCAB_SIZE,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    # caption_projection's input in the transformer (CLIP 2 x 16 padded to T5's 32). Built in
+    # this order (both CLIPs, then T5, then the transformer and VAE) from the one seed: the
+    # saved weights depend on it.
+    text_encoder = CLIPTextModelWithProjection(_clip_config(hidden_size=16, projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(hidden_size=16, projection_dim=16))
+    text_encoder_3 = _t5_encoder(d_model=32)
     transformer = SD3Transformer2DModel(
         sample_size=32,
         patch_size=2,

@@ -11,7 +11,7 @@ When a batch starts:
 - never before a worker thread is free; until then, waiting batches keep absorbing compatible
   jobs (under load, batches grow by themselves);
 - at once when the replica is idle, so a lone request never waits for company;
-- otherwise when it is full or its oldest job has waited `max_wait_s`.
+- otherwise when it is full or its oldest job has waited `max_wait_ms`.
 A batch holds at most `max_batch_images` images and `max_batch_pixels` pixels: batching pays
 where one image leaves the device idle (small sizes) and buys nothing but latency and memory
 where one image fills it (large sizes), so large images batch less or run alone. A job with
@@ -20,6 +20,10 @@ alone: the per-request design.
 
 A job cancelled while it waits leaves its batch; a running batch is told to stop only when
 every job in it is cancelled. A failing batch fails its own jobs, no others.
+
+Each job travels with what its batch's run needs besides the job itself (`QueuedJob`): where
+its streamed events go and when it was submitted. Equal jobs (same parameters and seeds) from
+two requests are still two entries.
 """
 
 from __future__ import annotations
@@ -32,9 +36,24 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from deployments.jobs import GeneratedImages, GenerationJob, Task
+from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, Task
+from deployments.model_config import BatchingConfig
 
-RunBatch = Callable[[list[GenerationJob], threading.Event], list[GeneratedImages]]
+# Where a streamed job's progress and previews go; called from a worker thread.
+EventSink = Callable[[GenerationEvent], None]
+
+
+@dataclass(frozen=True, eq=False)
+class QueuedJob:
+    """A submitted job, as its batch's run sees it."""
+
+    job: GenerationJob
+    sink: EventSink | None
+    # `time.perf_counter()` at submission: the job's wait is measured from here.
+    submitted: float
+
+
+RunBatch = Callable[[list[QueuedJob], threading.Event], list[GeneratedImages]]
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,7 @@ def batch_key(job: GenerationJob) -> BatchKey:
 
 @dataclass(eq=False)
 class _Entry:
-    job: GenerationJob
+    queued: QueuedJob
     result: asyncio.Future[GeneratedImages]
 
 
@@ -77,14 +96,14 @@ class _Batch:
 
     @property
     def num_images(self) -> int:
-        return sum(entry.job.num_images for entry in self.entries)
+        return sum(entry.queued.job.num_images for entry in self.entries)
 
 
 class BatchQueue:
     """Groups jobs into batches and runs each batch with `run_batch` on `executor`.
 
     All of its state is touched on the event loop's thread only; `run_batch` runs in the
-    executor's threads and sees nothing but its jobs and its batch's cancel flag.
+    executor's threads and sees nothing but its queued jobs and its batch's cancel flag.
     """
 
     def __init__(
@@ -92,9 +111,7 @@ class BatchQueue:
         run_batch: RunBatch,
         executor: Executor,
         workers: int,
-        max_batch_images: int,
-        max_wait_s: float,
-        max_batch_pixels: int | None = None,
+        settings: BatchingConfig,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
@@ -102,9 +119,9 @@ class BatchQueue:
         self._on_change = on_change
         self._executor = executor
         self._workers = workers
-        self._max_batch_images = max_batch_images
-        self._max_batch_pixels = max_batch_pixels
-        self._max_wait_s = max_wait_s
+        self._max_batch_images = settings.max_batch_images
+        self._max_batch_pixels = settings.max_batch_pixels
+        self._max_wait_s = settings.max_wait_ms / 1000
         self._pending: list[_Batch] = []
         self._running = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -115,9 +132,12 @@ class BatchQueue:
     def waiting_jobs(self) -> int:
         return sum(len(batch.entries) for batch in self._pending)
 
-    async def submit(self, job: GenerationJob) -> GeneratedImages:
+    async def submit(self, job: GenerationJob, sink: EventSink | None = None) -> GeneratedImages:
+        """The job's images, once its batch has run; `sink`, if given, goes to the batch's
+        run with the job (for its progress and previews)."""
         loop = asyncio.get_running_loop()
-        entry = _Entry(job=job, result=loop.create_future())
+        queued = QueuedJob(job=job, sink=sink, submitted=time.perf_counter())
+        entry = _Entry(queued=queued, result=loop.create_future())
         batch = self._batch_for(job)
         batch.entries.append(entry)
         self._dispatch()
@@ -129,9 +149,7 @@ class BatchQueue:
 
     def capacity(self, key: BatchKey) -> int:
         """Most images a batch of this key holds (at least 1)."""
-        capacity = self._max_batch_images
-        if self._max_batch_pixels is not None:
-            capacity = min(capacity, self._max_batch_pixels // (key.width * key.height))
+        capacity = min(self._max_batch_images, self._max_batch_pixels // (key.width * key.height))
         return max(1, capacity)
 
     def _batch_for(self, job: GenerationJob) -> _Batch:
@@ -189,10 +207,10 @@ class BatchQueue:
         self._pending.remove(batch)
         batch.started = True
         self._running += 1
-        jobs = [entry.job for entry in batch.entries]
+        queued = [entry.queued for entry in batch.entries]
         self.batch_sizes.append(batch.num_images)
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._run_batch, jobs, batch.cancelled)
+        future = loop.run_in_executor(self._executor, self._run_batch, queued, batch.cancelled)
         future.add_done_callback(lambda done: self._finish(batch, done))
 
     def _finish(self, batch: _Batch, done: asyncio.Future[list[GeneratedImages]]) -> None:

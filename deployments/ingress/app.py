@@ -1,0 +1,213 @@
+"""The OpenAI-compatible HTTP API, as a FastAPI app that knows nothing of Ray.
+
+`create_api` builds the app around one `ImageBackend` per model, the thing that turns a
+`GenerationJob` into pixels. On Ray Serve each backend is a generator deployment's handle
+(see `deployments/ingress/deployment.py`); tests pass fake ones and call the app in-process.
+
+The routes are thin: they read the body (`deployments/ingress/bodies.py`) and call the
+`ImageService` (`deployments/ingress/service.py`), which does the work. Errors of every kind
+leave in the API's one shape (`deployments/ingress/errors.py`), counted by the optional
+`ErrorMetrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.staticfiles import StaticFiles
+
+from deployments.config import AppArgs, CORSConfig
+from deployments.ingress.auth import APIKeys, bearer_token
+from deployments.ingress.bodies import edit_form, edit_form_schema, json_body
+from deployments.ingress.errors import (
+    APIError,
+    error_response,
+    internal_error,
+    invalid_request,
+    unauthorized,
+)
+from deployments.ingress.output import IMAGE_FILES_PATH
+from deployments.ingress.protocol import (
+    ImageGenerationRequest,
+    ImagesResponse,
+    Model,
+    ModelList,
+)
+from deployments.ingress.service import ErrorMetrics, ImageBackend, ImageService
+from deployments.ingress.storage import ImageStore
+from deployments.ingress.streaming import SSE_HEADERS
+
+logger = logging.getLogger("ray.serve")
+
+PLAYGROUND_DIR = Path(__file__).parent / "playground"
+
+# The image routes answer JSON, or server-sent events with `stream`.
+_STREAM_RESPONSE = {"200": {"content": {"text/event-stream": {"description": "With `stream`."}}}}
+
+
+def request_id_of(request: Request) -> str:
+    """The request's id: Ray Serve's proxy always sets `x-request-id`; otherwise make one."""
+    if not hasattr(request.state, "request_id"):
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return request.state.request_id
+
+
+def create_api(
+    args: AppArgs,
+    backends: Mapping[str, ImageBackend],
+    store: ImageStore | None = None,
+    metrics: ErrorMetrics | None = None,
+) -> FastAPI:
+    """The app, with `backends` holding one backend per model id of `args.models`."""
+    service = ImageService(args, backends, store, metrics)
+    protected = [Depends(_authenticator(APIKeys(args.auth)))]
+    app = FastAPI(
+        title="Image generation service",
+        description="OpenAI-compatible image generation with diffusers on Ray Serve.",
+        version="0.1.0",
+    )
+    _add_cors(app, args.cors)
+    _add_error_handlers(app, service)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    if args.playground:
+        _add_playground(app)
+
+    @app.get("/v1/models", dependencies=protected)
+    async def list_models() -> ModelList:
+        return service.list_models()
+
+    @app.get("/v1/models/{model_id:path}", dependencies=protected)
+    async def get_model(model_id: str) -> Model:
+        return service.get_model(model_id)
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImagesResponse,
+        dependencies=protected,
+        openapi_extra=_body_schema("application/json", ImageGenerationRequest.model_json_schema()),
+    )
+    async def generate_images(request: Request) -> Response:
+        async with service.scope(request_id_of(request), "generations") as scope:
+            body = await json_body(request, args.limits.max_body_bytes)
+            prepared = await service.prepare_generation(body, scope)
+            return _respond(await service.run(prepared, str(request.base_url), scope))
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        dependencies=protected,
+        openapi_extra=_body_schema("multipart/form-data", edit_form_schema()),
+    )
+    async def edit_images(request: Request) -> Response:
+        async with service.scope(request_id_of(request), "edits") as scope:
+            form = await edit_form(request, args.limits.max_upload_bytes)
+            prepared = await service.prepare_edit(form, scope)
+            return _respond(await service.run(prepared, str(request.base_url), scope))
+
+    # Image files take no key: their 256-bit random names are the capability, like OpenAI's
+    # signed URLs, so that a returned `url` works in an <img> tag or a browser.
+    @app.get(IMAGE_FILES_PATH + "/{name}")
+    async def get_image_file(name: str) -> FileResponse:
+        return FileResponse(
+            service.image_file(name),
+            media_type=service.store.media_type(name),
+            headers={"cache-control": "private, max-age=3600"},
+        )
+
+    return app
+
+
+def _respond(result: ImagesResponse | AsyncIterator[bytes]) -> Response:
+    if isinstance(result, ImagesResponse):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _body_schema(content_type: str, schema: dict) -> dict:
+    """The OpenAPI description of a route whose body the route reads itself."""
+    return {
+        "requestBody": {"required": True, "content": {content_type: {"schema": schema}}},
+        "responses": _STREAM_RESPONSE,
+    }
+
+
+def _authenticator(api_keys: APIKeys):
+    """The dependency of the routes that cost money or reveal the service: a valid key when
+    auth is on."""
+
+    async def authenticate(request: Request) -> None:
+        if not api_keys.enabled:
+            return
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                code="missing_api_key",
+            )
+        if not api_keys.accepts(token):
+            raise unauthorized("Incorrect API key provided.", code="invalid_api_key")
+
+    return authenticate
+
+
+def _add_cors(app: FastAPI, cors: CORSConfig) -> None:
+    if cors.allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors.allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+            expose_headers=["x-request-id", "retry-after"],
+            max_age=cors.max_age_s,
+        )
+
+
+def _add_error_handlers(app: FastAPI, service: ImageService) -> None:
+    """Every error leaves in the API's one shape, and is counted."""
+
+    def answer_error(error: APIError) -> JSONResponse:
+        service.report_error(error)
+        return error_response(error)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return answer_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes and wrong methods.
+        message = "Not found." if exc.status_code == 404 else str(exc.detail)
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return answer_error(APIError(exc.status_code, message, type=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _path_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return answer_error(invalid_request("Invalid request parameters."))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request %s failed", request_id_of(request), exc_info=exc)
+        return answer_error(internal_error())
+
+
+def _add_playground(app: FastAPI) -> None:
+    """A page to try the service in a browser: static files, open like /health. It calls the
+    API from the browser, with the key its user types when auth is on."""
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(PLAYGROUND_DIR / "index.html", headers={"cache-control": "no-cache"})
+
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR), name="playground")

@@ -1,0 +1,324 @@
+"""What the API does, as methods that take plain values: the routes of
+`deployments/ingress/app.py` are a few lines each over an `ImageService`, and unit tests call
+its methods without HTTP.
+
+A request goes: `scope` (its id, log line and deadline) -> `prepare_generation` or
+`prepare_edit` (route by `model`, validate against the model's rules and what its pipeline
+takes, build the `GenerationJob`) -> `run` (hand the job to the model's backend, then encode
+and store its images here, so generator replicas spend their time on the model alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from deployments.config import AppArgs
+from deployments.ingress.bodies import EditForm
+from deployments.ingress.deadline import Deadline
+from deployments.ingress.errors import (
+    APIError,
+    from_validation_error,
+    invalid_request,
+    model_not_found,
+)
+from deployments.ingress.output import ImagePackager
+from deployments.ingress.protocol import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageRequest,
+    ImagesResponse,
+    Model,
+    ModelList,
+    ValidationContext,
+)
+from deployments.ingress.request_log import RequestLog
+from deployments.ingress.storage import ImageStore
+from deployments.ingress.streaming import EventEncoder, first_event, sse_body, timings_of
+from deployments.ingress.uploads import UploadError, read_edit_inputs
+from deployments.jobs import (
+    OPTIONAL_PARAMETERS,
+    GeneratedImages,
+    GenerationEvent,
+    GenerationJob,
+    ModelCapabilities,
+    Task,
+)
+from deployments.model_config import ModelConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+class ImageBackend(Protocol):
+    """Generates the images of a job. Raises `APIError` for failures the client should see."""
+
+    async def generate(self, job: GenerationJob) -> GeneratedImages: ...
+
+    async def capabilities(self) -> ModelCapabilities:
+        """What the model's pipeline can do (the same for the backend's whole life)."""
+        ...
+
+    def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
+        """Progress and previews as the job runs, then its `GeneratedImages`; closing the
+        iterator early cancels the job."""
+        ...
+
+
+class ErrorMetrics(Protocol):
+    def error(self, error_type: str, code: str | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class RequestScope:
+    """One request's id, log line, and the deadline of everything it waits for."""
+
+    request_id: str
+    log: RequestLog
+    deadline: Deadline
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A validated request, ready to run on its model's backend."""
+
+    params: ImageRequest
+    job: GenerationJob
+    backend: ImageBackend
+    # OpenAI's event names: `image_generation.*` for generations, `image_edit.*` for edits.
+    event_prefix: Literal["image_generation", "image_edit"]
+
+
+class ImageService:
+    """The API's behaviour over one backend per model id of `args.models`."""
+
+    def __init__(
+        self,
+        args: AppArgs,
+        backends: Mapping[str, ImageBackend],
+        store: ImageStore | None = None,
+        metrics: ErrorMetrics | None = None,
+    ) -> None:
+        self.args = args
+        self._models = args.model_by_id()
+        if set(backends) != set(self._models):
+            raise ValueError(f"backends for {sorted(backends)}, models {sorted(self._models)}")
+        self._backends = dict(backends)
+        self.store = store or ImageStore(args.storage.resolved_directory(), args.storage.ttl_s)
+        self._metrics = metrics
+        started = int(time.time())
+        self._model_cards = {
+            model.id: Model(id=model.id, created=started, owned_by=model.owned_by)
+            for model in args.models
+        }
+
+    # --- models ---
+
+    def list_models(self) -> ModelList:
+        return ModelList(data=list(self._model_cards.values()))
+
+    def get_model(self, model_id: str) -> Model:
+        if model_id not in self._model_cards:
+            raise model_not_found(model_id)
+        return self._model_cards[model_id]
+
+    def model_for(self, requested: object) -> ModelConfig:
+        """The model a request names, or the default one; 404 for an unknown name. (A name
+        that is not a string is left to the request's validation, against the default.)"""
+        if requested is None or not isinstance(requested, str):
+            return self._models[self.args.default_model_id]
+        if requested not in self._models:
+            raise model_not_found(requested)
+        return self._models[requested]
+
+    # --- requests ---
+
+    @contextlib.asynccontextmanager
+    async def scope(self, request_id: str, endpoint: str) -> AsyncIterator[RequestScope]:
+        """A request's scope; its one log line is written however the request ends (a
+        successful answer writes it when its images are sent)."""
+        log = RequestLog(request_id, endpoint)
+        try:
+            yield RequestScope(request_id, log, Deadline(self.args.request_timeout_s))
+        except APIError as error:
+            log.finish(error.status_code, error.code)
+            raise
+        except asyncio.CancelledError:
+            log.finish(499, "client_closed_request")
+            raise
+        except Exception:
+            log.finish(500, "internal_error")
+            raise
+
+    def validate(
+        self, schema: type[ImageRequest], fields: object, model: ModelConfig
+    ) -> ImageRequest:
+        """The request's fields checked against the schema and the model's rules."""
+        try:
+            params = schema.model_validate(fields, context=self._context(model))
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        if (option := params.streaming_option_without_stream()) is not None:
+            raise invalid_request(
+                f"Invalid value for '{option}': it needs 'stream': true.",
+                param=option,
+                code="invalid_value",
+            )
+        return params
+
+    async def prepare_generation(self, body: object, scope: RequestScope) -> PreparedJob:
+        """A generation request's job, from its JSON body."""
+        model = self.model_for(body.get("model") if isinstance(body, dict) else None)
+        params = self.validate(ImageGenerationRequest, body, model)
+        backend = self._backends[model.id]
+        await self._check_supported(params, backend, model, "text-to-image", scope.deadline)
+        job = params.to_job(self._context(model), scope.request_id)
+        scope.log.add(**self._logged_parameters(params, job, model.id))
+        return PreparedJob(params, job, backend, "image_generation")
+
+    async def prepare_edit(self, form: EditForm, scope: RequestScope) -> PreparedJob:
+        """An edit request's job, from its form: the uploads decoded and scaled to the
+        output size."""
+        model = self.model_for(form.fields.get("model"))
+        params = self.validate(ImageEditRequest, form.fields, model)
+        task: Task = "image-to-image" if form.mask is None else "inpaint"
+        backend = self._backends[model.id]
+        # Refused before any image is decoded if the model cannot edit at all.
+        await self._check_supported(params, backend, model, task, scope.deadline)
+        context = self._context(model)
+        try:
+            inputs = await run_in_threadpool(
+                read_edit_inputs,
+                form.image,
+                form.mask,
+                self.args.limits.max_input_pixels,
+                lambda input_size: params.output_size(context, input_size),
+            )
+        except UploadError as error:
+            raise invalid_request(error.message, param=error.param, code="invalid_image") from None
+        job = params.to_job(
+            context,
+            scope.request_id,
+            image=inputs.image,
+            mask=inputs.mask,
+            input_size=inputs.input_size,
+        )
+        scope.log.add(**self._logged_parameters(params, job, model.id))
+        return PreparedJob(params, job, backend, "image_edit")
+
+    async def run(
+        self, prepared: PreparedJob, base_url: str, scope: RequestScope
+    ) -> ImagesResponse | AsyncIterator[bytes]:
+        """Run a prepared job: its images, or with `stream` the frames of its event stream."""
+        params, job, backend = prepared.params, prepared.job, prepared.backend
+        packager = ImagePackager(params, self.store, self.args.storage.public_base_url or base_url)
+        if params.stream:
+            events = backend.stream(job)
+            first = await first_event(events, scope.deadline)
+            encoder = EventEncoder(params, job, packager, prepared.event_prefix)
+            return sse_body(first, events, encoder, scope.deadline, scope.log, self.report_error)
+        # On timeout the wait is cancelled; the backend passes that on to the replica, where
+        # a waiting job leaves its batch and a running one stops at its next step.
+        generated = await scope.deadline.wait(backend.generate(job))
+        encode_started = time.perf_counter()
+        images = await run_in_threadpool(packager.images, generated.images, generated.seeds)
+        scope.log.add(**timings_of(generated), encode_s=time.perf_counter() - encode_started)
+        scope.log.finish(200)
+        return ImagesResponse(
+            created=int(time.time()),
+            data=images,
+            output_format=params.output_format,
+            size=job.size,
+        )
+
+    def image_file(self, name: str) -> Path:
+        """The file of a stored image; 404 if there is none (or it expired)."""
+        path = self.store.path_of(name)
+        if path is None:
+            raise APIError(
+                404,
+                "No such image, or it has expired.",
+                type="invalid_request_error",
+                code="image_not_found",
+            )
+        return path
+
+    def report_error(self, error: APIError) -> None:
+        if self._metrics is not None:
+            self._metrics.error(error.type, error.code)
+
+    # --- helpers ---
+
+    def _context(self, model: ModelConfig) -> ValidationContext:
+        return ValidationContext(limits=self.args.limits, model=model)
+
+    async def _check_supported(
+        self,
+        params: ImageRequest,
+        backend: ImageBackend,
+        model: ModelConfig,
+        task: Task,
+        deadline: Deadline,
+    ) -> None:
+        """`check_supported` against the model's capabilities, asked of a replica the first
+        time (within the request's time: the replica may still be starting)."""
+        capabilities = await deadline.wait(backend.capabilities())
+        check_supported(params, capabilities, model, task)
+
+    def _logged_parameters(
+        self, params: ImageRequest, job: GenerationJob, model_id: str
+    ) -> dict[str, object]:
+        """What a request's log line says of what it asked for (the prompt only if
+        configured)."""
+        fields: dict[str, object] = {
+            "model": model_id,
+            "user": params.user,
+            "n": job.num_images,
+            "size": job.size,
+            "steps": job.num_inference_steps,
+            "guidance_scale": job.guidance_scale,
+            "seed": job.seeds[0],
+            "has_negative_prompt": job.negative_prompt is not None,
+            "response_format": params.response_format,
+            "output_format": params.output_format,
+            "stream": params.stream,
+            "partial_images": params.partial_images,
+            "task": job.task,
+            "strength": job.strength,
+            "prompt_chars": len(job.prompt),
+        }
+        if self.args.request_logs.include_prompts:
+            fields["prompt"] = job.prompt
+            fields["negative_prompt"] = job.negative_prompt
+        return fields
+
+
+def check_supported(
+    params: ImageRequest, capabilities: ModelCapabilities, model: ModelConfig, task: Task
+) -> None:
+    """400 naming the parameter if the model's pipeline cannot do what the request asks (a
+    parameter it would silently ignore, or a task its family has no pipeline for)."""
+    pipeline = capabilities.pipeline_class
+    if task not in capabilities.tasks:
+        what = "inpaint (no mask is supported)" if task == "inpaint" else "edit images"
+        raise invalid_request(
+            f"The model '{model.id}' ({pipeline}) cannot {what}.",
+            param="mask" if task == "inpaint" else "image",
+            code="unsupported_parameter",
+        )
+    takes = capabilities.tasks[task]
+    for name in OPTIONAL_PARAMETERS:
+        if getattr(params, name, None) is not None and name not in takes:
+            raise invalid_request(
+                f"The model '{model.id}' ({pipeline}) does not take '{name}'.",
+                param=name,
+                code="unsupported_parameter",
+            )

@@ -1,0 +1,159 @@
+"""A served model's part of the application's arguments: what its replicas load, how they
+batch, and the defaults of its requests (`args.models[]` in a Serve config).
+
+Both sides read it: the ingress for each model's request defaults and size rules, the
+generator for what to load and how to run it. `deployments/config.py` holds the rest of
+`args:`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import diffusers
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray.serve.schema import DeploymentSchema
+
+
+class Strict(BaseModel):
+    """Arguments are frozen and reject unknown keys (a misspelt option must fail)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(Strict):
+    """How a generator replica groups compatible requests into one pipeline call."""
+
+    max_batch_images: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Most images in one pipeline call. 1 turns batching off: every request "
+        "runs alone (the per-request design).",
+    )
+    max_batch_pixels: int = Field(
+        default=8 * 256 * 256,
+        ge=1,
+        description="Most pixels (width x height x images) in one pipeline call. Large images "
+        "fill the device alone, so batching them only adds latency and memory; this keeps "
+        "them in small batches or alone.",
+    )
+    max_wait_ms: float = Field(
+        default=25.0,
+        ge=0,
+        le=1000,
+        description="How long a batch waits for compatible requests while the replica is "
+        "busy. An idle replica starts a lone request at once.",
+    )
+
+
+class ModelConfig(Strict):
+    """A model the service serves: what its generator replicas load, the defaults of its
+    requests, and the Ray Serve options of its own generator deployment."""
+
+    id: str = Field(
+        default="tiny-sd3",
+        min_length=1,
+        description="The name clients pass as `model` and `GET /v1/models` lists.",
+    )
+    source: str = Field(
+        default="embedded:tiny-sd3",
+        min_length=1,
+        description=(
+            "Where the weights come from: a Hugging Face hub id "
+            "(`stabilityai/stable-diffusion-3.5-medium`), a local directory written by "
+            "`save_pretrained`, or `embedded:tiny-sd3`, `embedded:tiny-sdxl`, "
+            "`embedded:tiny-flux` for the built-in tiny models."
+        ),
+    )
+    pipeline_class: str | None = Field(
+        default=None,
+        description="The diffusers text-to-image pipeline class to load it with "
+        "(`StableDiffusionXLPipeline`, `FluxPipeline`, ...). By default the class named in "
+        "the checkpoint's `model_index.json`, as diffusers' `DiffusionPipeline` chooses it.",
+    )
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) to load; hub ids only."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="Weight dtype. `auto` is bfloat16 on CUDA and float32 elsewhere.",
+    )
+    device: str = Field(
+        default="auto",
+        description="Torch device (`cuda`, `cuda:1`, `mps`, `cpu`). `auto` picks CUDA, then MPS, "
+        "then CPU.",
+    )
+    owned_by: str = Field(
+        default="image-service", description="The `owned_by` field of `GET /v1/models`."
+    )
+    default_size: str = Field(
+        default="64x64",
+        pattern=r"^\d+x\d+$",
+        description="Image size (`WxH`) used when a request says `size: auto` or none.",
+    )
+    size_multiple: int = Field(
+        default=16,
+        ge=1,
+        description="Width and height must be multiples of this: the VAE's downsampling "
+        "factor times the transformer's patch size (16 for SD3).",
+    )
+    default_steps: int = Field(default=4, ge=1, description="Denoising steps when not given.")
+    default_guidance_scale: float = Field(
+        default=7.0, ge=0, description="Classifier-free guidance scale when not given."
+    )
+    default_strength: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="For edits: how much of the input image is redrawn when not given.",
+    )
+    batching: BatchingConfig | None = Field(
+        default=None,
+        description="How this model's replicas batch requests; `args.batching` when unset "
+        "(a 28-step 1024x1024 model and a 4-step 512x512 one want different batches).",
+    )
+    worker_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Pipeline calls one replica of this model runs at once; "
+        "`args.worker_threads` when unset.",
+    )
+    deployment: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray Serve options of this model's generator deployment, as in a config's "
+        "`deployments:` entry (`num_replicas` or `autoscaling_config`, `ray_actor_options` "
+        "with `num_gpus`, `max_ongoing_requests`, `max_queued_requests`, ...). Unset options "
+        "keep the defaults of `deployments/generator/deployment.py`.",
+    )
+
+    @field_validator("pipeline_class")
+    @classmethod
+    def _known_pipeline_class(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        found = getattr(diffusers, value, None)
+        if not (isinstance(found, type) and issubclass(found, diffusers.DiffusionPipeline)):
+            raise ValueError(f"diffusers has no pipeline class named {value!r}")
+        return value
+
+    @field_validator("deployment")
+    @classmethod
+    def _valid_deployment_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        known = set(DeploymentSchema.model_fields) - {"name"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown deployment option(s): {', '.join(unknown)}")
+        DeploymentSchema.model_validate({"name": "generator", **value})  # Ray's own checks
+        return value
+
+
+GENERATOR_DEPLOYMENT = "ImageGenerator"
+
+
+def generator_deployment_name(model_id: str) -> str:
+    """The name of a model's generator deployment: `ImageGenerator:<id>`, with any character
+    of the id outside letters, digits, `-`, `_` and `.` as `_`."""
+    return f"{GENERATOR_DEPLOYMENT}:{re.sub(r'[^A-Za-z0-9_.-]', '_', model_id)}"
