@@ -80,10 +80,37 @@ OPTIONAL_PARAMETERS = {
 class ModelCapabilities:
     """What a model's loaded pipeline can do: for each task it can run, the optional request
     parameters (keys of `OPTIONAL_PARAMETERS`) its pipeline takes. The ingress checks
-    requests against it, so a parameter the model would ignore is a 400 that names it."""
+    requests against it, so a parameter the model would ignore is a 400 that names it.
+
+    And the limits the model itself sets (read off the loaded model at start-up), so that a
+    request that passes validation generates, for every task:
+    - `max_width`, `max_height`: the largest width and height in pixels (None: no cap);
+    - `size_multiple`: width and height must be multiples of it, so it is the smallest side;
+    - `edit_step_rounding`: for each edit task that takes `strength`, how its pipeline makes
+      `num_inference_steps x strength` a number of steps, "floor" or "ceil" (see
+      `steps_run`); an edit fails when that number is 0."""
 
     pipeline_class: str
     tasks: dict[str, frozenset[str]]
+    max_width: int | None = None
+    max_height: int | None = None
+    size_multiple: int = 1
+    edit_step_rounding: dict[str, str] = field(default_factory=dict)
+
+    def edit_steps(self, task: str, steps: int, strength: float) -> int:
+        """The denoising steps an edit of `task` runs; 0 means its pipeline would fail. A
+        task without a known rule counts as "floor", the stricter one."""
+        return self.steps_run(self.edit_step_rounding.get(task, "floor"), steps, strength)
+
+    @staticmethod
+    def steps_run(rounding: str, steps: int, strength: float) -> int:
+        """diffusers' own arithmetic (`get_timesteps`), float for float. "floor" (SDXL):
+        int(steps x strength), 0 when steps x strength < 1; "ceil" (SD3, FLUX): steps x
+        strength rounded up, at least 1 whenever strength > 0."""
+        wanted = min(steps * strength, steps)
+        if rounding == "floor":
+            return int(wanted)
+        return steps - int(max(steps - wanted, 0))
 
 
 @dataclass(frozen=True)
@@ -121,3 +148,12 @@ class GeneratedImages:
 
 
 GenerationEvent = StepProgress | PartialImage | GeneratedImages
+
+
+class GenerationOutOfMemory(Exception):
+    """A job's image ran out of device memory even alone in its pipeline call.
+
+    The replica stays healthy (the failed call's memory is freed), and the same request may
+    fit later, when fewer calls share the device: a retryable answer (503), not the client's
+    fault. Plain data (a message), so it crosses Ray pickled to the ingress.
+    """

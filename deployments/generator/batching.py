@@ -19,7 +19,9 @@ more images than fit runs as a batch of its own. With `max_batch_images=1` every
 alone: the per-request design.
 
 A job cancelled while it waits leaves its batch; a running batch is told to stop only when
-every job in it is cancelled. A failing batch fails its own jobs, no others.
+every job in it is cancelled. A batch's run answers for each job: its images or its own
+failure, so a failing job fails no other (how a batch runs as pipeline calls, and survives a
+failed one: `deployments/generator/call_plan.py`).
 
 Each job travels with what its batch's run needs besides the job itself (`QueuedJob`): where
 its streamed events go and when it was submitted. Equal jobs (same parameters and seeds) from
@@ -53,7 +55,9 @@ class QueuedJob:
     submitted: float
 
 
-RunBatch = Callable[[list[QueuedJob], threading.Event], list[GeneratedImages]]
+# Runs a batch: each job's images, or the exception that job fails with, in job order. It
+# raises only for what fails the whole batch (cancellation, a broken device).
+RunBatch = Callable[[list[QueuedJob], threading.Event], list[GeneratedImages | Exception]]
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,9 @@ class BatchQueue:
         future = loop.run_in_executor(self._executor, self._run_batch, queued, batch.cancelled)
         future.add_done_callback(lambda done: self._finish(batch, done))
 
-    def _finish(self, batch: _Batch, done: asyncio.Future[list[GeneratedImages]]) -> None:
+    def _finish(
+        self, batch: _Batch, done: asyncio.Future[list[GeneratedImages | Exception]]
+    ) -> None:
         self._running -= 1
         if done.cancelled():  # the executor was shut down before the batch started
             error: BaseException | None = RuntimeError("the replica is shutting down")
@@ -222,8 +228,9 @@ class BatchQueue:
         for index, entry in enumerate(batch.entries):
             if entry.result.done():
                 continue  # its caller cancelled and left
-            if error is not None:
-                entry.result.set_exception(error)
+            outcome = error if error is not None else done.result()[index]
+            if isinstance(outcome, BaseException):
+                entry.result.set_exception(outcome)
             else:
-                entry.result.set_result(done.result()[index])
+                entry.result.set_result(outcome)
         self._dispatch()

@@ -4,10 +4,13 @@
 while a bounded pool of threads runs the pipeline (torch releases the GIL in its kernels).
 Compatible jobs are grouped into one pipeline call by `deployments/generator/batching.py`;
 each call runs on its own pipeline view (see `deployments/generator/pipelines.py`), with the
-arguments of `deployments/generator/call_arguments.py`. Cancelling the coroutine (the client
-went away, or the request timed out) cannot stop a thread, so a running batch whose jobs are
-all cancelled is told through the pipeline's step callback, which raises at the next
-denoising step; a job still waiting is simply dropped from its batch.
+arguments of `deployments/generator/call_arguments.py`. A call that fails for a reason of
+its own (one job's bad prompt, running out of memory) runs again in smaller calls, so that a
+bad job fails alone (`deployments/generator/call_plan.py`); only a broken device fails the
+replica. Cancelling the coroutine (the client went away, or the request timed out) cannot
+stop a thread, so a running batch whose jobs are all cancelled is told through the
+pipeline's step callback, which raises at the next denoising step; a job still waiting is
+simply dropped from its batch.
 
 The same step callback feeds streamed jobs (`ImageEngine.stream`): it reports progress and,
 at the steps a job asked previews for, turns that job's slice of the latents into small
@@ -32,6 +35,7 @@ from diffusers import DiffusionPipeline
 
 from deployments.generator.batching import BatchQueue, EventSink, QueuedJob
 from deployments.generator.call_arguments import StepCallback, pipeline_arguments
+from deployments.generator.call_plan import BatchRun, CallPart, is_out_of_memory
 from deployments.generator.call_timing import CallTimer, CallTimes
 from deployments.generator.pipelines import RequestPipelines, call_parameters
 from deployments.generator.previews import fit_previewer
@@ -76,7 +80,10 @@ class ReplicaBroken(RuntimeError):
 
 def _is_device_failure(error: BaseException) -> bool:
     # torch raises AcceleratorError (a RuntimeError) for CUDA errors; after one the CUDA
-    # context is unusable, and only a new process recovers. Out-of-memory is not one of them.
+    # context is unusable, and only a new process recovers. Out-of-memory is not one of them
+    # ("CUDA error: out of memory" leaves the context usable): its call is split and rerun.
+    if is_out_of_memory(error):
+        return False
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(error, accelerator_error):
         return True
@@ -85,7 +92,8 @@ def _is_device_failure(error: BaseException) -> bool:
 
 class ImageEngine:
     """Runs jobs on one shared pipeline in `worker_threads` threads, grouped into pipeline
-    calls as `batching` says (by default, each job alone)."""
+    calls as `batching` says (by default, each job alone). A call holds at most
+    `batching.max_batch_pixels` pixels, or one image: a larger job runs in several."""
 
     def __init__(
         self,
@@ -105,6 +113,7 @@ class ImageEngine:
             settings=batching,
             on_change=metrics.queue_changed if metrics is not None else None,
         )
+        self._max_call_pixels = batching.max_batch_pixels
         self._broken: BaseException | None = None
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
@@ -158,32 +167,43 @@ class ImageEngine:
 
     def _run_batch(
         self, queued: list[QueuedJob], cancelled: threading.Event
-    ) -> list[GeneratedImages]:
-        """One pipeline call for compatible jobs (see `batch_key`); results in job order."""
+    ) -> list[GeneratedImages | Exception]:
+        """Runs compatible jobs (see `batch_key`) in one pipeline call, or more where a job
+        is too large for one or a call fails (see `deployments/generator/call_plan.py`):
+        each job's images or the exception it fails with, in job order."""
         if cancelled.is_set():
             raise GenerationCancelled()
-        timer = CallTimer()
-        jobs = [entry.job for entry in queued]
-        first = jobs[0]
-        view = self._pipelines.view(first.task)
-        reporter = _StepReporter(
-            queued,
-            self._previewer,
-            spatial=functools.partial(_spatial_latents, view, first.width, first.height),
-        )
-        on_step_end = self._step_callback(timer, reporter, cancelled, first.num_inference_steps)
-        view.encode_prompt = timer.timed_encode_prompt(view.encode_prompt)
-        arguments = pipeline_arguments(jobs, call_parameters(type(view)), on_step_end)
-        pixels = self._call(view, arguments)
-        times = timer.finished()
-        if self._metrics is not None:
-            self._metrics.batch_finished(
-                images=len(pixels),
-                generate_s=times.generate_s,
-                steps=times.steps,
-                denoise_s=times.denoise_s,
-            )
-        return _results(queued, pixels, times)
+        first = queued[0].job
+        capacity = max(1, self._max_call_pixels // (first.width * first.height))
+        batch = BatchRun(queued, capacity, started=time.perf_counter())
+        for parts in batch.planned_calls():
+            self._run_call(parts, cancelled, batch)
+        return batch.results()
+
+    def _run_call(self, parts: list[CallPart], cancelled: threading.Event, batch: BatchRun) -> None:
+        """One pipeline call over `parts`, recorded in `batch`; if it fails for a reason of
+        its own, the same images again in smaller calls. A cancelled batch and a broken
+        device fail every job of the batch (raised)."""
+        parts = batch.unfailed(parts)
+        if not parts:
+            return
+        try:
+            pixels, times = self._call(parts, cancelled)
+        except GenerationCancelled:
+            raise
+        except Exception as error:
+            if _is_device_failure(error):
+                self._broken = error
+                raise
+            smaller = batch.failed(parts, error)
+        else:
+            batch.succeeded(parts, pixels, times)
+            return
+        # Only past the `except` block are the failed call's traceback and the tensors its
+        # frames hold freed (PyTorch's FAQ on recovering from out-of-memory says so): the
+        # smaller calls need that memory.
+        for call in smaller:
+            self._run_call(call, cancelled, batch)
 
     def _step_callback(
         self,
@@ -208,62 +228,60 @@ class ImageEngine:
 
         return on_step_end
 
-    def _call(self, view: DiffusionPipeline, arguments: dict[str, Any]) -> list[np.ndarray]:
-        """The pipeline call itself: its images as uint8 arrays, in batch order."""
-        try:
-            output = view(**arguments)
-        except GenerationCancelled:
-            raise
-        except Exception as error:
-            if _is_device_failure(error):
-                self._broken = error
-            raise
-        return list(_to_uint8(output.images))
-
-
-def _results(
-    queued: list[QueuedJob], pixels: list[np.ndarray], times: CallTimes
-) -> list[GeneratedImages]:
-    """The batch's images split back into its jobs, each with the account of its call."""
-    results = []
-    batch_images = len(pixels)
-    for entry in queued:
-        job = entry.job
-        images, pixels = pixels[: job.num_images], pixels[job.num_images :]
-        results.append(
-            GeneratedImages(
-                images=images,
-                seeds=job.seeds,
-                generate_s=times.generate_s,
-                batch_images=batch_images,
-                queue_s=times.started - entry.submitted,
-                text_encode_s=times.text_encode_s,
-                denoise_s=times.denoise_s,
-                decode_s=times.decode_s,
-            )
+    def _call(
+        self, parts: list[CallPart], cancelled: threading.Event
+    ) -> tuple[list[np.ndarray], CallTimes]:
+        """One pipeline call over `parts`: their images as uint8 arrays in order, and how
+        long the call's phases took."""
+        if cancelled.is_set():
+            raise GenerationCancelled()
+        timer = CallTimer()
+        jobs = [part.job for part in parts]
+        first = jobs[0]
+        # A view per call: a failed call may leave its scheduler half-way.
+        view = self._pipelines.view(first.task)
+        reporter = _StepReporter(
+            parts,
+            self._previewer,
+            spatial=functools.partial(_spatial_latents, view, first.width, first.height),
         )
-    return results
+        on_step_end = self._step_callback(timer, reporter, cancelled, first.num_inference_steps)
+        view.encode_prompt = timer.timed_encode_prompt(view.encode_prompt)
+        arguments = pipeline_arguments(jobs, call_parameters(type(view)), on_step_end)
+        pixels = list(_to_uint8(view(**arguments).images))
+        times = timer.finished()
+        if self._metrics is not None:
+            self._metrics.batch_finished(
+                images=len(pixels),
+                generate_s=times.generate_s,
+                steps=times.steps,
+                denoise_s=times.denoise_s,
+            )
+        return pixels, times
 
 
 class _StepReporter:
-    """Sends each streamed job of a batch its progress and, at its preview steps, previews.
+    """Sends each streamed job of a call its progress and, at its preview steps, previews.
 
     Runs in the worker thread, inside the pipeline's step callback. `spatial` turns the
-    pipeline's latents into (B, C, h, w), whatever the family's layout.
+    pipeline's latents into (B, C, h, w), whatever the family's layout. A job that runs in
+    several calls (a large job in chunks, or a job run again after its batch failed) is told
+    each call's steps: its progress starts over with each call, and previews of an image may
+    come again. Rare enough, and simpler than progress across calls.
     """
 
     def __init__(
         self,
-        queued: list[QueuedJob],
+        parts: list[CallPart],
         previewer,
         spatial: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        self._streamed: list[tuple[GenerationJob, EventSink, int]] = []
-        offset = 0  # the job's first image in the batch
-        for entry in queued:
-            if entry.sink is not None:
-                self._streamed.append((entry.job, entry.sink, offset))
-            offset += entry.job.num_images
+        self._streamed: list[tuple[CallPart, EventSink, int]] = []
+        offset = 0  # the part's first image in the call
+        for part in parts:
+            if part.queued.sink is not None:
+                self._streamed.append((part, part.queued.sink, offset))
+            offset += part.job.num_images
         self._previewer = previewer
         self._spatial = spatial
         self._last_progress = 0.0
@@ -275,12 +293,13 @@ class _StepReporter:
         send_progress = step == total or now - self._last_progress >= PROGRESS_INTERVAL_S
         if send_progress:
             self._last_progress = now
-        for job, sink, offset in self._streamed:
+        for part, sink, offset in self._streamed:
+            job = part.job
             steps = preview_steps(job.partial_images, total) if self._previewer else ()
             if step in steps:
                 index = steps.index(step)
                 own = self._spatial(latents[offset : offset + job.num_images])
-                for image_index, pixels in enumerate(self._previewer.to_rgb(own)):
+                for image_index, pixels in enumerate(self._previewer.to_rgb(own), part.first):
                     sink(PartialImage(image_index, index, pixels))
             if send_progress:
                 sink(StepProgress(step=step, total_steps=total))

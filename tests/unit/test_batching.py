@@ -36,7 +36,8 @@ def job(
 
 
 class FakeRunner:
-    """Runs batches instantly, or holds each until released; fails prompts named 'fail'."""
+    """Runs batches instantly, or holds each until released. A prompt 'fail' fails its
+    whole batch (raised); a prompt 'own failure' fails its own job only (answered)."""
 
     def __init__(self) -> None:
         self.batches: list[list[tuple[int, ...]]] = []
@@ -69,7 +70,11 @@ class FakeRunner:
         if any(j.prompt == "fail" for j in jobs):
             raise ValueError("this batch failed")
         return [
-            GeneratedImages(images=[np.zeros((1, 1, 3), np.uint8)] * j.num_images, seeds=j.seeds)
+            ValueError(f"job {j.seeds} failed")
+            if j.prompt == "own failure"
+            else GeneratedImages(
+                images=[np.zeros((1, 1, 3), np.uint8)] * j.num_images, seeds=j.seeds
+            )
             for j in jobs
         ]
 
@@ -228,6 +233,14 @@ def test_a_failing_batch_fails_only_its_own_jobs(runner):
     blocker, fail_1, fail_2, other = behind_a_busy_worker(make_queue(runner), runner, jobs)
     assert isinstance(fail_1, ValueError) and isinstance(fail_2, ValueError)
     assert blocker.seeds == (0,) and other.seeds == (3,)
+
+
+def test_a_job_that_fails_on_its_own_fails_alone_in_its_batch(runner):
+    jobs = [job(1, prompt="ok"), job(2, prompt="own failure"), job(3, prompt="ok")]
+    blocker, first, failed, last = behind_a_busy_worker(make_queue(runner), runner, jobs)
+    assert runner.batches[1] == [(1,), (2,), (3,)]
+    assert isinstance(failed, ValueError) and "(2,)" in str(failed)
+    assert (blocker.seeds, first.seeds, last.seeds) == ((0,), (1,), (3,))
 
 
 def test_large_images_batch_within_the_pixel_budget(runner):
