@@ -14,6 +14,8 @@ Two diffusers traps are avoided here on purpose:
   built by calling the pipeline class on the shared components instead: no `.to()`, no copy.
 - Fast (Rust) tokenizers raise `RuntimeError: Already borrowed` when two threads use one at
   once. Every view's `encode_prompt` runs under one lock per shared pipeline.
+And one of ours: diffusers' SDXL pipelines move a `force_upcast` VAE to float32 and back
+inside a call, under every concurrent call; `shared_modules.py` keeps it in float32 instead.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from diffusers.pipelines.auto_pipeline import (
 )
 
 from deployments.generator.embedded_model import ensure_embedded_model, is_embedded
+from deployments.generator.model_limits import edit_step_rounding, size_limits
+from deployments.generator.shared_modules import pin_upcast_vae
 from deployments.jobs import OPTIONAL_PARAMETERS, ModelCapabilities, Task
 from deployments.model_config import ModelConfig
 
@@ -82,6 +86,8 @@ def load_pipeline(model: ModelConfig) -> DiffusionPipeline:
     pipeline = pipeline_class.from_pretrained(source, revision=model.revision, dtype=dtype)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
+    # Now, while no call runs: what the shared modules are after loading is what they stay.
+    pin_upcast_vae(pipeline, task_classes(type(pipeline)).values())
     return pipeline
 
 
@@ -120,6 +126,8 @@ class RequestPipelines:
         self.shared = shared
         self._encode_lock = threading.Lock()
         self._classes = task_classes(type(shared))
+        # A no-op for a pipeline from `load_pipeline`; for any other, it runs before any view.
+        pin_upcast_vae(shared, self._classes.values())
 
     def capabilities(self) -> ModelCapabilities:
         tasks = {}
@@ -134,7 +142,20 @@ class RequestPipelines:
                 # not run: the negative prompt would be silently ignored.
                 supported.discard("negative_prompt")
             tasks[task] = frozenset(supported)
-        return ModelCapabilities(pipeline_class=type(self.shared).__name__, tasks=tasks)
+        rounding = {
+            task: rule
+            for task, cls in self._classes.items()
+            if "strength" in tasks[task] and (rule := edit_step_rounding(cls)) is not None
+        }
+        sizes = size_limits(self.shared)
+        return ModelCapabilities(
+            pipeline_class=type(self.shared).__name__,
+            tasks=tasks,
+            max_width=sizes.max_width,
+            max_height=sizes.max_height,
+            size_multiple=sizes.size_multiple,
+            edit_step_rounding=rounding,
+        )
 
     def view(self, task: Task = "text-to-image") -> DiffusionPipeline:
         """A pipeline for `task` over the shared weights with its own scheduler, safe to run

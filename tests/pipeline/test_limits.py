@@ -1,0 +1,149 @@
+"""The limits a model reports are the ones its real pipeline has (design note 11).
+
+For each family's embedded model and each task: a request just inside a reported limit
+generates, one just outside fails in the pipeline (or would silently make another size), so
+an ingress that applies the limits lets through only requests that generate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from deployments.generator.pipelines import RequestPipelines, call_parameters, load_pipeline
+from deployments.jobs import ModelCapabilities, Task
+from deployments.model_config import ModelConfig
+
+TASKS: tuple[Task, ...] = ("text-to-image", "image-to-image", "inpaint")
+# What the embedded models are known to take (checked at extreme aspect ratios, 1 step):
+# tiny-sd3's positional embedding holds 64 x 64 patches of 2 x 2 latents of 8 x 8 pixels;
+# SDXL's UNet and FLUX's rotary embeddings have no such table (2048 x 16 generates).
+EXPECTED = {
+    "tiny-sd3": (1024, 1024, 16, "ceil"),
+    "tiny-sdxl": (None, None, 8, "floor"),
+    "tiny-flux": (None, None, 16, "ceil"),
+}
+
+
+@pytest.fixture(scope="module", params=list(EXPECTED))
+def family(request):
+    pipeline = load_pipeline(
+        ModelConfig(id=request.param, source=f"embedded:{request.param}", device="cpu")
+    )
+    views = RequestPipelines(pipeline)
+    return request.param, views, views.capabilities()
+
+
+def generate(
+    views: RequestPipelines,
+    task: Task,
+    width: int,
+    height: int,
+    steps: int = 1,
+    strength: float = 1.0,
+) -> tuple[tuple[int, ...], int]:
+    """The shape of the one image that `task` makes at `width` x `height`, and the denoising
+    steps it ran; raises what the pipeline raises. Arguments as the engine passes them (an
+    edit's input image is already at the output size)."""
+    view = views.view(task)
+    ran: list[int] = []
+
+    def count(_pipeline, step: int, _timestep, callback_kwargs: dict) -> dict:
+        ran.append(step)
+        return callback_kwargs
+
+    arguments = {
+        "prompt": ["a lighthouse"],
+        "width": width,
+        "height": height,
+        "num_inference_steps": steps,
+        "guidance_scale": 5.0,
+        "generator": [torch.Generator("cpu").manual_seed(0)],
+        "output_type": "np",
+        "callback_on_step_end": count,
+    }
+    if task != "text-to-image":
+        image = np.full((height, width, 3), 120, dtype=np.uint8)
+        arguments.update(image=[PIL.Image.fromarray(image)], strength=strength)
+    if task == "inpaint":
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[:, : width // 2] = 255
+        arguments["mask_image"] = [PIL.Image.fromarray(mask)]
+    takes = call_parameters(type(view))
+    images = view(**{name: value for name, value in arguments.items() if name in takes}).images
+    return images[0].shape, len(ran)
+
+
+def makes(views: RequestPipelines, task: Task, width: int, height: int) -> bool:
+    """Whether `task` makes an image of exactly `width` x `height`."""
+    try:
+        shape, _ = generate(views, task, width, height)
+    except (ValueError, RuntimeError):
+        return False
+    return shape == (height, width, 3)
+
+
+def test_the_capabilities_carry_the_models_own_limits(family):
+    name, _, capabilities = family
+    max_width, max_height, multiple, rounding = EXPECTED[name]
+    assert (capabilities.max_width, capabilities.max_height) == (max_width, max_height)
+    assert capabilities.size_multiple == multiple
+    assert capabilities.edit_step_rounding == {"image-to-image": rounding, "inpaint": rounding}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_largest_sides_generate_and_one_cell_more_fails(family, task):
+    _, views, capabilities = family
+    multiple = capabilities.size_multiple
+    if capabilities.max_width is None:
+        # No cap to test against: twice tiny-sd3's cap, at the most extreme aspect ratios.
+        assert makes(views, task, 2048, multiple)
+        assert makes(views, task, multiple, 2048)
+        return
+    widest, tallest = capabilities.max_width, capabilities.max_height
+    assert makes(views, task, widest, multiple)
+    assert makes(views, task, multiple, tallest)
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        generate(views, task, widest + multiple, multiple)
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        generate(views, task, multiple, tallest + multiple)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_smallest_side_is_the_size_multiple(family, task):
+    _, views, capabilities = family
+    multiple = capabilities.size_multiple
+    assert makes(views, task, multiple, multiple)
+    assert makes(views, task, 3 * multiple, 2 * multiple)
+    # Half a cell off: the pipeline fails, or makes another size than was asked.
+    for width, height in [(multiple // 2, multiple), (multiple * 3 // 2, multiple)]:
+        assert not makes(views, task, width, height)
+        assert not makes(views, task, height, width)
+
+
+# (num_inference_steps, strength): the issue's two failing SDXL edits first.
+EDITS = [(1, 0.8), (4, 0.1), (4, 0.3), (3, 0.25), (1, 0.05), (10, 0.7), (2, 1.0)]
+
+
+@pytest.mark.parametrize("task", ["image-to-image", "inpaint"])
+def test_edits_run_the_steps_the_capabilities_predict(family, task):
+    name, views, capabilities = family
+    for steps, strength in EDITS:
+        predicted = capabilities.edit_steps(task, steps, strength)
+        if predicted == 0:
+            with pytest.raises((ValueError, RuntimeError)):
+                generate(views, task, 32, 32, steps=steps, strength=strength)
+        else:
+            _, ran = generate(views, task, 32, 32, steps=steps, strength=strength)
+            assert ran == predicted, (steps, strength)
+    # The rule matters: SDXL rounds down to nothing where SD3 and FLUX run a step.
+    floors = EXPECTED[name][3] == "floor"
+    assert capabilities.edit_steps(task, 4, 0.1) == (0 if floors else 1)
+
+
+def test_a_task_with_no_known_rule_counts_as_rounding_down():
+    capabilities = ModelCapabilities(pipeline_class="Unknown", tasks={})
+    assert capabilities.edit_steps("image-to-image", 4, 0.3) == 1
+    assert capabilities.edit_steps("image-to-image", 4, 0.2) == 0
