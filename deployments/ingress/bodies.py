@@ -3,39 +3,57 @@ edit endpoint's multipart form split into its fields and its files.
 
 Every failure is an `APIError` (400 naming what is wrong, or 413), never an exception of the
 parsers: a malformed body is the client's error, not the service's.
+
+The edit form is parsed as it streams in, never held whole: starlette's parser spools each
+file (in memory up to 1 MiB, in an anonymous temporary file beyond), and the bytes received
+are counted on the way in, so a body over the limit is refused as soon as it passes it.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.types import Message, Receive
 
-from deployments.ingress.errors import body_too_large, invalid_request
+from deployments.ingress.errors import APIError, body_too_large, invalid_request
 from deployments.ingress.protocol import ImageEditRequest
 
 # The edit form's file fields: OpenAI's clients send `image` (one file) or `image[]` (several).
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELD = "mask"
+# Bounds on what the parser keeps while it reads: three files (an image, a mask, and a second
+# image, which gets its own 400 below), and no text field longer than any prompt could be.
+MAX_FORM_FILES = 3
+MAX_FORM_FIELDS = 4 * len(ImageEditRequest.model_fields)
+MAX_FIELD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class EditForm:
-    """An edit request as sent: its text fields, and the bytes of its image and mask."""
+    """An edit request as sent: its text fields, its image and its optional mask.
+
+    The uploads are the parser's spooled files (or `bytes`, for callers that have them),
+    read in place by `deployments.ingress.uploads`; `close` releases them.
+    """
 
     fields: dict[str, object]
-    image: bytes
-    mask: bytes | None
+    image: bytes | BinaryIO
+    mask: bytes | BinaryIO | None
+
+    def close(self) -> None:
+        for upload in (self.image, self.mask):
+            if upload is not None and not isinstance(upload, bytes):
+                upload.close()
 
 
 async def bounded_body(request: Request, max_bytes: int) -> bytes:
     """The raw body, read no further than `max_bytes` whatever it claims to be."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise body_too_large(max_bytes)
+    _check_declared_length(request, max_bytes)
     chunks = []
     received = 0
     async for chunk in request.stream():
@@ -44,6 +62,12 @@ async def bounded_body(request: Request, max_bytes: int) -> bytes:
             raise body_too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _check_declared_length(request: Request, max_bytes: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise body_too_large(max_bytes)
 
 
 async def json_body(request: Request, max_bytes: int) -> Any:
@@ -65,12 +89,31 @@ def _reject_constant(name: str) -> Any:
 
 
 async def edit_form(request: Request, max_bytes: int) -> EditForm:
-    """The edit's multipart form, from a body read no further than `max_bytes`."""
+    """The edit's multipart form, from a body read no further than `max_bytes`. The caller
+    owns the returned form's files (see `EditForm.close`)."""
     form = await _form_body(request, max_bytes)
     try:
-        return await _edit_form_parts(form)
-    finally:
+        return _edit_form_parts(form)
+    except BaseException:
         await form.close()
+        raise
+
+
+def _bounded_receive(receive: Receive, max_bytes: int) -> Receive:
+    """`receive`, raising 413 once the body's chunks add up to more than `max_bytes`: what
+    a client declares (or leaves out, with chunked encoding) is not trusted."""
+    received = 0
+
+    async def bounded() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                raise body_too_large(max_bytes)
+        return message
+
+    return bounded
 
 
 async def _form_body(request: Request, max_bytes: int) -> FormData:
@@ -80,21 +123,29 @@ async def _form_body(request: Request, max_bytes: int) -> FormData:
             "Send the edit as 'multipart/form-data' with the image as a file field.",
             code="invalid_body",
         )
-    raw = await bounded_body(request, max_bytes)
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": raw, "more_body": False}
-
+    _check_declared_length(request, max_bytes)
+    counted = Request(request.scope, _bounded_receive(request.receive, max_bytes))
     try:
-        return await Request(request.scope, replay).form(max_part_size=max_bytes)
-    except Exception:  # starlette's MultiPartException, or a malformed body
+        return await counted.form(
+            max_files=MAX_FORM_FILES,
+            max_fields=MAX_FORM_FIELDS,
+            max_part_size=min(MAX_FIELD_BYTES, max_bytes),
+        )
+    except APIError:
+        raise  # the 413 of `_bounded_receive`
+    except HTTPException as error:  # starlette's own words on what is wrong with the form
+        raise invalid_request(
+            f"We could not parse the multipart form of your request: {error.detail}",
+            code="invalid_body",
+        ) from None
+    except Exception:  # a malformed body, or a client that left
         raise invalid_request(
             "We could not parse the multipart form of your request.", code="invalid_body"
         ) from None
 
 
-async def _edit_form_parts(form: FormData) -> EditForm:
-    """The form's text fields, and the contents of its one image and its optional mask."""
+def _edit_form_parts(form: FormData) -> EditForm:
+    """The form's text fields, and the files of its one image and its optional mask."""
     fields: dict[str, object] = {}
     images: list[UploadFile] = []
     masks: list[UploadFile] = []
@@ -132,8 +183,8 @@ async def _edit_form_parts(form: FormData) -> EditForm:
         raise invalid_request(
             "Invalid value for 'mask': give one mask.", param="mask", code="invalid_value"
         )
-    mask = await masks[0].read() if masks else None
-    return EditForm(fields=fields, image=await images[0].read(), mask=mask)
+    # The spooled files themselves, not their contents: the decoder reads them in place.
+    return EditForm(fields=fields, image=images[0].file, mask=masks[0].file if masks else None)
 
 
 def _form_value(value: str) -> object:

@@ -136,3 +136,17 @@ def from_validation_error(exc: ValidationError) -> APIError:
     return invalid_request(
         f"Invalid value for '{param}': {reason}.", param=param, code="invalid_value"
     )
+
+
+def storage_unavailable(*, retry_after_s: int = 1) -> APIError:
+    # The images were made, but a `url` needs them stored: a full or read-only volume is the
+    # service's trouble, passing (an eviction or a sweep frees room), so a retry can help.
+    return APIError(
+        503,
+        "The images could not be stored for their URLs. Try again shortly, or ask for "
+        "'response_format': 'b64_json'.",
+        type="server_error",
+        code="storage_unavailable",
+        retryable=True,
+        retry_after_s=retry_after_s,
+    )

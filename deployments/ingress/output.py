@@ -1,15 +1,22 @@
 """Turning generated pixels into what a client receives: encoded images, inline or linked.
 
 Runs on the ingress, in worker threads (encoding a large PNG takes tens of milliseconds).
+An image that cannot be stored is the API's retryable 503 (`storage_unavailable`), in a
+plain answer and in a stream's `error` event alike.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from deployments.ingress.encoding import encode_image, to_base64, upscale
+from deployments.ingress.errors import storage_unavailable
 from deployments.ingress.protocol import Image, ImageRequest
-from deployments.ingress.storage import ImageStore
+from deployments.ingress.storage import ImageStore, StorageUnavailable
+
+logger = logging.getLogger("ray.serve")
 
 IMAGE_FILES_PATH = "/v1/images/files"
 
@@ -30,7 +37,12 @@ class ImagePackager:
         data = self.encode(pixels)
         if inline:
             return Image(b64_json=to_base64(data), seed=seed)
-        name = self._store.save(data, self._params.output_format)
+        try:
+            name = self._store.save(data, self._params.output_format)
+        except StorageUnavailable as error:
+            # The cause (a path, an errno) goes to the log, never to the client.
+            logger.error("storing an image failed: %s", error)
+            raise storage_unavailable() from None
         return Image(url=f"{self._base_url}{IMAGE_FILES_PATH}/{name}", seed=seed)
 
     def images(self, images: list[np.ndarray], seeds: tuple[int, ...]) -> list[Image]:

@@ -3,46 +3,89 @@
 A name is 256 random bits (URL-safe base64) plus the format's extension. Lookups accept only
 names of exactly that shape, so no path a client sends can leave the directory. Images older
 than the TTL are deleted: on lookup (an expired image is gone even if not yet swept) and by a
-sweep that runs at most once a minute when images are saved.
+daemon thread that sweeps every min(TTL, 60 s) whether or not images are being saved. With
+`max_bytes`, the oldest images also go once the directory's images add up to more.
+
+A write that fails (a full disk, a read-only volume) leaves no partial file behind and
+raises `StorageUnavailable`, which the API answers as a retryable 503.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import secrets
 import threading
 import time
+import weakref
 from pathlib import Path
 
+from deployments.config import StorageConfig
 from deployments.ingress.encoding import MEDIA_TYPES
 
+logger = logging.getLogger("ray.serve")
+
 _NAME = re.compile(r"^[A-Za-z0-9_-]{43}\.(png|jpeg|webp)$")
-_SWEEP_INTERVAL_S = 60.0
+_MAX_SWEEP_INTERVAL_S = 60.0
+
+
+class StorageUnavailable(RuntimeError):
+    """An image could not be written; the message says why, for the logs only."""
 
 
 class ImageStore:
-    def __init__(self, directory: Path, ttl_s: float) -> None:
+    def __init__(self, directory: Path, ttl_s: float, max_bytes: int | None = None) -> None:
         self._directory = directory
         self._ttl_s = ttl_s
+        self._max_bytes = max_bytes
         self._directory.mkdir(parents=True, exist_ok=True)
-        self._sweep_lock = threading.Lock()
-        self._last_sweep = 0.0
+        # One eviction at a time: two at once would both count, and delete, the same files.
+        self._evict_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._sweeper = threading.Thread(
+            target=_sweep_until_stopped,
+            args=(weakref.ref(self), self._stopped, min(ttl_s, _MAX_SWEEP_INTERVAL_S)),
+            name=f"image-store-sweeper:{directory}",
+            daemon=True,
+        )
+        self._sweeper.start()
+
+    @classmethod
+    def from_config(cls, config: StorageConfig) -> ImageStore:
+        return cls(config.resolved_directory(), config.ttl_s, config.max_bytes)
 
     @property
     def directory(self) -> Path:
         return self._directory
 
+    def close(self) -> None:
+        """Stop the sweeper thread (the stored images stay)."""
+        self._stopped.set()
+        if self._sweeper is not threading.current_thread():
+            self._sweeper.join()
+
     def save(self, data: bytes, output_format: str) -> str:
-        """Write an encoded image and return its name."""
+        """Write an encoded image and return its name; `StorageUnavailable` if it cannot be
+        written."""
         if output_format not in MEDIA_TYPES:
             raise ValueError(f"unsupported output format {output_format!r}")
         name = f"{secrets.token_urlsafe(32)}.{output_format}"
         # Write then rename, so a reader never sees a partial file.
         partial = self._directory / f".{name}.partial"
-        partial.write_bytes(data)
-        os.replace(partial, self._directory / name)
-        self._sweep_if_due()
+        try:
+            with open(partial, "xb") as file:
+                file.write(data)
+            os.replace(partial, self._directory / name)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            raise StorageUnavailable(
+                f"could not write an image to {self._directory}: {error.strerror or error}"
+            ) from error
+        if self._max_bytes is not None:
+            self._evict_over(self._max_bytes, keep=name)
         return name
 
     def path_of(self, name: str) -> Path | None:
@@ -78,12 +121,39 @@ class ImageStore:
                 pass  # another replica sharing the directory removed it first
         return removed
 
-    def _sweep_if_due(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sweep < _SWEEP_INTERVAL_S or not self._sweep_lock.acquire(False):
+    def _evict_over(self, max_bytes: int, keep: str) -> None:
+        """Delete the oldest images until they add up to at most `max_bytes`. The image just
+        saved (`keep`) stays even if it alone is larger: its URL is about to be returned."""
+        with self._evict_lock:
+            images = []
+            for path in self._directory.iterdir():
+                if not _NAME.fullmatch(path.name):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    stat = path.stat()
+                    images.append((stat.st_mtime_ns, path.name, stat.st_size))
+            total = sum(size for _, _, size in images)
+            for _, name, size in sorted(images):
+                if total <= max_bytes:
+                    break
+                if name == keep:
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # swept meanwhile
+                    (self._directory / name).unlink()
+                total -= size
+
+
+def _sweep_until_stopped(
+    store_ref: weakref.ReferenceType[ImageStore], stopped: threading.Event, interval_s: float
+) -> None:
+    """The sweeper thread. It holds the store only weakly, so a store that is dropped
+    without `close` (in tests, say) ends its thread at the next tick."""
+    while not stopped.wait(interval_s):
+        store = store_ref()
+        if store is None:
             return
         try:
-            self._last_sweep = now
-            self.sweep()
-        finally:
-            self._sweep_lock.release()
+            store.sweep()
+        except Exception:  # a volume gone for a while, say: the next tick tries again
+            logger.exception("sweeping the stored images of %s failed", store.directory)
+        del store

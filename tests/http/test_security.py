@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import openai
 import pytest
@@ -13,6 +14,7 @@ from deployments.ingress.app import create_api
 from deployments.ingress.auth import NoAPIKeys, bearer_token, parse_keys
 
 from .checks import assert_openai_error
+from .test_edits import edit
 
 GENERATIONS = "/v1/images/generations"
 KEYS_ENV = "IMAGE_SERVICE_TEST_KEYS"
@@ -99,6 +101,85 @@ def test_keys_file_is_reread_when_it_changes(args, generator, store, tmp_path):
     assert client.get("/v1/models", headers={"authorization": "Bearer sk-new"}).status_code == 200
 
 
+def keyed_by_file(args, generator, store, keys) -> TestClient:
+    return TestClient(
+        create_api(
+            with_args(args, auth={"api_keys_file": str(keys)}), {"tiny-sd3": generator}, store
+        )
+    )
+
+
+def accepted(client: TestClient, key: str) -> bool:
+    response = client.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+    assert response.status_code in (200, 401)
+    return response.status_code == 200
+
+
+def test_a_keys_file_rewritten_in_place_within_one_mtime_ends_with_its_final_keys(
+    args, generator, store, tmp_path
+):
+    keys = tmp_path / "api-keys"
+    keys.write_text("sk-old-key\n")
+    client = keyed_by_file(args, generator, store, keys)
+    assert accepted(client, "sk-old-key")
+    same_mtime_ns = 1_700_000_000_000_000_000
+    # A writer that truncates the file and writes it in two steps, both within one tick of
+    # a coarse file system clock (forced here: both states get the very same mtime).
+    with keys.open("w") as file:
+        file.write("sk-new")
+        file.flush()
+        os.utime(keys, ns=(same_mtime_ns, same_mtime_ns))
+        assert accepted(client, "sk-new")  # read mid-write: all the file held then
+        file.write("-key\n")
+    os.utime(keys, ns=(same_mtime_ns, same_mtime_ns))
+    assert accepted(client, "sk-new-key")
+    assert not accepted(client, "sk-new")  # the truncated key is not left in force
+    assert not accepted(client, "sk-old-key")
+
+
+def test_a_keys_file_that_changes_while_read_is_not_trusted(
+    args, generator, store, tmp_path, monkeypatch
+):
+    keys = tmp_path / "api-keys"
+    keys.write_text("sk-old-key\n")
+    client = keyed_by_file(args, generator, store, keys)
+    keys.write_text("sk-new-key\n")
+    mtime_ns = keys.stat().st_mtime_ns
+    real_read = Path.read_text
+
+    def read_while_written(path: Path, *args, **kwargs) -> str:
+        if path != keys:
+            return real_read(path, *args, **kwargs)
+        text = real_read(path, *args, **kwargs)[:6]  # the reader got "sk-new" ...
+        with path.open("a") as file:  # ... as the writer went on (within one mtime tick)
+            file.write("# rotated\n")
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        return text
+
+    monkeypatch.setattr(Path, "read_text", read_while_written)
+    assert not accepted(client, "sk-new")  # half a file is never in force
+    assert accepted(client, "sk-old-key")  # the last good keys stay meanwhile
+    monkeypatch.undo()
+    assert accepted(client, "sk-new-key")  # and the next request reads it again
+    assert not accepted(client, "sk-old-key")
+
+
+def test_edits_need_a_key_too(keyed_client, generator):
+    error = assert_openai_error(edit(keyed_client), 401)
+    assert error["code"] == "missing_api_key"
+    wrong = keyed_client.post(
+        "/v1/images/edits",
+        data={"prompt": "x"},
+        files={"image": ("in.png", b"anything", "image/png")},
+        headers={"authorization": "Bearer sk-wrong"},
+    )
+    assert assert_openai_error(wrong, 401)["code"] == "invalid_api_key"
+    assert generator.jobs == []
+    keyed_client.headers["authorization"] = "Bearer sk-second"
+    assert edit(keyed_client).status_code == 200
+    assert len(generator.jobs) == 1
+
+
 def test_auth_without_any_key_refuses_to_start(args, generator, store, monkeypatch, tmp_path):
     monkeypatch.delenv(KEYS_ENV, raising=False)
     with pytest.raises(NoAPIKeys, match=KEYS_ENV):
@@ -140,8 +221,8 @@ def test_body_over_the_limit_is_413_declared_or_not(args, generator, store):
 
     def chunks():  # no content-length: the body is cut off as it streams in
         yield b'{"prompt": "'
-        for _ in range(100):
-            yield b"x" * 100
+        for _ in range(64):  # a whole MiB past the 2 KiB limit
+            yield b"x" * (16 * 1024)
         yield b'"}'
 
     streamed = client.post(

@@ -1,0 +1,55 @@
+"""`response_format: url` when the images cannot be stored: a retryable 503 in OpenAI's
+shape (or a stream's `error` event), saying nothing of the server's disks."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+
+from deployments.ingress import storage as storage_module
+
+from .checks import assert_openai_error
+from .test_edits import edit
+
+GENERATIONS = "/v1/images/generations"
+
+
+@pytest.fixture
+def full_disk(monkeypatch, store):
+    def no_space(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_module.os, "replace", no_space)
+    yield
+    assert list(store.directory.iterdir()) == []  # no partial file left behind
+
+
+def assert_storage_unavailable(response) -> None:
+    error = assert_openai_error(response, 503)
+    assert error["code"] == "storage_unavailable" and error["type"] == "server_error"
+    assert response.headers["x-should-retry"] == "true"
+    assert response.headers["retry-after"] == "1"
+    assert "No space" not in response.text and "/" not in error["message"]
+
+
+def test_a_full_disk_is_a_retryable_503(client, full_disk):
+    body = {"prompt": "a fox", "response_format": "url", "n": 2}
+    assert_storage_unavailable(client.post(GENERATIONS, json=body))
+    assert_storage_unavailable(edit(client, response_format="url"))
+
+
+def test_a_full_disk_does_not_touch_inline_images(client, full_disk):
+    body = {"prompt": "a fox", "response_format": "b64_json"}
+    assert client.post(GENERATIONS, json=body).status_code == 200
+
+
+def test_a_full_disk_ends_a_stream_of_urls_with_an_error_event(client, full_disk):
+    body = {"prompt": "a fox", "stream": True, "response_format": "url"}
+    response = client.post(GENERATIONS, json=body)
+    assert response.status_code == 200  # the stream had started
+    last = response.text.strip().split("\n\n")[-1].splitlines()
+    assert last[0] == "event: error"
+    error = json.loads(last[1].removeprefix("data: "))["error"]
+    assert error["code"] == "storage_unavailable" and "No space" not in error["message"]
