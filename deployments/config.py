@@ -77,6 +77,13 @@ class StorageConfig(Strict):
         description="Base of the returned URLs (e.g. `https://images.example.com`). By default "
         "the URL the request came in on.",
     )
+    max_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most bytes the stored images may take; after each save the oldest go "
+        "first until the rest fit (the newest image is kept even if it alone is larger). "
+        "Unset: bounded by the TTL alone. With several replicas on one volume, each applies it.",
+    )
 
     def resolved_directory(self) -> Path:
         return Path(self.directory) if self.directory else default_cache_dir() / "images"

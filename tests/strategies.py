@@ -12,7 +12,9 @@ json_values = st.recursive(
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
+    | st.text(max_size=20)
+    # Lone UTF-16 surrogates: valid in JSON, not encodable as UTF-8.
+    | st.text(st.characters(categories=["Cs", "Ll"]), max_size=4),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
     ),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -69,11 +70,19 @@ def create_api(
     """The app, with `backends` holding one backend per model id of `args.models`."""
     service = ImageService(args, backends, store, metrics)
     protected = [Depends(_authenticator(APIKeys(args.auth)))]
+    # The API's docs describe the service: with keys on they take a key like the API, so
+    # FastAPI's open routes for them are replaced by protected ones.
+    open_docs = not args.auth.enabled
     app = FastAPI(
         title="Image generation service",
         description="OpenAI-compatible image generation with diffusers on Ray Serve.",
         version="0.1.0",
+        openapi_url="/openapi.json" if open_docs else None,
+        docs_url="/docs" if open_docs else None,
+        redoc_url="/redoc" if open_docs else None,
     )
+    if not open_docs:
+        _add_protected_docs(app, protected)
     _add_cors(app, args.cors)
     _add_error_handlers(app, service)
 
@@ -100,6 +109,7 @@ def create_api(
     )
     async def generate_images(request: Request) -> Response:
         async with service.scope(request_id_of(request), "generations") as scope:
+            _require_json(request)
             body = await json_body(request, args.limits.max_body_bytes)
             prepared = await service.prepare_generation(body, scope)
             return _respond(await service.run(prepared, str(request.base_url), scope))
@@ -113,7 +123,10 @@ def create_api(
     async def edit_images(request: Request) -> Response:
         async with service.scope(request_id_of(request), "edits") as scope:
             form = await edit_form(request, args.limits.max_upload_bytes)
-            prepared = await service.prepare_edit(form, scope)
+            try:
+                prepared = await service.prepare_edit(form, scope)
+            finally:
+                form.close()  # the spooled upload files, whether or not they were decoded
             return _respond(await service.run(prepared, str(request.base_url), scope))
 
     # Image files take no key: their 256-bit random names are the capability, like OpenAI's
@@ -127,6 +140,20 @@ def create_api(
         )
 
     return app
+
+
+def _require_json(request: Request) -> None:
+    """JSON routes take `application/json` only. Anything else is a 415: a page on another
+    origin can POST `text/plain` without a CORS preflight, and must not be able to make its
+    visitors' browsers spend the service's accelerator."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(
+            415,
+            "Send the request body as JSON with 'Content-Type: application/json'.",
+            type="invalid_request_error",
+            code="unsupported_media_type",
+        )
 
 
 def _respond(result: ImagesResponse | AsyncIterator[bytes]) -> Response:
@@ -200,6 +227,23 @@ def _add_error_handlers(app: FastAPI, service: ImageService) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("request %s failed", request_id_of(request), exc_info=exc)
         return answer_error(internal_error())
+
+
+def _add_protected_docs(app: FastAPI, protected: list) -> None:
+    """`/openapi.json`, `/docs` and `/redoc` behind the API's keys (send the key with the
+    request, e.g. `curl -H 'Authorization: Bearer ...' .../openapi.json`)."""
+
+    @app.get("/openapi.json", dependencies=protected, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=protected, include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="openapi.json", title=app.title)
+
+    @app.get("/redoc", dependencies=protected, include_in_schema=False)
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="openapi.json", title=app.title)
 
 
 def _add_playground(app: FastAPI) -> None:

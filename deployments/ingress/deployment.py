@@ -21,7 +21,13 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import AppArgs
 from deployments.ingress.app import create_api
 from deployments.ingress.errors import service_unavailable
-from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
+from deployments.jobs import (
+    GeneratedImages,
+    GenerationEvent,
+    GenerationJob,
+    GenerationOutOfMemory,
+    ModelCapabilities,
+)
 from deployments.metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -41,13 +47,13 @@ class GeneratorClient:
         """Asked of a replica once (every replica loads the same model), then remembered."""
         async with self._capabilities_lock:
             if self._capabilities is None:
-                with _ray_errors_as_api_errors("capabilities"):
+                with generator_errors_as_api_errors("capabilities"):
                     self._capabilities = await self._handle.capabilities.remote()
             return self._capabilities
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         response = self._handle.generate.remote(job)
-        with _ray_errors_as_api_errors(job.request_id):
+        with generator_errors_as_api_errors(job.request_id):
             try:
                 return await response
             except asyncio.CancelledError:
@@ -61,7 +67,7 @@ class GeneratorClient:
         responses = self._handle.options(stream=True).generate_stream.remote(job)
         finished = False
         try:
-            with _ray_errors_as_api_errors(job.request_id):
+            with generator_errors_as_api_errors(job.request_id):
                 async for event in responses:
                     yield event
             finished = True
@@ -71,12 +77,21 @@ class GeneratorClient:
 
 
 @contextmanager
-def _ray_errors_as_api_errors(request_id: str) -> Iterator[None]:
+def generator_errors_as_api_errors(request_id: str) -> Iterator[None]:
+    """Ray's and the generator's failures as the API's errors (what is left is a 500)."""
     try:
         yield
     except BackPressureError:
         raise service_unavailable(
             "The service is at capacity and its queue is full. Retry shortly.",
+            retry_after_s=2,
+        ) from None
+    except GenerationOutOfMemory:
+        # Ray re-raises the replica's exception as an instance of its class.
+        logger.warning("request %s: out of device memory", request_id)
+        raise service_unavailable(
+            "The images did not fit in the device's memory now. Retry shortly, or ask for "
+            "fewer or smaller images.",
             retry_after_s=2,
         ) from None
     except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
@@ -91,6 +106,10 @@ def _ray_errors_as_api_errors(request_id: str) -> Iterator[None]:
     name=INGRESS_DEPLOYMENT,
     # The ingress only awaits the generator and encodes, so it holds many requests at once.
     max_ongoing_requests=256,
+    # On redeploy or scale-down an old ingress replica still answers what it holds: give it
+    # longer than any request may take (`args.request_timeout_s`), not Serve's default 20 s.
+    graceful_shutdown_timeout_s=300,
+    graceful_shutdown_wait_loop_s=2,
     # No CPU reserved: on Kubernetes it runs on a head node that advertises num-cpus 0.
     ray_actor_options={"num_cpus": 0},
 )

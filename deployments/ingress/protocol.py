@@ -8,8 +8,9 @@ input is rejected here, in one place, before anything is queued.
 
 from __future__ import annotations
 
+import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -24,9 +25,9 @@ from pydantic import (
 )
 
 from deployments.config import RequestLimits
-from deployments.jobs import GenerationJob
+from deployments.jobs import GenerationJob, ModelCapabilities
 from deployments.model_config import ModelConfig
-from deployments.sizes import resolve_size
+from deployments.sizes import SizeRules, resolve_size
 
 MAX_SEED = 2**32 - 1
 
@@ -37,6 +38,30 @@ class ValidationContext:
 
     limits: RequestLimits
     model: ModelConfig
+    # What the model's loaded pipeline reported (its own size limits), once known.
+    capabilities: ModelCapabilities | None = None
+
+    def size_rules(self) -> SizeRules:
+        """The config's size rules narrowed by the loaded model's own limits."""
+        rules = SizeRules(
+            default=self.model.default_size,
+            multiple=self.model.size_multiple,
+            max_pixels=self.limits.max_pixels,
+        )
+        if self.capabilities is None:
+            return rules
+        caps = self.capabilities
+        return replace(
+            rules,
+            # A multiple of both: the config's and the model's latent grid.
+            multiple=math.lcm(rules.multiple, caps.size_multiple),
+            max_width=_floor_to(caps.max_width, rules.multiple),
+            max_height=_floor_to(caps.max_height, rules.multiple),
+        )
+
+
+def _floor_to(limit: int | None, multiple: int) -> int | None:
+    return None if limit is None else limit // multiple * multiple
 
 
 def _context(info: ValidationInfo) -> ValidationContext:
@@ -49,13 +74,7 @@ def _context(info: ValidationInfo) -> ValidationContext:
 def _resolve_size(
     size: str, context: ValidationContext, input_size: tuple[int, int] | None = None
 ) -> tuple[int, int]:
-    return resolve_size(
-        size,
-        default=context.model.default_size,
-        multiple=context.model.size_multiple,
-        max_pixels=context.limits.max_pixels,
-        input_size=input_size,
-    )
+    return resolve_size(size, context.size_rules(), input_size)
 
 
 def without_unused_form(data: dict) -> dict:

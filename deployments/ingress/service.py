@@ -31,6 +31,11 @@ from deployments.ingress.errors import (
     invalid_request,
     model_not_found,
 )
+from deployments.ingress.model_checks import (
+    check_edit_steps,
+    check_supported,
+    refuse_unencodable,
+)
 from deployments.ingress.output import ImagePackager
 from deployments.ingress.protocol import (
     ImageEditRequest,
@@ -46,7 +51,6 @@ from deployments.ingress.storage import ImageStore
 from deployments.ingress.streaming import EventEncoder, first_event, sse_body, timings_of
 from deployments.ingress.uploads import UploadError, read_edit_inputs
 from deployments.jobs import (
-    OPTIONAL_PARAMETERS,
     GeneratedImages,
     GenerationEvent,
     GenerationJob,
@@ -112,7 +116,7 @@ class ImageService:
         if set(backends) != set(self._models):
             raise ValueError(f"backends for {sorted(backends)}, models {sorted(self._models)}")
         self._backends = dict(backends)
-        self.store = store or ImageStore(args.storage.resolved_directory(), args.storage.ttl_s)
+        self.store = store or ImageStore.from_config(args.storage)
         self._metrics = metrics
         started = int(time.time())
         self._model_cards = {
@@ -159,11 +163,18 @@ class ImageService:
             raise
 
     def validate(
-        self, schema: type[ImageRequest], fields: object, model: ModelConfig
+        self,
+        schema: type[ImageRequest],
+        fields: object,
+        context: ValidationContext,
+        *,
+        strict: bool,
     ) -> ImageRequest:
-        """The request's fields checked against the schema and the model's rules."""
+        """The request's fields checked against the schema, the config's rules and the
+        model's own limits. A JSON body is taken `strict`ly, as OpenAI's API takes it (`"2"`
+        and `true` are no numbers); a form's fields are text, so they are converted."""
         try:
-            params = schema.model_validate(fields, context=self._context(model))
+            params = schema.model_validate(fields, context=context, strict=strict)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         if (option := params.streaming_option_without_stream()) is not None:
@@ -176,24 +187,28 @@ class ImageService:
 
     async def prepare_generation(self, body: object, scope: RequestScope) -> PreparedJob:
         """A generation request's job, from its JSON body."""
+        refuse_unencodable(body)
         model = self.model_for(body.get("model") if isinstance(body, dict) else None)
-        params = self.validate(ImageGenerationRequest, body, model)
         backend = self._backends[model.id]
-        await self._check_supported(params, backend, model, "text-to-image", scope.deadline)
-        job = params.to_job(self._context(model), scope.request_id)
+        context = await self._context_for(model, backend, scope.deadline)
+        params = self.validate(ImageGenerationRequest, body, context, strict=True)
+        check_supported(params, context.capabilities, model, "text-to-image")
+        job = params.to_job(context, scope.request_id)
         scope.log.add(**self._logged_parameters(params, job, model.id))
         return PreparedJob(params, job, backend, "image_generation")
 
     async def prepare_edit(self, form: EditForm, scope: RequestScope) -> PreparedJob:
         """An edit request's job, from its form: the uploads decoded and scaled to the
         output size."""
+        refuse_unencodable(form.fields)
         model = self.model_for(form.fields.get("model"))
-        params = self.validate(ImageEditRequest, form.fields, model)
-        task: Task = "image-to-image" if form.mask is None else "inpaint"
         backend = self._backends[model.id]
-        # Refused before any image is decoded if the model cannot edit at all.
-        await self._check_supported(params, backend, model, task, scope.deadline)
-        context = self._context(model)
+        context = await self._context_for(model, backend, scope.deadline)
+        params = self.validate(ImageEditRequest, form.fields, context, strict=False)
+        task: Task = "image-to-image" if form.mask is None else "inpaint"
+        # Refused before any image is decoded if the model cannot do this edit.
+        check_supported(params, context.capabilities, model, task)
+        check_edit_steps(params, context.capabilities, model, task)
         try:
             inputs = await run_in_threadpool(
                 read_edit_inputs,
@@ -257,21 +272,14 @@ class ImageService:
 
     # --- helpers ---
 
-    def _context(self, model: ModelConfig) -> ValidationContext:
-        return ValidationContext(limits=self.args.limits, model=model)
-
-    async def _check_supported(
-        self,
-        params: ImageRequest,
-        backend: ImageBackend,
-        model: ModelConfig,
-        task: Task,
-        deadline: Deadline,
-    ) -> None:
-        """`check_supported` against the model's capabilities, asked of a replica the first
-        time (within the request's time: the replica may still be starting)."""
+    async def _context_for(
+        self, model: ModelConfig, backend: ImageBackend, deadline: Deadline
+    ) -> ValidationContext:
+        """What a request for `model` is validated against: the config's limits and the
+        model's own, asked of a replica the first time (within the request's time: the
+        replica may still be starting)."""
         capabilities = await deadline.wait(backend.capabilities())
-        check_supported(params, capabilities, model, task)
+        return ValidationContext(limits=self.args.limits, model=model, capabilities=capabilities)
 
     def _logged_parameters(
         self, params: ImageRequest, job: GenerationJob, model_id: str
@@ -299,26 +307,3 @@ class ImageService:
             fields["prompt"] = job.prompt
             fields["negative_prompt"] = job.negative_prompt
         return fields
-
-
-def check_supported(
-    params: ImageRequest, capabilities: ModelCapabilities, model: ModelConfig, task: Task
-) -> None:
-    """400 naming the parameter if the model's pipeline cannot do what the request asks (a
-    parameter it would silently ignore, or a task its family has no pipeline for)."""
-    pipeline = capabilities.pipeline_class
-    if task not in capabilities.tasks:
-        what = "inpaint (no mask is supported)" if task == "inpaint" else "edit images"
-        raise invalid_request(
-            f"The model '{model.id}' ({pipeline}) cannot {what}.",
-            param="mask" if task == "inpaint" else "image",
-            code="unsupported_parameter",
-        )
-    takes = capabilities.tasks[task]
-    for name in OPTIONAL_PARAMETERS:
-        if getattr(params, name, None) is not None and name not in takes:
-            raise invalid_request(
-                f"The model '{model.id}' ({pipeline}) does not take '{name}'.",
-                param=name,
-                code="unsupported_parameter",
-            )

@@ -28,6 +28,16 @@ EVERYTHING = ModelCapabilities(
 )
 
 
+# What the fake replica says of where a job's time went (a real one measures it).
+REPLICA_TIMINGS = {
+    "batch_images": 3,
+    "queue_s": 0.25,
+    "text_encode_s": 0.5,
+    "denoise_s": 1.5,
+    "decode_s": 0.125,
+}
+
+
 def pixels_for(seed: int, width: int, height: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
@@ -61,7 +71,7 @@ class FakeGenerator:
             self.cancelled.append(job)
             raise
         images = [pixels_for(seed, job.width, job.height) for seed in job.seeds]
-        return GeneratedImages(images=images, seeds=job.seeds)
+        return GeneratedImages(images=images, seeds=job.seeds, **REPLICA_TIMINGS)
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
         self.jobs.append(job)

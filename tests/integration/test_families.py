@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
+from deployments.jobs import GenerationJob
 from deployments.model_config import generator_deployment_name
 from serve_app import build_app
 
@@ -181,3 +182,38 @@ def test_two_models_of_one_application_batch_differently(client):
     flux = batch_sizes("tiny-flux")[before["tiny-flux"] :]
     assert sd3 == [1] * 6, sd3
     assert sum(flux) == 6 and max(flux) > 1, flux
+
+
+def sdxl_job(seed: int, prompt: str) -> GenerationJob:
+    return GenerationJob(
+        prompt=prompt,
+        negative_prompt=None,
+        width=32,
+        height=32,
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        seeds=(seed,),
+        request_id=f"poison-test-{seed}",
+    )
+
+
+def test_a_poisoned_job_fails_alone_and_its_batch_neighbours_succeed(base_url):
+    """Through a real replica (the ingress refuses such text with a 400, so the job is sent
+    on the generator's handle): a prompt the tokenizer rejects, batched with 6 good jobs."""
+    handle = serve.get_deployment_handle(generator_deployment_name("tiny-sdxl"), "families")
+    before = len(handle.counters.remote().result()["batch_sizes"])
+    # The first job starts alone on the idle replica; the rest arrive while it runs and wait
+    # (max_wait_ms) for each other: one batch of 7, the poisoned job last in it.
+    jobs = [sdxl_job(seed, f"a lighthouse, take {seed}") for seed in range(7)]
+    jobs.append(sdxl_job(7, "a lighthouse \ud800"))
+    responses = [handle.generate.remote(job) for job in jobs]
+    good = [response.result(timeout_s=120) for response in responses[:-1]]
+    with pytest.raises(TypeError):  # the tokenizer's own error, raised for this job alone
+        responses[-1].result(timeout_s=120)
+    batch_sizes = handle.counters.remote().result()["batch_sizes"][before:]
+    assert 7 in batch_sizes, f"the poisoned job was not batched: {batch_sizes}"
+    for sent, result in zip(jobs, good, strict=False):
+        alone = handle.generate.remote(sent).result(timeout_s=120)
+        difference = np.abs(result.images[0].astype(int) - alone.images[0].astype(int))
+        assert difference.max() <= 1 and (difference > 0).mean() <= 0.001
+    assert handle.check_health.remote().result() is None

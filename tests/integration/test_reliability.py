@@ -136,7 +136,8 @@ def test_client_disconnect_stops_its_generation_and_frees_its_slot(slow, step_s)
         waiting_request_answered_s_after_disconnect=round(answered_at - disconnected_at, 3),
     )
     assert steps_at_disconnect - before > 0, "the long generation had started"
-    assert steps_after_disconnect <= 5
+    # The README says one step; two leaves room for the step under way at the disconnect.
+    assert steps_after_disconnect <= 2
     assert answered_at - disconnected_at < 5
 
 
@@ -161,7 +162,7 @@ def test_closing_a_stream_stops_its_generation(slow, step_s):
         of_steps=long_steps,
     )
     assert steps_at_close - before > 0, "the generation had started"
-    assert after - steps_at_close <= 5
+    assert after - steps_at_close <= 2
 
 
 def test_request_over_the_timeout_gets_504_and_its_generation_stops(slow, step_s):
@@ -185,14 +186,14 @@ def test_request_over_the_timeout_gets_504_and_its_generation_stops(slow, step_s
         of_steps=long_steps,
     )
     assert SLOW_ARGS["request_timeout_s"] <= elapsed < SLOW_ARGS["request_timeout_s"] + 3
-    assert after - at_answer <= 5
+    assert after - at_answer <= 2
     assert after - before < long_steps
 
 
 def assert_full_queue_503(response: httpx.Response) -> None:
     assert response.status_code == 503, response.text
     assert assert_error_shape(response)["code"] == "service_unavailable"
-    assert response.headers["retry-after"]
+    assert response.headers["retry-after"] == "2"
     assert response.headers["x-should-retry"] == "true"
 
 
@@ -309,7 +310,9 @@ def test_sustained_4x_overload_nothing_hangs_memory_stays_flat(overload):
     )
     assert ok
     assert slowest < OVERLOAD_ARGS["request_timeout_s"]
-    assert rss_peak - rss_before < 200 * 2**20
+    # Measured +1 to +7 MiB (README); a leak of one 32x32 request's buffers per rejection
+    # would pass 200 MiB, so the bound is near what was measured.
+    assert rss_peak - rss_before < 24 * 2**20
     # Once the load is gone, the service answers normally.
     assert [overload.post().status_code for _ in range(3)] == [200] * 3
 
@@ -349,19 +352,33 @@ def test_killed_replica_is_replaced_and_its_requests_fail_retryable(slow, step_s
     )
 
 
-def test_redeploy_lets_in_flight_requests_finish(slow, step_s):
-    changed = {**SLOW_ARGS, "storage": {"ttl_s": 1800}}
+def test_redeploy_lets_in_flight_requests_finish(overload, step_s):
+    """A generation longer than Serve's default graceful shutdown (20 s) survives a redeploy:
+    the generator's own `graceful_shutdown_timeout_s` (300 s) is what lets it finish."""
+    old_pid = overload.counters()["pid"]
+    # A change of the model's args (its default steps) makes a new generator version, and a
+    # change of the ingress's (storage) a new ingress version: both sides are replaced.
+    model = {**OVERLOAD_ARGS["models"][0], "default_steps": 3}
+    changed = {**OVERLOAD_ARGS, "models": [model], "storage": {"ttl_s": 1800}}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(slow.post, num_inference_steps=steps_for(1.5, step_s))
-        time.sleep(0.5)
+        in_flight = pool.submit(overload.post, num_inference_steps=steps_for(24, step_s))
+        time.sleep(1.0)
         started = time.monotonic()
         serve.run(
-            build_application(parse_args(changed), SLOW_OPTIONS),
-            name=slow.name,
-            route_prefix=f"/{slow.name}",
+            build_application(parse_args(changed), OVERLOAD_OPTIONS),
+            name=overload.name,
+            route_prefix=f"/{overload.name}",
         )
         redeployed_s = time.monotonic() - started
         response = in_flight.result()
+        finished_s = time.monotonic() - started
     assert response.status_code == 200, response.text
-    assert slow.post(num_inference_steps=2).status_code == 200
-    report("redeploy", in_flight_status=response.status_code, redeploy_s=round(redeployed_s, 1))
+    assert finished_s > 20, "the generation outlasted Serve's default graceful timeout"
+    assert overload.post(num_inference_steps=2).status_code == 200
+    assert overload.counters()["pid"] != old_pid, "the redeploy replaced the replica"
+    report(
+        "redeploy",
+        in_flight_status=response.status_code,
+        in_flight_finished_s_after_redeploy=round(finished_s, 1),
+        redeploy_s=round(redeployed_s, 1),
+    )

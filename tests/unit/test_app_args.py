@@ -42,7 +42,8 @@ def test_config_file_is_a_valid_serve_config_with_valid_args(path):
                 assert option in generator, f"{path.name}: {model.id} must set {option}"
             assert "num_gpus" in generator["ray_actor_options"]
             # Batches form inside the replica, so it must hold enough requests to fill them.
-            full_batches = args.worker_threads * args.batching.max_batch_images
+            worker_threads, batching = args.engine_settings(model)
+            full_batches = worker_threads * batching.max_batch_images
             assert generator["max_ongoing_requests"] >= full_batches
             autoscaling = generator["autoscaling_config"]
             assert autoscaling["target_ongoing_requests"] <= generator["max_ongoing_requests"]
@@ -168,3 +169,22 @@ def test_readme_documents_every_args_key():
             keys = [section]
         for key in keys:
             assert f"`{key}`" in readme, f"README's configuration table lacks `{key}`"
+
+
+def test_a_model_may_have_its_own_engine_settings():
+    args = parse_args(
+        {
+            "models": [
+                {"id": "fast", "batching": {"max_batch_images": 16}, "worker_threads": 1},
+                {"id": "plain"},
+            ],
+            "batching": {"max_batch_images": 2},
+            "worker_threads": 3,
+        }
+    )
+    fast, plain = args.models
+    assert args.engine_settings(fast) == (1, fast.batching)
+    assert args.engine_settings(fast)[1].max_batch_images == 16
+    assert args.engine_settings(plain) == (3, args.batching)
+    with pytest.raises(InvalidArgs, match=r"args\.models\.0\.batching\.max_batch_images"):
+        parse_args({"models": [{"batching": {"max_batch_images": 0}}]})

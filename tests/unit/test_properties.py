@@ -29,7 +29,9 @@ def test_parse_size_accepts_only_bounded_multiples(size):
     try:
         width, height = parse_size(size, default="32x32", multiple=16, max_pixels=64 * 64)
     except ValueError as error:
-        assert str(error)  # becomes "Invalid value for 'size': ..."
+        # It says which rule the size broke (it becomes "Invalid value for 'size': ...").
+        reasons = ("'auto' or 'WIDTHxHEIGHT'", "multiples of 16", "at most 4096")
+        assert sum(reason in str(error) for reason in reasons) == 1, str(error)
     else:
         assert width % 16 == 0 and height % 16 == 0
         assert 0 < width * height <= 64 * 64

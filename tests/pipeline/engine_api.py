@@ -1,0 +1,56 @@
+"""The real HTTP app in-process over REAL engines on the embedded pipelines: what the fuzz
+and property tests of this tier send goes all the way into diffusers, so a 500 that only the
+model can cause (a size its positional embedding cannot take, a prompt its tokenizer
+rejects) shows up here, not only against fakes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+from fastapi.testclient import TestClient
+
+from deployments.config import AppArgs
+from deployments.generator.engine import ImageEngine
+from deployments.generator.pipelines import load_pipeline
+from deployments.ingress.app import create_api
+from deployments.ingress.deployment import generator_errors_as_api_errors
+from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
+from deployments.model_config import BatchingConfig
+
+
+class EngineBackend:
+    """An `ImageBackend` over an engine in this process, with the same error translation as
+    the ingress's client of a generator deployment."""
+
+    def __init__(self, engine: ImageEngine) -> None:
+        self.engine = engine
+
+    async def capabilities(self) -> ModelCapabilities:
+        return self.engine.capabilities()
+
+    async def generate(self, job: GenerationJob) -> GeneratedImages:
+        with generator_errors_as_api_errors(job.request_id):
+            return await self.engine.generate(job)
+
+    async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
+        with generator_errors_as_api_errors(job.request_id):
+            async for event in self.engine.stream(job):
+                yield event
+
+
+@contextmanager
+def engine_client(args: AppArgs, batching: BatchingConfig) -> Iterator[TestClient]:
+    """A client of the app over one real engine per model of `args` (one event loop for the
+    client's whole life, as a replica has)."""
+    engines = {
+        model.id: ImageEngine(load_pipeline(model), worker_threads=2, batching=batching)
+        for model in args.models
+    }
+    app = create_api(args, {model_id: EngineBackend(e) for model_id, e in engines.items()})
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client
+    finally:
+        for engine in engines.values():
+            engine.shutdown()

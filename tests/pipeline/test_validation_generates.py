@@ -1,0 +1,134 @@
+"""The rule that matters for a public service: every request that passes validation
+generates. Hypothesis sends requests across the whole allowed range (sizes of any aspect
+ratio up to the pixel limit, steps, strength, `n`, edits of odd-sized images with
+`size: auto`) through the real HTTP app into the real engines of the three embedded
+families; each answer is a 200 with its images or a 400 that names a parameter: never a 500.
+Schemathesis then fuzzes the same app from its OpenAPI schema."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from deployments.config import AppArgs
+from deployments.ingress.app import create_api
+from deployments.model_config import BatchingConfig
+from tests.http.fakes import FakeGenerator
+
+from .engine_api import engine_client
+
+FAMILIES = {"tiny-sd3": 16, "tiny-sdxl": 8, "tiny-flux": 16}  # id: size multiple
+# Past tiny-sd3's largest side (1024: its positional embedding), at any aspect ratio.
+MAX_PIXELS = 32 * 1040
+ARGS = AppArgs.model_validate(
+    {
+        "models": [
+            {
+                "id": name,
+                "source": f"embedded:{name}",
+                "device": "cpu",
+                "default_size": "32x32",
+                "default_steps": 2,
+                "size_multiple": multiple,
+            }
+            for name, multiple in FAMILIES.items()
+        ],
+        "limits": {"max_pixels": MAX_PIXELS, "max_steps": 6, "max_images": 3},
+    }
+)
+SETTINGS = settings(deadline=None, suppress_health_check=list(HealthCheck), max_examples=40)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with engine_client(ARGS, BatchingConfig(max_batch_images=4, max_wait_ms=5)) as client:
+        yield client
+
+
+@st.composite
+def sizes(draw, multiple: int) -> str:
+    """`auto`, or any WxH on the model's grid, up to the pixel limit, extreme aspects too."""
+    if draw(st.booleans()) and draw(st.booleans()):
+        return "auto"
+    width = draw(st.integers(1, MAX_PIXELS // multiple // multiple)) * multiple
+    height = draw(st.integers(1, max(1, MAX_PIXELS // width // multiple))) * multiple
+    return f"{width}x{height}"
+
+
+@st.composite
+def generation_requests(draw) -> dict:
+    model, multiple = draw(st.sampled_from(list(FAMILIES.items())))
+    request = {"model": model, "prompt": "a lighthouse", "size": draw(sizes(multiple))}
+    request["n"] = draw(st.integers(1, 3))
+    request["num_inference_steps"] = draw(st.integers(1, 6))
+    request["seed"] = draw(st.integers(0, 2**32 - 1))
+    return request
+
+
+def assert_generated_or_refused(response, n: int) -> None:
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert response.json()["error"]["param"] is not None, response.text
+    else:
+        assert len(response.json()["data"]) == n
+
+
+@given(request=generation_requests())
+@SETTINGS
+def test_every_generation_that_passes_validation_generates(client, request):
+    response = client.post(
+        "/v1/images/generations", json={**request, "response_format": "b64_json"}
+    )
+    assert_generated_or_refused(response, request["n"])
+
+
+def png_of(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3))
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@given(
+    request=generation_requests(),
+    image_size=st.tuples(st.integers(1, 600), st.integers(1, 600)),
+    strength=st.none() | st.floats(0.01, 1.0),
+    masked=st.booleans(),
+)
+@SETTINGS
+def test_every_edit_that_passes_validation_generates(client, request, image_size, strength, masked):
+    fields = {name: str(value) for name, value in request.items()}
+    if strength is not None:
+        fields["strength"] = str(strength)
+    files = {"image": ("in.png", png_of(*image_size), "image/png")}
+    if masked:
+        files["mask"] = ("mask.png", png_of(*image_size), "image/png")
+    response = client.post("/v1/images/edits", data=fields, files=files)
+    assert_generated_or_refused(response, request["n"])
+
+
+# The schema depends on the args only: read it off an app over fake backends, and send its
+# cases to the app over the real engines.
+schema = schemathesis.openapi.from_asgi(
+    "/openapi.json", create_api(ARGS, {name: FakeGenerator() for name in FAMILIES})
+)
+schema.config.generation.update(
+    modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
+    max_examples=25,
+)
+
+
+@schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_input_gets_a_500_from_the_real_engines(client, case):
+    kwargs = case.as_transport_kwargs(base_url="http://testserver")
+    response = client.request(**kwargs)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -1,0 +1,36 @@
+"""How the ingress answers the generator's failures, as Ray hands them over (a replica's
+exception arrives as a `RayTaskError` that is also an instance of the original class)."""
+
+from __future__ import annotations
+
+import pytest
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+
+from deployments.ingress.deployment import generator_errors_as_api_errors
+from deployments.ingress.errors import APIError
+from deployments.jobs import GenerationOutOfMemory
+
+
+def answer_to(error: BaseException) -> APIError:
+    with pytest.raises(APIError) as raised, generator_errors_as_api_errors("req-1"):
+        raise error
+    return raised.value
+
+
+def test_out_of_memory_on_the_replica_is_a_retryable_503():
+    wrapped = RayTaskError("generate", "traceback", GenerationOutOfMemory("1 image"))
+    answer = answer_to(wrapped.as_instanceof_cause())
+    assert (answer.status_code, answer.code, answer.retryable) == (503, "service_unavailable", True)
+    assert answer.retry_after_s == 2
+    assert "traceback" not in answer.message and "1 image" not in answer.message
+
+
+def test_a_full_queue_is_a_retryable_503():
+    answer = answer_to(BackPressureError(num_queued_requests=5, max_queued_requests=5))
+    assert (answer.status_code, answer.retryable, answer.retry_after_s) == (503, True, 2)
+
+
+def test_any_other_failure_is_left_to_the_500_handler():
+    with pytest.raises(ValueError), generator_errors_as_api_errors("req-1"):
+        raise ValueError("boom")
