@@ -15,6 +15,8 @@ import diffusers
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve.schema import DeploymentSchema
 
+from deployments.optimizations_config import OptimizationsConfig
+
 
 class Strict(BaseModel):
     """Arguments are frozen and reject unknown keys (a misspelt option must fail)."""
@@ -120,6 +122,11 @@ class ModelConfig(Strict):
         le=64,
         description="Pipeline calls one replica of this model runs at once; "
         "`args.worker_threads` when unset.",
+    )
+    optimizations: OptimizationsConfig = Field(
+        default_factory=OptimizationsConfig,
+        description="Speed levers of this model's replicas (compile, cache, attention "
+        "backend, quantization, VAE tiling/slicing); all off by default.",
     )
     deployment: dict[str, Any] = Field(
         default_factory=dict,
