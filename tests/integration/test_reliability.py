@@ -34,7 +34,8 @@ SLOW_OPTIONS = {
     "graceful_shutdown_wait_loop_s": 0.5,
     "ray_actor_options": {"num_cpus": 1},
 }
-OVERLOAD_ARGS = one_at_a_time(request_timeout_s=30)
+# 60 s: the redeploy test holds a generation of over 20 s through a redeploy.
+OVERLOAD_ARGS = one_at_a_time(request_timeout_s=60)
 # Two requests in the replica and two waiting for it: the service holds four at once.
 OVERLOAD_OPTIONS = {
     "max_ongoing_requests": 2,
