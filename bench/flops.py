@@ -104,14 +104,14 @@ def transformer_flops(
 
 
 def derivation(
-    config: Mapping[str, Any], size: str, steps: int, peak_tflops: float
+    config: Mapping[str, Any], size: str, steps: int, peak_tflops: float | None
 ) -> tuple[int, list[str]]:
-    """FLOPs per image at `size` and `steps` with guidance, and the lines that derive them."""
+    """FLOPs per image at `size` and `steps` with guidance, and the lines that derive them
+    (with the floor they set at `peak_tflops`, unless None)."""
     width, height = (int(side) for side in size.split("x"))
     f = transformer_flops(config, width, height)
     layers, dual = config["num_layers"], len(config.get("dual_attention_layers") or [])
     total = f.per_image(steps)
-    floor_s = total / (peak_tflops * 1e12)
     lines = [
         f"FLOPs per image: SD3 transformer {layers} layers, {size}, {steps} steps, CFG",
         f"  d = {config['num_attention_heads']} heads x {config['attention_head_dim']} = "
@@ -127,13 +127,18 @@ def derivation(
         f"  attention 4 x d x ({layers} x L^2 + {dual} dual x {f.image_tokens}^2) = "
         f"{_flop(f.attention)}",
         f"  per forward {_flop(f.per_forward)} x {steps} steps x 2 (CFG) = {_flop(total)}",
-        f"  floor at {peak_tflops:.0f} TFLOP/s dense bf16: {floor_s:.4g} s/image "
-        f"({1 / floor_s:.3g} images/s); at the H100 SXM/H200 datasheet's "
-        f"{H100_DATASHEET_TFLOPS:.0f}: {total / (H100_DATASHEET_TFLOPS * 1e12):.4g} s",
         f"  (every weight on every token, 2 x params x L + 4 L^2 d x {layers}, would say "
         f"{_flop(f.quick_estimate * steps * 2)}: AdaLN weights act once per image "
         "and text weights on text tokens only)",
     ]
+    if peak_tflops:
+        floor_s = total / (peak_tflops * 1e12)
+        lines.insert(
+            -1,
+            f"  floor at {peak_tflops:.0f} TFLOP/s dense bf16: {floor_s:.4g} s/image "
+            f"({1 / floor_s:.3g} images/s); at the H100 SXM/H200 datasheet's "
+            f"{H100_DATASHEET_TFLOPS:.0f}: {total / (H100_DATASHEET_TFLOPS * 1e12):.4g} s",
+        )
     return total, lines
 
 
