@@ -42,6 +42,7 @@ from deployments.model_config import GENERATOR_DEPLOYMENT, BatchingConfig, Model
 class ImageGenerator:
     def __init__(self, model: ModelConfig, worker_threads: int, batching: BatchingConfig) -> None:
         pipeline = load_pipeline(model)
+        self._device = pipeline.device
         if pipeline.device.type == "cpu":
             torch.set_num_threads(cpu_threads_per_call(worker_threads))
         self._engine = ImageEngine(
@@ -63,15 +64,26 @@ class ImageGenerator:
     def check_health(self) -> None:
         self._engine.check_health()
 
-    def counters(self) -> dict[str, int | str | list[int]]:
-        """What the replica has done so far, for operators and tests."""
+    def counters(self) -> dict[str, int | str | list[int] | None]:
+        """What the replica has done so far, for operators, tests and the benchmark."""
+        on_cuda = self._device.type == "cuda"
         return {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "steps_run": self._engine.steps_run,
             # Images in each of its most recent pipeline calls, oldest first: how it batched.
             "batch_sizes": self._engine.batch_sizes[-100:],
+            # Most bytes of GPU memory its tensors held at once (since the start or the last
+            # `reset_peak_memory`); None off CUDA.
+            "cuda_peak_allocated_bytes": (
+                torch.cuda.max_memory_allocated(self._device) if on_cuda else None
+            ),
         }
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak for `counters()["cuda_peak_allocated_bytes"]`."""
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)

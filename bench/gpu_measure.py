@@ -1,0 +1,87 @@
+"""Closed-loop load with a fixed number of requests: `concurrency` clients each send `rounds`
+requests, the next as soon as the last is answered. At 28 steps a large image takes seconds,
+so a fixed count (rather than a fixed duration) keeps each point's cost predictable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+
+import httpx
+
+from bench.load import LoadResult, Workload
+
+GENERATIONS = "/v1/images/generations"
+
+
+async def _rounds(
+    base_url: str, workload: Workload, concurrency: int, rounds: int, seed: int
+) -> tuple[list[float], Counter[str], int, float]:
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    images = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=900, limits=limits) as client:
+
+        async def client_loop(index: int) -> None:
+            nonlocal images
+            rng = random.Random(seed * 1000 + index)
+            for _ in range(rounds):
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(GENERATIONS, json=workload.request(rng))
+                except httpx.HTTPError as error:
+                    statuses[type(error).__name__] += 1
+                    continue
+                statuses[str(response.status_code)] += 1
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - sent)
+                    images += len(response.json()["data"])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return latencies, statuses, images, elapsed
+
+
+def run_rounds(
+    base_url: str,
+    workload: Workload,
+    concurrency: int,
+    rounds: int,
+    timeout_s: float,
+    seed: int = 0,
+) -> LoadResult:
+    """The load's result; raises TimeoutError if it runs past `timeout_s`."""
+
+    async def bounded() -> tuple[list[float], Counter[str], int, float]:
+        return await asyncio.wait_for(
+            _rounds(base_url, workload, concurrency, rounds, seed), timeout=max(1.0, timeout_s)
+        )
+
+    latencies, statuses, images, elapsed = asyncio.run(bounded())
+    return LoadResult(
+        concurrency=concurrency,
+        duration_s=elapsed,
+        images=images,
+        latencies_s=latencies,
+        statuses=dict(statuses),
+        peak_rss_bytes=None,
+    )
+
+
+def warm_up(base_url: str, workload: Workload, timeout_s: float) -> float:
+    """One request at the workload's size (first-use costs: kernels picked, caches filled);
+    the seconds it took. Raises if it fails."""
+    started = time.perf_counter()
+    response = httpx.post(
+        base_url + GENERATIONS,
+        json=workload.request(random.Random(-1)),
+        timeout=max(1.0, timeout_s),
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"warm-up at {workload.size}: {response.status_code} {response.text}")
+    return time.perf_counter() - started
