@@ -76,13 +76,13 @@ def _flips_vae(pipeline_class: type) -> bool:
         return True  # cannot tell: pinning is safe, only a little slower
 
 
-def _stay(module: torch.nn.Module, device: torch.device, *args: Any, **kwargs: Any):
+def _stay(module: torch.nn.Module, pinned: torch.device, /, *args: Any, **kwargs: Any):
     """`module.to(...)` for a pinned module: dtype changes are ignored (the pipelines' flips),
     a move to another device is an error, and the module is returned as `to` would."""
     target, _dtype, _non_blocking, _memory_format = torch._C._nn._parse_to(*args, **kwargs)
-    if target is not None and not _same_device(target, device):
+    if target is not None and not _same_device(target, pinned):
         raise RuntimeError(
-            f"the shared VAE stays on {device}: moving it to {target} would move it under "
+            f"the shared VAE stays on {pinned}: moving it to {target} would move it under "
             "every concurrent call"
         )
     return module

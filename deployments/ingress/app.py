@@ -16,10 +16,11 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -70,8 +71,8 @@ def create_api(
     """The app, with `backends` holding one backend per model id of `args.models`."""
     service = ImageService(args, backends, store, metrics)
     protected = [Depends(_authenticator(APIKeys(args.auth)))]
-    # The API's docs describe the service: with keys on they take a key like the API, so
-    # FastAPI's open routes for them are replaced by protected ones.
+    # The API's description: with keys on, `/openapi.json` takes a key like the API, and the
+    # browsable `/docs` and `/redoc` are off (a browser cannot send the key with them).
     open_docs = not args.auth.enabled
     app = FastAPI(
         title="Image generation service",
@@ -109,6 +110,7 @@ def create_api(
     )
     async def generate_images(request: Request) -> Response:
         async with service.scope(request_id_of(request), "generations") as scope:
+            _refuse_foreign_origin(request, args.cors)
             _require_json(request)
             body = await json_body(request, args.limits.max_body_bytes)
             prepared = await service.prepare_generation(body, scope)
@@ -122,6 +124,7 @@ def create_api(
     )
     async def edit_images(request: Request) -> Response:
         async with service.scope(request_id_of(request), "edits") as scope:
+            _refuse_foreign_origin(request, args.cors)
             form = await edit_form(request, args.limits.max_upload_bytes)
             try:
                 prepared = await service.prepare_edit(form, scope)
@@ -129,17 +132,29 @@ def create_api(
                 form.close()  # the spooled upload files, whether or not they were decoded
             return _respond(await service.run(prepared, str(request.base_url), scope))
 
-    # Image files take no key: their 256-bit random names are the capability, like OpenAI's
-    # signed URLs, so that a returned `url` works in an <img> tag or a browser.
-    @app.get(IMAGE_FILES_PATH + "/{name}")
-    async def get_image_file(name: str) -> FileResponse:
-        return FileResponse(
-            service.image_file(name),
-            media_type=service.store.media_type(name),
-            headers={"cache-control": "private, max-age=3600"},
-        )
-
+    _add_image_files(app, service)
     return app
+
+
+def _refuse_foreign_origin(request: Request, cors: CORSConfig) -> None:
+    """403 for a browser's request from a page of another origin that CORS does not allow.
+
+    A multipart form (an edit) is a "simple" request: a page on any origin can make its
+    visitors' browsers POST one with no preflight, and with auth off that would spend the
+    service's accelerator. Requests without `Origin` (curl, the SDKs) and the playground's
+    own (same origin) pass."""
+    origin = request.headers.get("origin")
+    if origin is None or "*" in cors.allow_origins or origin in cors.allow_origins:
+        return
+    if urlsplit(origin).netloc == request.headers.get("host"):
+        return
+    raise APIError(
+        403,
+        "Requests from pages of this origin are not allowed (see the service's CORS "
+        "configuration).",
+        type="invalid_request_error",
+        code="origin_not_allowed",
+    )
 
 
 def _require_json(request: Request) -> None:
@@ -230,20 +245,23 @@ def _add_error_handlers(app: FastAPI, service: ImageService) -> None:
 
 
 def _add_protected_docs(app: FastAPI, protected: list) -> None:
-    """`/openapi.json`, `/docs` and `/redoc` behind the API's keys (send the key with the
-    request, e.g. `curl -H 'Authorization: Bearer ...' .../openapi.json`)."""
+    """`/openapi.json` behind the API's keys (`curl -H 'Authorization: Bearer ...'`)."""
 
     @app.get("/openapi.json", dependencies=protected, include_in_schema=False)
     async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/docs", dependencies=protected, include_in_schema=False)
-    async def docs() -> Response:
-        return get_swagger_ui_html(openapi_url="openapi.json", title=app.title)
 
-    @app.get("/redoc", dependencies=protected, include_in_schema=False)
-    async def redoc() -> Response:
-        return get_redoc_html(openapi_url="openapi.json", title=app.title)
+def _add_image_files(app: FastAPI, service: ImageService) -> None:
+    # Image files take no key: their 256-bit random names are the capability, like OpenAI's
+    # signed URLs, so that a returned `url` works in an <img> tag or a browser.
+    @app.get(IMAGE_FILES_PATH + "/{name}")
+    async def get_image_file(name: str) -> Response:
+        return Response(
+            await run_in_threadpool(service.image_file, name),
+            media_type=service.store.media_type(name),
+            headers={"cache-control": "private, max-age=3600"},
+        )
 
 
 def _add_playground(app: FastAPI) -> None:

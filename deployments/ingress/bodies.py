@@ -75,7 +75,9 @@ async def json_body(request: Request, max_bytes: int) -> Any:
     raw = await bounded_body(request, max_bytes)
     try:
         return json.loads(raw, parse_constant=_reject_constant)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError among them
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors; a body nested deeper than
+    # Python's recursion limit (about 1000 levels, 2 KB of brackets) is a RecursionError.
+    except (ValueError, RecursionError):
         raise invalid_request(
             "We could not parse the JSON body of your request. Send a JSON object with "
             "'Content-Type: application/json'.",

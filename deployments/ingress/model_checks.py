@@ -10,25 +10,34 @@ from deployments.jobs import OPTIONAL_PARAMETERS, ModelCapabilities, Task
 from deployments.model_config import ModelConfig
 
 
-def unencodable_field(value: object, path: str = "") -> str | None:
+def unencodable_field(value: object) -> str | None:
     """The path (`prompt`, `lora.0.name`) of the first string in a parsed JSON body or form
     that is not valid Unicode text (a lone UTF-16 surrogate such as `"\\ud800"`, which JSON
-    allows and UTF-8 cannot encode), or None. A key that is not text names itself."""
-    if isinstance(value, str):
-        return None if _is_text(value) else path or "body"
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not _is_text(str(key)):
+    allows and UTF-8 cannot encode), or None; `body` when a key itself is not text.
+
+    Walks with an explicit stack, not recursion: a body may nest as deep as the JSON parser
+    allows, and must not exhaust Python's stack here."""
+    pending: list[tuple[object, str]] = [(value, "")]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                return path or "body"
+        elif isinstance(item, dict):
+            if not all(_is_text(str(key)) for key in item):
                 return "body"  # the key itself cannot be written back in an error message
-            found = unencodable_field(item, f"{path}.{key}" if path else str(key))
-            if found is not None:
-                return found
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            found = unencodable_field(item, f"{path}.{index}" if path else str(index))
-            if found is not None:
-                return found
+            children = [
+                (child, f"{path}.{key}" if path else str(key)) for key, child in item.items()
+            ]
+            pending.extend(reversed(children))
+        elif isinstance(item, list):
+            children = [(child, f"{path}.{i}" if path else str(i)) for i, child in enumerate(item)]
+            pending.extend(reversed(children))
     return None
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 def _is_text(value: str) -> bool:

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol
 
 from pydantic import ValidationError
@@ -190,6 +189,9 @@ class ImageService:
         refuse_unencodable(body)
         model = self.model_for(body.get("model") if isinstance(body, dict) else None)
         backend = self._backends[model.id]
+        # The body against the config alone first: a malformed request is a 400 at once,
+        # even while the model's replicas start; then against the model's own limits.
+        self.validate(ImageGenerationRequest, body, self._config_context(model), strict=True)
         context = await self._context_for(model, backend, scope.deadline)
         params = self.validate(ImageGenerationRequest, body, context, strict=True)
         check_supported(params, context.capabilities, model, "text-to-image")
@@ -203,6 +205,7 @@ class ImageService:
         refuse_unencodable(form.fields)
         model = self.model_for(form.fields.get("model"))
         backend = self._backends[model.id]
+        self.validate(ImageEditRequest, form.fields, self._config_context(model), strict=False)
         context = await self._context_for(model, backend, scope.deadline)
         params = self.validate(ImageEditRequest, form.fields, context, strict=False)
         task: Task = "image-to-image" if form.mask is None else "inpaint"
@@ -254,23 +257,31 @@ class ImageService:
             size=job.size,
         )
 
-    def image_file(self, name: str) -> Path:
-        """The file of a stored image; 404 if there is none (or it expired)."""
+    def image_file(self, name: str) -> bytes:
+        """The bytes of a stored image; 404 if there is none (or it expired). Read here, in
+        one go: the sweeper, a `max_bytes` eviction or another replica on the same volume
+        may delete the file at any moment, and a file that vanishes is a 404, never a 500."""
         path = self.store.path_of(name)
-        if path is None:
-            raise APIError(
-                404,
-                "No such image, or it has expired.",
-                type="invalid_request_error",
-                code="image_not_found",
-            )
-        return path
+        try:
+            if path is not None:
+                return path.read_bytes()
+        except FileNotFoundError:
+            pass
+        raise APIError(
+            404,
+            "No such image, or it has expired.",
+            type="invalid_request_error",
+            code="image_not_found",
+        )
 
     def report_error(self, error: APIError) -> None:
         if self._metrics is not None:
             self._metrics.error(error.type, error.code)
 
     # --- helpers ---
+
+    def _config_context(self, model: ModelConfig) -> ValidationContext:
+        return ValidationContext(limits=self.args.limits, model=model)
 
     async def _context_for(
         self, model: ModelConfig, backend: ImageBackend, deadline: Deadline

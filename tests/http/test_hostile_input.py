@@ -95,9 +95,33 @@ def test_the_docs_need_a_key_when_keys_are_on(args, generator, store, monkeypatc
     monkeypatch.setenv(KEYS_ENV, "sk-first")
     keyed = AppArgs.model_validate({**args.model_dump(), "auth": {"api_keys_env": KEYS_ENV}})
     client = TestClient(create_api(keyed, {"tiny-sd3": generator}, store))
-    for path in DOCS:
-        assert_openai_error(client.get(path), 401)
-        response = client.get(path, headers={"authorization": "Bearer sk-first"})
-        assert response.status_code == 200, path
+    assert_openai_error(client.get("/openapi.json"), 401)
     schema = client.get("/openapi.json", headers={"authorization": "Bearer sk-first"}).json()
     assert "/v1/images/generations" in schema["paths"]
+    # The browsable pages cannot send a key: off while keys are on.
+    for path in ("/docs", "/redoc"):
+        assert client.get(path, headers={"authorization": "Bearer sk-first"}).status_code == 404
+
+
+@pytest.mark.parametrize(("depth", "param"), [(900, "user"), (5000, None)])
+def test_json_nested_past_the_parsers_limit_is_a_400(client, generator, depth, param):
+    body = '{"prompt": "x", "user": ' + "[" * depth + "]" * depth + "}"
+    response = post_raw(client, body)
+    assert_openai_error(response, 400, param)
+    assert generator.jobs == []
+
+
+def test_a_page_of_another_origin_cannot_post(client, generator):
+    """A form POST needs no CORS preflight: without this check any page could make its
+    visitors' browsers run edits (or generations) on the service."""
+    foreign = {"origin": "https://evil.example"}
+    response = client.post(GENERATIONS, json={"prompt": "x"}, headers=foreign)
+    assert assert_openai_error(response, 403)["code"] == "origin_not_allowed"
+    files = {"image": ("in.png", b"not even an image", "image/png")}
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=files, headers=foreign)
+    assert_openai_error(response, 403)
+    assert generator.jobs == []
+    # The service's own pages (the playground) and clients without Origin pass.
+    same = {"origin": "http://testserver"}
+    assert client.post(GENERATIONS, json={"prompt": "x"}, headers=same).status_code == 200
+    assert client.post(GENERATIONS, json={"prompt": "x"}).status_code == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -53,3 +54,22 @@ def test_a_full_disk_ends_a_stream_of_urls_with_an_error_event(client, full_disk
     assert last[0] == "event: error"
     error = json.loads(last[1].removeprefix("data: "))["error"]
     assert error["code"] == "storage_unavailable" and "No space" not in error["message"]
+
+
+def test_an_image_deleted_between_lookup_and_read_is_a_404(client, store, monkeypatch):
+    """The sweeper, an eviction or another replica may delete a file at any moment."""
+    url = client.post(GENERATIONS, json={"prompt": "x"}).json()["data"][0]["url"]
+    path = urlsplit(url).path
+    assert client.get(path).status_code == 200
+    found = store.path_of
+
+    def found_then_deleted(name):
+        result = found(name)
+        if result is not None:
+            result.unlink()
+        return result
+
+    monkeypatch.setattr(store, "path_of", found_then_deleted)
+    response = client.get(path)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "image_not_found"
