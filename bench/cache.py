@@ -25,29 +25,35 @@ from deployments.generator.pipelines import RequestPipelines, load_pipeline
 from deployments.model_config import ModelConfig
 from deployments.optimizations_config import CacheConfig, OptimizationsConfig
 
-# Each kind at a few settings (the CacheConfig fields), from mild to aggressive.
-SETTINGS: dict[str, list[dict[str, Any]]] = {
-    "first_block": [{"threshold": 0.2}, {"threshold": 0.5}, {"threshold": 1.0}],
-    "taylorseer": [
-        {"options": {"cache_interval": 2, "disable_cache_before_step": 3}},
-        {"options": {"cache_interval": 3, "disable_cache_before_step": 2}},
-        {"options": {"cache_interval": 3, "disable_cache_before_step": 2, "use_lite_mode": True}},
-    ],
-    "magcache": [
-        {"threshold": 0.06, "options": {"mag_ratios": "flux"}},
-        {"threshold": 0.2, "options": {"mag_ratios": "flux", "max_skip_steps": 4}},
-    ],
-    "pyramid_attention_broadcast": [
-        {"options": {"spatial_attention_block_skip_range": 2}},
-        {
+# Each kind at a few settings (label: the CacheConfig fields), from mild to aggressive.
+_ALL_TIMESTEPS = [0, 1000]
+SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "first_block": {f"threshold={t}": {"threshold": t} for t in (0.2, 0.5, 1.0)},
+    "taylorseer": {
+        "interval=2 warm-up=3": {"options": {"cache_interval": 2, "disable_cache_before_step": 3}},
+        "interval=3 warm-up=2": {"options": {"cache_interval": 3, "disable_cache_before_step": 2}},
+        "interval=3 warm-up=2 lite": {
+            "options": {"cache_interval": 3, "disable_cache_before_step": 2, "use_lite_mode": True}
+        },
+    },
+    "magcache": {
+        "threshold=0.06 (FLUX ratios)": {"threshold": 0.06, "options": {"mag_ratios": "flux"}},
+        "threshold=0.2 max_skip=4": {
+            "threshold": 0.2,
+            "options": {"mag_ratios": "flux", "max_skip_steps": 4},
+        },
+    },
+    "pyramid_attention_broadcast": {
+        "spatial=2 timesteps 100-800": {"options": {"spatial_attention_block_skip_range": 2}},
+        "spatial=3 cross=3 all timesteps": {
             "options": {
                 "spatial_attention_block_skip_range": 3,
-                "spatial_attention_timestep_skip_range": [0, 1000],
+                "spatial_attention_timestep_skip_range": _ALL_TIMESTEPS,
                 "cross_attention_block_skip_range": 3,
-                "cross_attention_timestep_skip_range": [0, 1000],
+                "cross_attention_timestep_skip_range": _ALL_TIMESTEPS,
             }
         },
-    ],
+    },
 }
 # A kind that does not work on a family is refused at the replica's start (see
 # deployments/generator/cache.py); it is not measured there.
@@ -126,15 +132,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def setting_label(setting: dict[str, Any]) -> str:
-    parts = [f"threshold={setting['threshold']}"] if "threshold" in setting else []
-    for key, value in setting.get("options", {}).items():
-        if key != "mag_ratios":
-            short = key.replace("_attention", "").replace("disable_cache_", "")
-            parts.append(f"{short}={value}")
-    return " ".join(parts) or "defaults"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny-sd3", "tiny-flux"])
@@ -142,22 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", nargs="+", type=int, default=[8, 16])
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
-    header = f"{'model':9} {'size':>4} {'steps':>5}  {'kind':28} {'setting':50}"
+    header = f"{'model':9} {'size':>4} {'steps':>5}  {'kind':28} {'setting':32}"
     print(f"{header} {'skipped':>7} {'s/call':>7} {'PSNR dB':>7}")
     for name in options.models:
         for size in options.sizes:
             for steps in options.steps:
                 reference, work, seconds = measure(model_config(name, size, steps, None))
-                row = f"{name:9} {size:>4} {steps:>5}  {'(none)':28} {'':50}"
+                row = f"{name:9} {size:>4} {steps:>5}  {'(none)':28} {'':32}"
                 print(f"{row} {0:>7.0%} {seconds:>7.3f} {'-':>7}", flush=True)
                 for kind, settings in SETTINGS.items():
                     if kind in UNSUPPORTED.get(name, ()):
                         continue
-                    for setting in settings:
+                    for label, setting in settings.items():
                         cache = CacheConfig(kind=kind, **setting)
-                        row = (
-                            f"{name:9} {size:>4} {steps:>5}  {kind:28} {setting_label(setting):50}"
-                        )
+                        row = f"{name:9} {size:>4} {steps:>5}  {kind:28} {label:32}"
                         try:
                             image, cached_work, cached_s = measure(
                                 model_config(name, size, steps, cache)
