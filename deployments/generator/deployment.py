@@ -18,6 +18,7 @@ import ray
 import torch
 from ray import serve
 
+from deployments.generator.cache import apply_cache
 from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import load_pipeline
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
@@ -43,6 +44,7 @@ class ImageGenerator:
     def __init__(self, model: ModelConfig, worker_threads: int, batching: BatchingConfig) -> None:
         pipeline = load_pipeline(model)
         self._device = pipeline.device
+        apply_cache(pipeline, model)  # optimizations.cache; fails the start if unsupported
         if pipeline.device.type == "cpu":
             torch.set_num_threads(cpu_threads_per_call(worker_threads))
         self._engine = ImageEngine(

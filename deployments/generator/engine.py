@@ -34,6 +34,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from deployments.generator.batching import BatchQueue, EventSink, QueuedJob
+from deployments.generator.cache import call_scope
 from deployments.generator.call_arguments import StepCallback, pipeline_arguments
 from deployments.generator.call_plan import BatchRun, CallPart, is_out_of_memory
 from deployments.generator.call_timing import CallTimer, CallTimes
@@ -248,7 +249,9 @@ class ImageEngine:
         on_step_end = self._step_callback(timer, reporter, cancelled, first.num_inference_steps)
         view.encode_prompt = timer.timed_encode_prompt(view.encode_prompt)
         arguments = pipeline_arguments(jobs, call_parameters(type(view)), on_step_end)
-        pixels = list(_to_uint8(view(**arguments).images))
+        # A cached denoiser keeps this call's cache state apart from concurrent calls'.
+        with call_scope(view):
+            pixels = list(_to_uint8(view(**arguments).images))
         times = timer.finished()
         if self._metrics is not None:
             self._metrics.batch_finished(
