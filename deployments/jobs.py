@@ -157,3 +157,9 @@ class GenerationOutOfMemory(Exception):
     fit later, when fewer calls share the device: a retryable answer (503), not the client's
     fault. Plain data (a message), so it crosses Ray pickled to the ingress.
     """
+
+
+class ReplicaBroken(RuntimeError):
+    """The device failed in a way that later jobs would hit too (a CUDA error, say): the
+    replica's health check fails so that Serve replaces it, and until then its jobs fail
+    at once. Retryable (503): another replica, or this one's successor, can serve them."""

@@ -173,7 +173,13 @@ class BatchRun:
                 f"one {job.size} image ran out of device memory, even alone in its call"
             )
         else:
-            self._jobs[parts[0].index].failure = error
+            # The job fails with its own exception, logged here with its traceback and kept
+            # without it: the traceback's frames hold the failed call's tensors, which the
+            # batch's other calls need.
+            logger.warning(
+                "request %s failed alone in its call", parts[0].job.request_id, exc_info=error
+            )
+            self._jobs[parts[0].index].failure = error.with_traceback(None)
         return smaller
 
     def results(self) -> list[GeneratedImages | Exception]:

@@ -46,6 +46,7 @@ from deployments.jobs import (
     GenerationJob,
     ModelCapabilities,
     PartialImage,
+    ReplicaBroken,
     StepProgress,
     preview_steps,
 )
@@ -73,10 +74,6 @@ class EngineMetrics(Protocol):
 
 class GenerationCancelled(Exception):
     """Raised inside the worker thread to stop a job whose caller is gone."""
-
-
-class ReplicaBroken(RuntimeError):
-    """The device failed in a way that later jobs would hit too (a CUDA error, say)."""
 
 
 def _is_device_failure(error: BaseException) -> bool:
@@ -135,6 +132,8 @@ class ImageEngine:
     async def generate(self, job: GenerationJob, sink: EventSink | None = None) -> GeneratedImages:
         """The job's images; `sink`, if given, is called (from a worker thread) with its
         progress and previews."""
+        if self._broken is not None:  # until Serve's health check replaces the replica
+            raise ReplicaBroken(f"the device failed: {type(self._broken).__name__}")
         try:
             return await self._queue.submit(job, sink)
         except asyncio.CancelledError:
@@ -195,7 +194,7 @@ class ImageEngine:
         except Exception as error:
             if _is_device_failure(error):
                 self._broken = error
-                raise
+                raise ReplicaBroken(f"the device failed: {type(error).__name__}") from error
             smaller = batch.failed(parts, error)
         else:
             batch.succeeded(parts, pixels, times)

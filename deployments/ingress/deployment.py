@@ -27,6 +27,7 @@ from deployments.jobs import (
     GenerationJob,
     GenerationOutOfMemory,
     ModelCapabilities,
+    ReplicaBroken,
 )
 from deployments.metrics import IngressMetrics
 
@@ -93,6 +94,12 @@ def generator_errors_as_api_errors(request_id: str) -> Iterator[None]:
             "The images did not fit in the device's memory now. Retry shortly, or ask for "
             "fewer or smaller images.",
             retry_after_s=2,
+        ) from None
+    except ReplicaBroken:
+        # Its health check fails, and Serve replaces it; the request may succeed elsewhere.
+        logger.warning("request %s: generator replica's device failed", request_id)
+        raise service_unavailable(
+            "The replica generating this request failed. Retry the request.", retry_after_s=1
         ) from None
     except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
         logger.warning("request %s: generator replica unavailable", request_id, exc_info=True)

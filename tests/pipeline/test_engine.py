@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.generator.engine import ImageEngine, ReplicaBroken
+from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import RequestPipelines, load_pipeline
-from deployments.jobs import GenerationJob
+from deployments.jobs import GenerationJob, ReplicaBroken
 from deployments.model_config import BatchingConfig, ModelConfig
 
 
@@ -202,8 +202,14 @@ def test_device_failure_marks_the_replica_unhealthy(pipeline, monkeypatch):
 
     monkeypatch.setattr(pipeline.transformer, "forward", broken_forward)
     try:
-        with pytest.raises(RuntimeError, match="CUDA error"):
+        # Every job of the broken call fails retryably (ReplicaBroken -> 503), with the
+        # device's error as its cause, and so does any job sent before Serve replaces it.
+        with pytest.raises(ReplicaBroken) as raised:
             run(engine.generate(job(0)))
+        assert "CUDA error" in str(raised.value.__cause__)
+        monkeypatch.undo()
+        with pytest.raises(ReplicaBroken):
+            run(engine.generate(job(1)))
     finally:
         engine.shutdown()
     with pytest.raises(ReplicaBroken):

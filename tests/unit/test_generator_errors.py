@@ -9,7 +9,7 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.ingress.deployment import generator_errors_as_api_errors
 from deployments.ingress.errors import APIError
-from deployments.jobs import GenerationOutOfMemory
+from deployments.jobs import GenerationOutOfMemory, ReplicaBroken
 
 
 def answer_to(error: BaseException) -> APIError:
@@ -24,6 +24,12 @@ def test_out_of_memory_on_the_replica_is_a_retryable_503():
     assert (answer.status_code, answer.code, answer.retryable) == (503, "service_unavailable", True)
     assert answer.retry_after_s == 2
     assert "traceback" not in answer.message and "1 image" not in answer.message
+
+
+def test_a_broken_device_on_the_replica_is_a_retryable_503():
+    wrapped = RayTaskError("generate", "traceback", ReplicaBroken("the device failed"))
+    answer = answer_to(wrapped.as_instanceof_cause())
+    assert (answer.status_code, answer.retryable) == (503, True)
 
 
 def test_a_full_queue_is_a_retryable_503():
