@@ -20,6 +20,7 @@ from ray import serve
 
 from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import load_pipeline
+from deployments.generator.warmup import compiled_graphs, prepare_to_serve
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
 from deployments.metrics import GeneratorMetrics
 from deployments.model_config import GENERATOR_DEPLOYMENT, BatchingConfig, ModelConfig
@@ -44,6 +45,9 @@ class ImageGenerator:
         pipeline = load_pipeline(model)
         if pipeline.device.type == "cpu":
             torch.set_num_threads(cpu_threads_per_call(worker_threads))
+        # Compile and run every configured shape now: Serve marks the replica ready, and
+        # sends it requests, only once this constructor returns.
+        prepare_to_serve(pipeline, model, batching)
         self._engine = ImageEngine(
             pipeline, worker_threads, batching=batching, metrics=GeneratorMetrics(model.id)
         )
@@ -71,6 +75,9 @@ class ImageGenerator:
             "steps_run": self._engine.steps_run,
             # Images in each of its most recent pipeline calls, oldest first: how it batched.
             "batch_sizes": self._engine.batch_sizes[-100:],
+            # Graphs torch.compile made in this process: constant once warmed up, unless
+            # requests come at shapes the warm-up did not run.
+            "compiled_graphs": compiled_graphs(),
         }
 
     def __del__(self) -> None:
