@@ -3,7 +3,10 @@ warms up before it is ready."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 from pydantic import ValidationError
 
 from deployments.generator.warmup import warmup_shapes
@@ -53,3 +56,21 @@ def test_configured_sizes_and_batches_are_each_warmed():
     assert found == [(32, 48, 2), (64, 64, 2)]
     found = shapes("64x64", BatchingConfig(max_batch_images=4), warmup_sizes=["128x64"])
     assert found == [(128, 64, 1), (128, 64, 4)]
+
+
+def test_the_replica_warms_up_in_its_constructor(monkeypatch):
+    """Serve marks a replica ready, and routes requests to it, once its constructor returns:
+    the warm-up must run inside it, before the engine exists. Fails without the call."""
+    from deployments.generator import deployment
+
+    calls = []
+    pipeline = SimpleNamespace(device=torch.device("meta"))
+    monkeypatch.setattr(deployment, "load_pipeline", lambda model: pipeline)
+    monkeypatch.setattr(
+        deployment, "prepare_to_serve", lambda p, model, batching: calls.append(("warm-up", p))
+    )
+    monkeypatch.setattr(deployment, "ImageEngine", lambda p, *a, **k: calls.append(("engine", p)))
+    monkeypatch.setattr(deployment, "GeneratorMetrics", lambda model_id: None)
+    model = ModelConfig(optimizations={"compile": True})
+    deployment.ImageGenerator.func_or_class(model, 1, BatchingConfig())
+    assert calls == [("warm-up", pipeline), ("engine", pipeline)]
