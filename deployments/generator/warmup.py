@@ -82,16 +82,16 @@ def prepare_to_serve(
 ) -> Warmup | None:
     """Compile the shared pipeline's denoiser if `model.optimizations` says so and run the
     warm-up calls; with other options only, one small call. None when no option is set.
-    Raises `OptimizationUnavailable` naming the option whose call failed."""
+    Raises `OptimizationUnavailable` naming the options set if a call fails."""
     options = model.optimizations
     config = options.compile_config
     enabled = ", ".join(options.model_dump(exclude_defaults=True))
     if config is not None:
         compile_blocks(denoiser_of(pipeline), config, compile_backend)
-        shapes, steps, option = warmup_shapes(model, batching, config), WARMUP_STEPS, "compile"
+        shapes, steps = warmup_shapes(model, batching, config), WARMUP_STEPS
     elif enabled:
         width, height = (int(side) for side in model.default_size.split("x"))
-        shapes, steps, option = [WarmupShape(width, height, 1)], 1, enabled
+        shapes, steps = [WarmupShape(width, height, 1)], 1
     else:
         return None
     started, graphs = time.perf_counter(), compiled_graphs()
@@ -100,8 +100,9 @@ def prepare_to_serve(
         try:
             _call(pipelines, model, shape, min(steps, model.default_steps))
         except Exception as error:
+            # Named all: which of them broke the call, its message says better than a guess.
             raise OptimizationUnavailable(
-                option,
+                enabled,
                 f"the start-up call at {shape.width}x{shape.height}, {shape.images} image(s) "
                 f"failed: {type(error).__name__}: {error}",
             ) from error
