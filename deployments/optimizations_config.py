@@ -7,7 +7,7 @@ Shared by both sides like the rest of the args: the generator applies them (see
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -27,7 +27,7 @@ class CompileConfig(_Strict):
         description="Sizes (`WxH`) compiled and run before the replica reports ready; by "
         "default the model's `default_size`. Other sizes compile on first use (logged).",
     )
-    warmup_batch_sizes: list[int] | None = Field(
+    warmup_batch_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(
         default=None,
         description="Images per call compiled at each warm-up size; by default 1 and the "
         "largest batch the model's batching allows at that size.",

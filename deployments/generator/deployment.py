@@ -21,6 +21,7 @@ from ray import serve
 from deployments.generator.cache import apply_cache
 from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import load_pipeline
+from deployments.generator.warmup import compiled_graphs, prepare_to_serve
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
 from deployments.metrics import GeneratorMetrics
 from deployments.model_config import GENERATOR_DEPLOYMENT, BatchingConfig, ModelConfig
@@ -47,6 +48,9 @@ class ImageGenerator:
         apply_cache(pipeline, model)  # optimizations.cache; fails the start if unsupported
         if pipeline.device.type == "cpu":
             torch.set_num_threads(cpu_threads_per_call(worker_threads))
+        # Compile and run every configured shape now: Serve marks the replica ready, and
+        # sends it requests, only once this constructor returns.
+        prepare_to_serve(pipeline, model, batching)
         self._engine = ImageEngine(
             pipeline, worker_threads, batching=batching, metrics=GeneratorMetrics(model.id)
         )
@@ -80,6 +84,9 @@ class ImageGenerator:
             "cuda_peak_allocated_bytes": (
                 torch.cuda.max_memory_allocated(self._device) if on_cuda else None
             ),
+            # Graphs torch.compile made in this process: constant once warmed up, unless
+            # requests come at shapes the warm-up did not run.
+            "compiled_graphs": compiled_graphs(),
         }
 
     def reset_peak_memory(self) -> None:

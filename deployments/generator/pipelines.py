@@ -38,6 +38,7 @@ from diffusers.pipelines.auto_pipeline import (
 
 from deployments.generator.embedded_model import ensure_embedded_model, is_embedded
 from deployments.generator.model_limits import edit_step_rounding, size_limits
+from deployments.generator.optimizations import apply_at_load, quantization_config
 from deployments.generator.shared_modules import pin_upcast_vae
 from deployments.jobs import OPTIONAL_PARAMETERS, ModelCapabilities, Task
 from deployments.model_config import ModelConfig
@@ -64,7 +65,8 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: ModelConfig) -> DiffusionPipeline:
-    """Load the model's pipeline onto its device, the same way for every kind of source.
+    """Load the model's pipeline onto its device, the same way for every kind of source, with
+    the optimizations that are set at load (`deployments/generator/optimizations.py`).
 
     Gated hub models (SD3 is one) read the Hugging Face token from `HF_TOKEN`.
     """
@@ -83,11 +85,18 @@ def load_pipeline(model: ModelConfig) -> DiffusionPipeline:
         device,
         pipeline_class.__name__,
     )
-    pipeline = pipeline_class.from_pretrained(source, revision=model.revision, dtype=dtype)
+    quantization = quantization_config(model.optimizations, source, model.revision, device)
+    pipeline = pipeline_class.from_pretrained(
+        source,
+        revision=model.revision,
+        dtype=dtype,
+        **({"quantization_config": quantization} if quantization is not None else {}),
+    )
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     # Now, while no call runs: what the shared modules are after loading is what they stay.
     pin_upcast_vae(pipeline, task_classes(type(pipeline)).values())
+    apply_at_load(pipeline, model.optimizations)
     return pipeline
 
 

@@ -1,0 +1,76 @@
+"""`models[].optimizations`: what the schema refuses, and which shapes a compiled replica
+warms up before it is ready."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from deployments.generator.warmup import warmup_shapes
+from deployments.model_config import BatchingConfig, ModelConfig
+from deployments.optimizations_config import CompileConfig, OptimizationsConfig
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"compile": {"mode": "fastest"}},
+        {"compile": {"warmup_sizes": ["64"]}},
+        {"compile": {"warmup_batch_sizes": [0]}},
+        {"attention_backend": "flash2"},
+        {"quantization": "int4"},
+        {"vae_tilling": True},
+    ],
+)
+def test_unknown_options_are_refused(options):
+    with pytest.raises(ValidationError):
+        OptimizationsConfig.model_validate(options)
+
+
+def test_compile_true_is_the_default_compile_config():
+    assert OptimizationsConfig(compile=True).compile_config == CompileConfig()
+    assert OptimizationsConfig().compile_config is None
+
+
+def shapes(default_size: str, batching: BatchingConfig, **compile_options) -> list[tuple]:
+    model = ModelConfig(default_size=default_size)
+    found = warmup_shapes(model, batching, CompileConfig(**compile_options))
+    return [(s.width, s.height, s.images) for s in found]
+
+
+def test_by_default_the_default_size_alone_and_in_the_largest_batch():
+    batching = BatchingConfig(max_batch_images=8, max_batch_pixels=8 * 256 * 256)
+    assert shapes("64x64", batching) == [(64, 64, 1), (64, 64, 8)]
+    # The largest call batching makes at 512x512 holds 2 images; at 1024x1024, one.
+    assert shapes("512x512", batching) == [(512, 512, 1), (512, 512, 2)]
+    assert shapes("1024x1024", batching) == [(1024, 1024, 1)]
+    assert shapes("64x64", BatchingConfig(max_batch_images=1)) == [(64, 64, 1)]
+
+
+def test_configured_sizes_and_batches_are_each_warmed():
+    batching = BatchingConfig()
+    found = shapes("64x64", batching, warmup_sizes=["32x48", "64x64"], warmup_batch_sizes=[2])
+    assert found == [(32, 48, 2), (64, 64, 2)]
+    found = shapes("64x64", BatchingConfig(max_batch_images=4), warmup_sizes=["128x64"])
+    assert found == [(128, 64, 1), (128, 64, 4)]
+
+
+def test_the_replica_warms_up_in_its_constructor(monkeypatch):
+    """Serve marks a replica ready, and routes requests to it, once its constructor returns:
+    the warm-up must run inside it, before the engine exists. Fails without the call."""
+    from deployments.generator import deployment
+
+    calls = []
+    pipeline = SimpleNamespace(device=torch.device("meta"))
+    monkeypatch.setattr(deployment, "load_pipeline", lambda model: pipeline)
+    monkeypatch.setattr(
+        deployment, "prepare_to_serve", lambda p, model, batching: calls.append(("warm-up", p))
+    )
+    monkeypatch.setattr(deployment, "ImageEngine", lambda p, *a, **k: calls.append(("engine", p)))
+    monkeypatch.setattr(deployment, "GeneratorMetrics", lambda model_id: None)
+    model = ModelConfig(optimizations={"compile": True})
+    deployment.ImageGenerator.func_or_class(model, 1, BatchingConfig())
+    assert calls == [("warm-up", pipeline), ("engine", pipeline)]
