@@ -20,6 +20,7 @@ from ray import serve
 
 from deployments.generator.cache import apply_cache
 from deployments.generator.engine import ImageEngine
+from deployments.generator.model_limits import check_default_size
 from deployments.generator.pipelines import load_pipeline
 from deployments.generator.warmup import compiled_graphs, prepare_to_serve
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
@@ -54,6 +55,7 @@ class ImageGenerator:
         self._engine = ImageEngine(
             pipeline, worker_threads, batching=batching, metrics=GeneratorMetrics(model.id)
         )
+        check_default_size(model, self._engine.capabilities())
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         return await self._engine.generate(job)

@@ -16,6 +16,7 @@ limits, not guesses:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 
 from deployments.jobs import ModelCapabilities
+from deployments.model_config import ModelConfig
+from deployments.sizes import parse_size
 
 logger = logging.getLogger("ray.serve")
 
@@ -86,3 +89,24 @@ def edit_step_rounding(pipeline_class: type) -> str | None:
             return rule
     logger.warning("%s rounds edit steps in an unknown way", pipeline_class.__name__)
     return None
+
+
+def check_default_size(model: ModelConfig, capabilities: ModelCapabilities) -> None:
+    """Refuse to start if the model's configured `default_size` is one the loaded model
+    cannot make: every request with `size: auto` would fail, so the deployment must."""
+    multiple = math.lcm(model.size_multiple, capabilities.size_multiple)
+    try:
+        parse_size(
+            model.default_size,
+            default=model.default_size,
+            multiple=multiple,
+            max_pixels=2**62,  # the service's own limit is the config's, checked there
+            max_width=capabilities.max_width,
+            max_height=capabilities.max_height,
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"model {model.id!r}: default_size {model.default_size} does not fit the loaded "
+            f"{capabilities.pipeline_class} ({error}); set models[].default_size and "
+            "models[].size_multiple to what it takes"
+        ) from None

@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
+from deployments.generator.model_limits import check_default_size
 from deployments.generator.pipelines import RequestPipelines, call_parameters, load_pipeline
 from deployments.jobs import ModelCapabilities, Task
 from deployments.model_config import ModelConfig
@@ -147,3 +148,18 @@ def test_a_task_with_no_known_rule_counts_as_rounding_down():
     capabilities = ModelCapabilities(pipeline_class="Unknown", tasks={})
     assert capabilities.edit_steps("image-to-image", 4, 0.3) == 1
     assert capabilities.edit_steps("image-to-image", 4, 0.2) == 0
+
+
+def test_a_default_size_the_model_cannot_make_fails_the_start():
+    capabilities = ModelCapabilities(
+        pipeline_class="StableDiffusion3Pipeline",
+        tasks={},
+        max_width=512,
+        max_height=512,
+        size_multiple=16,
+    )
+    check_default_size(ModelConfig(default_size="512x512"), capabilities)
+    with pytest.raises(ValueError, match="default_size 1024x512 does not fit"):
+        check_default_size(ModelConfig(default_size="1024x512"), capabilities)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        check_default_size(ModelConfig(default_size="72x72", size_multiple=8), capabilities)
