@@ -128,7 +128,11 @@ def set_attention_backend(denoiser: torch.nn.Module, name: str) -> None:
     """Route the denoiser's attention through diffusers' dispatcher to `name`, after checking
     that the kernel is installed (diffusers' own check) and runs on this device and dtype (one
     small attention call): a missing kernel fails the start, not the first request."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _AttentionBackendRegistry,
+        dispatch_attention_fn,
+    )
 
     attention = [m for m in denoiser.modules() if getattr(m, "processor", None) is not None]
     dispatched = [m for m in attention if hasattr(m.processor, "_attention_backend")]
@@ -143,12 +147,17 @@ def set_attention_backend(denoiser: torch.nn.Module, name: str) -> None:
             f"through diffusers' attention dispatcher, so {name!r} would never be used; only "
             "'native' applies to it",
         )
+    # diffusers also makes the backend its process-wide default: a refused one must not stay
+    # the default (later pipelines in the process would dispatch to a kernel that cannot run).
+    previous = _AttentionBackendRegistry._active_backend
     try:
         denoiser.set_attention_backend(name)
         query = _probe_query(dispatched[0])
         with torch.no_grad():
             dispatch_attention_fn(query, query, query, backend=AttentionBackendName(name))
     except Exception as error:
+        denoiser.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(previous)
         raise OptimizationUnavailable(
             "attention_backend", f"the {name!r} backend cannot run here: {error}"
         ) from error

@@ -69,8 +69,12 @@ def test_the_replica_warms_up_in_its_constructor(monkeypatch):
     monkeypatch.setattr(
         deployment, "prepare_to_serve", lambda p, model, batching: calls.append(("warm-up", p))
     )
-    monkeypatch.setattr(deployment, "ImageEngine", lambda p, *a, **k: calls.append(("engine", p)))
+    engine = SimpleNamespace(capabilities=lambda: None)
+    monkeypatch.setattr(
+        deployment, "ImageEngine", lambda p, *a, **k: calls.append(("engine", p)) or engine
+    )
     monkeypatch.setattr(deployment, "GeneratorMetrics", lambda model_id: None)
+    monkeypatch.setattr(deployment, "check_default_size", lambda model, capabilities: None)
     model = ModelConfig(optimizations={"compile": True})
     deployment.ImageGenerator.func_or_class(model, 1, BatchingConfig())
     assert calls == [("warm-up", pipeline), ("engine", pipeline)]
