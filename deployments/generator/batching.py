@@ -53,6 +53,9 @@ class QueuedJob:
     sink: EventSink | None
     # `time.perf_counter()` at submission: the job's wait is measured from here.
     submitted: float
+    # Set (on the event loop) when the job's caller has gone while its batch runs: the
+    # batch's run leaves it out of any call it has not started yet.
+    abandoned: threading.Event = field(default_factory=threading.Event)
 
 
 # Runs a batch: each job's images, or the exception that job fails with, in job order. It
@@ -174,6 +177,7 @@ class BatchQueue:
             if self._on_change is not None:
                 self._on_change(self.waiting_jobs)
             return
+        entry.queued.abandoned.set()
         if all(other.result.cancelled() for other in batch.entries):
             batch.cancelled.set()
 

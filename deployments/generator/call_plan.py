@@ -109,6 +109,8 @@ class _JobRun:
         failed call that was split."""
         if self.failure is not None:
             return self.failure
+        if self.queued.abandoned.is_set():  # nobody waits for it; its images may be partial
+            return RuntimeError("the job's caller has gone")
         ordered = sorted(self.pieces, key=lambda piece: piece[0])
         return GeneratedImages(
             images=[image for _, images in ordered for image in images],
@@ -139,8 +141,14 @@ class BatchRun:
         return plan_calls(self._queued, self._capacity)
 
     def unfailed(self, parts: list[CallPart]) -> list[CallPart]:
-        """The parts whose jobs have not failed: the rest of a failed job never runs."""
-        return [part for part in parts if self._jobs[part.index].failure is None]
+        """The parts whose jobs have neither failed nor been abandoned by their callers: the
+        rest of a failed job never runs, and a rerun after a split skips jobs whose clients
+        have gone (they would only delay the others)."""
+        return [
+            part
+            for part in parts
+            if self._jobs[part.index].failure is None and not part.queued.abandoned.is_set()
+        ]
 
     def succeeded(self, parts: list[CallPart], pixels: list[np.ndarray], times: CallTimes) -> None:
         """Records a call's images (in part order) with the account of the call."""

@@ -286,3 +286,35 @@ def test_each_queued_job_carries_its_own_sink_and_submit_time(runner):
     assert first.sink is first_sink and second.sink is second_sink
     assert first.job == second.job
     assert alone.submitted < before <= first.submitted <= second.submitted
+
+
+def test_a_job_cancelled_while_its_batch_runs_is_marked_abandoned():
+    """The batch's run reads the mark to leave the job out of calls it has not started."""
+    batches: list[list[QueuedJob]] = []
+    releases = [threading.Event(), threading.Event()]
+
+    def run_batch(queued: list[QueuedJob], cancelled: threading.Event):
+        batches.append(queued)
+        releases[len(batches) - 1].wait(5)
+        return [GeneratedImages(images=[], seeds=entry.job.seeds) for entry in queued]
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            settings = BatchingConfig(max_batch_images=4, max_wait_ms=0)
+            queue = BatchQueue(run_batch, pool, workers=1, settings=settings)
+            blocker = asyncio.ensure_future(queue.submit(job(0)))
+            await asyncio.sleep(0.05)  # the blocker runs; the next two wait together
+            staying = asyncio.ensure_future(queue.submit(job(1)))
+            leaving = asyncio.ensure_future(queue.submit(job(2)))
+            await asyncio.sleep(0.05)
+            releases[0].set()
+            await blocker
+            await asyncio.sleep(0.05)  # their batch has started
+            leaving.cancel()
+            await asyncio.sleep(0.05)
+            releases[1].set()
+            await staying
+
+    asyncio.run(scenario())
+    assert [[entry.job.seeds[0] for entry in batch] for batch in batches] == [[0], [1, 2]]
+    assert [entry.abandoned.is_set() for entry in batches[1]] == [False, True]

@@ -98,6 +98,18 @@ def test_a_job_that_fails_alone_fails_with_its_own_exception_and_runs_no_further
     assert isinstance(good, GeneratedImages) and good.batch_images == 1
 
 
+def test_a_job_whose_caller_has_gone_is_not_run_again_after_a_split():
+    gone, staying = queued(0, request_id="gone"), queued(1, request_id="staying")
+    run = BatchRun([gone, staying], 8, started=1.0)
+    (call,) = run.planned_calls()
+    retries = run.failed(call, TypeError("one bad prompt"))
+    gone.abandoned.set()  # its client left while the batch ran
+    assert [run.unfailed(retry) for retry in retries] == [[], [retries[1][0]]]
+    run.succeeded(retries[1], [image(9)], times(started=2.0))
+    left, served = run.results()
+    assert isinstance(left, Exception) and isinstance(served, GeneratedImages)
+
+
 def test_a_single_image_out_of_memory_fails_its_job_with_a_shared_exception():
     run = BatchRun([queued(0)], capacity=1, started=1.0)
     (call,) = run.planned_calls()
