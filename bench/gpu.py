@@ -6,12 +6,13 @@ one CUDA GPU, with each speed lever off and on.
 
 It builds the model once (bench/gpu_model.py, cached), serves it with the application that
 `serve_app.build_app` makes from config/sd3.5-medium.yaml's args, once per lever (eager;
-compile; flash or sage attention; float8 and int8 weight-only quantization; First-Block
-Cache), and drives it over HTTP on 127.0.0.1: seconds per large image alone, images/s at
-each concurrency, the replica's peak GPU memory, and the share of the dense bf16 FLOP floor
-each point reaches. What does not fit in the time budget is cut and listed. Results go to
-<out>/gpu-latest.json (cpu-smoke.json for the smoke test). Without a CUDA device, and
-without --cpu-smoke, it says so and exits with status 2, having measured nothing.
+compile; float8 and int8 weight-only quantization; the TaylorSeer cache; attention
+backends are listed as skipped: SD3 takes only 'native'), and drives it over HTTP on
+127.0.0.1: seconds per large image alone, images/s at each concurrency, the replica's
+peak GPU memory, and the share of the dense bf16 FLOP floor each point reaches. What does
+not fit in the time budget is cut and listed. Results go to <out>/gpu-latest.json
+(cpu-smoke.json for the smoke test). Without a CUDA device, and without --cpu-smoke, it
+says so and exits with status 2, having measured nothing.
 """
 
 from __future__ import annotations

@@ -12,39 +12,9 @@ from collections import Counter
 
 import httpx
 
-from bench.load import LoadResult, Workload
+from bench.load import LoadResult, Workload, closed_loop
 
 GENERATIONS = "/v1/images/generations"
-
-
-async def _rounds(
-    base_url: str, workload: Workload, concurrency: int, rounds: int, seed: int
-) -> tuple[list[float], Counter[str], int, float]:
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    images = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=900, limits=limits) as client:
-
-        async def client_loop(index: int) -> None:
-            nonlocal images
-            rng = random.Random(seed * 1000 + index)
-            for _ in range(rounds):
-                sent = time.perf_counter()
-                try:
-                    response = await client.post(GENERATIONS, json=workload.request(rng))
-                except httpx.HTTPError as error:
-                    statuses[type(error).__name__] += 1
-                    continue
-                statuses[str(response.status_code)] += 1
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - sent)
-                    images += len(response.json()["data"])
-
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return latencies, statuses, images, elapsed
 
 
 def run_rounds(
@@ -59,7 +29,17 @@ def run_rounds(
 
     async def bounded() -> tuple[list[float], Counter[str], int, float]:
         return await asyncio.wait_for(
-            _rounds(base_url, workload, concurrency, rounds, seed), timeout=max(1.0, timeout_s)
+            # No warm-up requests here: the benchmark warms each lever up itself.
+            closed_loop(
+                base_url,
+                workload,
+                concurrency,
+                seed=seed,
+                warmup_requests=0,
+                rounds=rounds,
+                request_timeout_s=900,
+            ),
+            timeout=max(1.0, timeout_s),
         )
 
     latencies, statuses, images, elapsed = asyncio.run(bounded())

@@ -170,13 +170,14 @@ def levers(profile: Profile, env: Environment) -> tuple[list[Lever], list[tuple[
     backend = next((b for b, module in BACKENDS if module in env.importable), None)
     offer(
         Lever(f"attention_{(backend or 'flash').lstrip('_')}", {"attention_backend": backend}),
-        None
-        if backend and env.cuda
-        else "none of flash_attn_interface (FlashAttention 3), "
-        "flash_attn, sageattention is importable with CUDA",
+        # The service refuses it at start: in diffusers 0.42 SD3's attention processors call
+        # torch's scaled_dot_product_attention directly, not the dispatcher.
+        "SD3's attention bypasses diffusers' attention dispatcher (only 'native' applies)",
     )
-    first_block = {"cache": {"kind": "first_block", "threshold": 0.05}}
-    offer(Lever("cache_first_block", first_block), None)
+    # TaylorSeer: a cache SD3's denoiser takes (First-Block-Cache is refused for SD3), and it
+    # decides from the step alone, so random weights do not distort its skip rate.
+    taylorseer = {"cache": {"kind": "taylorseer", "options": {"cache_interval": 3}}}
+    offer(Lever("cache_taylorseer", taylorseer), None)
     offer(
         Lever("int8_weight_only", {"quantization": "int8_weight_only"}, 20),
         _need_torchao(env) or _cpu_only(profile, "quantizing"),

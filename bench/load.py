@@ -117,16 +117,21 @@ async def closed_loop(
     base_url: str,
     workload: Workload,
     concurrency: int,
-    duration_s: float,
+    duration_s: float | None = None,
     seed: int = 0,
     warmup_requests: int | None = None,
+    rounds: int | None = None,
+    request_timeout_s: float = 600,
 ) -> tuple[list[float], Counter[str], int, float]:
-    """Run the load; return latencies of successes, statuses, images made, elapsed seconds."""
+    """Run the load for `duration_s`, or until each client has sent `rounds` requests;
+    return latencies of successes, statuses, images made, elapsed seconds."""
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     images = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=request_timeout_s, limits=limits
+    ) as client:
         warmup = random.Random(seed - 1)
         await asyncio.gather(
             *(
@@ -135,12 +140,14 @@ async def closed_loop(
             )
         )
         started = time.perf_counter()
-        deadline = started + duration_s
+        deadline = started + duration_s if duration_s is not None else float("inf")
 
         async def client_loop(index: int) -> None:
             nonlocal images
             rng = random.Random(seed * 1000 + index)
-            while time.perf_counter() < deadline:
+            sent_requests = 0
+            while time.perf_counter() < deadline and sent_requests != rounds:
+                sent_requests += 1
                 sent = time.perf_counter()
                 try:
                     response = await client.post(

@@ -41,16 +41,11 @@ class GeneratorClient:
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle
-        self._capabilities: ModelCapabilities | None = None
-        self._capabilities_lock = asyncio.Lock()
 
     async def capabilities(self) -> ModelCapabilities:
-        """Asked of a replica once (every replica loads the same model), then remembered."""
-        async with self._capabilities_lock:
-            if self._capabilities is None:
-                with generator_errors_as_api_errors("capabilities"):
-                    self._capabilities = await self._handle.capabilities.remote()
-            return self._capabilities
+        """Asked of a replica (every replica loads the same model: the service remembers)."""
+        with generator_errors_as_api_errors("capabilities"):
+            return await self._handle.capabilities.remote()
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         response = self._handle.generate.remote(job)

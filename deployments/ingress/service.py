@@ -115,6 +115,7 @@ class ImageService:
         if set(backends) != set(self._models):
             raise ValueError(f"backends for {sorted(backends)}, models {sorted(self._models)}")
         self._backends = dict(backends)
+        self._capabilities: dict[str, ModelCapabilities] = {}
         self.store = store or ImageStore.from_config(args.storage)
         self._metrics = metrics
         started = int(time.time())
@@ -189,11 +190,9 @@ class ImageService:
         refuse_unencodable(body)
         model = self.model_for(body.get("model") if isinstance(body, dict) else None)
         backend = self._backends[model.id]
-        # The body against the config alone first: a malformed request is a 400 at once,
-        # even while the model's replicas start; then against the model's own limits.
-        self.validate(ImageGenerationRequest, body, self._config_context(model), strict=True)
-        context = await self._context_for(model, backend, scope.deadline)
-        params = self.validate(ImageGenerationRequest, body, context, strict=True)
+        params, context = await self._validated(
+            ImageGenerationRequest, body, model, backend, scope.deadline, strict=True
+        )
         check_supported(params, context.capabilities, model, "text-to-image")
         job = params.to_job(context, scope.request_id)
         scope.log.add(**self._logged_parameters(params, job, model.id))
@@ -205,9 +204,9 @@ class ImageService:
         refuse_unencodable(form.fields)
         model = self.model_for(form.fields.get("model"))
         backend = self._backends[model.id]
-        self.validate(ImageEditRequest, form.fields, self._config_context(model), strict=False)
-        context = await self._context_for(model, backend, scope.deadline)
-        params = self.validate(ImageEditRequest, form.fields, context, strict=False)
+        params, context = await self._validated(
+            ImageEditRequest, form.fields, model, backend, scope.deadline, strict=False
+        )
         task: Task = "image-to-image" if form.mask is None else "inpaint"
         # Refused before any image is decoded if the model cannot do this edit.
         check_supported(params, context.capabilities, model, task)
@@ -280,17 +279,28 @@ class ImageService:
 
     # --- helpers ---
 
-    def _config_context(self, model: ModelConfig) -> ValidationContext:
-        return ValidationContext(limits=self.args.limits, model=model)
-
-    async def _context_for(
-        self, model: ModelConfig, backend: ImageBackend, deadline: Deadline
-    ) -> ValidationContext:
-        """What a request for `model` is validated against: the config's limits and the
-        model's own, asked of a replica the first time (within the request's time: the
-        replica may still be starting)."""
-        capabilities = await deadline.wait(backend.capabilities())
-        return ValidationContext(limits=self.args.limits, model=model, capabilities=capabilities)
+    async def _validated(
+        self,
+        schema: type[ImageRequest],
+        fields: object,
+        model: ModelConfig,
+        backend: ImageBackend,
+        deadline: Deadline,
+        *,
+        strict: bool,
+    ) -> tuple[ImageRequest, ValidationContext]:
+        """The request validated against the config's limits and the model's own, which a
+        replica reports once (asked within the request's time: it may still be starting).
+        Until they are known the body is first checked against the config alone, so that a
+        malformed request is a 400 at once rather than a wait for a starting replica."""
+        capabilities = self._capabilities.get(model.id)
+        if capabilities is None:
+            config_only = ValidationContext(limits=self.args.limits, model=model)
+            self.validate(schema, fields, config_only, strict=strict)
+            capabilities = await deadline.wait(backend.capabilities())
+            self._capabilities[model.id] = capabilities  # the same for the model's whole life
+        context = ValidationContext(limits=self.args.limits, model=model, capabilities=capabilities)
+        return self.validate(schema, fields, context, strict=strict), context
 
     def _logged_parameters(
         self, params: ImageRequest, job: GenerationJob, model_id: str

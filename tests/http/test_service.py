@@ -90,3 +90,17 @@ def test_an_edit_with_size_auto_follows_its_input_image(service, generator):
     assert job.image.shape == (48, 96, 3) and job.task == "image-to-image"
     assert job.strength == 0.8  # the model's default_strength
     assert np.array_equal(job.image, pixels_for(1, 96, 48))
+
+
+def test_a_models_capabilities_are_asked_once(service, generator, monkeypatch):
+    asked = []
+    capabilities = generator.capabilities
+
+    async def counted():
+        asked.append(1)
+        return await capabilities()
+
+    monkeypatch.setattr(generator, "capabilities", counted)
+    for seed in range(3):
+        _run(_generate(service, {"prompt": "a fox", "seed": seed}))
+    assert len(asked) == 1 and len(generator.jobs) == 3
