@@ -205,6 +205,10 @@ class AppArgs(Strict):
         ids = [model.id for model in self.models]
         if len({generator_deployment_name(model_id) for model_id in ids}) != len(ids):
             raise ValueError(f"models: two models have the same id ({', '.join(ids)})")
+        adapter_ids = [adapter.id for model in self.models for adapter in model.adapters]
+        if len(set(ids + adapter_ids)) != len(ids) + len(adapter_ids):
+            # A request's `model` names either; `GET /v1/models` lists both.
+            raise ValueError("adapters: an adapter id repeats another adapter's or a model's id")
         if self.default_model is not None and self.default_model not in ids:
             raise ValueError(f"default_model {self.default_model!r} is not one of the models")
         for model in self.models:

@@ -22,6 +22,16 @@ from deployments.sizes import format_size
 Task = Literal["text-to-image", "image-to-image", "inpaint"]
 
 
+# A LoRA adapter applied in a pipeline call, and its scale: (adapter id, scale).
+AdapterWeight = tuple[str, float]
+
+
+def adapter_set_id(adapters: tuple[AdapterWeight, ...]) -> str:
+    """The ids of a job's adapters joined by `+` (sorted): what its replica must have
+    loaded, and the multiplexed model id its request is routed by. "" for none."""
+    return "+".join(sorted(adapter_id for adapter_id, _ in adapters))
+
+
 @dataclass(frozen=True)
 class GenerationJob:
     """One request's images: all share the prompt and parameters, each has its own seed.
@@ -43,6 +53,8 @@ class GenerationJob:
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
+    # LoRA adapters and their scales, sorted by id; none with scale 0 (that is the base).
+    adapters: tuple[AdapterWeight, ...] = ()
 
     @property
     def size(self) -> str:
@@ -157,6 +169,21 @@ class GenerationOutOfMemory(Exception):
     fit later, when fewer calls share the device: a retryable answer (503), not the client's
     fault. Plain data (a message), so it crosses Ray pickled to the ingress.
     """
+
+
+class AdapterUnavailable(Exception):
+    """A configured adapter could not be loaded into the model (its source is missing, or
+    its weights do not fit the model's modules). Nothing of it stays loaded and the replica
+    stays healthy; its requests get a 400 naming the adapter. Plain data, so it crosses Ray
+    pickled to the ingress."""
+
+    def __init__(self, adapter_id: str, reason: str) -> None:
+        super().__init__(adapter_id, reason)
+        self.adapter_id = adapter_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"adapter {self.adapter_id!r} could not be loaded: {self.reason}"
 
 
 class ReplicaBroken(RuntimeError):

@@ -12,7 +12,7 @@ import re
 from typing import Any, Literal
 
 import diffusers
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve.schema import DeploymentSchema
 
 from deployments.optimizations_config import OptimizationsConfig
@@ -47,6 +47,38 @@ class BatchingConfig(Strict):
         le=1000,
         description="How long a batch waits for compatible requests while the replica is "
         "busy. An idle replica starts a lone request at once.",
+    )
+
+
+# An adapter id: letters, digits and `_ . : / -` (a `+` joins the ids of a set of adapters).
+ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$"
+
+
+class AdapterConfig(Strict):
+    """A LoRA adapter of a model: clients pick it with `model: "<id>"` or compose it with
+    others through `lora: [{"name": "<id>", "scale": ...}]`."""
+
+    id: str = Field(
+        pattern=ADAPTER_ID_PATTERN,
+        max_length=200,
+        description="The name clients pass; `GET /v1/models` lists it with its model as "
+        "`parent`. Unique among the application's models and adapters.",
+    )
+    source: str = Field(
+        min_length=1,
+        description="Where its weights come from: a Hugging Face hub id, a local directory or "
+        "`.safetensors` file (what `load_lora_weights` takes), or `embedded:<model>/<style>` "
+        "for the built-in tiny adapters (`embedded:tiny-sd3/ink`, `embedded:tiny-sd3/paper`, "
+        "`embedded:tiny-sdxl/ink`, `embedded:tiny-flux/ink`).",
+    )
+    weight_name: str | None = Field(
+        default=None,
+        description="The weights file inside `source` when it holds several (hub ids and "
+        "directories).",
+    )
+    scale: float = Field(
+        default=1.0,
+        description='Its scale when a request gives none (with `model: "<id>"`, always).',
     )
 
 
@@ -128,6 +160,21 @@ class ModelConfig(Strict):
         description="Speed levers of this model's replicas (compile, cache, attention "
         "backend, quantization, VAE tiling/slicing); all off by default.",
     )
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters requests may apply to this model; none by default.",
+    )
+    max_adapters_per_replica: int = Field(
+        default=4,
+        ge=1,
+        description="Adapters one replica keeps loaded; past it the least recently used one "
+        "is unloaded. Requests are routed to replicas that hold their adapters.",
+    )
+    max_adapters_per_request: int = Field(
+        default=3, ge=1, description="Most adapters one request may compose (`lora`)."
+    )
+    min_adapter_scale: float = Field(default=-2.0, description="Smallest `lora[].scale`.")
+    max_adapter_scale: float = Field(default=2.0, description="Largest `lora[].scale`.")
     deployment: dict[str, Any] = Field(
         default_factory=dict,
         description="Ray Serve options of this model's generator deployment, as in a config's "
@@ -145,6 +192,27 @@ class ModelConfig(Strict):
         if not (isinstance(found, type) and issubclass(found, diffusers.DiffusionPipeline)):
             raise ValueError(f"diffusers has no pipeline class named {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _adapters_fit(self) -> ModelConfig:
+        ids = [adapter.id for adapter in self.adapters]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"adapters: two adapters have the same id ({', '.join(ids)})")
+        if self.min_adapter_scale > self.max_adapter_scale:
+            raise ValueError("min_adapter_scale is larger than max_adapter_scale")
+        for adapter in self.adapters:
+            if not self.min_adapter_scale <= adapter.scale <= self.max_adapter_scale:
+                raise ValueError(
+                    f"adapter {adapter.id!r}: scale {adapter.scale} is outside "
+                    f"[min_adapter_scale, max_adapter_scale]"
+                )
+        if self.adapters and self.optimizations.compile:
+            # Loading or switching an adapter changes the compiled modules: each would
+            # recompile (or run stale graphs). Not supported yet.
+            raise ValueError("adapters cannot be combined with optimizations.compile yet")
+        if self.adapters and self.optimizations.quantization:
+            raise ValueError("adapters cannot be combined with optimizations.quantization yet")
+        return self
 
     @field_validator("deployment")
     @classmethod
