@@ -20,14 +20,16 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppArgs
 from deployments.ingress.app import create_api
-from deployments.ingress.errors import service_unavailable
+from deployments.ingress.errors import invalid_request, service_unavailable
 from deployments.jobs import (
+    AdapterUnavailable,
     GeneratedImages,
     GenerationEvent,
     GenerationJob,
     GenerationOutOfMemory,
     ModelCapabilities,
     ReplicaBroken,
+    adapter_set_id,
 )
 from deployments.metrics import IngressMetrics
 
@@ -47,8 +49,15 @@ class GeneratorClient:
         with generator_errors_as_api_errors("capabilities"):
             return await self._handle.capabilities.remote()
 
+    def _routed(self, job: GenerationJob) -> DeploymentHandle:
+        """The handle for a job: one with adapters goes, by Serve's model multiplexing, to a
+        replica that already holds its set of adapters (one picked by load otherwise)."""
+        if not job.adapters:
+            return self._handle
+        return self._handle.options(multiplexed_model_id=adapter_set_id(job.adapters))
+
     async def generate(self, job: GenerationJob) -> GeneratedImages:
-        response = self._handle.generate.remote(job)
+        response = self._routed(job).generate.remote(job)
         with generator_errors_as_api_errors(job.request_id):
             try:
                 return await response
@@ -60,7 +69,7 @@ class GeneratorClient:
                 raise
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
-        responses = self._handle.options(stream=True).generate_stream.remote(job)
+        responses = self._routed(job).options(stream=True).generate_stream.remote(job)
         finished = False
         try:
             with generator_errors_as_api_errors(job.request_id):
@@ -89,6 +98,15 @@ def generator_errors_as_api_errors(request_id: str) -> Iterator[None]:
             "The images did not fit in the device's memory now. Retry shortly, or ask for "
             "fewer or smaller images.",
             retry_after_s=2,
+        ) from None
+    except AdapterUnavailable as error:
+        # A configured adapter that cannot load (missing, or not fitting the model): the
+        # replica stays healthy, and the same request would fail again.
+        logger.warning("request %s: %s", request_id, error)
+        raise invalid_request(
+            f"The adapter '{error.adapter_id}' cannot be used: {error.reason}",
+            param="model",
+            code="adapter_unavailable",
         ) from None
     except ReplicaBroken:
         # Its health check fails, and Serve replaces it; the request may succeed elsewhere.

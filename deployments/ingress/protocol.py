@@ -8,9 +8,8 @@ input is rejected here, in one place, before anything is queued.
 
 from __future__ import annotations
 
-import math
+import json
 import secrets
-from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -24,57 +23,11 @@ from pydantic import (
     model_serializer,
 )
 
-from deployments.config import RequestLimits
-from deployments.jobs import GenerationJob, ModelCapabilities
+from deployments.ingress.validation_context import ValidationContext, context_of, resolve_size_in
+from deployments.jobs import AdapterWeight, GenerationJob
 from deployments.model_config import ModelConfig
-from deployments.sizes import SizeRules, resolve_size
 
 MAX_SEED = 2**32 - 1
-
-
-@dataclass(frozen=True)
-class ValidationContext:
-    """What a request is validated against: the deployment's limits and its model's rules."""
-
-    limits: RequestLimits
-    model: ModelConfig
-    # What the model's loaded pipeline reported (its own size limits), once known.
-    capabilities: ModelCapabilities | None = None
-
-    def size_rules(self) -> SizeRules:
-        """The config's size rules narrowed by the loaded model's own limits."""
-        rules = SizeRules(
-            default=self.model.default_size,
-            multiple=self.model.size_multiple,
-            max_pixels=self.limits.max_pixels,
-        )
-        if self.capabilities is None:
-            return rules
-        caps = self.capabilities
-        return replace(
-            rules,
-            # A multiple of both: the config's and the model's latent grid.
-            multiple=math.lcm(rules.multiple, caps.size_multiple),
-            max_width=_floor_to(caps.max_width, rules.multiple),
-            max_height=_floor_to(caps.max_height, rules.multiple),
-        )
-
-
-def _floor_to(limit: int | None, multiple: int) -> int | None:
-    return None if limit is None else limit // multiple * multiple
-
-
-def _context(info: ValidationInfo) -> ValidationContext:
-    context = info.context
-    if not isinstance(context, ValidationContext):
-        return ValidationContext(limits=RequestLimits(), model=ModelConfig())
-    return context
-
-
-def _resolve_size(
-    size: str, context: ValidationContext, input_size: tuple[int, int] | None = None
-) -> tuple[int, int]:
-    return resolve_size(size, context.size_rules(), input_size)
 
 
 def without_unused_form(data: dict) -> dict:
@@ -83,6 +36,20 @@ def without_unused_form(data: dict) -> dict:
         if data.get(key) is None:
             data.pop(key, None)
     return data
+
+
+class LoraReference(BaseModel):
+    """Extension: one LoRA adapter a request applies, and how strongly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="An adapter's id.")
+    scale: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="Its strength: 0 is the base model, 1 the adapter as trained; the "
+        "adapter's configured scale when omitted.",
+    )
 
 
 class ImageRequest(BaseModel):
@@ -160,13 +127,19 @@ class ImageRequest(BaseModel):
         description="With `stream`, also send `progress` events (denoising step of total) a "
         "few times a second.",
     )
+    lora: list[LoraReference] | None = Field(
+        default=None,
+        description='LoRA adapters of the model to compose, `[{"name": ..., "scale": ...}]` '
+        "(`GET /v1/models` lists them with their model as `parent`); in an edit's form, "
+        "the same list as JSON text. With `model` naming an adapter, these are added to it.",
+    )
 
     def output_size(
         self, context: ValidationContext, input_size: tuple[int, int] | None = None
     ) -> tuple[int, int]:
         """(width, height) of the images: the `size` asked for, or for `auto` the model's
         default size or, for an edit, its input image's size fitted to the model's rules."""
-        return _resolve_size(self.size, context, input_size)
+        return resolve_size_in(self.size, context, input_size)
 
     def to_job(
         self,
@@ -176,9 +149,11 @@ class ImageRequest(BaseModel):
         image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         input_size: tuple[int, int] | None = None,
+        adapters: tuple[AdapterWeight, ...] = (),
     ) -> GenerationJob:
         """The generator's job for this validated request, with the model's defaults filled
-        in. An edit's `image` and `mask` must already be at `output_size(context, input_size)`.
+        in. An edit's `image` and `mask` must already be at `output_size(context, input_size)`;
+        `adapters` are its LoRA adapters as the service resolved them (`resolve_adapters`).
         """
         model = context.model
         width, height = self.output_size(context, input_size)
@@ -200,6 +175,7 @@ class ImageRequest(BaseModel):
             image=image,
             mask=mask,
             strength=self.edit_strength(model) if image is not None else None,
+            adapters=adapters,
         )
 
     def edit_strength(self, model: ModelConfig) -> float | None:
@@ -221,15 +197,49 @@ class ImageRequest(BaseModel):
             return value
         if info.field_name == "prompt" and not value.strip():
             raise ValueError("must not be empty")
-        limit = _context(info).limits.max_prompt_chars
+        limit = context_of(info).limits.max_prompt_chars
         if len(value) > limit:
             raise ValueError(f"is {len(value)} characters long; the limit is {limit}")
+        return value
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_from_form_text(cls, value: object) -> object:
+        # A form field is text: an edit sends the list as JSON.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("must be a JSON list of {name, scale} objects") from None
+        return value
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_within_limits(
+        cls, value: list[LoraReference] | None, info: ValidationInfo
+    ) -> list[LoraReference] | None:
+        model = context_of(info).model
+        if not value:
+            return value
+        if len(value) > model.max_adapters_per_request:
+            raise ValueError(
+                f"{len(value)} adapters given; this model composes at most "
+                f"{model.max_adapters_per_request}"
+            )
+        for reference in value:
+            if reference.scale is not None and not (
+                model.min_adapter_scale <= reference.scale <= model.max_adapter_scale
+            ):
+                raise ValueError(
+                    f"scale of {reference.name!r} must be between {model.min_adapter_scale} "
+                    f"and {model.max_adapter_scale}"
+                )
         return value
 
     @field_validator("n")
     @classmethod
     def _n_within_limit(cls, value: int, info: ValidationInfo) -> int:
-        limit = _context(info).limits.max_images
+        limit = context_of(info).limits.max_images
         if value > limit:
             raise ValueError(f"this service generates at most {limit} images per request")
         return value
@@ -238,13 +248,13 @@ class ImageRequest(BaseModel):
     @classmethod
     def _valid_size(cls, value: str, info: ValidationInfo) -> str:
         if value != "auto":  # `auto` is the model's default size, or an edit's input's
-            _resolve_size(value, _context(info))
+            resolve_size_in(value, context_of(info))
         return value
 
     @field_validator("num_inference_steps")
     @classmethod
     def _steps_within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
-        limit = _context(info).limits.max_steps
+        limit = context_of(info).limits.max_steps
         if value is not None and value > limit:
             raise ValueError(f"must be at most {limit}")
         return value
@@ -252,7 +262,7 @@ class ImageRequest(BaseModel):
     @field_validator("guidance_scale")
     @classmethod
     def _guidance_within_limit(cls, value: float | None, info: ValidationInfo) -> float | None:
-        limit = _context(info).limits.max_guidance_scale
+        limit = context_of(info).limits.max_guidance_scale
         if value is not None and value > limit:
             raise ValueError(f"must be at most {limit}")
         return value
@@ -316,6 +326,8 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # Extension (vLLM's convention): for a LoRA adapter, the model it applies to.
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from deployments.config import AppArgs
+from deployments.ingress.adapters import AdapterCatalog, describe_adapters
 from deployments.ingress.bodies import EditForm
 from deployments.ingress.deadline import Deadline
 from deployments.ingress.errors import (
@@ -43,12 +44,12 @@ from deployments.ingress.protocol import (
     ImagesResponse,
     Model,
     ModelList,
-    ValidationContext,
 )
 from deployments.ingress.request_log import RequestLog
 from deployments.ingress.storage import ImageStore
 from deployments.ingress.streaming import EventEncoder, first_event, sse_body, timings_of
 from deployments.ingress.uploads import UploadError, read_edit_inputs
+from deployments.ingress.validation_context import ValidationContext
 from deployments.jobs import (
     GeneratedImages,
     GenerationEvent,
@@ -56,7 +57,7 @@ from deployments.jobs import (
     ModelCapabilities,
     Task,
 )
-from deployments.model_config import ModelConfig
+from deployments.model_config import AdapterConfig, ModelConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -100,6 +101,14 @@ class PreparedJob:
     event_prefix: Literal["image_generation", "image_edit"]
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a request's `model` names: a model, and the adapter of it if it named one."""
+
+    model: ModelConfig
+    adapter: AdapterConfig | None = None
+
+
 class ImageService:
     """The API's behaviour over one backend per model id of `args.models`."""
 
@@ -112,6 +121,7 @@ class ImageService:
     ) -> None:
         self.args = args
         self._models = args.model_by_id()
+        self._adapters = AdapterCatalog.of(args.models)
         if set(backends) != set(self._models):
             raise ValueError(f"backends for {sorted(backends)}, models {sorted(self._models)}")
         self._backends = dict(backends)
@@ -123,6 +133,12 @@ class ImageService:
             model.id: Model(id=model.id, created=started, owned_by=model.owned_by)
             for model in args.models
         }
+        # Each adapter is listed as a model of its own, its base model as `parent`.
+        for model in args.models:
+            for adapter in model.adapters:
+                self._model_cards[adapter.id] = Model(
+                    id=adapter.id, created=started, owned_by=model.owned_by, parent=model.id
+                )
 
     # --- models ---
 
@@ -134,14 +150,17 @@ class ImageService:
             raise model_not_found(model_id)
         return self._model_cards[model_id]
 
-    def model_for(self, requested: object) -> ModelConfig:
-        """The model a request names, or the default one; 404 for an unknown name. (A name
-        that is not a string is left to the request's validation, against the default.)"""
+    def target_of(self, requested: object) -> Target:
+        """The model (or adapter of a model) a request names, or the default model; 404 for
+        an unknown name. (A name that is not a string is left to the request's validation,
+        against the default.)"""
         if requested is None or not isinstance(requested, str):
-            return self._models[self.args.default_model_id]
-        if requested not in self._models:
-            raise model_not_found(requested)
-        return self._models[requested]
+            return Target(self._models[self.args.default_model_id])
+        if requested in self._models:
+            return Target(self._models[requested])
+        if (found := self._adapters.find(requested)) is not None:
+            return Target(*found)
+        raise model_not_found(requested)
 
     # --- requests ---
 
@@ -188,13 +207,15 @@ class ImageService:
     async def prepare_generation(self, body: object, scope: RequestScope) -> PreparedJob:
         """A generation request's job, from its JSON body."""
         refuse_unencodable(body)
-        model = self.model_for(body.get("model") if isinstance(body, dict) else None)
+        target = self.target_of(body.get("model") if isinstance(body, dict) else None)
+        model = target.model
         backend = self._backends[model.id]
         params, context = await self._validated(
             ImageGenerationRequest, body, model, backend, scope.deadline, strict=True
         )
         check_supported(params, context.capabilities, model, "text-to-image")
-        job = params.to_job(context, scope.request_id)
+        adapters = self._adapters.resolve(model, target.adapter, params.lora)
+        job = params.to_job(context, scope.request_id, adapters=adapters)
         scope.log.add(**self._logged_parameters(params, job, model.id))
         return PreparedJob(params, job, backend, "image_generation")
 
@@ -202,7 +223,8 @@ class ImageService:
         """An edit request's job, from its form: the uploads decoded and scaled to the
         output size."""
         refuse_unencodable(form.fields)
-        model = self.model_for(form.fields.get("model"))
+        target = self.target_of(form.fields.get("model"))
+        model = target.model
         backend = self._backends[model.id]
         params, context = await self._validated(
             ImageEditRequest, form.fields, model, backend, scope.deadline, strict=False
@@ -211,6 +233,7 @@ class ImageService:
         # Refused before any image is decoded if the model cannot do this edit.
         check_supported(params, context.capabilities, model, task)
         check_edit_steps(params, context.capabilities, model, task)
+        adapters = self._adapters.resolve(model, target.adapter, params.lora)
         try:
             inputs = await run_in_threadpool(
                 read_edit_inputs,
@@ -227,6 +250,7 @@ class ImageService:
             image=inputs.image,
             mask=inputs.mask,
             input_size=inputs.input_size,
+            adapters=adapters,
         )
         scope.log.add(**self._logged_parameters(params, job, model.id))
         return PreparedJob(params, job, backend, "image_edit")
@@ -309,6 +333,7 @@ class ImageService:
         configured)."""
         fields: dict[str, object] = {
             "model": model_id,
+            "adapters": describe_adapters(job.adapters),
             "user": params.user,
             "n": job.num_images,
             "size": job.size,

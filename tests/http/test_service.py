@@ -52,9 +52,9 @@ def test_prepare_names_the_bad_parameter(service):
 
 def test_an_unknown_model_is_a_404_naming_model(service):
     with pytest.raises(APIError) as raised:
-        service.model_for("nope")
+        service.target_of("nope")
     assert (raised.value.status_code, raised.value.param) == (404, "model")
-    assert service.model_for(None).id == "tiny-sd3"
+    assert service.target_of(None).model.id == "tiny-sd3"
     assert [card.id for card in service.list_models().data] == ["tiny-sd3"]
 
 

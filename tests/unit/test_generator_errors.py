@@ -9,7 +9,7 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.ingress.deployment import generator_errors_as_api_errors
 from deployments.ingress.errors import APIError
-from deployments.jobs import GenerationOutOfMemory, ReplicaBroken
+from deployments.jobs import AdapterUnavailable, GenerationOutOfMemory, ReplicaBroken
 
 
 def answer_to(error: BaseException) -> APIError:
@@ -40,3 +40,13 @@ def test_a_full_queue_is_a_retryable_503():
 def test_any_other_failure_is_left_to_the_500_handler():
     with pytest.raises(ValueError), generator_errors_as_api_errors("req-1"):
         raise ValueError("boom")
+
+
+def test_an_adapter_that_cannot_load_is_a_400_naming_it_and_not_retryable():
+    unavailable = AdapterUnavailable("ink", "its weights do not fit the model")
+    wrapped = RayTaskError("generate", "traceback", unavailable)
+    answer = answer_to(wrapped.as_instanceof_cause())
+    assert (answer.status_code, answer.code) == (400, "adapter_unavailable")
+    assert not answer.retryable
+    assert "'ink'" in answer.message and "do not fit" in answer.message
+    assert "traceback" not in answer.message

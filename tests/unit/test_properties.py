@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from deployments.config import AppArgs
 from deployments.ingress.errors import from_validation_error
-from deployments.ingress.protocol import ImageGenerationRequest, ValidationContext
+from deployments.ingress.protocol import ImageGenerationRequest
+from deployments.ingress.validation_context import ValidationContext
 from deployments.sizes import parse_size
 from tests.strategies import request_bodies
 

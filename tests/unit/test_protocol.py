@@ -5,7 +5,8 @@ from pydantic import ValidationError
 
 from deployments.config import RequestLimits
 from deployments.ingress.errors import from_validation_error
-from deployments.ingress.protocol import Image, ImageGenerationRequest, ValidationContext
+from deployments.ingress.protocol import Image, ImageGenerationRequest
+from deployments.ingress.validation_context import ValidationContext
 from deployments.model_config import ModelConfig
 
 CONTEXT = ValidationContext(
