@@ -266,3 +266,24 @@ def test_the_deployment_prefetches_and_counts_adapters(sd3, monkeypatch):
     assert counters["loaded"] == ["ink"]
     assert counters["loads"] == 1
     assert counters["switches"] == 1
+
+
+def test_int8_weights_take_adapters_without_mixing_them(sd3):
+    """Quantized weights get peft's torchao LoRA layers: the same guarantees hold."""
+    config = ModelConfig(
+        id="tiny-sd3",
+        source="embedded:tiny-sd3",
+        device="cpu",
+        optimizations={"quantization": "int8_weight_only"},
+        adapters=adapter_configs("tiny-sd3")[:2],
+    )
+    quantized = Family("tiny-sd3", load_pipeline(config), None, {}, {})
+    quantized.store = AdapterStore(quantized.pipeline, config.adapters, max_loaded=4)
+    quantized.store.prefetch(["ink", "paper"])
+    base = quantized.alone(job(1))
+    jobs = [job(seed, adapters) for adapters in sets_of(sd3) for seed in (1, 2)]
+    together = quantized.run(jobs)
+    for single, image in zip(jobs, together, strict=True):
+        assert_nearly_equal(image, quantized.alone(single))
+    assert mean_difference(quantized.alone(job(1, INK)), base) > 1.0
+    assert np.array_equal(quantized.alone(job(1)), base)
