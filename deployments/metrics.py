@@ -13,6 +13,8 @@ from ray.util.metrics import Counter, Gauge, Histogram
 # Seconds of one pipeline call, from a tiny model on a CPU to a large one on a busy GPU.
 GENERATION_SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32]
+# Seconds to load one LoRA adapter into a replica's pipeline (every call waits meanwhile).
+ADAPTER_LOAD_SECONDS_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
 
 
 class GeneratorMetrics:
@@ -53,7 +55,24 @@ class GeneratorMetrics:
             description="Requests on the replica waiting for their batch to start.",
             tag_keys=("model",),
         )
+        # Tagged by adapter too: a model's adapters are few (they are configured).
+        self._adapter_load_seconds = Histogram(
+            "image_generation_adapter_load_seconds",
+            description="Seconds to load a LoRA adapter into a replica's pipeline (its calls "
+            "wait meanwhile).",
+            boundaries=ADAPTER_LOAD_SECONDS_BOUNDARIES,
+            tag_keys=("model", "adapter"),
+        )
+        self._adapter_loads = Counter(
+            "image_generation_adapter_loads",
+            description="LoRA adapters loaded into replicas' pipelines (a count that grows "
+            "fast means adapters are evicted and loaded again: raise max_adapters_per_replica "
+            "or add replicas).",
+            tag_keys=("model", "adapter"),
+        )
         for metric in (
+            self._adapter_load_seconds,
+            self._adapter_loads,
             self._images,
             self._seconds,
             self._steps,
@@ -74,6 +93,10 @@ class GeneratorMetrics:
 
     def queue_changed(self, waiting_jobs: int) -> None:
         self._waiting.set(waiting_jobs)
+
+    def adapter_loaded(self, adapter_id: str, seconds: float) -> None:
+        self._adapter_load_seconds.observe(seconds, tags={"adapter": adapter_id})
+        self._adapter_loads.inc(1, tags={"adapter": adapter_id})
 
 
 class IngressMetrics:

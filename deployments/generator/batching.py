@@ -3,9 +3,9 @@
 On an accelerator, threads running separate pipeline calls mostly take turns; one call over a
 batch of images uses the device better where a single image does not fill it. Jobs are
 compatible when everything the call shares is equal: size, steps, guidance scale, whether
-a negative prompt is given (`None` and `""` differ for some pipelines), and for edits the
-task (image-to-image or inpainting) and strength. Prompts, negative prompts, seeds and input
-images stay per image.
+a negative prompt is given (`None` and `""` differ for some pipelines), the LoRA adapters and
+their scales, and for edits the task (image-to-image or inpainting) and strength. Prompts,
+negative prompts, seeds and input images stay per image.
 
 When a batch starts:
 - never before a worker thread is free; until then, waiting batches keep absorbing compatible
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, Task
+from deployments.jobs import AdapterWeight, GeneratedImages, GenerationEvent, GenerationJob, Task
 from deployments.model_config import BatchingConfig
 
 # Where a streamed job's progress and previews go; called from a worker thread.
@@ -73,6 +73,13 @@ class BatchKey:
     # Edits run on another pipeline class, and their strength sets how many steps run.
     task: Task = "text-to-image"
     strength: float | None = None
+    # A call runs with one adapter set at one set of scales (`adapter_gate.py`).
+    adapters: tuple[AdapterWeight, ...] = ()
+
+
+def adapter_key(adapters: tuple[AdapterWeight, ...]) -> tuple[AdapterWeight, ...]:
+    """A job's adapters as its calls run them: sorted, none at scale 0 (() is the base)."""
+    return tuple(sorted((name, float(scale)) for name, scale in adapters if scale != 0))
 
 
 def batch_key(job: GenerationJob) -> BatchKey:
@@ -84,6 +91,7 @@ def batch_key(job: GenerationJob) -> BatchKey:
         has_negative_prompt=job.negative_prompt is not None,
         task=job.task,
         strength=job.strength,
+        adapters=adapter_key(job.adapters),
     )
 
 

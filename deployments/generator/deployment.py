@@ -7,23 +7,41 @@ returns raw pixels. Each served model has its own deployment of this class, name
 and queue limits come from the model's `deployment:` options in `args`; the defaults below
 suit image work, where one request holds the device for seconds (Serve's own defaults assume
 milliseconds).
+
+LoRA adapters ride on Ray Serve's model multiplexing: the ingress sends a job with adapters
+with `multiplexed_model_id=adapter_set_id(job.adapters)`, so Serve routes it to a replica that
+already holds that set. The replica's multiplexed loader (wired in the constructor, so that
+its limit is the model's `max_adapters_per_replica`) prefetches the set's adapters in a
+thread, off the event loop, while generations go on; the engine loads them into the shared
+pipeline between calls (`deployments/generator/adapters.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import ray
 import torch
 from ray import serve
+from ray.serve.context import _get_internal_replica_context
 
+from deployments.generator.adapters import AdapterStore
 from deployments.generator.cache import apply_cache
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model_limits import check_default_size
 from deployments.generator.pipelines import load_pipeline
 from deployments.generator.warmup import compiled_graphs, prepare_to_serve
-from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
+from deployments.jobs import (
+    AdapterUnavailable,
+    GeneratedImages,
+    GenerationEvent,
+    GenerationJob,
+    ModelCapabilities,
+    adapter_set_id,
+)
 from deployments.metrics import GeneratorMetrics
 from deployments.model_config import GENERATOR_DEPLOYMENT, BatchingConfig, ModelConfig
 
@@ -52,16 +70,59 @@ class ImageGenerator:
         # Compile and run every configured shape now: Serve marks the replica ready, and
         # sends it requests, only once this constructor returns.
         prepare_to_serve(pipeline, model, batching)
+        metrics = GeneratorMetrics(model.id)
+        self._adapters = (
+            AdapterStore(pipeline, model.adapters, model.max_adapters_per_replica, metrics)
+            if model.adapters
+            else None
+        )
         self._engine = ImageEngine(
-            pipeline, worker_threads, batching=batching, metrics=GeneratorMetrics(model.id)
+            pipeline, worker_threads, batching=batching, metrics=metrics, adapters=self._adapters
         )
         check_default_size(model, self._engine.capabilities())
+        self._load_adapter_set = self._adapter_set_loader(model)
+
+    def _adapter_set_loader(self, model: ModelConfig) -> Callable[[str], Awaitable[str]] | None:
+        """The multiplexed loader of adapter sets (`"ink+paper"`): it prefetches them in a
+        thread. Serve keeps `max_adapters_per_replica` sets per replica, least recently used
+        out, and routes each set's requests to the replicas that hold it. Outside a Serve
+        replica (tests), the same loader without Serve's cache and routing."""
+        store = self._adapters
+        if store is None:
+            return None
+
+        async def load_adapter_set(set_id: str) -> str:
+            await asyncio.to_thread(store.prefetch, set_id.split("+"))
+            return set_id  # what Serve keeps: the set is staged in the store
+
+        if _get_internal_replica_context() is None:
+            return load_adapter_set
+        # Wrapped here rather than decorated: the decorator's limit would be fixed for
+        # every model. Serve finds a wrapper stored on the instance (Ray >= 2.50).
+        return serve.multiplexed(max_num_models_per_replica=model.max_adapters_per_replica)(
+            load_adapter_set
+        )
+
+    async def _prepare_adapters(self, job: GenerationJob) -> None:
+        """Stage the job's adapters (off the event loop) before it queues: its batch's switch
+        then only loads them. Raises `AdapterUnavailable` (the ingress answers 400)."""
+        if not job.adapters:
+            return
+        if self._load_adapter_set is None or self._adapters is None:
+            raise AdapterUnavailable(job.adapters[0][0], "this model has no adapters")
+        await self._load_adapter_set(adapter_set_id(job.adapters))
+        # Serve may still hold the set while the store let an adapter go (it failed to load).
+        missing = self._adapters.missing(adapter_id for adapter_id, _ in job.adapters)
+        if missing:
+            await asyncio.to_thread(self._adapters.prefetch, missing)
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
+        await self._prepare_adapters(job)
         return await self._engine.generate(job)
 
     async def generate_stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
         """Progress and previews while the job runs, then its images (a streaming call)."""
+        await self._prepare_adapters(job)
         async for event in self._engine.stream(job):
             yield event
 
@@ -72,7 +133,7 @@ class ImageGenerator:
     def check_health(self) -> None:
         self._engine.check_health()
 
-    def counters(self) -> dict[str, int | str | list[int] | None]:
+    def counters(self) -> dict[str, Any]:
         """What the replica has done so far, for operators, tests and the benchmark."""
         on_cuda = self._device.type == "cuda"
         return {
@@ -89,6 +150,20 @@ class ImageGenerator:
             # Graphs torch.compile made in this process: constant once warmed up, unless
             # requests come at shapes the warm-up did not run.
             "compiled_graphs": compiled_graphs(),
+            # LoRA adapters in the pipeline now (least recently used first), loads so far,
+            # and switches between adapter sets; None for a model without adapters.
+            "adapters": self._adapter_counters(),
+        }
+
+    def _adapter_counters(self) -> dict[str, list[str] | int | list[float]] | None:
+        store = self._adapters
+        if store is None:
+            return None
+        return {
+            "loaded": store.loaded,
+            "loads": store.loads,
+            "load_seconds": store.load_seconds[-20:],
+            "switches": store.gate.switches,
         }
 
     def reset_peak_memory(self) -> None:

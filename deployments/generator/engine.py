@@ -21,6 +21,7 @@ request logs and the metrics (`deployments/generator/call_timing.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from deployments.generator.batching import BatchQueue, EventSink, QueuedJob
+from deployments.generator.adapters import AdapterStore
+from deployments.generator.batching import BatchQueue, EventSink, QueuedJob, adapter_key
 from deployments.generator.cache import call_scope
 from deployments.generator.call_arguments import StepCallback, pipeline_arguments
 from deployments.generator.call_plan import BatchRun, CallPart, is_out_of_memory
@@ -41,6 +43,7 @@ from deployments.generator.call_timing import CallTimer, CallTimes
 from deployments.generator.pipelines import RequestPipelines, call_parameters
 from deployments.generator.previews import fit_previewer
 from deployments.jobs import (
+    AdapterUnavailable,
     GeneratedImages,
     GenerationEvent,
     GenerationJob,
@@ -91,7 +94,9 @@ def _is_device_failure(error: BaseException) -> bool:
 class ImageEngine:
     """Runs jobs on one shared pipeline in `worker_threads` threads, grouped into pipeline
     calls as `batching` says (by default, each job alone). A call holds at most
-    `batching.max_batch_pixels` pixels, or one image: a larger job runs in several."""
+    `batching.max_batch_pixels` pixels, or one image: a larger job runs in several.
+    With `adapters`, jobs may name LoRA adapters: calls with different adapter sets never
+    overlap (`deployments/generator/adapter_gate.py`)."""
 
     def __init__(
         self,
@@ -99,8 +104,10 @@ class ImageEngine:
         worker_threads: int,
         batching: BatchingConfig = UNBATCHED,
         metrics: EngineMetrics | None = None,
+        adapters: AdapterStore | None = None,
     ) -> None:
         self._pipelines = RequestPipelines(pipeline)
+        self.adapters = adapters
         self._previewer = fit_previewer(pipeline)
         self._metrics = metrics
         self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="generate")
@@ -175,9 +182,18 @@ class ImageEngine:
             raise GenerationCancelled()
         first = queued[0].job
         capacity = max(1, self._max_call_pixels // (first.width * first.height))
-        batch = BatchRun(queued, capacity, started=time.perf_counter())
-        for parts in batch.planned_calls():
-            self._run_call(parts, cancelled, batch)
+        adapters = adapter_key(first.adapters)  # the batch's (its key has them)
+        if self.adapters is None:
+            if adapters:
+                raise AdapterUnavailable(adapters[0][0], "this model has no adapters")
+            gate = contextlib.nullcontext()
+        else:
+            # Held across the batch's calls: no call with another adapter set overlaps them.
+            gate = self.adapters.gate.enter(adapters)
+        with gate:
+            batch = BatchRun(queued, capacity, started=time.perf_counter())
+            for parts in batch.planned_calls():
+                self._run_call(parts, cancelled, batch)
         return batch.results()
 
     def _run_call(self, parts: list[CallPart], cancelled: threading.Event, batch: BatchRun) -> None:

@@ -78,3 +78,21 @@ def test_the_replica_warms_up_in_its_constructor(monkeypatch):
     model = ModelConfig(optimizations={"compile": True})
     deployment.ImageGenerator.func_or_class(model, 1, BatchingConfig())
     assert calls == [("warm-up", pipeline), ("engine", pipeline)]
+
+
+INK = {"id": "ink", "source": "embedded:tiny-sd3/ink"}
+
+
+@pytest.mark.parametrize("quantization", ["int8_weight_only", "int8_dynamic"])
+def test_adapters_take_int8_quantization(quantization):
+    model = ModelConfig(adapters=[INK], optimizations={"quantization": quantization})
+    assert model.optimizations.quantization == quantization
+
+
+@pytest.mark.parametrize(
+    ("optimizations", "refusal"),
+    [({"quantization": "float8_weight_only"}, "float8"), ({"compile": True}, "compile")],
+)
+def test_adapters_refuse_what_is_not_checked_with_them(optimizations, refusal):
+    with pytest.raises(ValidationError, match=refusal):
+        ModelConfig(adapters=[INK], optimizations=optimizations)

@@ -1,0 +1,289 @@
+"""LoRA adapters on the real embedded pipelines (SD3, SDXL, FLUX): each job gets its own
+adapters and nobody else's, on shared modules that several calls use at once, and the base
+model comes back exactly.
+
+Each family's pipeline is shared by the module's tests, with ONE `AdapterStore` (adapters
+loaded into a pipeline belong to it, like the gate that guards them); each test that needs
+the base model's images before any adapter was loaded takes them from the fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.generator import deployment
+from deployments.generator.adapters import AdapterStore
+from deployments.generator.engine import ImageEngine
+from deployments.generator.pipelines import load_pipeline
+from deployments.jobs import AdapterUnavailable, GenerationJob
+from deployments.model_config import AdapterConfig, BatchingConfig, ModelConfig
+
+FAMILIES = ("tiny-sd3", "tiny-sdxl", "tiny-flux")
+BATCHING = BatchingConfig(max_batch_images=4, max_wait_ms=20)
+INK = (("ink", 1.0),)
+
+
+def adapter_configs(family: str) -> list[AdapterConfig]:
+    configs = [AdapterConfig(id="ink", source=f"embedded:{family}/ink")]
+    if family == "tiny-sd3":
+        configs += [
+            AdapterConfig(id="paper", source="embedded:tiny-sd3/paper"),
+            # Another model's adapter: diffusers would load it with a mere warning.
+            AdapterConfig(id="flux-ink", source="embedded:tiny-flux/ink"),
+            AdapterConfig(id="nowhere", source="/nonexistent/adapter"),
+        ]
+    return configs
+
+
+def job(seed: int, adapters: tuple = (), **fields) -> GenerationJob:
+    values = {
+        "prompt": f"a lighthouse, take {seed}",
+        "negative_prompt": None,
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "seeds": (seed,),
+        "adapters": adapters,
+    }
+    return GenerationJob(**{**values, **fields})
+
+
+def base_weights(pipeline) -> dict[str, tuple[int, torch.Tensor]]:
+    """Every parameter that is not an adapter's: its storage and a copy of its values, by
+    name (a module wrapped by an adapter keeps its weight as `<name>.base_layer.weight`)."""
+    weights = {}
+    for component in pipeline.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for name, parameter in component.named_parameters():
+            if "lora_" not in name:
+                key = f"{id(component)}.{name.replace('.base_layer', '')}"
+                weights[key] = (parameter.data_ptr(), parameter.detach().clone())
+    return weights
+
+
+@dataclass
+class Family:
+    name: str
+    pipeline: object
+    store: AdapterStore
+    base_images: dict[int, np.ndarray]  # by seed, before any adapter was loaded
+    weights: dict[str, tuple[int, torch.Tensor]]  # the same
+
+    def engine(self, workers: int = 2, batching: BatchingConfig = BATCHING) -> ImageEngine:
+        return ImageEngine(self.pipeline, workers, batching=batching, adapters=self.store)
+
+    def run(self, jobs: list[GenerationJob], workers: int = 2) -> list[np.ndarray]:
+        """Each job's image, all submitted at once on one engine."""
+        engine = self.engine(workers)
+
+        async def gather():
+            return await asyncio.gather(*(engine.generate(j) for j in jobs))
+
+        try:
+            return [result.images[0] for result in asyncio.run(gather())]
+        finally:
+            engine.shutdown()
+
+    def alone(self, single: GenerationJob) -> np.ndarray:
+        return self.run([single], workers=1)[0]
+
+
+@functools.cache
+def build_family(name: str) -> Family:
+    """A family's pipeline and store, with its base images taken before any adapter."""
+    pipeline = load_pipeline(ModelConfig(id=name, source=f"embedded:{name}", device="cpu"))
+    store = AdapterStore(pipeline, adapter_configs(name), max_loaded=4)
+    store.prefetch(["ink", "paper"] if name == "tiny-sd3" else ["ink"])
+    engine = ImageEngine(pipeline, 1, adapters=store)
+    try:
+        base = {seed: asyncio.run(engine.generate(job(seed))).images[0] for seed in (1, 2)}
+    finally:
+        engine.shutdown()
+    assert store.loaded == []
+    return Family(name, pipeline, store, base, base_weights(pipeline))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> Family:
+    return build_family(request.param)
+
+
+@pytest.fixture(scope="module")
+def sd3() -> Family:
+    """The family with two adapters, another model's adapter and a missing one."""
+    return build_family("tiny-sd3")
+
+
+def assert_nearly_equal(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal but for the float noise of another batch size (design note 8)."""
+    difference = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert difference.max() <= 1
+    assert (difference > 0).mean() <= 0.001
+
+
+def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def sets_of(family: Family) -> list[tuple]:
+    sets = [(), INK, (("ink", 0.5),)]
+    if family.name == "tiny-sd3":
+        sets += [(("paper", 1.0),), (("ink", 1.0), ("paper", 0.7))]
+    return sets
+
+
+def test_adapter_and_base_jobs_together_give_the_images_they_give_alone(family):
+    # Two jobs of each set, all at once on 2 worker threads with batching: the same sets
+    # batch together, different sets would overlap on the shared modules without the gate.
+    jobs = [job(seed, adapters) for adapters in sets_of(family) for seed in (1, 2)]
+    together = family.run(jobs)
+    for single, image in zip(jobs, together, strict=True):
+        assert_nearly_equal(image, family.alone(single))
+        if single.adapters:
+            base = family.base_images[single.seeds[0]]
+            assert mean_difference(image, base) > 1.0, "the adapter changes the image"
+        else:
+            assert np.array_equal(image, family.base_images[single.seeds[0]])
+    assert family.store.gate.running == 0
+
+
+def test_the_base_model_after_adapters_is_unchanged(family):
+    family.run([job(1, INK), job(2, (("ink", 0.5),)), job(1)])
+    assert "ink" in family.store.loaded
+    assert np.array_equal(family.alone(job(1)), family.base_images[1])
+    assert np.array_equal(family.alone(job(2)), family.base_images[2])
+    after = base_weights(family.pipeline)
+    assert after.keys() == family.weights.keys()
+    for name, (pointer, values) in family.weights.items():
+        assert after[name][0] == pointer, f"{name} moved"
+        assert torch.equal(after[name][1], values), f"{name} changed"
+
+
+def test_scale_zero_and_no_adapters_are_the_base_model(family):
+    family.alone(job(1, INK))  # the adapter is loaded and was the last set
+    assert np.array_equal(family.alone(job(1, (("ink", 0.0),))), family.base_images[1])
+    assert np.array_equal(family.alone(job(1, ())), family.base_images[1])
+
+
+def test_two_adapters_composed_differ_from_each_alone(sd3):
+    ink = sd3.alone(job(1, INK))
+    paper = sd3.alone(job(1, (("paper", 1.0),)))
+    both = sd3.alone(job(1, (("ink", 1.0), ("paper", 1.0))))
+    assert mean_difference(both, ink) > 1.0
+    assert mean_difference(both, paper) > 1.0
+
+
+def test_an_adapter_of_another_model_is_refused_before_anything_is_injected(sd3):
+    adapters_before = sd3.pipeline.get_list_adapters()
+    with pytest.raises(AdapterUnavailable) as refused:
+        sd3.store.prefetch(["flux-ink"])
+    assert refused.value.adapter_id == "flux-ink"
+    assert "single_transformer_blocks" in refused.value.reason
+    with pytest.raises(AdapterUnavailable, match="could not be read"):
+        sd3.store.prefetch(["nowhere"])
+    with pytest.raises(AdapterUnavailable, match="not one of this model's adapters"):
+        sd3.store.prefetch(["unknown"])
+    # Even a job that reaches the engine unprefetched is refused, alone.
+    with pytest.raises(AdapterUnavailable):
+        sd3.alone(job(1, (("flux-ink", 1.0),)))
+    assert sd3.pipeline.get_list_adapters() == adapters_before
+    assert np.array_equal(sd3.alone(job(1)), sd3.base_images[1])
+    assert mean_difference(sd3.alone(job(1, INK)), sd3.base_images[1]) > 1.0
+
+
+def test_a_load_that_fails_leaves_nothing_behind(sd3, monkeypatch):
+    pipeline = load_pipeline(ModelConfig(id="tiny-sd3", source="embedded:tiny-sd3", device="cpu"))
+    store = AdapterStore(pipeline, adapter_configs("tiny-sd3"), max_loaded=4)
+    store.prefetch(["ink"])
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the text encoder's part failed")
+
+    # After the transformer's layers are injected: a half-loaded adapter.
+    monkeypatch.setattr(type(pipeline), "load_lora_into_text_encoder", fails)
+    engine = ImageEngine(pipeline, 1, adapters=store)
+    try:
+        with pytest.raises(AdapterUnavailable, match="loading its weights failed"):
+            asyncio.run(engine.generate(job(1, INK)))
+        assert pipeline.get_list_adapters() in ({}, {"transformer": []})
+        assert store.loaded == []
+        image = asyncio.run(engine.generate(job(1))).images[0]
+    finally:
+        engine.shutdown()
+    assert np.array_equal(image, sd3.base_images[1])
+
+
+def test_one_adapter_per_replica_still_gives_each_its_images(sd3):
+    ink, paper = sd3.alone(job(1, INK)), sd3.alone(job(1, (("paper", 1.0),)))
+    pipeline = load_pipeline(ModelConfig(id="tiny-sd3", source="embedded:tiny-sd3", device="cpu"))
+    store = AdapterStore(pipeline, adapter_configs("tiny-sd3"), max_loaded=1)
+    store.prefetch(["ink", "paper"])
+    engine = ImageEngine(pipeline, 2, batching=BATCHING, adapters=store)
+    try:
+        for adapters, expected in [(INK, ink), ((("paper", 1.0),), paper)] * 2:
+            image = asyncio.run(engine.generate(job(1, adapters))).images[0]
+            assert np.array_equal(image, expected)
+            assert len(store.loaded) == 1
+            assert pipeline.get_list_adapters()["transformer"] == store.loaded
+    finally:
+        engine.shutdown()
+    assert store.loads == 4
+
+
+def test_the_deployment_prefetches_and_counts_adapters(sd3, monkeypatch):
+    # Outside a Ray worker: no runtime context (and the process's torch threads stay).
+    context = SimpleNamespace(get_node_id=lambda: "node", get_assigned_resources=lambda: {})
+    monkeypatch.setattr(deployment.ray, "get_runtime_context", lambda: context)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    model = ModelConfig(
+        id="tiny-sd3",
+        source="embedded:tiny-sd3",
+        device="cpu",
+        adapters=adapter_configs("tiny-sd3"),
+    )
+    generator = deployment.ImageGenerator.func_or_class(model, 2, BATCHING)
+    ink = sd3.alone(job(1, INK))
+    assert generator.counters()["adapters"] == {
+        "loaded": [],
+        "loads": 0,
+        "load_seconds": [],
+        "switches": 0,
+    }
+    result = asyncio.run(generator.generate(job(1, INK)))
+    assert np.array_equal(result.images[0], ink)
+    with pytest.raises(AdapterUnavailable):
+        asyncio.run(generator.generate(job(1, (("flux-ink", 1.0),))))
+    counters = generator.counters()["adapters"]
+    assert counters["loaded"] == ["ink"]
+    assert counters["loads"] == 1
+    assert counters["switches"] == 1
+
+
+def test_int8_weights_take_adapters_without_mixing_them(sd3):
+    """Quantized weights get peft's torchao LoRA layers: the same guarantees hold."""
+    config = ModelConfig(
+        id="tiny-sd3",
+        source="embedded:tiny-sd3",
+        device="cpu",
+        optimizations={"quantization": "int8_weight_only"},
+        adapters=adapter_configs("tiny-sd3")[:2],
+    )
+    quantized = Family("tiny-sd3", load_pipeline(config), None, {}, {})
+    quantized.store = AdapterStore(quantized.pipeline, config.adapters, max_loaded=4)
+    quantized.store.prefetch(["ink", "paper"])
+    base = quantized.alone(job(1))
+    jobs = [job(seed, adapters) for adapters in sets_of(sd3) for seed in (1, 2)]
+    together = quantized.run(jobs)
+    for single, image in zip(jobs, together, strict=True):
+        assert_nearly_equal(image, quantized.alone(single))
+    assert mean_difference(quantized.alone(job(1, INK)), base) > 1.0
+    assert np.array_equal(quantized.alone(job(1)), base)
