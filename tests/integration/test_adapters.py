@@ -36,7 +36,11 @@ ARGS = {
                 {"id": "ink-2", "source": "embedded:tiny-sd3/ink", "scale": 0.5},
             ],
             "max_adapters_per_replica": 2,
-            "batching": {"max_batch_images": 4, "max_wait_ms": 20},
+            # Each request alone in its call (two calls at once per replica), so that its
+            # bytes can be compared with its bytes alone: a batch of adapter jobs may differ
+            # by one level in a few pixels (float sums in another order; batched adapter
+            # jobs are compared within that in tests/pipeline/test_adapters.py).
+            "batching": {"max_batch_images": 1},
             "worker_threads": 2,
             "deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}},
         }
@@ -118,13 +122,16 @@ def test_scale_zero_is_the_base_and_composed_differs_from_each_alone(client):
 
 
 def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(client):
+    loads_before = sum(c["adapters"]["loads"] for c in replica_counters().values())
     first = generate(client, model="ink-2")
-    time.sleep(3)  # the replica reports what it holds to Serve's routers
+    time.sleep(3)  # the replica tells Serve's controller, which tells the routers
     for _ in range(6):  # one at a time: routing, not load, decides the replica
         assert generate(client, model="ink-2") == first
-    loads = [counters["adapter_loads"].get("ink-2", 0) for counters in replica_counters().values()]
+    after = replica_counters()
+    holders = [pid for pid, c in after.items() if "ink-2" in c["adapters"]["loaded"]]
+    loads = sum(c["adapters"]["loads"] for c in after.values()) - loads_before
     # With random routing, 6 requests over 2 replicas would miss the holder ~98% of the time.
-    assert sorted(loads) == [0, 1], "every request went to the replica that loaded it"
+    assert (len(holders), loads) == (1, 1), after
 
 
 def test_an_adapter_that_does_not_fit_is_refused_and_the_replica_stays_healthy(client, base_url):
