@@ -121,8 +121,11 @@ class AdapterStore:
         except AdapterUnavailable:
             raise
         except Exception as error:
-            reason = f"its weights could not be read from {config.source!r} ({error})"
-            raise AdapterUnavailable(adapter_id, reason) from error
+            # The cause goes to the log; the client's answer says what failed, no internals.
+            logger.warning(
+                "adapter %s: reading %s failed", adapter_id, config.source, exc_info=True
+            )
+            raise AdapterUnavailable(adapter_id, "its weights could not be read") from error
         reason = misfit(self._pipeline, state_dict)
         if reason is not None:
             model = type(self._pipeline).__name__
@@ -179,7 +182,8 @@ class AdapterStore:
             self._remove_partial(adapter_id)
             with self._lock:
                 self._staged.pop(adapter_id, None)  # fetched and checked again next time
-            raise AdapterUnavailable(adapter_id, f"loading its weights failed ({error})") from error
+            logger.warning("adapter %s: loading its weights failed", adapter_id, exc_info=True)
+            raise AdapterUnavailable(adapter_id, "loading its weights failed") from error
         seconds = time.perf_counter() - started
         self._loaded[adapter_id] = None
         self.loads += 1

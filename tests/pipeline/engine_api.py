@@ -5,36 +5,46 @@ rejects) shows up here, not only against fakes."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 from fastapi.testclient import TestClient
 
 from deployments.config import AppArgs
+from deployments.generator.adapters import AdapterStore
 from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import load_pipeline
 from deployments.ingress.app import create_api
 from deployments.ingress.deployment import generator_errors_as_api_errors
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
-from deployments.model_config import BatchingConfig
+from deployments.model_config import BatchingConfig, ModelConfig
 
 
 class EngineBackend:
     """An `ImageBackend` over an engine in this process, with the same error translation as
-    the ingress's client of a generator deployment."""
+    the ingress's client of a generator deployment, and its adapters staged off the event
+    loop before the job queues, as the generator deployment does."""
 
     def __init__(self, engine: ImageEngine) -> None:
         self.engine = engine
+
+    async def _stage_adapters(self, job: GenerationJob) -> None:
+        if job.adapters and self.engine.adapters is not None:
+            ids = [adapter_id for adapter_id, _ in job.adapters]
+            await asyncio.to_thread(self.engine.adapters.prefetch, ids)
 
     async def capabilities(self) -> ModelCapabilities:
         return self.engine.capabilities()
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         with generator_errors_as_api_errors(job.request_id):
+            await self._stage_adapters(job)
             return await self.engine.generate(job)
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
         with generator_errors_as_api_errors(job.request_id):
+            await self._stage_adapters(job)
             async for event in self.engine.stream(job):
                 yield event
 
@@ -43,10 +53,7 @@ class EngineBackend:
 def engine_client(args: AppArgs, batching: BatchingConfig) -> Iterator[TestClient]:
     """A client of the app over one real engine per model of `args` (one event loop for the
     client's whole life, as a replica has)."""
-    engines = {
-        model.id: ImageEngine(load_pipeline(model), worker_threads=2, batching=batching)
-        for model in args.models
-    }
+    engines = {model.id: _engine(model, batching) for model in args.models}
     app = create_api(args, {model_id: EngineBackend(e) for model_id, e in engines.items()})
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
@@ -54,3 +61,11 @@ def engine_client(args: AppArgs, batching: BatchingConfig) -> Iterator[TestClien
     finally:
         for engine in engines.values():
             engine.shutdown()
+
+
+def _engine(model: ModelConfig, batching: BatchingConfig) -> ImageEngine:
+    pipeline = load_pipeline(model)
+    adapters = None
+    if model.adapters:
+        adapters = AdapterStore(pipeline, model.adapters, model.max_adapters_per_replica)
+    return ImageEngine(pipeline, worker_threads=2, batching=batching, adapters=adapters)

@@ -8,6 +8,7 @@ Schemathesis then fuzzes the same app from its OpenAPI schema."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -26,6 +27,16 @@ from .engine_api import engine_client
 FAMILIES = {"tiny-sd3": 16, "tiny-sdxl": 8, "tiny-flux": 16}  # id: size multiple
 # Past tiny-sd3's largest side (1024: its positional embedding), at any aspect ratio.
 MAX_PIXELS = 32 * 1040
+ADAPTERS = {
+    "tiny-sd3": [
+        {"id": "sd3-ink", "source": "embedded:tiny-sd3/ink"},
+        {"id": "sd3-paper", "source": "embedded:tiny-sd3/paper"},
+        {"id": "sd3-misfit", "source": "embedded:tiny-flux/ink"},
+    ],
+    "tiny-sdxl": [{"id": "sdxl-ink", "source": "embedded:tiny-sdxl/ink"}],
+    "tiny-flux": [{"id": "flux-ink", "source": "embedded:tiny-flux/ink"}],
+}
+ADAPTER_IDS = [adapter["id"] for adapters in ADAPTERS.values() for adapter in adapters]
 ARGS = AppArgs.model_validate(
     {
         "models": [
@@ -36,6 +47,9 @@ ARGS = AppArgs.model_validate(
                 "default_size": "32x32",
                 "default_steps": 2,
                 "size_multiple": multiple,
+                # Each family's embedded adapter, and tiny-sd3 also one that does not fit it.
+                "adapters": ADAPTERS[name],
+                "max_adapters_per_replica": 1,
             }
             for name, multiple in FAMILIES.items()
         ],
@@ -68,6 +82,14 @@ def generation_requests(draw) -> dict:
     request["n"] = draw(st.integers(1, 3))
     request["num_inference_steps"] = draw(st.integers(1, 6))
     request["seed"] = draw(st.integers(0, 2**32 - 1))
+    # Adapters: mostly the model's own (once each), sometimes any configured one (another
+    # model's, a repeat, or the one that does not fit), at any scale in range.
+    if draw(st.booleans()):
+        own = [adapter["id"] for adapter in ADAPTERS[model]]
+        names = draw(st.lists(st.sampled_from(own), unique=True, max_size=2))
+        if draw(st.integers(0, 4)) == 0:
+            names.append(draw(st.sampled_from(ADAPTER_IDS)))
+        request["lora"] = [{"name": name, "scale": draw(st.floats(-2.0, 2.0))} for name in names]
     return request
 
 
@@ -103,7 +125,10 @@ def png_of(width: int, height: int) -> bytes:
 )
 @SETTINGS
 def test_every_edit_that_passes_validation_generates(client, request, image_size, strength, masked):
-    fields = {name: str(value) for name, value in request.items()}
+    # A form's fields are text; `lora` is sent as JSON there.
+    fields = {
+        name: json.dumps(value) if name == "lora" else str(value) for name, value in request.items()
+    }
     if strength is not None:
         fields["strength"] = str(strength)
     files = {"image": ("in.png", png_of(*image_size), "image/png")}
