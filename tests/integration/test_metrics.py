@@ -16,7 +16,15 @@ pytestmark = pytest.mark.integration
 
 MODEL_ID = "metrics-sd3"  # its own id: other modules' replicas report under theirs
 ARGS = {
-    "models": [{"id": MODEL_ID, "device": "cpu", "default_size": "32x32", "default_steps": 5}],
+    "models": [
+        {
+            "id": MODEL_ID,
+            "device": "cpu",
+            "default_size": "32x32",
+            "default_steps": 5,
+            "adapters": [{"id": "metrics-ink", "source": "embedded:tiny-sd3/ink"}],
+        }
+    ],
     "limits": {"max_body_bytes": 4096},
 }
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
@@ -97,3 +105,16 @@ def test_generation_metrics_appear_with_sensible_values(base_url):
     print(f"\n[metrics] denoising steps per second: {steps_per_second:.1f}")
     # Serve's own metrics come from the same endpoint.
     assert any(name.startswith("ray_serve_") for name, _, _ in samples)
+
+
+def test_adapter_loads_are_counted_and_timed(base_url):
+    generations = f"{base_url}/v1/images/generations"
+    for _ in range(2):  # loaded once, then held
+        response = httpx.post(generations, json={"prompt": "x", "model": "metrics-ink"}, timeout=60)
+        assert response.status_code == 200
+    adapter = {"model": MODEL_ID, "adapter": "metrics-ink"}
+    samples = scrape_until(
+        lambda s: total(s, "ray_image_generation_adapter_load_seconds_count", **adapter) >= 1
+    )
+    assert total(samples, "ray_image_generation_adapter_loads_total", **adapter) == 1
+    assert total(samples, "ray_image_generation_adapter_load_seconds_count", **adapter) == 1
