@@ -164,6 +164,13 @@ class ModelConfig(Strict):
         default_factory=list,
         description="LoRA adapters requests may apply to this model; none by default.",
     )
+    adapter_directory: str | None = Field(
+        default=None,
+        description="A directory watched for more adapters, served without a redeploy: each "
+        "`<id>.safetensors` file or `<id>/` directory (holding one) in it is adapter `<id>` "
+        "at scale 1, seen within 2 s. Every replica and the ingress must see it (a shared "
+        "volume on several nodes).",
+    )
     max_adapters_per_replica: int = Field(
         default=4,
         ge=1,
@@ -206,11 +213,12 @@ class ModelConfig(Strict):
                     f"adapter {adapter.id!r}: scale {adapter.scale} is outside "
                     f"[min_adapter_scale, max_adapter_scale]"
                 )
-        if self.adapters and self.optimizations.compile:
+        has_adapters = bool(self.adapters or self.adapter_directory)
+        if has_adapters and self.optimizations.compile:
             # Loading or switching an adapter changes the compiled modules: each would
             # recompile (or run stale graphs). Not supported yet.
             raise ValueError("adapters cannot be combined with optimizations.compile yet")
-        if self.adapters and self.optimizations.quantization == "float8_weight_only":
+        if has_adapters and self.optimizations.quantization == "float8_weight_only":
             # int8 weights take LoRA through peft's torchao layers (checked on CPU: same images
             # alone and among concurrent calls, base unchanged); float8 needs a GPU to check.
             raise ValueError("adapters cannot be combined with float8 quantization yet")

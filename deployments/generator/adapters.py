@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from deployments.adapter_directory import WatchedAdapterDirectory
 from deployments.generator.adapter_fit import misfit
 from deployments.generator.adapter_gate import AdapterGate
 from deployments.generator.embedded_adapters import resolve_adapter_source
@@ -61,9 +62,11 @@ class AdapterStore:
         adapters: Iterable[AdapterConfig],
         max_loaded: int,
         metrics: AdapterMetrics | None = None,
+        directory: WatchedAdapterDirectory | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._configs = {adapter.id: adapter for adapter in adapters}
+        self._directory = directory  # more adapters, found there by id
         self._max_loaded = max_loaded
         self._metrics = metrics
         self._lock = threading.Lock()  # guards the two dicts below (prefetch runs anywhere)
@@ -111,6 +114,9 @@ class AdapterStore:
     def _fetch(self, adapter_id: str) -> str:
         """The checked local weights file of `adapter_id`."""
         config = self._configs.get(adapter_id)
+        if config is None and self._directory is not None:
+            # Read now: the ingress may have seen the file since this replica last looked.
+            config = self._directory.adapters(fresh=True).get(adapter_id)
         if config is None:
             raise AdapterUnavailable(adapter_id, "it is not one of this model's adapters")
         started = time.perf_counter()

@@ -28,6 +28,7 @@ import torch
 from ray import serve
 from ray.serve.context import _get_internal_replica_context
 
+from deployments.adapter_directory import WatchedAdapterDirectory
 from deployments.generator.adapters import AdapterStore
 from deployments.generator.cache import apply_cache
 from deployments.generator.engine import ImageEngine
@@ -71,11 +72,7 @@ class ImageGenerator:
         # sends it requests, only once this constructor returns.
         prepare_to_serve(pipeline, model, batching)
         metrics = GeneratorMetrics(model.id)
-        self._adapters = (
-            AdapterStore(pipeline, model.adapters, model.max_adapters_per_replica, metrics)
-            if model.adapters
-            else None
-        )
+        self._adapters = adapter_store(pipeline, model, metrics)
         self._engine = ImageEngine(
             pipeline, worker_threads, batching=batching, metrics=metrics, adapters=self._adapters
         )
@@ -175,6 +172,19 @@ class ImageGenerator:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def adapter_store(pipeline, model: ModelConfig, metrics: GeneratorMetrics) -> AdapterStore | None:
+    """The replica's adapters: those of the config, and those its watched directory holds."""
+    if not model.adapters and model.adapter_directory is None:
+        return None
+    directory = None
+    if model.adapter_directory is not None:
+        taken = {model.id} | {adapter.id for adapter in model.adapters}
+        directory = WatchedAdapterDirectory(model.adapter_directory, taken)
+    return AdapterStore(
+        pipeline, model.adapters, model.max_adapters_per_replica, metrics, directory=directory
+    )
 
 
 def cpu_threads_per_call(worker_threads: int) -> int:

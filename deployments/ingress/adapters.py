@@ -11,26 +11,41 @@ scale}]` on the base model (several composed). Both may be combined. The result 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from deployments.adapter_directory import WatchedAdapterDirectory
 from deployments.ingress.errors import APIError, invalid_request
 from deployments.ingress.protocol import LoraReference
 from deployments.jobs import AdapterWeight
 from deployments.model_config import AdapterConfig, ModelConfig
 
 
-@dataclass(frozen=True)
 class AdapterCatalog:
-    """Every configured adapter, by id, with the model it belongs to."""
+    """Every adapter, by id, with the model it belongs to: those of the config, and those
+    found in the models' watched `adapter_directory` (read again every few seconds)."""
 
-    adapters: dict[str, tuple[ModelConfig, AdapterConfig]]
+    def __init__(self, models: Sequence[ModelConfig]) -> None:
+        self._configured = {
+            adapter.id: (model, adapter) for model in models for adapter in model.adapters
+        }
+        taken = {model.id for model in models} | set(self._configured)
+        self._watched = [
+            (model, WatchedAdapterDirectory(model.adapter_directory, taken))
+            for model in models
+            if model.adapter_directory is not None
+        ]
 
-    @classmethod
-    def of(cls, models: Sequence[ModelConfig]) -> AdapterCatalog:
-        return cls({adapter.id: (model, adapter) for model in models for adapter in model.adapters})
+    def all(self) -> dict[str, tuple[ModelConfig, AdapterConfig]]:
+        """The adapters now (a directory's first model wins an id two directories hold)."""
+        found = dict(self._configured)
+        for model, directory in self._watched:
+            for adapter_id, adapter in directory.adapters().items():
+                found.setdefault(adapter_id, (model, adapter))
+        return found
 
     def find(self, adapter_id: str) -> tuple[ModelConfig, AdapterConfig] | None:
-        return self.adapters.get(adapter_id)
+        if adapter_id in self._configured:
+            return self._configured[adapter_id]
+        return self.all().get(adapter_id) if self._watched else None
 
     def resolve(
         self,

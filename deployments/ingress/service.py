@@ -121,7 +121,7 @@ class ImageService:
     ) -> None:
         self.args = args
         self._models = args.model_by_id()
-        self._adapters = AdapterCatalog.of(args.models)
+        self._adapters = AdapterCatalog(args.models)
         if set(backends) != set(self._models):
             raise ValueError(f"backends for {sorted(backends)}, models {sorted(self._models)}")
         self._backends = dict(backends)
@@ -133,22 +133,27 @@ class ImageService:
             model.id: Model(id=model.id, created=started, owned_by=model.owned_by)
             for model in args.models
         }
-        # Each adapter is listed as a model of its own, its base model as `parent`.
-        for model in args.models:
-            for adapter in model.adapters:
-                self._model_cards[adapter.id] = Model(
-                    id=adapter.id, created=started, owned_by=model.owned_by, parent=model.id
-                )
+        self._started = started
 
     # --- models ---
 
     def list_models(self) -> ModelList:
-        return ModelList(data=list(self._model_cards.values()))
+        cards = list(self._model_cards.values())
+        cards += [
+            self._adapter_card(model, adapter) for model, adapter in self._adapters.all().values()
+        ]
+        return ModelList(data=cards)
 
     def get_model(self, model_id: str) -> Model:
-        if model_id not in self._model_cards:
-            raise model_not_found(model_id)
-        return self._model_cards[model_id]
+        if model_id in self._model_cards:
+            return self._model_cards[model_id]
+        if (found := self._adapters.find(model_id)) is not None:
+            return self._adapter_card(*found)
+        raise model_not_found(model_id)
+
+    def _adapter_card(self, model: ModelConfig, adapter: AdapterConfig) -> Model:
+        """An adapter, listed as a model of its own with its base model as `parent`."""
+        return Model(id=adapter.id, created=self._started, owned_by=model.owned_by, parent=model.id)
 
     def target_of(self, requested: object) -> Target:
         """The model (or adapter of a model) a request names, or the default model; 404 for

@@ -10,6 +10,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from deployments import adapter_directory
 from deployments.config import AppArgs
 from deployments.ingress.app import create_api
 from deployments.jobs import AdapterUnavailable
@@ -179,3 +180,24 @@ def test_the_openai_client_picks_adapters_by_model_and_extra_body(client, genera
     first, second = generators["tiny-sd3"].jobs
     assert first.adapters == (("ink", 1.0),)
     assert second.adapters == (("paper", 0.75), ("wood", 1.0))
+
+
+def test_adapters_dropped_into_the_watched_directory_are_served_without_a_redeploy(
+    tmp_path, generators, store, monkeypatch
+):
+    monkeypatch.setattr(adapter_directory, "RESCAN_S", 0.0)
+    args = AppArgs.model_validate(
+        {"models": [{"id": "tiny-sd3", "adapter_directory": str(tmp_path / "adapters")}]}
+    )
+    client = TestClient(create_api(args, {"tiny-sd3": generators["tiny-sd3"]}, store))
+    assert_openai_error(generate(client, model="drop"), 404, "model")
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "drop.safetensors").write_bytes(b"weights")
+    listed = {card["id"]: card["parent"] for card in client.get("/v1/models").json()["data"]}
+    assert listed == {"tiny-sd3": None, "drop": "tiny-sd3"}
+    assert generate(client, model="drop").status_code == 200
+    assert generate(client, lora=[{"name": "drop", "scale": 0.5}]).status_code == 200
+    assert [job.adapters for job in generators["tiny-sd3"].jobs] == [
+        (("drop", 1.0),),
+        (("drop", 0.5),),
+    ]

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from deployments.adapter_directory import WatchedAdapterDirectory
+from deployments.generator import adapters as adapters_module
 from deployments.generator import deployment
 from deployments.generator.adapters import AdapterStore
+from deployments.generator.embedded_adapters import resolve_adapter_source
 from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import load_pipeline
 from deployments.jobs import AdapterUnavailable, GenerationJob
@@ -287,3 +292,26 @@ def test_int8_weights_take_adapters_without_mixing_them(sd3):
         assert_nearly_equal(image, quantized.alone(single))
     assert mean_difference(quantized.alone(job(1, INK)), base) > 1.0
     assert np.array_equal(quantized.alone(job(1)), base)
+
+
+def test_an_adapter_dropped_into_the_watched_directory_generates_like_its_configured_twin(
+    sd3, tmp_path, monkeypatch
+):
+    # The replica reads the directory again for an id it does not know (no RESCAN_S wait).
+    ink = sd3.alone(job(1, INK))
+    pipeline = load_pipeline(ModelConfig(id="tiny-sd3", source="embedded:tiny-sd3", device="cpu"))
+    watched = WatchedAdapterDirectory(tmp_path, taken={"tiny-sd3"})
+    store = AdapterStore(pipeline, [], max_loaded=2, directory=watched)
+    with pytest.raises(AdapterUnavailable, match="not one of this model's adapters"):
+        store.prefetch(["drop"])
+    source, weight_name = resolve_adapter_source(adapter_configs("tiny-sd3")[0])
+    shutil.copy(Path(source) / weight_name, tmp_path / "drop.safetensors")
+    # A failure is remembered for a while; a new file is worth a new try at once.
+    monkeypatch.setattr(adapters_module, "FAILURE_RETRY_S", 0.0)
+    store.prefetch(["drop"])
+    engine = ImageEngine(pipeline, 1, adapters=store)
+    try:
+        image = asyncio.run(engine.generate(job(1, (("drop", 1.0),)))).images[0]
+    finally:
+        engine.shutdown()
+    assert np.array_equal(image, ink), "the same weights, found in the directory"
