@@ -42,7 +42,7 @@ def scan_adapter_directory(directory: str | Path) -> dict[str, AdapterConfig]:
             adapter_id = entry.name
         else:
             continue
-        if re.match(ADAPTER_ID_PATTERN, adapter_id) and len(adapter_id) <= 200:
+        if re.fullmatch(ADAPTER_ID_PATTERN, adapter_id) and len(adapter_id) <= 200:
             found[adapter_id] = AdapterConfig(id=adapter_id, source=str(entry))
     return found
 
@@ -64,6 +64,11 @@ class WatchedAdapterDirectory:
             if fresh or time.monotonic() - self._scanned >= RESCAN_S:
                 self._adapters = self._scan()
                 self._scanned = time.monotonic()
+            return self._adapters
+
+    def last_read(self) -> dict[str, AdapterConfig]:
+        """The adapters as last read (no I/O)."""
+        with self._lock:
             return self._adapters
 
     def _scan(self) -> dict[str, AdapterConfig]:

@@ -50,8 +50,9 @@ class BatchingConfig(Strict):
     )
 
 
-# An adapter id: letters, digits and `_ . : / -` (a `+` joins the ids of a set of adapters).
-ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$"
+# An adapter id: letters, digits and `_ : / -`. A `+` joins the ids of a set of adapters,
+# and peft cannot name an adapter with a `.` (torch module names cannot hold one).
+ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_:/-]*$"
 
 
 class AdapterConfig(Strict):

@@ -28,6 +28,11 @@ from collections.abc import Callable, Hashable, Iterator
 _UNKNOWN = object()
 
 
+class CallAbandoned(Exception):
+    """Raised by `enter` for a call whose `cancelled` event was set while it waited: it
+    leaves without switching (a batch whose clients left must not unload others' adapters)."""
+
+
 class AdapterGate:
     """Admits pipeline calls by adapter set; see the module's docstring.
 
@@ -44,9 +49,10 @@ class AdapterGate:
         self.switches = 0  # switches made (tests and counters read it)
 
     @contextlib.contextmanager
-    def enter(self, key: Hashable) -> Iterator[None]:
-        """Hold the gate for one call with adapter set `key` (blocks until admitted)."""
-        self._admit(key)
+    def enter(self, key: Hashable, cancelled: threading.Event | None = None) -> Iterator[None]:
+        """Hold the gate for one call with adapter set `key` (blocks until admitted). Raises
+        `CallAbandoned`, without switching, if `cancelled` is set when its turn comes."""
+        self._admit(key, cancelled)
         try:
             yield
         finally:
@@ -54,7 +60,7 @@ class AdapterGate:
                 self._running -= 1
                 self._condition.notify_all()
 
-    def _admit(self, key: Hashable) -> None:
+    def _admit(self, key: Hashable, cancelled: threading.Event | None) -> None:
         ticket = object()
         with self._condition:
             self._waiting.append(ticket)
@@ -63,6 +69,8 @@ class AdapterGate:
                     self._waiting[0] is ticket and (self._running == 0 or self._applied == key)
                 ):
                     self._condition.wait()
+                if cancelled is not None and cancelled.is_set():
+                    raise CallAbandoned()
                 if self._applied != key:
                     # Nothing runs (the loop's condition), and while this thread holds the
                     # condition's lock nothing can enter: the modules are this call's.

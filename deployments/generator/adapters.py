@@ -27,6 +27,7 @@ Loaded adapters are never fused: the base weights keep their storage and values,
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -70,7 +71,8 @@ class AdapterStore:
         self._max_loaded = max_loaded
         self._metrics = metrics
         self._lock = threading.Lock()  # guards the two dicts below (prefetch runs anywhere)
-        self._staged: dict[str, str] = {}  # adapter id -> its checked local weights file
+        # Adapter id -> its checked local weights file, and that file's `_signature` then.
+        self._staged: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._failures: dict[str, tuple[AdapterUnavailable, float]] = {}
         # Loaded into the pipeline, least recently used first; touched under the gate only.
         self._loaded: OrderedDict[str, None] = OrderedDict()
@@ -83,7 +85,8 @@ class AdapterStore:
     @property
     def loaded(self) -> list[str]:
         """The adapters in the pipeline now, least recently used first."""
-        return list(self._loaded)
+        with self._lock:  # a switch may change it meanwhile
+            return list(self._loaded)
 
     def missing(self, adapter_ids: Iterable[str]) -> list[str]:
         """The ids that are neither staged nor loaded (what `prefetch` would work on)."""
@@ -99,17 +102,25 @@ class AdapterStore:
             with self._lock:
                 failed = self._failures.get(adapter_id)
             if failed is not None and time.monotonic() - failed[1] < FAILURE_RETRY_S:
-                raise failed[0]
+                # A fresh exception each time: one object raised in many threads would
+                # share (and grow) one traceback.
+                raise AdapterUnavailable(adapter_id, failed[0].reason)
             try:
                 weights = self._fetch(adapter_id)
             except AdapterUnavailable as error:
                 logger.warning("%s", error)
-                with self._lock:
-                    self._failures[adapter_id] = (error, time.monotonic())
+                if self._known(adapter_id):  # an unknown id is looked up afresh each time
+                    with self._lock:
+                        self._failures[adapter_id] = (error, time.monotonic())
                 raise
             with self._lock:
-                self._staged[adapter_id] = weights
+                self._staged[adapter_id] = (weights, _signature(weights))
                 self._failures.pop(adapter_id, None)
+
+    def _known(self, adapter_id: str) -> bool:
+        if adapter_id in self._configs:
+            return True
+        return self._directory is not None and adapter_id in self._directory.adapters()
 
     def _fetch(self, adapter_id: str) -> str:
         """The checked local weights file of `adapter_id`."""
@@ -159,7 +170,8 @@ class AdapterStore:
             if adapter_id not in self._loaded:
                 self._evict(keep=ids)
                 self._load(adapter_id)
-            self._loaded.move_to_end(adapter_id)
+            with self._lock:
+                self._loaded.move_to_end(adapter_id)
         self._pipeline.enable_lora()
         self._pipeline.set_adapters(ids, [float(scale) for _, scale in adapters])
 
@@ -170,7 +182,8 @@ class AdapterStore:
                 return
             if adapter_id not in keep:
                 self._pipeline.delete_adapters([adapter_id])
-                del self._loaded[adapter_id]
+                with self._lock:
+                    del self._loaded[adapter_id]
                 logger.info("adapter %s unloaded (least recently used)", adapter_id)
 
     def _load(self, adapter_id: str) -> None:
@@ -180,7 +193,15 @@ class AdapterStore:
             logger.warning("adapter %s was not prefetched; fetching it now", adapter_id)
             self.prefetch([adapter_id])
         with self._lock:
-            weights = self._staged[adapter_id]
+            weights, signature = self._staged[adapter_id]
+        if _signature(weights) != signature:
+            # Replaced since it was checked (a watched directory's file, say): checked again,
+            # so that a file that no longer fits the model is never loaded.
+            with self._lock:
+                self._staged.pop(adapter_id, None)
+            self.prefetch([adapter_id])
+            with self._lock:
+                weights, _ = self._staged[adapter_id]
         started = time.perf_counter()
         try:
             self._pipeline.load_lora_weights(weights, adapter_name=adapter_id)
@@ -191,7 +212,8 @@ class AdapterStore:
             logger.warning("adapter %s: loading its weights failed", adapter_id, exc_info=True)
             raise AdapterUnavailable(adapter_id, "loading its weights failed") from error
         seconds = time.perf_counter() - started
-        self._loaded[adapter_id] = None
+        with self._lock:
+            self._loaded[adapter_id] = None
         self.loads += 1
         self.load_seconds = [*self.load_seconds[-99:], seconds]
         logger.info("adapter %s loaded in %.3f s", adapter_id, seconds)
@@ -209,6 +231,16 @@ class AdapterStore:
         # No adapter left: the modules run as the base model (wrapped layers with no
         # adapter compute the base layer alone).
         self._pipeline.disable_lora()
+
+
+def _signature(path: str) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: (inode, size, mtime in ns);
+    () if it is gone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return ()
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _local_weights(source: str, weight_name: str | None) -> str:

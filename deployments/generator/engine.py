@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from deployments.generator.adapter_gate import CallAbandoned
 from deployments.generator.adapters import AdapterStore
 from deployments.generator.batching import BatchQueue, EventSink, QueuedJob, adapter_key
 from deployments.generator.cache import call_scope
@@ -189,11 +190,14 @@ class ImageEngine:
             gate = contextlib.nullcontext()
         else:
             # Held across the batch's calls: no call with another adapter set overlaps them.
-            gate = self.adapters.gate.enter(adapters)
-        with gate:
-            batch = BatchRun(queued, capacity, started=time.perf_counter())
-            for parts in batch.planned_calls():
-                self._run_call(parts, cancelled, batch)
+            gate = self.adapters.gate.enter(adapters, cancelled)
+        try:
+            with gate:
+                batch = BatchRun(queued, capacity, started=time.perf_counter())
+                for parts in batch.planned_calls():
+                    self._run_call(parts, cancelled, batch)
+        except CallAbandoned:
+            raise GenerationCancelled() from None
         return batch.results()
 
     def _run_call(self, parts: list[CallPart], cancelled: threading.Event, batch: BatchRun) -> None:

@@ -4,8 +4,8 @@ its `lora` list, checked against the adapters the config gives each model.
 A request names an adapter in one of two ways, as OpenAI-style servers do: `model:
 "<adapter id>"` (the adapter on its base model, at its configured scale), or `lora: [{name,
 scale}]` on the base model (several composed). Both may be combined. The result is the job's
-`adapters`: sorted by id, with zero scales left out, so that equal requests make equal jobs
-(and share batches) and a scale of 0 is exactly the base model.
+`adapters`: sorted by id, scales rounded to two decimals, zero scales left out, so that equal
+requests make equal jobs (and share batches) and a scale of 0 is exactly the base model.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class AdapterCatalog:
             if model.adapter_directory is not None
         ]
 
+    @property
+    def watches_directories(self) -> bool:
+        return bool(self._watched)
+
     def all(self) -> dict[str, tuple[ModelConfig, AdapterConfig]]:
         """The adapters now (a directory's first model wins an id two directories hold)."""
         found = dict(self._configured)
@@ -43,9 +47,13 @@ class AdapterCatalog:
         return found
 
     def find(self, adapter_id: str) -> tuple[ModelConfig, AdapterConfig] | None:
+        """Without reading the directories (as last read: see `all`)."""
         if adapter_id in self._configured:
             return self._configured[adapter_id]
-        return self.all().get(adapter_id) if self._watched else None
+        for model, directory in self._watched:
+            if (adapter := directory.last_read().get(adapter_id)) is not None:
+                return model, adapter
+        return None
 
     def resolve(
         self,
@@ -54,10 +62,10 @@ class AdapterCatalog:
         lora: Sequence[LoraReference] | None,
     ) -> tuple[AdapterWeight, ...]:
         """The adapters of a request on `model`: `chosen` (named by its `model`) and those
-        of its `lora` list (already checked for count and scale range by the schema)."""
+        of its `lora` list, checked against the model's adapters and limits."""
         scales: dict[str, float] = {}
         if chosen is not None:
-            scales[chosen.id] = chosen.scale
+            scales[chosen.id] = round(chosen.scale, 2)
         for index, reference in enumerate(lora or ()):
             param = f"lora.{index}.name"
             found = self.find(reference.name)
@@ -77,7 +85,19 @@ class AdapterCatalog:
                     param=param,
                     code="invalid_value",
                 )
-            scales[adapter.id] = reference.scale if reference.scale is not None else adapter.scale
+            if reference.scale is not None and not (
+                model.min_adapter_scale <= reference.scale <= model.max_adapter_scale
+            ):
+                raise invalid_request(
+                    f"Invalid value for 'lora.{index}.scale': must be between "
+                    f"{model.min_adapter_scale:g} and {model.max_adapter_scale:g}.",
+                    param=f"lora.{index}.scale",
+                    code="invalid_value",
+                )
+            scale = reference.scale if reference.scale is not None else adapter.scale
+            # Two decimals: scales a hair apart would each be a set of their own, never
+            # batched together and each a switch of the replica's modules.
+            scales[adapter.id] = round(scale, 2)
         if len(scales) > model.max_adapters_per_request:
             raise invalid_request(
                 f"Invalid value for 'lora': {len(scales)} adapters in all; model "

@@ -96,11 +96,11 @@ def create_api(
 
     @app.get("/v1/models", dependencies=protected)
     async def list_models() -> ModelList:
-        return service.list_models()
+        return await service.list_models()
 
     @app.get("/v1/models/{model_id:path}", dependencies=protected)
     async def get_model(model_id: str) -> Model:
-        return service.get_model(model_id)
+        return await service.get_model(model_id)
 
     @app.post(
         "/v1/images/generations",

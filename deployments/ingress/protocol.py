@@ -18,6 +18,8 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_serializer,
@@ -28,6 +30,8 @@ from deployments.jobs import AdapterWeight, GenerationJob
 from deployments.model_config import ModelConfig
 
 MAX_SEED = 2**32 - 1
+# Longest `lora` list as an edit form's JSON text (a few adapters fit in far less).
+MAX_LORA_TEXT = 4096
 
 
 def without_unused_form(data: dict) -> dict:
@@ -48,8 +52,11 @@ class LoraReference(BaseModel):
         default=None,
         allow_inf_nan=False,
         description="Its strength: 0 is the base model, 1 the adapter as trained; the "
-        "adapter's configured scale when omitted.",
+        "adapter's configured scale when omitted. Rounded to two decimals.",
     )
+
+
+_LORA_LIST = TypeAdapter(list[LoraReference])
 
 
 class ImageRequest(BaseModel):
@@ -207,33 +214,22 @@ class ImageRequest(BaseModel):
     def _lora_from_form_text(cls, value: object) -> object:
         # A form field is text: an edit sends the list as JSON.
         if isinstance(value, str):
+            if len(value) > MAX_LORA_TEXT:
+                raise ValueError(f"is longer than {MAX_LORA_TEXT} characters")
             try:
-                return json.loads(value)
-            except ValueError:
+                parsed = json.loads(value)
+            except (ValueError, RecursionError):  # deep nesting is a RecursionError
                 raise ValueError("must be a JSON list of {name, scale} objects") from None
-        return value
-
-    @field_validator("lora")
-    @classmethod
-    def _lora_within_limits(
-        cls, value: list[LoraReference] | None, info: ValidationInfo
-    ) -> list[LoraReference] | None:
-        model = context_of(info).model
-        if not value:
-            return value
-        if len(value) > model.max_adapters_per_request:
-            raise ValueError(
-                f"{len(value)} adapters given; this model composes at most "
-                f"{model.max_adapters_per_request}"
-            )
-        for reference in value:
-            if reference.scale is not None and not (
-                model.min_adapter_scale <= reference.scale <= model.max_adapter_scale
-            ):
+            # JSON, so taken strictly as a JSON body is (`"0.5"` and `true` are no numbers),
+            # though the form's other fields are text and converted.
+            try:
+                return _LORA_LIST.validate_python(parsed, strict=True)
+            except ValidationError as error:
+                problem = error.errors(include_url=False, include_input=False)[0]
+                where = ".".join(str(part) for part in problem["loc"])
                 raise ValueError(
-                    f"scale of {reference.name!r} must be between {model.min_adapter_scale} "
-                    f"and {model.max_adapter_scale}"
-                )
+                    f"{where}: {problem['msg']}" if where else problem["msg"]
+                ) from None
         return value
 
     @field_validator("n")

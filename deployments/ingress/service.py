@@ -22,20 +22,20 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from deployments.config import AppArgs
-from deployments.ingress.adapters import AdapterCatalog, describe_adapters
+from deployments.ingress.adapters import describe_adapters
 from deployments.ingress.bodies import EditForm
 from deployments.ingress.deadline import Deadline
 from deployments.ingress.errors import (
     APIError,
     from_validation_error,
     invalid_request,
-    model_not_found,
 )
 from deployments.ingress.model_checks import (
     check_edit_steps,
     check_supported,
     refuse_unencodable,
 )
+from deployments.ingress.models import ModelCatalog, Target
 from deployments.ingress.output import ImagePackager
 from deployments.ingress.protocol import (
     ImageEditRequest,
@@ -57,7 +57,7 @@ from deployments.jobs import (
     ModelCapabilities,
     Task,
 )
-from deployments.model_config import AdapterConfig, ModelConfig
+from deployments.model_config import ModelConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -101,14 +101,6 @@ class PreparedJob:
     event_prefix: Literal["image_generation", "image_edit"]
 
 
-@dataclass(frozen=True)
-class Target:
-    """What a request's `model` names: a model, and the adapter of it if it named one."""
-
-    model: ModelConfig
-    adapter: AdapterConfig | None = None
-
-
 class ImageService:
     """The API's behaviour over one backend per model id of `args.models`."""
 
@@ -120,52 +112,27 @@ class ImageService:
         metrics: ErrorMetrics | None = None,
     ) -> None:
         self.args = args
-        self._models = args.model_by_id()
-        self._adapters = AdapterCatalog(args.models)
-        if set(backends) != set(self._models):
-            raise ValueError(f"backends for {sorted(backends)}, models {sorted(self._models)}")
+        self.models = ModelCatalog(args)
+        self._adapters = self.models.adapters
+        if set(backends) != set(args.model_by_id()):
+            raise ValueError(
+                f"backends for {sorted(backends)}, models {sorted(args.model_by_id())}"
+            )
         self._backends = dict(backends)
         self._capabilities: dict[str, ModelCapabilities] = {}
         self.store = store or ImageStore.from_config(args.storage)
         self._metrics = metrics
-        started = int(time.time())
-        self._model_cards = {
-            model.id: Model(id=model.id, created=started, owned_by=model.owned_by)
-            for model in args.models
-        }
-        self._started = started
 
     # --- models ---
 
-    def list_models(self) -> ModelList:
-        cards = list(self._model_cards.values())
-        cards += [
-            self._adapter_card(model, adapter) for model, adapter in self._adapters.all().values()
-        ]
-        return ModelList(data=cards)
+    async def list_models(self) -> ModelList:
+        return await self.models.list_models()
 
-    def get_model(self, model_id: str) -> Model:
-        if model_id in self._model_cards:
-            return self._model_cards[model_id]
-        if (found := self._adapters.find(model_id)) is not None:
-            return self._adapter_card(*found)
-        raise model_not_found(model_id)
+    async def get_model(self, model_id: str) -> Model:
+        return await self.models.get_model(model_id)
 
-    def _adapter_card(self, model: ModelConfig, adapter: AdapterConfig) -> Model:
-        """An adapter, listed as a model of its own with its base model as `parent`."""
-        return Model(id=adapter.id, created=self._started, owned_by=model.owned_by, parent=model.id)
-
-    def target_of(self, requested: object) -> Target:
-        """The model (or adapter of a model) a request names, or the default model; 404 for
-        an unknown name. (A name that is not a string is left to the request's validation,
-        against the default.)"""
-        if requested is None or not isinstance(requested, str):
-            return Target(self._models[self.args.default_model_id])
-        if requested in self._models:
-            return Target(self._models[requested])
-        if (found := self._adapters.find(requested)) is not None:
-            return Target(*found)
-        raise model_not_found(requested)
+    async def target_of(self, requested: object) -> Target:
+        return await self.models.target_of(requested)
 
     # --- requests ---
 
@@ -212,7 +179,7 @@ class ImageService:
     async def prepare_generation(self, body: object, scope: RequestScope) -> PreparedJob:
         """A generation request's job, from its JSON body."""
         refuse_unencodable(body)
-        target = self.target_of(body.get("model") if isinstance(body, dict) else None)
+        target = await self.target_of(body.get("model") if isinstance(body, dict) else None)
         model = target.model
         backend = self._backends[model.id]
         params, context = await self._validated(
@@ -228,7 +195,7 @@ class ImageService:
         """An edit request's job, from its form: the uploads decoded and scaled to the
         output size."""
         refuse_unencodable(form.fields)
-        target = self.target_of(form.fields.get("model"))
+        target = await self.target_of(form.fields.get("model"))
         model = target.model
         backend = self._backends[model.id]
         params, context = await self._validated(

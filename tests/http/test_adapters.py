@@ -129,8 +129,8 @@ def test_an_unknown_adapter_is_a_404_naming_the_field(client, generators, body, 
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"lora": [{"name": "ink", "scale": 1.6}]}, "lora"),  # above max_adapter_scale
-        ({"lora": [{"name": "ink", "scale": -1.5}]}, "lora"),  # below min_adapter_scale
+        ({"lora": [{"name": "ink", "scale": 1.6}]}, "lora.0.scale"),  # > max_adapter_scale
+        ({"lora": [{"name": "ink"}, {"name": "paper", "scale": -1.5}]}, "lora.1.scale"),
         ({"lora": [{"name": "ink"}, {"name": "paper"}, {"name": "wood"}]}, "lora"),  # 3 > 2
         ({"model": "ink", "lora": [{"name": "paper"}, {"name": "wood"}]}, "lora"),  # 3 in all
         ({"lora": [{"name": "flux-ink"}]}, "lora.0.name"),  # another model's adapter
@@ -201,3 +201,35 @@ def test_adapters_dropped_into_the_watched_directory_are_served_without_a_redepl
         (("drop", 1.0),),
         (("drop", 0.5),),
     ]
+
+
+def test_scales_are_rounded_to_two_decimals_so_near_equal_requests_share_a_set(client, generators):
+    for scale in (0.501, 0.4999, 0.001):
+        assert generate(client, lora=[{"name": "ink", "scale": scale}]).status_code == 200
+    assert [job.adapters for job in generators["tiny-sd3"].jobs] == [
+        (("ink", 0.5),),
+        (("ink", 0.5),),
+        (),  # 0.001 rounds to 0: the base model
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 3000 + "]" * 3000,  # nested past Python's recursion limit, under the cap
+        "[" * 5000,  # past the length cap
+        '[{"name": "ink", "scale": true}]',  # JSON taken strictly, in a form too
+        '[{"name": "ink", "scale": "0.5"}]',
+        '[{"name": 7}]',
+    ],
+)
+def test_an_edit_with_a_bad_lora_field_is_a_400_naming_it(client, text):
+    assert_openai_error(edit(client, lora=text), 400, "lora")
+
+
+def test_an_adapter_id_with_a_dot_is_refused_by_the_config():
+    # peft cannot name an adapter with a `.`; such an id could never load.
+    with pytest.raises(ValueError, match="adapters"):
+        AppArgs.model_validate(
+            {"models": [{"adapters": [{"id": "ink.v2", "source": "/adapters/ink"}]}]}
+        )

@@ -52,10 +52,10 @@ def test_prepare_names_the_bad_parameter(service):
 
 def test_an_unknown_model_is_a_404_naming_model(service):
     with pytest.raises(APIError) as raised:
-        service.target_of("nope")
+        _run(service.target_of("nope"))
     assert (raised.value.status_code, raised.value.param) == (404, "model")
-    assert service.target_of(None).model.id == "tiny-sd3"
-    assert [card.id for card in service.list_models().data] == ["tiny-sd3"]
+    assert _run(service.target_of(None)).model.id == "tiny-sd3"
+    assert [card.id for card in _run(service.list_models()).data] == ["tiny-sd3"]
 
 
 def test_the_deadline_bounds_the_wait_for_images(args, generator, store):

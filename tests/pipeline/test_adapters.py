@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from deployments.adapter_directory import WatchedAdapterDirectory
-from deployments.generator import adapters as adapters_module
 from deployments.generator import deployment
 from deployments.generator.adapters import AdapterStore
-from deployments.generator.embedded_adapters import resolve_adapter_source
+from deployments.generator.embedded_adapters import WEIGHT_NAME, resolve_adapter_source
 from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import load_pipeline
 from deployments.jobs import AdapterUnavailable, GenerationJob
@@ -306,8 +305,7 @@ def test_an_adapter_dropped_into_the_watched_directory_generates_like_its_config
         store.prefetch(["drop"])
     source, weight_name = resolve_adapter_source(adapter_configs("tiny-sd3")[0])
     shutil.copy(Path(source) / weight_name, tmp_path / "drop.safetensors")
-    # A failure is remembered for a while; a new file is worth a new try at once.
-    monkeypatch.setattr(adapters_module, "FAILURE_RETRY_S", 0.0)
+    # An unknown id is not remembered as a failure: once the file is there, it is found.
     store.prefetch(["drop"])
     engine = ImageEngine(pipeline, 1, adapters=store)
     try:
@@ -315,3 +313,23 @@ def test_an_adapter_dropped_into_the_watched_directory_generates_like_its_config
     finally:
         engine.shutdown()
     assert np.array_equal(image, ink), "the same weights, found in the directory"
+
+
+def test_a_directory_adapter_replaced_by_one_that_does_not_fit_is_checked_again(tmp_path):
+    pipeline = load_pipeline(ModelConfig(id="tiny-sd3", source="embedded:tiny-sd3", device="cpu"))
+    watched = WatchedAdapterDirectory(tmp_path, taken={"tiny-sd3"})
+    store = AdapterStore(pipeline, [], max_loaded=2, directory=watched)
+    ink, _ = resolve_adapter_source(adapter_configs("tiny-sd3")[0])
+    flux, _ = resolve_adapter_source(AdapterConfig(id="f", source="embedded:tiny-flux/ink"))
+    shutil.copy(Path(ink) / WEIGHT_NAME, tmp_path / "drop.safetensors")
+    store.prefetch(["drop"])  # checked: it fits
+    # Replaced before it was loaded, by another model's adapter (renamed into place).
+    shutil.copy(Path(flux) / WEIGHT_NAME, tmp_path / ".drop.safetensors")
+    (tmp_path / ".drop.safetensors").replace(tmp_path / "drop.safetensors")
+    engine = ImageEngine(pipeline, 1, adapters=store)
+    try:
+        with pytest.raises(AdapterUnavailable, match="do not fit"):
+            asyncio.run(engine.generate(job(1, (("drop", 1.0),))))
+    finally:
+        engine.shutdown()
+    assert store.loaded == [] and not pipeline.get_list_adapters()

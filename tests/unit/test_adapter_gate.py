@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deployments.generator.adapter_gate import AdapterGate
+from deployments.generator.adapter_gate import AdapterGate, CallAbandoned
 
 INK = (("ink", 1.0),)
 INK_HALF = (("ink", 0.5),)  # the same adapter at another scale is another set
@@ -131,3 +131,38 @@ def test_a_failed_switch_fails_its_call_only_and_the_next_call_switches_again():
     with gate.enter(INK):
         pass
     assert attempts == [INK, BASE, INK]
+
+
+def test_a_call_cancelled_while_it_waits_leaves_without_switching():
+    recorder = Recorder()
+    cancelled = threading.Event()
+    holding = threading.Event()
+    release = threading.Event()
+    outcome: list[str] = []
+
+    def hold_ink() -> None:
+        with recorder.gate.enter(INK):
+            holding.set()
+            release.wait(5)
+
+    def wait_for_paper() -> None:
+        try:
+            with recorder.gate.enter(PAPER, cancelled):
+                outcome.append("entered")
+        except CallAbandoned:
+            outcome.append("abandoned")
+
+    first = threading.Thread(target=hold_ink)
+    first.start()
+    holding.wait(5)
+    second = threading.Thread(target=wait_for_paper)
+    second.start()
+    time.sleep(0.1)  # waiting behind the running ink call
+    cancelled.set()  # its clients left
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert outcome == ["abandoned"]
+    assert recorder.switches == [INK], "no switch to paper for a call nobody waits for"
+    with recorder.gate.enter(INK):  # and the gate is free
+        pass
