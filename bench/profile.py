@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -27,8 +28,14 @@ import psutil
 
 from bench.load import Workload, closed_loop
 from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
-from bench.stacks import INGRESS_RULES, PROXY_RULES, REPLICA_RULES, breakdown, parse_collapsed
-from bench.stacks import per_request_ms
+from bench.stacks import (
+    INGRESS_RULES,
+    PROXY_RULES,
+    REPLICA_RULES,
+    breakdown,
+    parse_collapsed,
+    per_request_ms,
+)
 
 WORKLOADS = [Workload("small", size="64x64", steps=8), Workload("large", size="256x256", steps=8)]
 RULES = {"proxy": PROXY_RULES, "ingress": INGRESS_RULES, "replica": REPLICA_RULES}
@@ -133,7 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1, load sent to the ingress's own port",
+    )
     options = parser.parse_args(argv)
+    if options.throughput_optimized:
+        # Direct ingress: the ingress replica serves HTTP itself, on the first port of
+        # Serve's direct-ingress range (the proxy still answers on the configured port).
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
 
     config = with_overrides(load_config(options.config), port=free_port())
     generator = "ImageGenerator:" + config["applications"][0]["args"]["models"][0]["id"]
@@ -141,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     with ServeRun(config) as server:
         server.wait_for_first_image()
         processes = serving_processes(server, generator)
+        base_url = server.base_url
+        if options.throughput_optimized:
+            port = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000")
+            base_url = f"http://127.0.0.1:{port}"
         for workload in WORKLOADS:
             result = profile_workload(
-                server.base_url,
+                base_url,
                 processes,
                 workload,
                 options.concurrency,

@@ -125,3 +125,48 @@ class ServeRun:
             if "ServeReplica:" in command and f":{deployment}" in command:
                 found.append(process)
         return found
+
+
+class SeedServer:
+    """The seed-guide peer (`bench/seed_server.py`) in a subprocess on 127.0.0.1."""
+
+    def __init__(self, source: str, port: int) -> None:
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._command = [sys.executable, "-m", "bench.seed_server", "--port", str(port)]
+        self._command += ["--source", source]
+        self._log = Path(tempfile.mkstemp(prefix="seed-server-", suffix=".log")[1])
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> SeedServer:
+        with self._log.open("w") as log:
+            self._process = subprocess.Popen(
+                self._command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def wait_for_first_image(self, timeout_s: float = 300) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"the seed server exited; see {self._log}")
+            try:
+                response = httpx.post(
+                    f"{self.base_url}/v1/images/generations",
+                    json={"prompt": "first light", "num_inference_steps": 2},
+                    timeout=60,
+                )
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"no image from the seed server in {timeout_s}s; see {self._log}")
