@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from bench.load import Workload, closed_loop
+from bench.run import direct_ingress_url
 from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
 from bench.stacks import (
     INGRESS_RULES,
@@ -147,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     options = parser.parse_args(argv)
     if options.throughput_optimized:
-        # Direct ingress: the ingress replica serves HTTP itself, on the first port of
-        # Serve's direct-ingress range (the proxy still answers on the configured port).
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
 
     config = with_overrides(load_config(options.config), port=free_port())
@@ -159,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         processes = serving_processes(server, generator)
         base_url = server.base_url
         if options.throughput_optimized:
-            port = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000")
-            base_url = f"http://127.0.0.1:{port}"
+            base_url = direct_ingress_url()
         for workload in WORKLOADS:
             result = profile_workload(
                 base_url,

@@ -65,6 +65,12 @@ def bare(pipeline, workload: Workload) -> dict:
     }
 
 
+def direct_ingress_url() -> str:
+    """With Serve's direct ingress (throughput mode) the ingress replica serves HTTP itself,
+    on the first port of its range (the proxy still answers on the configured port)."""
+    return f"http://127.0.0.1:{os.environ.get('RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT', '30000')}"
+
+
 def one_round(index: int, urls: dict[str, str], pipeline, options) -> dict:
     """Every system on every workload once, in an order that rotates with `index`."""
     systems = ["service", "seed", "bare"]
@@ -95,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--no-readme", action="store_true", help="don't update README.md")
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="the service with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, loaded on its ingress's own port",
+    )
     options = parser.parse_args(argv)
+    if options.throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
 
     config = load_config(options.config)
     app_args = parse_args(config["applications"][0].get("args"))
@@ -111,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         service.wait_for_first_image()
         seed.wait_for_first_image()
         urls = {"service": service.base_url, "seed": seed.base_url}
+        if options.throughput_optimized:
+            urls["service"] = direct_ingress_url()
         for index in range(options.rounds):
             rounds.append(one_round(index, urls, pipeline, options))
 
@@ -122,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": options.duration,
         "concurrency": options.concurrency,
         "workloads": {name: {"size": w.size, "steps": w.steps} for name, w in WORKLOADS.items()},
+        "throughput_optimized": options.throughput_optimized,
         "rounds": rounds,
     }
     results["summary"] = report.summarize(rounds)

@@ -127,12 +127,19 @@ class ServeRun:
         return found
 
 
+# Ray starts its workers (Serve's proxy and replicas) at this niceness (`RAY_worker_niceness`).
+RAY_WORKER_NICENESS = 15
+
+
 class SeedServer:
-    """The seed-guide peer (`bench/seed_server.py`) in a subprocess on 127.0.0.1."""
+    """The seed-guide peer (`bench/seed_server.py`) in a subprocess on 127.0.0.1, at the
+    niceness of Ray's workers: the load's client (nice 0) then competes alike with both
+    servers for the cores."""
 
     def __init__(self, source: str, port: int) -> None:
         self.base_url = f"http://127.0.0.1:{port}"
-        self._command = [sys.executable, "-m", "bench.seed_server", "--port", str(port)]
+        self._command = ["nice", "-n", str(RAY_WORKER_NICENESS), sys.executable]
+        self._command += ["-m", "bench.seed_server", "--port", str(port)]
         self._command += ["--source", source]
         self._log = Path(tempfile.mkstemp(prefix="seed-server-", suffix=".log")[1])
         self._process: subprocess.Popen[bytes] | None = None
