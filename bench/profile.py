@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -51,8 +52,10 @@ def serving_processes(server: ServeRun, generator: str) -> dict[str, psutil.Proc
             command = " ".join(process.cmdline()).strip()
         except psutil.Error:
             continue
-        if "ProxyActor" in command:
-            found["proxy"] = process
+        if "haproxy" in Path(command.split(" ")[0]).name:
+            found["proxy"] = process  # HAProxy mode: it takes the HTTP traffic
+        elif "ProxyActor" in command:
+            found.setdefault("proxy", process)
         elif re.search(r"ServeReplica:\S*:ImageIngress(\s|$)", command):
             found["ingress"] = process
         elif re.search(rf"ServeReplica:\S*:{re.escape(generator)}(\s|$)", command):
@@ -109,7 +112,7 @@ def profile_workload(
     for name in processes:
         output = workdir / name
         stacks = parse_collapsed(output.read_text().splitlines()) if output.exists() else {}
-        samples = breakdown(stacks, RULES[name]) if stacks else {}
+        samples = breakdown(stacks, RULES[name]) if stacks else Counter()
         result["processes"][name] = per_request_ms(samples, rate_hz, requests, used[name])
     shutil.rmtree(workdir, ignore_errors=True)
     return result
@@ -146,9 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1, load sent to the ingress's own port",
     )
+    parser.add_argument(
+        "--ha-proxy",
+        action="store_true",
+        help="RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of Serve's proxy, on the same port",
+    )
     options = parser.parse_args(argv)
     if options.throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if options.ha_proxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
 
     config = with_overrides(load_config(options.config), port=free_port())
     generator = "ImageGenerator:" + config["applications"][0]["args"]["models"][0]["id"]
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         server.wait_for_first_image()
         processes = serving_processes(server, generator)
         base_url = server.base_url
-        if options.throughput_optimized:
+        if options.throughput_optimized and not options.ha_proxy:
             base_url = direct_ingress_url()
         for workload in WORKLOADS:
             result = profile_workload(

@@ -26,7 +26,7 @@ INGRESS_RULES: Rules = [
     ("metrics", ("metrics", "prometheus", "opentelemetry")),
     ("handle call (routing, pickling)", ("serve/handle.py", "request_router", "router.py")),
     ("result unpickling", ("deserializ", "pickle")),
-    ("ASGI bridge to the proxy", ("http_util.py", "ASGIReceiveProxy")),
+    ("ASGI bridge (Serve's HTTP path)", ("http_util.py", "ASGIReceiveProxy", "ASGIDIReceiveProxy")),
     ("FastAPI/Starlette", ("fastapi/", "starlette/")),
     ("Serve replica plumbing", ("ray/serve/",)),
     ("Ray core worker", ("ray/_private/", "ray/actor.py", "main_loop")),
