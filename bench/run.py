@@ -28,7 +28,15 @@ import torch
 from bench import report
 from bench.bare import measure_bare
 from bench.load import Workload, closed_loop
-from bench.server import REPO, SeedServer, ServeRun, free_port, load_config, with_overrides
+from bench.server import (
+    REPO,
+    SAME_PRIORITY,
+    SeedServer,
+    ServeRun,
+    free_port,
+    load_config,
+    with_overrides,
+)
 from deployments.generator.pipelines import load_pipeline
 from serve_app import parse_args
 
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = load_pipeline(model)
     rounds = []
     with (
-        ServeRun(with_overrides(config, port=free_port())) as service,
+        ServeRun(with_overrides(config, port=free_port()), env=SAME_PRIORITY) as service,
         SeedServer(model.source, free_port()) as seed,
     ):
         service.wait_for_first_image()

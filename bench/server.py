@@ -50,8 +50,14 @@ def with_overrides(
 class ServeRun:
     """`serve run` in a subprocess; a context manager that stops it (and its Ray) on exit."""
 
-    def __init__(self, config: dict[str, Any], log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
+        self._env = env or {}
         self.port = config["http_options"]["port"]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._workdir = Path(tempfile.mkdtemp(prefix="serve-run-"))
@@ -68,7 +74,7 @@ class ServeRun:
             cwd=REPO,
             # A Ray of its own: without this, `serve run` joins a cluster already running
             # on this machine (a test's, say) and deploys into it.
-            env={**os.environ, "RAY_ADDRESS": "local"},
+            env={**os.environ, "RAY_ADDRESS": "local", **self._env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -127,19 +133,18 @@ class ServeRun:
         return found
 
 
-# Ray starts its workers (Serve's proxy and replicas) at this niceness (`RAY_worker_niceness`).
-RAY_WORKER_NICENESS = 15
+# Ray starts its workers (Serve's proxy and replicas) at niceness 15, below every other
+# process of the machine; this puts them at the priority of the others (the seed server, the
+# bare pipeline, the load's client), so that a busy machine slows all alike.
+SAME_PRIORITY = {"RAY_worker_niceness": "0"}
 
 
 class SeedServer:
-    """The seed-guide peer (`bench/seed_server.py`) in a subprocess on 127.0.0.1, at the
-    niceness of Ray's workers: the load's client (nice 0) then competes alike with both
-    servers for the cores."""
+    """The seed-guide peer (`bench/seed_server.py`) in a subprocess on 127.0.0.1."""
 
     def __init__(self, source: str, port: int) -> None:
         self.base_url = f"http://127.0.0.1:{port}"
-        self._command = ["nice", "-n", str(RAY_WORKER_NICENESS), sys.executable]
-        self._command += ["-m", "bench.seed_server", "--port", str(port)]
+        self._command = [sys.executable, "-m", "bench.seed_server", "--port", str(port)]
         self._command += ["--source", source]
         self._log = Path(tempfile.mkstemp(prefix="seed-server-", suffix=".log")[1])
         self._process: subprocess.Popen[bytes] | None = None
