@@ -228,8 +228,6 @@ class ImageEngine:
             timer.step_ended(step)
             with self._steps_lock:
                 self.steps_run += 1
-            if self._cpu_threads is not None:  # other calls may have started or ended
-                self._cpu_threads.rebalance()
             if cancelled.is_set():
                 raise GenerationCancelled()
             # Edits run fewer steps than asked (num_inference_steps x strength).
