@@ -47,18 +47,13 @@ class ImageGenerator:
         pipeline = load_pipeline(model)
         self._device = pipeline.device
         apply_cache(pipeline, model)  # optimizations.cache; fails the start if unsupported
-        cpu_cores = replica_cpu_cores() if pipeline.device.type == "cpu" else None
-        if cpu_cores is not None:
-            torch.set_num_threads(max(1, cpu_cores // worker_threads))
+        if pipeline.device.type == "cpu":
+            torch.set_num_threads(cpu_threads_per_call(worker_threads))
         # Compile and run every configured shape now: Serve marks the replica ready, and
         # sends it requests, only once this constructor returns.
         prepare_to_serve(pipeline, model, batching)
         self._engine = ImageEngine(
-            pipeline,
-            worker_threads,
-            batching=batching,
-            metrics=GeneratorMetrics(model.id),
-            cpu_cores=cpu_cores,
+            pipeline, worker_threads, batching=batching, metrics=GeneratorMetrics(model.id)
         )
         check_default_size(model, self._engine.capabilities())
 
@@ -107,19 +102,14 @@ class ImageGenerator:
             engine.shutdown()
 
 
-def replica_cpu_cores() -> int:
-    """The cores Ray assigned this replica (`num_cpus`), or the machine's.
+def cpu_threads_per_call(worker_threads: int) -> int:
+    """On a CPU, the replica's cores split among its worker threads.
 
-    The engine gives a call running alone all of them and concurrent calls a share each
-    (`deployments/generator/cpu_threads.py`): two concurrent calls that each use every core
-    oversubscribe them. Measured on 2 cores with 16 clients of 64x64 images: batches of 8
-    took 0.8-1.0 s against 0.3 s alone, and one thread per call raised throughput from about
-    13 to 17-20 images/s.
-
-    A replica that reserves no CPU (or a fraction of one) shares the machine: it counts
-    the machine's cores, or one.
+    torch's intra-op thread pool belongs to the process: two concurrent pipeline calls that
+    each use every core oversubscribe them. Measured on 2 cores with 16 clients of 64x64
+    images: batches of 8 took 0.8-1.0 s against 0.3 s alone, and one thread per call raised
+    throughput from about 13 to 17-20 images/s.
     """
     assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    if not assigned:
-        return os.cpu_count() or 1
-    return max(1, int(assigned))
+    cores = int(assigned) if assigned else (os.cpu_count() or 1)
+    return max(1, cores // worker_threads)

@@ -21,7 +21,6 @@ request logs and the metrics (`deployments/generator/call_timing.py`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import threading
@@ -39,7 +38,6 @@ from deployments.generator.cache import call_scope
 from deployments.generator.call_arguments import StepCallback, pipeline_arguments
 from deployments.generator.call_plan import BatchRun, CallPart, is_out_of_memory
 from deployments.generator.call_timing import CallTimer, CallTimes
-from deployments.generator.cpu_threads import CpuThreads
 from deployments.generator.pipelines import RequestPipelines, call_parameters
 from deployments.generator.previews import fit_previewer
 from deployments.jobs import (
@@ -93,9 +91,7 @@ def _is_device_failure(error: BaseException) -> bool:
 class ImageEngine:
     """Runs jobs on one shared pipeline in `worker_threads` threads, grouped into pipeline
     calls as `batching` says (by default, each job alone). A call holds at most
-    `batching.max_batch_pixels` pixels, or one image: a larger job runs in several.
-    On a CPU, `cpu_cores` (if given) are split among concurrent calls (see
-    `deployments/generator/cpu_threads.py`)."""
+    `batching.max_batch_pixels` pixels, or one image: a larger job runs in several."""
 
     def __init__(
         self,
@@ -103,7 +99,6 @@ class ImageEngine:
         worker_threads: int,
         batching: BatchingConfig = UNBATCHED,
         metrics: EngineMetrics | None = None,
-        cpu_cores: int | None = None,
     ) -> None:
         self._pipelines = RequestPipelines(pipeline)
         self._previewer = fit_previewer(pipeline)
@@ -117,7 +112,6 @@ class ImageEngine:
             on_change=metrics.queue_changed if metrics is not None else None,
         )
         self._max_call_pixels = batching.max_batch_pixels
-        self._cpu_threads = CpuThreads(cpu_cores, worker_threads) if cpu_cores else None
         self._broken: BaseException | None = None
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
@@ -211,9 +205,6 @@ class ImageEngine:
         for call in smaller:
             self._run_call(call, cancelled, batch)
 
-    def _threads(self) -> contextlib.AbstractContextManager:
-        return self._cpu_threads.call() if self._cpu_threads else contextlib.nullcontext()
-
     def _step_callback(
         self,
         timer: CallTimer,
@@ -258,7 +249,7 @@ class ImageEngine:
         view.encode_prompt = timer.timed_encode_prompt(view.encode_prompt)
         arguments = pipeline_arguments(jobs, call_parameters(type(view)), on_step_end)
         # A cached denoiser keeps this call's cache state apart from concurrent calls'.
-        with call_scope(view), self._threads():
+        with call_scope(view):
             pixels = list(_to_uint8(view(**arguments).images))
         times = timer.finished()
         if self._metrics is not None:
