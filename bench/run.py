@@ -58,6 +58,7 @@ def served(base_url: str, workload: Workload, concurrency: int, duration_s: floa
         "images_per_s": round(images / elapsed, 3),
         "p50_s": round(ordered[len(ordered) // 2], 4) if ordered else None,
         "errors": sum(n for status, n in statuses.items() if status != "200"),
+        "statuses": dict(statuses),
     }
 
 
