@@ -50,8 +50,14 @@ def with_overrides(
 class ServeRun:
     """`serve run` in a subprocess; a context manager that stops it (and its Ray) on exit."""
 
-    def __init__(self, config: dict[str, Any], log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
+        self._env = env or {}
         self.port = config["http_options"]["port"]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._workdir = Path(tempfile.mkdtemp(prefix="serve-run-"))
@@ -68,7 +74,7 @@ class ServeRun:
             cwd=REPO,
             # A Ray of its own: without this, `serve run` joins a cluster already running
             # on this machine (a test's, say) and deploys into it.
-            env={**os.environ, "RAY_ADDRESS": "local"},
+            env={**os.environ, "RAY_ADDRESS": "local", **self._env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -125,3 +131,54 @@ class ServeRun:
             if "ServeReplica:" in command and f":{deployment}" in command:
                 found.append(process)
         return found
+
+
+# Ray starts its workers (Serve's proxy and replicas) at niceness 15, below every other
+# process of the machine; this puts them at the priority of the others (the seed server, the
+# bare pipeline, the load's client), so that a busy machine slows all alike.
+SAME_PRIORITY = {"RAY_worker_niceness": "0"}
+
+
+class SeedServer:
+    """The seed-guide peer (`bench/seed_server.py`) in a subprocess on 127.0.0.1."""
+
+    def __init__(self, source: str, port: int) -> None:
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._command = [sys.executable, "-m", "bench.seed_server", "--port", str(port)]
+        self._command += ["--source", source]
+        self._log = Path(tempfile.mkstemp(prefix="seed-server-", suffix=".log")[1])
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> SeedServer:
+        with self._log.open("w") as log:
+            self._process = subprocess.Popen(
+                self._command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def wait_for_first_image(self, timeout_s: float = 300) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"the seed server exited; see {self._log}")
+            try:
+                response = httpx.post(
+                    f"{self.base_url}/v1/images/generations",
+                    json={"prompt": "first light", "num_inference_steps": 2},
+                    timeout=60,
+                )
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"no image from the seed server in {timeout_s}s; see {self._log}")

@@ -1,0 +1,191 @@
+"""Where the serving path's CPU goes: per-request CPU of Serve's proxy, the ingress and the
+generator replica under closed-loop load, with py-spy's breakdown of each.
+
+    pip install -e ".[bench]"   # py-spy among them
+    python -m bench.profile --config config/local.yaml --label before
+
+It starts the application with `serve run`, and for each workload drives `--concurrency`
+clients for `--duration` seconds while py-spy samples the three processes (without pausing
+them) and the OS counts their CPU time. It prints one table per workload (milliseconds of
+CPU per request, by category; see `bench/stacks.py`) and writes
+`bench/results/profile-<label>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+from bench.load import Workload, closed_loop
+from bench.run import direct_ingress_url
+from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
+from bench.stacks import (
+    INGRESS_RULES,
+    PROXY_RULES,
+    REPLICA_RULES,
+    breakdown,
+    parse_collapsed,
+    per_request_ms,
+)
+
+WORKLOADS = [Workload("small", size="64x64", steps=8), Workload("large", size="256x256", steps=8)]
+RULES = {"proxy": PROXY_RULES, "ingress": INGRESS_RULES, "replica": REPLICA_RULES}
+
+
+def serving_processes(server: ServeRun, generator: str) -> dict[str, psutil.Process]:
+    """The proxy, the ingress and the generator replica of a `serve run`."""
+    assert server._process is not None
+    found: dict[str, psutil.Process] = {}
+    for process in psutil.Process(server._process.pid).children(recursive=True):
+        try:
+            command = " ".join(process.cmdline()).strip()
+        except psutil.Error:
+            continue
+        if "haproxy" in Path(command.split(" ")[0]).name:
+            found["proxy"] = process  # HAProxy mode: it takes the HTTP traffic
+        elif "ProxyActor" in command:
+            found.setdefault("proxy", process)
+        elif re.search(r"ServeReplica:\S*:ImageIngress(\s|$)", command):
+            found["ingress"] = process
+        elif re.search(rf"ServeReplica:\S*:{re.escape(generator)}(\s|$)", command):
+            found["replica"] = process
+    missing = set(RULES) - set(found)
+    if missing:
+        raise RuntimeError(f"no {sorted(missing)} process under serve run")
+    return found
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def profile_workload(
+    base_url: str,
+    processes: dict[str, psutil.Process],
+    workload: Workload,
+    concurrency: int,
+    duration_s: float,
+    rate_hz: int,
+) -> dict:
+    """One workload under load: requests, images/s, and per process its CPU ms per request
+    by category."""
+    asyncio.run(closed_loop(base_url, workload, concurrency, 3.0))  # warm, and batches form
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    workdir = Path(tempfile.mkdtemp(prefix="profile-"))
+    recorders = {}
+    if spy is not None:
+        for name, process in processes.items():
+            command = [spy, "record", "-p", str(process.pid), "-f", "raw", "--gil", "--nonblocking"]
+            command += ["-r", str(rate_hz), "-d", str(int(duration_s)), "-o", str(workdir / name)]
+            recorders[name] = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+    before = {name: cpu_seconds(process) for name, process in processes.items()}
+    latencies, statuses, images, elapsed = asyncio.run(
+        closed_loop(base_url, workload, concurrency, duration_s, warmup_requests=0)
+    )
+    used = {name: cpu_seconds(process) - before[name] for name, process in processes.items()}
+    for recorder in recorders.values():
+        recorder.wait(timeout=60)
+    requests = len(latencies)
+    result = {
+        "size": workload.size,
+        "steps": workload.steps,
+        "concurrency": concurrency,
+        "requests": requests,
+        "statuses": dict(statuses),
+        "images_per_s": round(images / elapsed, 2),
+        "processes": {},
+    }
+    for name in processes:
+        output = workdir / name
+        stacks = parse_collapsed(output.read_text().splitlines()) if output.exists() else {}
+        samples = breakdown(stacks, RULES[name]) if stacks else Counter()
+        result["processes"][name] = per_request_ms(samples, rate_hz, requests, used[name])
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def markdown(label: str, results: list[dict]) -> str:
+    lines = []
+    for result in results:
+        lines += [
+            f"**{label}: {result['size']}, {result['steps']} steps, concurrency "
+            f"{result['concurrency']}**: {result['images_per_s']} images/s, "
+            f"{result['requests']} requests. CPU ms per request:",
+            "",
+            "| process | category | ms/request |",
+            "|---|---|---|",
+        ]
+        for name, rows in result["processes"].items():
+            for category, ms in rows.items():
+                lines.append(f"| {name} | {category} | {ms:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=REPO / "config" / "local.yaml")
+    parser.add_argument("--label", default="latest")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1, load sent to the ingress's own port",
+    )
+    parser.add_argument(
+        "--ha-proxy",
+        action="store_true",
+        help="RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of Serve's proxy, on the same port",
+    )
+    options = parser.parse_args(argv)
+    if options.throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if options.ha_proxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+
+    config = with_overrides(load_config(options.config), port=free_port())
+    generator = "ImageGenerator:" + config["applications"][0]["args"]["models"][0]["id"]
+    results = []
+    with ServeRun(config) as server:
+        server.wait_for_first_image()
+        processes = serving_processes(server, generator)
+        base_url = server.base_url
+        if options.throughput_optimized and not options.ha_proxy:
+            base_url = direct_ingress_url()
+        for workload in WORKLOADS:
+            result = profile_workload(
+                base_url,
+                processes,
+                workload,
+                options.concurrency,
+                options.duration,
+                options.rate,
+            )
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    options.out.mkdir(parents=True, exist_ok=True)
+    path = options.out / f"profile-{options.label}.json"
+    path.write_text(json.dumps({"label": options.label, "results": results}, indent=2) + "\n")
+    print(markdown(options.label, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
