@@ -33,13 +33,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from deployments.jobs import AdapterWeight, GeneratedImages, GenerationEvent, GenerationJob, Task
 from deployments.model_config import BatchingConfig
+
+# How long a batch of an adapter set that is not running may be passed over for batches of
+# running sets (`BatchQueue._prefer_running`) before it goes first anyway.
+OVERDUE_S = 0.5
 
 # Where a streamed job's progress and previews go; called from a worker thread.
 EventSink = Callable[[GenerationEvent], None]
@@ -139,6 +143,8 @@ class BatchQueue:
         self._max_wait_s = settings.max_wait_ms / 1000
         self._pending: list[_Batch] = []
         self._running = 0
+        # The adapter sets of the running batches, with how many of each run.
+        self._running_sets: Counter[tuple[AdapterWeight, ...]] = Counter()
         self._timer: asyncio.TimerHandle | None = None
         # Images in each of the most recent batches (bounded: a replica lives for weeks).
         self.batch_sizes: deque[int] = deque(maxlen=1000)
@@ -201,13 +207,30 @@ class BatchQueue:
             self._on_change(self.waiting_jobs)
 
     def _next_ready(self, now: float) -> _Batch | None:
-        for batch in self._pending:
-            if batch.num_images >= self.capacity(batch.key):
-                return batch
-        for batch in self._pending:
-            if self._running == 0 or now - batch.created >= self._max_wait_s:
-                return batch
-        return None
+        """The batch to start: full ones first, then those past their wait, oldest first;
+        among them one of an adapter set that is running, if any (see `_prefer_running`)."""
+        ready = [b for b in self._pending if b.num_images >= self.capacity(b.key)]
+        ready += [
+            b
+            for b in self._pending
+            if b not in ready and (self._running == 0 or now - b.created >= self._max_wait_s)
+        ]
+        if not ready:
+            return None
+        return self._prefer_running(ready, now)
+
+    def _prefer_running(self, ready: list[_Batch], now: float) -> _Batch:
+        """A batch of another adapter set than the running batches' would only wait, its
+        worker idle, until they end (calls of different sets never overlap: see
+        `adapter_gate.py`), while one of their set runs beside them at once. So a batch of a
+        running set goes first, unless another has waited `OVERDUE_S`: no set starves."""
+        first = ready[0]
+        if not self._running_sets or first.key.adapters in self._running_sets:
+            return first
+        if any(now - batch.created >= OVERDUE_S for batch in ready):
+            return first
+        same = [batch for batch in ready if batch.key.adapters in self._running_sets]
+        return same[0] if same else first
 
     def _arm_timer(self, now: float) -> None:
         if self._timer is not None:
@@ -223,6 +246,7 @@ class BatchQueue:
         self._pending.remove(batch)
         batch.started = True
         self._running += 1
+        self._running_sets[batch.key.adapters] += 1
         queued = [entry.queued for entry in batch.entries]
         self.batch_sizes.append(batch.num_images)
         loop = asyncio.get_running_loop()
@@ -233,6 +257,9 @@ class BatchQueue:
         self, batch: _Batch, done: asyncio.Future[list[GeneratedImages | Exception]]
     ) -> None:
         self._running -= 1
+        self._running_sets[batch.key.adapters] -= 1
+        if not self._running_sets[batch.key.adapters]:
+            del self._running_sets[batch.key.adapters]
         if done.cancelled():  # the executor was shut down before the batch started
             error: BaseException | None = RuntimeError("the replica is shutting down")
         else:

@@ -6,10 +6,12 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from deployments.generator import batching
 from deployments.generator.batching import BatchQueue, QueuedJob, batch_key
 from deployments.jobs import GeneratedImages, GenerationJob
 from deployments.model_config import BatchingConfig
@@ -318,3 +320,39 @@ def test_a_job_cancelled_while_its_batch_runs_is_marked_abandoned():
     asyncio.run(scenario())
     assert [[entry.job.seeds[0] for entry in batch] for batch in batches] == [[0], [1, 2]]
     assert [entry.abandoned.is_set() for entry in batches[1]] == [False, True]
+
+
+INK = (("ink", 1.0),)
+PAPER = (("paper", 1.0),)
+
+
+def first_two_started(runner: FakeRunner) -> list[tuple[int, ...]]:
+    """With ink job 0 running on one of two workers, a paper job (1) and then an ink job (2)
+    wait their window out: which starts second?"""
+
+    async def scenario():
+        queue = make_queue(runner, workers=2, max_wait_ms=20)
+        runner.hold()
+        running = asyncio.create_task(queue.submit(replace(job(0), adapters=INK)))
+        await started(runner, 1)
+        waiting = [
+            asyncio.create_task(queue.submit(replace(job(1), adapters=PAPER))),
+            asyncio.create_task(queue.submit(replace(job(2), adapters=INK))),
+        ]
+        await started(runner, 2)
+        runner.release()
+        await asyncio.gather(running, *waiting)
+
+    asyncio.run(scenario())
+    return [batch[0] for batch in runner.batches[:2]]
+
+
+def test_a_batch_of_the_running_adapter_set_starts_before_an_older_one_of_another(runner):
+    # The paper batch could only wait at the adapter gate, its worker idle, until ink ends;
+    # the ink batch runs beside the running one at once.
+    assert first_two_started(runner) == [(0,), (2,)]
+
+
+def test_a_batch_of_another_adapter_set_is_not_passed_over_for_long(runner, monkeypatch):
+    monkeypatch.setattr(batching, "OVERDUE_S", 0.0)
+    assert first_two_started(runner) == [(0,), (1,)]
