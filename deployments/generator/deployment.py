@@ -36,7 +36,6 @@ from deployments.generator.model_limits import check_default_size
 from deployments.generator.pipelines import load_pipeline
 from deployments.generator.warmup import compiled_graphs, prepare_to_serve
 from deployments.jobs import (
-    AdapterUnavailable,
     GeneratedImages,
     GenerationEvent,
     GenerationJob,
@@ -101,17 +100,10 @@ class ImageGenerator:
         )
 
     async def _prepare_adapters(self, job: GenerationJob) -> None:
-        """Stage the job's adapters (off the event loop) before it queues: its batch's switch
-        then only loads them. Raises `AdapterUnavailable` (the ingress answers 400)."""
-        if not job.adapters:
-            return
-        if self._load_adapter_set is None or self._adapters is None:
-            raise AdapterUnavailable(job.adapters[0][0], "this model has no adapters")
-        await self._load_adapter_set(adapter_set_id(job.adapters))
-        # Serve may still hold the set while the store let an adapter go (it failed to load).
-        missing = self._adapters.missing(adapter_id for adapter_id, _ in job.adapters)
-        if missing:
-            await asyncio.to_thread(self._adapters.prefetch, missing)
+        """Tell Serve this replica holds the job's adapter set (its multiplexed loader
+        stages the set); the engine stages whatever the store still lacks."""
+        if job.adapters and self._load_adapter_set is not None:
+            await self._load_adapter_set(adapter_set_id(job.adapters))
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         await self._prepare_adapters(job)

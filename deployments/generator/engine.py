@@ -142,11 +142,23 @@ class ImageEngine:
         progress and previews."""
         if self._broken is not None:  # until Serve's health check replaces the replica
             raise ReplicaBroken(f"the device failed: {type(self._broken).__name__}")
+        await self._stage_adapters(job)
         try:
             return await self._queue.submit(job, sink)
         except asyncio.CancelledError:
             logger.info("request %s cancelled; its generation stops", job.request_id)
             raise
+
+    async def _stage_adapters(self, job: GenerationJob) -> None:
+        """Fetch and check the job's adapters off the event loop before it queues, so that
+        its batch's switch only loads them. Raises `AdapterUnavailable` (a 400)."""
+        if not job.adapters:
+            return
+        if self.adapters is None:
+            raise AdapterUnavailable(job.adapters[0][0], "this model has no adapters")
+        missing = self.adapters.missing(adapter_id for adapter_id, _ in job.adapters)
+        if missing:
+            await asyncio.to_thread(self.adapters.prefetch, missing)
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
         """The job's progress and previews as they happen, then its `GeneratedImages`.
@@ -184,9 +196,7 @@ class ImageEngine:
         first = queued[0].job
         capacity = max(1, self._max_call_pixels // (first.width * first.height))
         adapters = adapter_key(first.adapters)  # the batch's (its key has them)
-        if self.adapters is None:
-            if adapters:
-                raise AdapterUnavailable(adapters[0][0], "this model has no adapters")
+        if self.adapters is None:  # then no job has adapters (`_stage_adapters`)
             gate = contextlib.nullcontext()
         else:
             # Held across the batch's calls: no call with another adapter set overlaps them.

@@ -5,7 +5,6 @@ rejects) shows up here, not only against fakes."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -23,28 +22,20 @@ from deployments.model_config import BatchingConfig, ModelConfig
 
 class EngineBackend:
     """An `ImageBackend` over an engine in this process, with the same error translation as
-    the ingress's client of a generator deployment, and its adapters staged off the event
-    loop before the job queues, as the generator deployment does."""
+    the ingress's client of a generator deployment."""
 
     def __init__(self, engine: ImageEngine) -> None:
         self.engine = engine
-
-    async def _stage_adapters(self, job: GenerationJob) -> None:
-        if job.adapters and self.engine.adapters is not None:
-            ids = [adapter_id for adapter_id, _ in job.adapters]
-            await asyncio.to_thread(self.engine.adapters.prefetch, ids)
 
     async def capabilities(self) -> ModelCapabilities:
         return self.engine.capabilities()
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
         with generator_errors_as_api_errors(job.request_id):
-            await self._stage_adapters(job)
             return await self.engine.generate(job)
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
         with generator_errors_as_api_errors(job.request_id):
-            await self._stage_adapters(job)
             async for event in self.engine.stream(job):
                 yield event
 
