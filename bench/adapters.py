@@ -58,15 +58,12 @@ def adapter_config(config: dict, port: int) -> dict:
 
 
 def measure(base_url: str, workload: Workload, concurrency: int, duration_s: float, seed: int):
-    latencies, statuses, images, elapsed = asyncio.run(
-        closed_loop(base_url, workload, concurrency, duration_s, seed=seed)
-    )
-    ordered = sorted(latencies) or [float("nan")]
+    result = asyncio.run(closed_loop(base_url, workload, concurrency, duration_s, seed=seed))
     return {
-        "images_per_s": images / elapsed,
-        "p50_s": ordered[len(ordered) // 2],
-        "p95_s": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
-        "statuses": dict(statuses),
+        "images_per_s": result.images_per_s,
+        "p50_s": result.percentile(50),
+        "p95_s": result.percentile(95),
+        "statuses": result.statuses,
     }
 
 

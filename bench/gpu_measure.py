@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter
 
 import httpx
 
@@ -27,7 +26,7 @@ def run_rounds(
 ) -> LoadResult:
     """The load's result; raises TimeoutError if it runs past `timeout_s`."""
 
-    async def bounded() -> tuple[list[float], Counter[str], int, float]:
+    async def bounded() -> LoadResult:
         return await asyncio.wait_for(
             # No warm-up requests here: the benchmark warms each lever up itself.
             closed_loop(
@@ -42,15 +41,7 @@ def run_rounds(
             timeout=max(1.0, timeout_s),
         )
 
-    latencies, statuses, images, elapsed = asyncio.run(bounded())
-    return LoadResult(
-        concurrency=concurrency,
-        duration_s=elapsed,
-        images=images,
-        latencies_s=latencies,
-        statuses=dict(statuses),
-        peak_rss_bytes=None,
-    )
+    return asyncio.run(bounded())
 
 
 def warm_up(base_url: str, workload: Workload, timeout_s: float) -> float:

@@ -49,7 +49,6 @@ def point_row(
     peak_bytes: int | None,
 ) -> dict[str, Any]:
     row = {"size": size, "rounds": rounds, **result.summary()}
-    row.pop("peak_replica_rss_mib", None)
     row["tflop_per_s"] = result.images_per_s * flops_per_image / 1e12
     row["fraction_of_peak"] = (
         round(fraction_of_peak(result.images_per_s, flops_per_image, peak_tflops), 4)

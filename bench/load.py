@@ -1,5 +1,5 @@
 """Closed-loop load over HTTP: `concurrency` clients, each sending its next request as soon as
-the last one is answered, with a fixed, seeded request mix; and the replica's memory meanwhile.
+the last one is answered, with a fixed, seeded request mix.
 """
 
 from __future__ import annotations
@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
-import psutil
 
 PROMPTS = [
     "a lighthouse on a cliff at dusk",
@@ -57,11 +55,15 @@ class LoadResult:
     images: int
     latencies_s: list[float] = field(repr=False)
     statuses: dict[str, int]
-    peak_rss_bytes: int | None
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.duration_s
+
+    @property
+    def errors(self) -> int:
+        """Answers other than 200, and requests that got none."""
+        return sum(count for status, count in self.statuses.items() if status != "200")
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_s)
@@ -79,38 +81,7 @@ class LoadResult:
             "p99_s": round(self.percentile(99), 4),
             "mean_s": round(statistics.fmean(self.latencies_s), 4) if self.latencies_s else None,
             "statuses": self.statuses,
-            "peak_replica_rss_mib": (
-                round(self.peak_rss_bytes / 2**20, 1) if self.peak_rss_bytes else None
-            ),
         }
-
-
-class MemorySampler:
-    """Samples the resident memory of some processes in a thread, keeping the peak of the sum."""
-
-    def __init__(self, processes: list[psutil.Process], interval_s: float = 0.05) -> None:
-        self._processes = processes
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.peak_bytes = 0
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                total = sum(process.memory_info().rss for process in self._processes)
-            except psutil.Error:
-                total = 0
-            self.peak_bytes = max(self.peak_bytes, total)
-            self._stop.wait(self._interval_s)
 
 
 async def closed_loop(
@@ -122,9 +93,8 @@ async def closed_loop(
     warmup_requests: int | None = None,
     rounds: int | None = None,
     request_timeout_s: float = 600,
-) -> tuple[list[float], Counter[str], int, float]:
-    """Run the load for `duration_s`, or until each client has sent `rounds` requests;
-    return latencies of successes, statuses, images made, elapsed seconds."""
+) -> LoadResult:
+    """Run the load for `duration_s`, or until each client has sent `rounds` requests."""
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     images = 0
@@ -163,25 +133,4 @@ async def closed_loop(
 
         await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return latencies, statuses, images, elapsed
-
-
-def run_load(
-    base_url: str,
-    workload: Workload,
-    concurrency: int,
-    duration_s: float,
-    replica: list[psutil.Process],
-) -> LoadResult:
-    with MemorySampler(replica) as memory:
-        latencies, statuses, images, elapsed = asyncio.run(
-            closed_loop(base_url, workload, concurrency, duration_s)
-        )
-    return LoadResult(
-        concurrency=concurrency,
-        duration_s=elapsed,
-        images=images,
-        latencies_s=latencies,
-        statuses=dict(statuses),
-        peak_rss_bytes=memory.peak_bytes or None,
-    )
+    return LoadResult(concurrency, elapsed, images, latencies, dict(statuses))

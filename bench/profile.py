@@ -93,20 +93,18 @@ def profile_workload(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
     before = {name: cpu_seconds(process) for name, process in processes.items()}
-    latencies, statuses, images, elapsed = asyncio.run(
-        closed_loop(base_url, workload, concurrency, duration_s, warmup_requests=0)
-    )
+    load = asyncio.run(closed_loop(base_url, workload, concurrency, duration_s, warmup_requests=0))
     used = {name: cpu_seconds(process) - before[name] for name, process in processes.items()}
     for recorder in recorders.values():
         recorder.wait(timeout=60)
-    requests = len(latencies)
+    requests = len(load.latencies_s)
     result = {
         "size": workload.size,
         "steps": workload.steps,
         "concurrency": concurrency,
         "requests": requests,
-        "statuses": dict(statuses),
-        "images_per_s": round(images / elapsed, 2),
+        "statuses": load.statuses,
+        "images_per_s": round(load.images_per_s, 2),
         "processes": {},
     }
     for name in processes:

@@ -7,6 +7,7 @@ import os
 import platform
 import re
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 README_START = "<!-- bench:results:start -->"
@@ -43,14 +44,6 @@ SYSTEMS = {
     "seed": "seed-guide server (from_pipe + run_in_executor)",
     "bare": "bare pipeline in-process, best batch",
 }
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def round_line(measured: dict[str, Any]) -> str:

@@ -50,15 +50,12 @@ SERVERS = ("service", "seed")
 
 def served(base_url: str, workload: Workload, concurrency: int, duration_s: float) -> dict:
     """Images/s and p50 latency of closed-loop load on one server."""
-    latencies, statuses, images, elapsed = asyncio.run(
-        closed_loop(base_url, workload, concurrency, duration_s)
-    )
-    ordered = sorted(latencies)
+    result = asyncio.run(closed_loop(base_url, workload, concurrency, duration_s))
     return {
-        "images_per_s": round(images / elapsed, 3),
-        "p50_s": round(ordered[len(ordered) // 2], 4) if ordered else None,
-        "errors": sum(n for status, n in statuses.items() if status != "200"),
-        "statuses": dict(statuses),
+        "images_per_s": round(result.images_per_s, 3),
+        "p50_s": round(result.percentile(50), 4) if result.latencies_s else None,
+        "errors": result.errors,
+        "statuses": result.statuses,
     }
 
 
