@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -33,7 +34,8 @@ from deployments.generator.adapters import AdapterStore
 from deployments.generator.cache import apply_cache
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model_limits import check_default_size
-from deployments.generator.pipelines import load_pipeline
+from deployments.generator.pipelines import load_pipeline, resolve_device
+from deployments.generator.torch_threads import cpu_threads_per_call, run_in_pool, worker_pool
 from deployments.generator.warmup import compiled_graphs, prepare_to_serve
 from deployments.jobs import (
     GeneratedImages,
@@ -62,19 +64,14 @@ from deployments.model_config import GENERATOR_DEPLOYMENT, BatchingConfig, Model
 )
 class ImageGenerator:
     def __init__(self, model: ModelConfig, worker_threads: int, batching: BatchingConfig) -> None:
-        pipeline = load_pipeline(model)
-        self._device = pipeline.device
-        apply_cache(pipeline, model)  # optimizations.cache; fails the start if unsupported
-        if pipeline.device.type == "cpu":
-            torch.set_num_threads(cpu_threads_per_call(worker_threads))
-        # Compile and run every configured shape now: Serve marks the replica ready, and
-        # sends it requests, only once this constructor returns.
-        prepare_to_serve(pipeline, model, batching)
-        metrics = GeneratorMetrics(model.id)
-        self._adapters = adapter_store(pipeline, model, metrics)
-        self._engine = ImageEngine(
-            pipeline, worker_threads, batching=batching, metrics=metrics, adapters=self._adapters
+        # Every torch op of this replica runs in the pool's threads, the start's too: torch
+        # work in this thread would cost each call an OpenMP team more (torch_threads.py).
+        pool = worker_pool(worker_threads)
+        self._engine = run_in_pool(
+            pool, lambda: start_engine(model, worker_threads, batching, pool)
         )
+        self._adapters = self._engine.adapters
+        self._device = self._engine.device
         check_default_size(model, self._engine.capabilities())
         self._load_adapter_set = self._adapter_set_loader(model)
 
@@ -179,14 +176,24 @@ def adapter_store(pipeline, model: ModelConfig, metrics: GeneratorMetrics) -> Ad
     )
 
 
-def cpu_threads_per_call(worker_threads: int) -> int:
-    """On a CPU, the replica's cores split among its worker threads.
-
-    torch's intra-op thread pool belongs to the process: two concurrent pipeline calls that
-    each use every core oversubscribe them. Measured on 2 cores with 16 clients of 64x64
-    images: batches of 8 took 0.8-1.0 s against 0.3 s alone, and one thread per call raised
-    throughput from about 13 to 17-20 images/s.
-    """
-    assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    cores = int(assigned) if assigned else (os.cpu_count() or 1)
-    return max(1, cores // worker_threads)
+def start_engine(
+    model: ModelConfig, worker_threads: int, batching: BatchingConfig, pool: ThreadPoolExecutor
+) -> ImageEngine:
+    """The model's engine on `pool`, its pipeline loaded, its cache applied, compiled and
+    warmed up; run in one of the pool's threads (see `__init__`). Serve sends the replica
+    requests only once its constructor returns, so every configured shape runs now
+    (`prepare_to_serve`)."""
+    if resolve_device(model.device).type == "cpu":
+        torch.set_num_threads(cpu_threads_per_call(worker_threads))
+    pipeline = load_pipeline(model)
+    apply_cache(pipeline, model)  # optimizations.cache; fails the start if unsupported
+    prepare_to_serve(pipeline, model, batching)
+    metrics = GeneratorMetrics(model.id)
+    return ImageEngine(
+        pipeline,
+        worker_threads,
+        batching=batching,
+        metrics=metrics,
+        adapters=adapter_store(pipeline, model, metrics),
+        pool=pool,
+    )

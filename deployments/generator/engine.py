@@ -106,12 +106,16 @@ class ImageEngine:
         batching: BatchingConfig = UNBATCHED,
         metrics: EngineMetrics | None = None,
         adapters: AdapterStore | None = None,
+        pool: ThreadPoolExecutor | None = None,
     ) -> None:
+        """`pool`, if given, is the executor of `worker_threads` threads that loaded the
+        pipeline (see `deployments/generator/torch_threads.py`); otherwise one is made."""
         self._pipelines = RequestPipelines(pipeline)
+        self.device = pipeline.device
         self.adapters = adapters
         self._previewer = fit_previewer(pipeline)
         self._metrics = metrics
-        self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="generate")
+        self._pool = pool or ThreadPoolExecutor(worker_threads, thread_name_prefix="generate")
         self._queue = BatchQueue(
             self._run_batch,
             self._pool,

@@ -3,6 +3,7 @@ warms up before it is ready."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -58,26 +59,33 @@ def test_configured_sizes_and_batches_are_each_warmed():
     assert found == [(128, 64, 1), (128, 64, 4)]
 
 
-def test_the_replica_warms_up_in_its_constructor(monkeypatch):
+def test_the_replica_starts_in_its_worker_thread_and_warms_up_before_it_is_ready(monkeypatch):
     """Serve marks a replica ready, and routes requests to it, once its constructor returns:
-    the warm-up must run inside it, before the engine exists. Fails without the call."""
+    the warm-up must run inside it, before the engine exists. And every torch op of the start
+    runs in the engine's worker thread, where the calls will run: torch work in a thread of
+    its own would cost each call on a CPU an OpenMP team more (torch_threads.py)."""
     from deployments.generator import deployment
 
     calls = []
+
+    def record(step: str, value: object) -> object:
+        calls.append((step, threading.current_thread().name))
+        return value
+
     pipeline = SimpleNamespace(device=torch.device("meta"))
-    monkeypatch.setattr(deployment, "load_pipeline", lambda model: pipeline)
+    engine = SimpleNamespace(capabilities=lambda: None, adapters=None, device=pipeline.device)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(deployment, "load_pipeline", lambda model: record("load", pipeline))
     monkeypatch.setattr(
-        deployment, "prepare_to_serve", lambda p, model, batching: calls.append(("warm-up", p))
+        deployment, "prepare_to_serve", lambda p, model, batching: record("warm-up", p)
     )
-    engine = SimpleNamespace(capabilities=lambda: None)
-    monkeypatch.setattr(
-        deployment, "ImageEngine", lambda p, *a, **k: calls.append(("engine", p)) or engine
-    )
+    monkeypatch.setattr(deployment, "ImageEngine", lambda p, *a, **k: record("engine", engine))
     monkeypatch.setattr(deployment, "GeneratorMetrics", lambda model_id: None)
     monkeypatch.setattr(deployment, "check_default_size", lambda model, capabilities: None)
     model = ModelConfig(optimizations={"compile": True})
     deployment.ImageGenerator.func_or_class(model, 1, BatchingConfig())
-    assert calls == [("warm-up", pipeline), ("engine", pipeline)]
+    assert [step for step, _ in calls] == ["load", "warm-up", "engine"]
+    assert all(thread.startswith("generate") for _, thread in calls), calls
 
 
 INK = {"id": "ink", "source": "embedded:tiny-sd3/ink"}
