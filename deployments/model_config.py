@@ -46,7 +46,8 @@ class BatchingConfig(Strict):
         ge=0,
         le=1000,
         description="How long a batch waits for compatible requests while the replica is "
-        "busy. An idle replica starts a lone request at once.",
+        "busy, and, after a batch ends, for that batch's callers to ask again. An idle "
+        "replica starts a lone request at once.",
     )
 
 

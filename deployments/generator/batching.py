@@ -11,7 +11,13 @@ When a batch starts:
 - never before a worker thread is free; until then, waiting batches keep absorbing compatible
   jobs (under load, batches grow by themselves);
 - at once when the replica is idle, so a lone request never waits for company;
-- otherwise when it is full or its oldest job has waited `max_wait_ms`.
+- otherwise when it is full or its oldest job has waited `max_wait_ms`;
+- but after a batch ends, one that is not full also waits (at most `max_wait_ms`) for as
+  many new jobs as the ended batch had: its callers, answered together, mostly ask again at
+  once (clients in a closed loop, a pipeline of requests), and without this they would come
+  back to a batch already started and the replica's clients would split into cohorts that
+  take turns at half the batch size. A lone client asking again starts at once (its own
+  next job is the one awaited).
 A batch holds at most `max_batch_images` images and `max_batch_pixels` pixels: batching pays
 where one image leaves the device idle (small sizes) and buys nothing but latency and memory
 where one image fills it (large sizes), so large images batch less or run alone. A job with
@@ -146,6 +152,11 @@ class BatchQueue:
         # The adapter sets of the running batches, with how many of each run.
         self._running_sets: Counter[tuple[AdapterWeight, ...]] = Counter()
         self._timer: asyncio.TimerHandle | None = None
+        # After a batch ends, its callers' next requests (closed-loop clients answer and ask
+        # again within milliseconds) are awaited before a batch that is not full starts:
+        # this many jobs more, until `_regroup_until` (`time.monotonic()`).
+        self._regroup_jobs = 0
+        self._regroup_until = 0.0
         # Images in each of the most recent batches (bounded: a replica lives for weeks).
         self.batch_sizes: deque[int] = deque(maxlen=1000)
 
@@ -161,6 +172,7 @@ class BatchQueue:
         entry = _Entry(queued=queued, result=loop.create_future())
         batch = self._batch_for(job)
         batch.entries.append(entry)
+        self._regroup_jobs = max(0, self._regroup_jobs - 1)
         self._dispatch()
         try:
             return await entry.result
@@ -210,6 +222,8 @@ class BatchQueue:
         """The batch to start: full ones first, then those past their wait, oldest first;
         among them one of an adapter set that is running, if any (see `_prefer_running`)."""
         ready = [b for b in self._pending if b.num_images >= self.capacity(b.key)]
+        if self._regrouping(now):
+            return self._prefer_running(ready, now) if ready else None
         ready += [
             b
             for b in self._pending
@@ -218,6 +232,10 @@ class BatchQueue:
         if not ready:
             return None
         return self._prefer_running(ready, now)
+
+    def _regrouping(self, now: float) -> bool:
+        """Whether a batch that is not full waits for the callers of the batch that just ended."""
+        return self._regroup_jobs > 0 and now < self._regroup_until
 
     def _prefer_running(self, ready: list[_Batch], now: float) -> _Batch:
         """A batch of another adapter set than the running batches' would only wait, its
@@ -239,7 +257,10 @@ class BatchQueue:
         if not self._pending or self._running >= self._workers:
             return  # a finishing batch calls _dispatch again
         oldest = min(batch.created for batch in self._pending)
-        delay = max(0.0, oldest + self._max_wait_s - now)
+        ready_at = oldest + self._max_wait_s if self._running else now
+        if self._regrouping(now):
+            ready_at = max(ready_at, self._regroup_until)
+        delay = max(0.0, ready_at - now)
         self._timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
 
     def _start(self, batch: _Batch) -> None:
@@ -257,6 +278,8 @@ class BatchQueue:
         self, batch: _Batch, done: asyncio.Future[list[GeneratedImages | Exception]]
     ) -> None:
         self._running -= 1
+        self._regroup_jobs = len(batch.entries)
+        self._regroup_until = time.monotonic() + self._max_wait_s
         self._running_sets[batch.key.adapters] -= 1
         if not self._running_sets[batch.key.adapters]:
             del self._running_sets[batch.key.adapters]

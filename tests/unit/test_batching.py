@@ -356,3 +356,54 @@ def test_a_batch_of_the_running_adapter_set_starts_before_an_older_one_of_anothe
 def test_a_batch_of_another_adapter_set_is_not_passed_over_for_long(runner, monkeypatch):
     monkeypatch.setattr(batching, "OVERDUE_S", 0.0)
     assert first_two_started(runner) == [(0,), (1,)]
+
+
+async def closed_loop_client(queue: BatchQueue, seeds: list[int]) -> None:
+    """A client that asks again as soon as it is answered."""
+    for seed in seeds:
+        await queue.submit(job(seed))
+
+
+def test_the_callers_of_a_finished_batch_join_the_waiting_one(runner):
+    # Closed-loop clients answered together come back within milliseconds: the waiting
+    # batch takes them in rather than starting half full and splitting the clients into
+    # two cohorts that take turns at half the batch size.
+    async def scenario():
+        queue = make_queue(runner, max_wait_ms=1000)
+        runner.hold()
+        first = asyncio.create_task(closed_loop_client(queue, [0, 5]))
+        await started(runner, 1)
+        waiting = [asyncio.create_task(queue.submit(job(seed))) for seed in (1, 2, 3, 4)]
+        await asyncio.sleep(0.01)
+        runner.release()
+        await asyncio.wait_for(asyncio.gather(first, *waiting), timeout=0.5)
+
+    asyncio.run(scenario())
+    assert runner.batches == [[(0,)], [(1,), (2,), (3,), (4,), (5,)]]
+
+
+def test_a_lone_client_asking_again_never_waits_for_company(runner):
+    async def scenario():
+        queue = make_queue(runner, max_wait_ms=1000)
+        await asyncio.wait_for(closed_loop_client(queue, list(range(5))), timeout=0.5)
+
+    asyncio.run(scenario())
+    assert runner.batches == [[(seed,)] for seed in range(5)]
+
+
+def test_a_waiting_batch_waits_for_callers_that_do_not_return_at_most_the_window(runner):
+    async def scenario():
+        queue = make_queue(runner, max_wait_ms=100)
+        runner.hold()
+        first = asyncio.create_task(queue.submit(job(0)))
+        await started(runner, 1)
+        waiting = asyncio.create_task(queue.submit(job(1)))
+        await asyncio.sleep(0.01)
+        runner.release()
+        await first
+        released = time.monotonic()
+        await asyncio.wait_for(waiting, timeout=1)
+        return time.monotonic() - released
+
+    waited = asyncio.run(scenario())
+    assert 0.05 <= waited < 0.5  # job 0's caller did not come back: job 1 waited ~100 ms
