@@ -5,18 +5,18 @@ thread that starts a parallel region its own team of threads, kept for as long a
 thread lives. Once a process holds more OpenMP threads than it has cores, libgomp cuts how
 long an idle team thread spins before it sleeps, so that every op wakes sleeping threads.
 A replica that loaded and warmed up its pipeline in one thread and then generated in another
-paid that on every op. Measured on 2 cores (tiny-sd3, 8 steps, 2 torch threads, best of 4):
+paid that on every op. `python -m bench.threads` on 2 cores (tiny-sd3, 8 steps, 2 torch
+threads, seconds per call, each case a fresh process):
 
-| where torch ran                               | 64x64 x1 | 64x64 x8 | 256x256 x1 |
-|-----------------------------------------------|----------|----------|------------|
-| everything in the main thread                 | 0.078 s  | 0.357 s  | 0.143 s    |
-| everything in one other thread                | 0.099 s  | 0.336 s  | 0.143 s    |
-| a small op in the main thread, the rest in another | 0.142 s | 0.416 s | 0.253 s |
+| where torch ran                                   | 64x64 x1 | 64x64 x8 | 256x256 x1 |
+|---------------------------------------------------|----------|----------|------------|
+| only one thread (not the main one)                | 0.078    | 0.323    | 0.147      |
+| one small op in the main thread, then another one | 0.168    | 0.415    | 0.211      |
 
 So the replica makes its worker pool first and loads, compiles and warms up the pipeline in
-one of its threads (`run_in_pool`); afterwards only the pool's threads run torch. A CPU
-replica whose pool has one thread (`worker_threads: 1`) then has a single OpenMP team, with
-every core it was given: concurrency comes from batching, not from threads.
+one of its threads (`run_in_pool`); afterwards only the pool's threads run torch, each with
+`cores // worker_threads` torch threads, so their teams together never hold more threads
+than the cores Ray assigned the replica.
 """
 
 from __future__ import annotations
