@@ -31,9 +31,10 @@ class Workload:
     size: str
     steps: int
     images_per_request: int = 1
+    model: str | None = None  # the server's default model when None
 
     def request(self, rng: random.Random) -> dict:
-        return {
+        body = {
             "prompt": rng.choice(PROMPTS),
             "size": self.size,
             "num_inference_steps": self.steps,
@@ -41,6 +42,9 @@ class Workload:
             "seed": rng.randrange(2**32),
             "response_format": "b64_json",
         }
+        if self.model is not None:
+            body["model"] = self.model
+        return body
 
     @property
     def pixels(self) -> int:

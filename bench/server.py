@@ -94,8 +94,14 @@ class ServeRun:
             process.wait()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
-    def wait_for_first_image(self, timeout_s: float = 300) -> tuple[httpx.Response, float]:
-        """Poll until a generation answers 200; return it and the seconds since the start."""
+    def wait_for_first_image(
+        self, timeout_s: float = 300, model: str | None = None
+    ) -> tuple[httpx.Response, float]:
+        """Poll until a generation (of `model`, or the default model) answers 200; return it
+        and the seconds since the start."""
+        body: dict[str, Any] = {"prompt": "first light", "response_format": "b64_json"}
+        if model is not None:
+            body["model"] = model
         started = time.monotonic()
         last: object = None
         while time.monotonic() - started < timeout_s:
@@ -104,7 +110,7 @@ class ServeRun:
             try:
                 response = httpx.post(
                     f"{self.base_url}/v1/images/generations",
-                    json={"prompt": "first light", "response_format": "b64_json"},
+                    json=body,
                     timeout=60,
                 )
                 if response.status_code == 200:
