@@ -78,7 +78,7 @@ def test_rounds_summarised_by_their_median_and_range():
     assert row["bare"]["median"] == 30
     assert row["alone_p50_s"] == 0.2
     assert row["bare_batch1_s"] == 0.08  # the best round
-    assert row["errors"] == 3  # the seed server's, one a round
+    assert row["errors"] == {"service": 0, "seed": 3}  # the seed server's, one a round
 
 
 def test_targets_say_whether_met_and_by_how_much():
