@@ -67,9 +67,13 @@ class ImageGenerator:
         # Every torch op of this replica runs in the pool's threads, the start's too: torch
         # work in this thread would cost each call an OpenMP team more (torch_threads.py).
         pool = worker_pool(worker_threads)
-        self._engine = run_in_pool(
-            pool, lambda: start_engine(model, worker_threads, batching, pool)
-        )
+        try:
+            self._engine = run_in_pool(
+                pool, lambda: start_engine(model, worker_threads, batching, pool)
+            )
+        except BaseException:
+            pool.shutdown()  # a failed start leaves no thread behind (it is idle now)
+            raise
         self._adapters = self._engine.adapters
         self._device = self._engine.device
         check_default_size(model, self._engine.capabilities())

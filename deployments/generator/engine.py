@@ -43,6 +43,7 @@ from deployments.generator.call_plan import BatchRun, CallPart, is_out_of_memory
 from deployments.generator.call_timing import CallTimer, CallTimes
 from deployments.generator.pipelines import RequestPipelines, call_parameters
 from deployments.generator.previews import fit_previewer
+from deployments.generator.torch_threads import worker_pool
 from deployments.jobs import (
     AdapterUnavailable,
     GeneratedImages,
@@ -115,7 +116,7 @@ class ImageEngine:
         self.adapters = adapters
         self._previewer = fit_previewer(pipeline)
         self._metrics = metrics
-        self._pool = pool or ThreadPoolExecutor(worker_threads, thread_name_prefix="generate")
+        self._pool = pool or worker_pool(worker_threads)
         self._queue = BatchQueue(
             self._run_batch,
             self._pool,

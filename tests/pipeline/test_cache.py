@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 
 import numpy as np
 import pytest
@@ -221,11 +222,15 @@ def test_a_batch_shares_its_skip_decisions_and_gives_the_same_images_again(cache
     ],
 )
 def test_a_cache_that_cannot_work_fails_the_replica_start(name, cache, refusal):
+    before = set(threading.enumerate())
     with pytest.raises(CacheUnsupported) as refused:
         ImageGenerator.func_or_class(model(name, CacheConfig(**cache)), 1, BatchingConfig())
     message = str(refused.value)
     assert "optimizations.cache.kind" in message
     assert refusal in message
+    # The start ran in the replica's worker thread, which the failed start shut down.
+    left = set(threading.enumerate()) - before
+    assert not [thread for thread in left if thread.name.startswith("generate")]
 
 
 def test_an_unknown_kind_is_refused_by_the_config():
