@@ -278,8 +278,12 @@ class BatchQueue:
         self, batch: _Batch, done: asyncio.Future[list[GeneratedImages | Exception]]
     ) -> None:
         self._running -= 1
-        self._regroup_jobs = len(batch.entries)
-        self._regroup_until = time.monotonic() + self._max_wait_s
+        now = time.monotonic()
+        if self._regrouping(now):  # the window stays: a batch waits `max_wait_ms` at most
+            self._regroup_jobs += len(batch.entries)
+        else:
+            self._regroup_jobs = len(batch.entries)
+            self._regroup_until = now + self._max_wait_s
         self._running_sets[batch.key.adapters] -= 1
         if not self._running_sets[batch.key.adapters]:
             del self._running_sets[batch.key.adapters]

@@ -407,3 +407,27 @@ def test_a_waiting_batch_waits_for_callers_that_do_not_return_at_most_the_window
 
     waited = asyncio.run(scenario())
     assert 0.05 <= waited < 0.5  # job 0's caller did not come back: job 1 waited ~100 ms
+
+
+def test_batches_ending_one_after_another_hold_a_waiting_one_one_window_in_all(runner):
+    async def scenario():
+        queue = make_queue(runner, workers=2, max_wait_ms=300)
+        runner.hold()
+        runner.release(2)  # the waiting batch (the third) runs at once when it starts
+        first = asyncio.create_task(queue.submit(job(0)))
+        await started(runner, 1)
+        full = asyncio.create_task(queue.submit(job(10, n=8)))  # full: starts at once
+        await started(runner, 2)
+        waiting = asyncio.create_task(queue.submit(job(1)))
+        await asyncio.sleep(0.01)
+        runner.release(0)
+        await first
+        ended = time.monotonic()
+        await asyncio.sleep(0.2)
+        runner.release(1)  # a second batch ends inside the first one's window
+        await full
+        await asyncio.wait_for(waiting, timeout=2)
+        return time.monotonic() - ended
+
+    waited = asyncio.run(scenario())
+    assert waited < 0.42  # one 300 ms window from the first end, not a second from the next
