@@ -38,6 +38,7 @@ from bench.stacks import (
     parse_collapsed,
     per_request_ms,
 )
+from deployments.model_config import generator_deployment_name
 
 WORKLOADS = [Workload("small", size="64x64", steps=8), Workload("large", size="256x256", steps=8)]
 RULES = {"proxy": PROXY_RULES, "ingress": INGRESS_RULES, "replica": REPLICA_RULES}
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
 
     config = with_overrides(load_config(options.config), port=free_port())
-    generator = "ImageGenerator:" + config["applications"][0]["args"]["models"][0]["id"]
+    generator = generator_deployment_name(config["applications"][0]["args"]["models"][0]["id"])
     results = []
     with ServeRun(config) as server:
         server.wait_for_first_image()

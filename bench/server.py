@@ -47,6 +47,31 @@ def with_overrides(
     return config
 
 
+def poll_for_image(
+    base_url: str,
+    body: dict[str, Any],
+    process: subprocess.Popen[bytes] | None,
+    exited: str,
+    timeout_s: float,
+) -> tuple[httpx.Response, float]:
+    """Post `body` to a server's generations route until it answers 200 (the server's
+    `process` still running, else RuntimeError(`exited`)); that answer and the seconds it took."""
+    started = time.monotonic()
+    last: object = None
+    while time.monotonic() - started < timeout_s:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(exited)
+        try:
+            response = httpx.post(f"{base_url}/v1/images/generations", json=body, timeout=60)
+            if response.status_code == 200:
+                return response, time.monotonic() - started
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.HTTPError as error:
+            last = error
+        time.sleep(0.25)
+    raise TimeoutError(f"no image from {base_url} in {timeout_s}s; last: {last}")
+
+
 class ServeRun:
     """`serve run` in a subprocess; a context manager that stops it (and its Ray) on exit."""
 
@@ -102,24 +127,8 @@ class ServeRun:
         body: dict[str, Any] = {"prompt": "first light", "response_format": "b64_json"}
         if model is not None:
             body["model"] = model
-        started = time.monotonic()
-        last: object = None
-        while time.monotonic() - started < timeout_s:
-            if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(f"serve run exited; see {self.log_path}")
-            try:
-                response = httpx.post(
-                    f"{self.base_url}/v1/images/generations",
-                    json=body,
-                    timeout=60,
-                )
-                if response.status_code == 200:
-                    return response, time.monotonic() - started
-                last = f"{response.status_code} {response.text[:200]}"
-            except httpx.HTTPError as error:
-                last = error
-            time.sleep(0.25)
-        raise TimeoutError(f"no image from {self.base_url} in {timeout_s}s; last: {last}")
+        exited = f"serve run exited; see {self.log_path}"
+        return poll_for_image(self.base_url, body, self._process, exited, timeout_s)
 
     def replica_processes(self, deployment: str) -> list[psutil.Process]:
         """This application's replica processes of a deployment (`ServeReplica:app:name`).
@@ -172,19 +181,6 @@ class SeedServer:
                 self._process.wait()
 
     def wait_for_first_image(self, timeout_s: float = 300) -> None:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(f"the seed server exited; see {self._log}")
-            try:
-                response = httpx.post(
-                    f"{self.base_url}/v1/images/generations",
-                    json={"prompt": "first light", "num_inference_steps": 2},
-                    timeout=60,
-                )
-                if response.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"no image from the seed server in {timeout_s}s; see {self._log}")
+        body = {"prompt": "first light", "num_inference_steps": 2}
+        exited = f"the seed server exited; see {self._log}"
+        poll_for_image(self.base_url, body, self._process, exited, timeout_s)

@@ -74,8 +74,6 @@ class ImageGenerator:
         except BaseException:
             pool.shutdown()  # a failed start leaves no thread behind (it is idle now)
             raise
-        self._adapters = self._engine.adapters
-        self._device = self._engine.device
         check_default_size(model, self._engine.capabilities())
         self._load_adapter_set = self._adapter_set_loader(model)
 
@@ -84,7 +82,7 @@ class ImageGenerator:
         thread. Serve keeps `max_adapters_per_replica` sets per replica, least recently used
         out, and routes each set's requests to the replicas that hold it. Outside a Serve
         replica (tests), the same loader without Serve's cache and routing."""
-        store = self._adapters
+        store = self._engine.adapters
         if store is None:
             return None
 
@@ -125,7 +123,7 @@ class ImageGenerator:
 
     def counters(self) -> dict[str, Any]:
         """What the replica has done so far, for operators, tests and the benchmark."""
-        on_cuda = self._device.type == "cuda"
+        on_cuda = self._engine.device.type == "cuda"
         return {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -135,7 +133,7 @@ class ImageGenerator:
             # Most bytes of GPU memory its tensors held at once (since the start or the last
             # `reset_peak_memory`); None off CUDA.
             "cuda_peak_allocated_bytes": (
-                torch.cuda.max_memory_allocated(self._device) if on_cuda else None
+                torch.cuda.max_memory_allocated(self._engine.device) if on_cuda else None
             ),
             # Graphs torch.compile made in this process: constant once warmed up, unless
             # requests come at shapes the warm-up did not run.
@@ -146,7 +144,7 @@ class ImageGenerator:
         }
 
     def _adapter_counters(self) -> dict[str, list[str] | int | list[float]] | None:
-        store = self._adapters
+        store = self._engine.adapters
         if store is None:
             return None
         return {
@@ -158,8 +156,8 @@ class ImageGenerator:
 
     def reset_peak_memory(self) -> None:
         """Start a new peak for `counters()["cuda_peak_allocated_bytes"]`."""
-        if self._device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self._device)
+        if self._engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._engine.device)
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)

@@ -113,11 +113,9 @@ class ImageService:
     ) -> None:
         self.args = args
         self.models = ModelCatalog(args)
-        self._adapters = self.models.adapters
-        if set(backends) != set(args.model_by_id()):
-            raise ValueError(
-                f"backends for {sorted(backends)}, models {sorted(args.model_by_id())}"
-            )
+        model_ids = sorted(args.model_by_id())
+        if sorted(backends) != model_ids:
+            raise ValueError(f"backends for {sorted(backends)}, models {model_ids}")
         self._backends = dict(backends)
         self._capabilities: dict[str, ModelCapabilities] = {}
         self.store = store or ImageStore.from_config(args.storage)
@@ -186,7 +184,7 @@ class ImageService:
             ImageGenerationRequest, body, model, backend, scope.deadline, strict=True
         )
         check_supported(params, context.capabilities, model, "text-to-image")
-        adapters = self._adapters.resolve(model, target.adapter, params.lora)
+        adapters = self.models.adapters.resolve(model, target.adapter, params.lora)
         job = params.to_job(context, scope.request_id, adapters=adapters)
         scope.log.add(**self._logged_parameters(params, job, model.id))
         return PreparedJob(params, job, backend, "image_generation")
@@ -205,7 +203,7 @@ class ImageService:
         # Refused before any image is decoded if the model cannot do this edit.
         check_supported(params, context.capabilities, model, task)
         check_edit_steps(params, context.capabilities, model, task)
-        adapters = self._adapters.resolve(model, target.adapter, params.lora)
+        adapters = self.models.adapters.resolve(model, target.adapter, params.lora)
         try:
             inputs = await run_in_threadpool(
                 read_edit_inputs,
