@@ -17,6 +17,7 @@ from ray.serve import Application
 
 from deployments.config import AppArgs
 from deployments.generator.deployment import ImageGenerator
+from deployments.generator.pipelines import pipeline_class_named
 from deployments.ingress.deployment import ImageIngress
 from deployments.model_config import generator_deployment_name
 
@@ -30,7 +31,7 @@ def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
     if isinstance(args, AppArgs):
         return args
     try:
-        return AppArgs.model_validate(args or {})
+        parsed = AppArgs.model_validate(args or {})
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
@@ -38,6 +39,18 @@ def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
             reason = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
             problems.append(f"  args.{key}: {reason}")
         raise InvalidArgs("invalid application args:\n" + "\n".join(problems)) from None
+    # The config only checks the name's shape (the ingress must not import diffusers); this
+    # process builds the generators anyway, so a misspelt class fails here, before deploying.
+    for index, model in enumerate(parsed.models):
+        try:
+            pipeline_class_named(model.pipeline_class)
+        except ValueError:
+            raise InvalidArgs(
+                "invalid application args:\n"
+                f"  args.models.{index}.pipeline_class: diffusers has no pipeline class named "
+                f"{model.pipeline_class!r}"
+            ) from None
+    return parsed
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:

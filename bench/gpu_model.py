@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from deployments.cache import default_cache_dir
+from deployments.cache_directory import default_cache_dir
 from deployments.generator.embedded_model import (
     _CLIP_VOCAB_SIZE,
     _T5_VOCAB_SIZE,

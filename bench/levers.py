@@ -22,7 +22,8 @@ import time
 import torch
 
 from deployments.generator.call_arguments import pipeline_arguments
-from deployments.generator.optimizations import denoiser_of, parameter_bytes
+from deployments.generator.components import denoiser_of
+from deployments.generator.optimizations import parameter_bytes
 from deployments.generator.pipelines import RequestPipelines, call_parameters, load_pipeline
 from deployments.generator.warmup import prepare_to_serve
 from deployments.jobs import GenerationJob

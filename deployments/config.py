@@ -13,13 +13,9 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from deployments.cache import default_cache_dir
-from deployments.model_config import (
-    BatchingConfig,
-    ModelConfig,
-    Strict,
-    generator_deployment_name,
-)
+from deployments.cache_directory import default_cache_dir
+from deployments.config_base import Strict
+from deployments.model_config import BatchingConfig, ModelConfig, generator_deployment_name
 from deployments.sizes import parse_size
 
 

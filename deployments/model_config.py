@@ -11,17 +11,11 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-import diffusers
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from ray.serve.schema import DeploymentSchema
 
+from deployments.config_base import Strict
 from deployments.optimizations_config import OptimizationsConfig
-
-
-class Strict(BaseModel):
-    """Arguments are frozen and reject unknown keys (a misspelt option must fail)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class BatchingConfig(Strict):
@@ -31,8 +25,9 @@ class BatchingConfig(Strict):
         default=8,
         ge=1,
         le=64,
-        description="Most images in one pipeline call. 1 turns batching off: every request "
-        "runs alone (the per-request design).",
+        description="Most images a batch gathers from several requests into one pipeline "
+        "call. 1 turns batching off: every request runs alone (the per-request design), its "
+        "`n` images in one call as `max_batch_pixels` allows.",
     )
     max_batch_pixels: int = Field(
         default=8 * 256 * 256,
@@ -49,6 +44,16 @@ class BatchingConfig(Strict):
         "busy, and, after a batch ends, for that batch's callers to ask again. An idle "
         "replica starts a lone request at once.",
     )
+
+    def images_per_call(self, width: int, height: int) -> int:
+        """Most images of this size in one pipeline call: the pixel budget, and at least 1 (a
+        single image larger than `max_batch_pixels` still runs, alone). A request's own
+        images are split into calls of this size, whatever `max_batch_images` says."""
+        return max(1, self.max_batch_pixels // (width * height))
+
+    def images_per_batch(self, width: int, height: int) -> int:
+        """Most images of this size that a batch gathers from several requests."""
+        return min(self.max_batch_images, self.images_per_call(width, height))
 
 
 # An adapter id: letters, digits and `_ : / -`. A `+` joins the ids of a set of adapters,
@@ -105,6 +110,9 @@ class ModelConfig(Strict):
     )
     pipeline_class: str | None = Field(
         default=None,
+        # Only the name's shape here: the ingress reads this config too and must not import
+        # diffusers (and torch) for it; the replica checks the class exists when it loads.
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="The diffusers text-to-image pipeline class to load it with "
         "(`StableDiffusionXLPipeline`, `FluxPipeline`, ...). By default the class named in "
         "the checkpoint's `model_index.json`, as diffusers' `DiffusionPipeline` chooses it.",
@@ -191,16 +199,6 @@ class ModelConfig(Strict):
         "with `num_gpus`, `max_ongoing_requests`, `max_queued_requests`, ...). Unset options "
         "keep the defaults of `deployments/generator/deployment.py`.",
     )
-
-    @field_validator("pipeline_class")
-    @classmethod
-    def _known_pipeline_class(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        found = getattr(diffusers, value, None)
-        if not (isinstance(found, type) and issubclass(found, diffusers.DiffusionPipeline)):
-            raise ValueError(f"diffusers has no pipeline class named {value!r}")
-        return value
 
     @model_validator(mode="after")
     def _adapters_fit(self) -> ModelConfig:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from deployments.config_base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CompileConfig(_Strict):
+class CompileConfig(Strict):
     """Regional `torch.compile` of the denoiser's repeated blocks, warmed up at start."""
 
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
@@ -46,7 +44,7 @@ class CompileConfig(_Strict):
 CacheKind = Literal["first_block", "taylorseer", "magcache", "pyramid_attention_broadcast"]
 
 
-class CacheConfig(_Strict):
+class CacheConfig(Strict):
     """diffusers' cache hooks (skip transformer work between similar steps). Lossy: a cached
     image differs a little from the uncached one."""
 
@@ -64,7 +62,7 @@ class CacheConfig(_Strict):
     )
 
 
-class OptimizationsConfig(_Strict):
+class OptimizationsConfig(Strict):
     """The speed levers of one model's replicas. Unknown or unavailable ones fail the
     replica's start with a message naming them, never a request."""
 

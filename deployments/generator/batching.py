@@ -144,8 +144,7 @@ class BatchQueue:
         self._on_change = on_change
         self._executor = executor
         self._workers = workers
-        self._max_batch_images = settings.max_batch_images
-        self._max_batch_pixels = settings.max_batch_pixels
+        self._settings = settings
         self._max_wait_s = settings.max_wait_ms / 1000
         self._pending: list[_Batch] = []
         self._running = 0
@@ -182,8 +181,7 @@ class BatchQueue:
 
     def capacity(self, key: BatchKey) -> int:
         """Most images a batch of this key holds (at least 1)."""
-        capacity = min(self._max_batch_images, self._max_batch_pixels // (key.width * key.height))
-        return max(1, capacity)
+        return self._settings.images_per_batch(key.width, key.height)
 
     def _batch_for(self, job: GenerationJob) -> _Batch:
         key = batch_key(job)

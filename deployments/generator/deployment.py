@@ -13,7 +13,7 @@ with `multiplexed_model_id=adapter_set_id(job.adapters)`, so Serve routes it to 
 already holds that set. The replica's multiplexed loader (wired in the constructor, so that
 its limit is the model's `max_adapters_per_replica`) prefetches the set's adapters in a
 thread, off the event loop, while generations go on; the engine loads them into the shared
-pipeline between calls (`deployments/generator/adapters.py`).
+pipeline between calls (`deployments/generator/adapter_store.py`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from ray import serve
 from ray.serve.context import _get_internal_replica_context
 
 from deployments.adapter_directory import WatchedAdapterDirectory
-from deployments.generator.adapters import AdapterStore
-from deployments.generator.cache import apply_cache
+from deployments.generator.adapter_store import AdapterStore
+from deployments.generator.cache_hooks import apply_cache
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model_limits import check_default_size
 from deployments.generator.pipelines import load_pipeline, resolve_device

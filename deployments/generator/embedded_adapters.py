@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.cache import default_cache_dir
+from deployments.cache_directory import default_cache_dir
 from deployments.generator.embedded_model import (
     EMBEDDED_SCHEME,
     RECIPE_VERSION,

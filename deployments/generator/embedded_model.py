@@ -18,7 +18,7 @@ import string
 import tempfile
 from pathlib import Path
 
-from deployments.cache import default_cache_dir
+from deployments.cache_directory import default_cache_dir
 
 EMBEDDED_SCHEME = "embedded:"
 EMBEDDED_MODELS = ("tiny-sd3", "tiny-sdxl", "tiny-flux")

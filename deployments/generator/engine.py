@@ -35,9 +35,9 @@ import torch
 from diffusers import DiffusionPipeline
 
 from deployments.generator.adapter_gate import CallAbandoned
-from deployments.generator.adapters import AdapterStore
+from deployments.generator.adapter_store import AdapterStore
 from deployments.generator.batching import BatchQueue, EventSink, QueuedJob, adapter_key
-from deployments.generator.cache import call_scope
+from deployments.generator.cache_hooks import call_scope
 from deployments.generator.call_arguments import StepCallback, pipeline_arguments
 from deployments.generator.call_plan import BatchRun, CallPart, is_out_of_memory
 from deployments.generator.call_timing import CallTimer, CallTimes
@@ -124,7 +124,7 @@ class ImageEngine:
             settings=batching,
             on_change=metrics.queue_changed if metrics is not None else None,
         )
-        self._max_call_pixels = batching.max_batch_pixels
+        self._batching = batching
         self._broken: BaseException | None = None
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
@@ -199,7 +199,7 @@ class ImageEngine:
         if cancelled.is_set():
             raise GenerationCancelled()
         first = queued[0].job
-        capacity = max(1, self._max_call_pixels // (first.width * first.height))
+        capacity = self._batching.images_per_call(first.width, first.height)
         adapters = adapter_key(first.adapters)  # the batch's (its key has them)
         if self.adapters is None:  # then no job has adapters (`_stage_adapters`)
             gate = contextlib.nullcontext()

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
+from deployments.generator.components import DENOISER_NAMES, denoiser_of
 from deployments.optimizations_config import CompileConfig, OptimizationsConfig
 
 logger = logging.getLogger("ray.serve")
 
 # The component that denoises (and takes nearly all of the compute): a transformer (SD3,
 # FLUX) or a UNet (SDXL).
-DENOISERS = ("transformer", "unet")
 
 # Each `quantization` value as torchao's config class.
 _TORCHAO_CONFIGS = {
@@ -56,14 +56,6 @@ class OptimizationUnavailable(RuntimeError):
         self.option = option
 
 
-def denoiser_of(pipeline: Any) -> torch.nn.Module:
-    for name in DENOISERS:
-        module = getattr(pipeline, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise OptimizationUnavailable("*", f"{type(pipeline).__name__} has no transformer or unet")
-
-
 def quantization_config(
     options: OptimizationsConfig, source: str | Path, revision: str | None, device: torch.device
 ) -> Any | None:
@@ -83,7 +75,7 @@ def quantization_config(
     # Which component denoises, from the checkpoint's model_index.json: diffusers warns about
     # (and ignores) a mapping that names a component the pipeline lacks.
     components = DiffusionPipeline.load_config(source, revision=revision)
-    denoiser = next((name for name in DENOISERS if name in components), None)
+    denoiser = next((name for name in DENOISER_NAMES if name in components), None)
     if denoiser is None:
         raise OptimizationUnavailable("quantization", f"{source} has no transformer or unet")
     torchao_config = getattr(torchao.quantization, _TORCHAO_CONFIGS[kind])()

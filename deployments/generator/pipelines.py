@@ -36,6 +36,7 @@ from diffusers.pipelines.auto_pipeline import (
     AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
 )
 
+from deployments.generator.components import DTYPES
 from deployments.generator.embedded_model import ensure_embedded_model, is_embedded
 from deployments.generator.model_limits import edit_step_rounding, size_limits
 from deployments.generator.optimizations import apply_at_load, quantization_config
@@ -44,8 +45,6 @@ from deployments.jobs import OPTIONAL_PARAMETERS, ModelCapabilities, Task
 from deployments.model_config import ModelConfig
 
 logger = logging.getLogger("ray.serve")
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -60,7 +59,7 @@ def resolve_device(requested: str) -> torch.device:
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested != "auto":
-        return _DTYPES[requested]
+        return DTYPES[requested]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -75,8 +74,7 @@ def load_pipeline(model: ModelConfig) -> DiffusionPipeline:
     source: str | Path = model.source
     if is_embedded(model.source):
         source = ensure_embedded_model(model.source)
-    # DiffusionPipeline reads the class from the checkpoint's model_index.json.
-    pipeline_class = getattr(diffusers, model.pipeline_class or "DiffusionPipeline")
+    pipeline_class = pipeline_class_named(model.pipeline_class)
     logger.info(
         "loading %s from %s as %s on %s with %s",
         model.id,
@@ -117,6 +115,18 @@ def task_classes(text_to_image: type) -> dict[Task, type]:
 
 
 @functools.cache
+def pipeline_class_named(name: str | None) -> type[DiffusionPipeline]:
+    """diffusers' pipeline class called `name`; without a name, `DiffusionPipeline`, which
+    reads the class from the checkpoint's model_index.json. Raises ValueError naming
+    `models[].pipeline_class` for a name diffusers has no pipeline class by."""
+    if name is None:
+        return DiffusionPipeline
+    found = getattr(diffusers, name, None)
+    if not (isinstance(found, type) and issubclass(found, DiffusionPipeline)):
+        raise ValueError(f"models[].pipeline_class: diffusers has no pipeline class named {name!r}")
+    return found
+
+
 def call_parameters(pipeline_class: type) -> frozenset[str]:
     """The arguments the pipeline class's `__call__` takes (asked for every pipeline call)."""
     return frozenset(inspect.signature(pipeline_class.__call__).parameters)

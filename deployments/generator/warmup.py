@@ -25,11 +25,8 @@ from torch._dynamo.callback import on_compile_end
 from torch._dynamo.utils import counters
 
 from deployments.generator.call_arguments import pipeline_arguments
-from deployments.generator.optimizations import (
-    OptimizationUnavailable,
-    compile_blocks,
-    denoiser_of,
-)
+from deployments.generator.components import denoiser_of
+from deployments.generator.optimizations import OptimizationUnavailable, compile_blocks
 from deployments.generator.pipelines import RequestPipelines, call_parameters
 from deployments.jobs import GenerationJob
 from deployments.model_config import BatchingConfig, ModelConfig
@@ -66,8 +63,8 @@ def warmup_shapes(
     shapes = []
     for size in config.warmup_sizes or [model.default_size]:
         width, height = (int(side) for side in size.split("x"))
-        largest = min(batching.max_batch_images, batching.max_batch_pixels // (width * height))
-        for images in config.warmup_batch_sizes or sorted({1, max(1, largest)}):
+        largest = batching.images_per_batch(width, height)
+        for images in config.warmup_batch_sizes or sorted({1, largest}):
             shapes.append(WarmupShape(width, height, images))
     return shapes
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from deployments.config import AppArgs
-from deployments.ingress.adapters import describe_adapters
+from deployments.ingress.adapter_catalog import describe_adapters
 from deployments.ingress.bodies import EditForm
 from deployments.ingress.deadline import Deadline
 from deployments.ingress.errors import (
@@ -30,12 +30,12 @@ from deployments.ingress.errors import (
     from_validation_error,
     invalid_request,
 )
+from deployments.ingress.model_catalog import ModelCatalog, Target
 from deployments.ingress.model_checks import (
     check_edit_steps,
     check_supported,
     refuse_unencodable,
 )
-from deployments.ingress.models import ModelCatalog, Target
 from deployments.ingress.output import ImagePackager
 from deployments.ingress.protocol import (
     ImageEditRequest,

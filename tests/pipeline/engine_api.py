@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from fastapi.testclient import TestClient
 
 from deployments.config import AppArgs
-from deployments.generator.adapters import AdapterStore
+from deployments.generator.adapter_store import AdapterStore
 from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import load_pipeline
 from deployments.ingress.app import create_api

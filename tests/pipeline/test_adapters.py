@@ -22,7 +22,7 @@ import torch
 
 from deployments.adapter_directory import WatchedAdapterDirectory
 from deployments.generator import deployment
-from deployments.generator.adapters import AdapterStore
+from deployments.generator.adapter_store import AdapterStore
 from deployments.generator.embedded_adapters import WEIGHT_NAME, resolve_adapter_source
 from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import load_pipeline

@@ -16,7 +16,8 @@ import pytest
 from pydantic import ValidationError
 
 from bench.cache import DenoiserWork
-from deployments.generator.cache import CacheUnsupported, apply_cache, denoiser_of
+from deployments.generator.cache_hooks import CacheUnsupported, apply_cache
+from deployments.generator.components import denoiser_of
 from deployments.generator.deployment import ImageGenerator
 from deployments.generator.engine import ImageEngine
 from deployments.generator.pipelines import load_pipeline

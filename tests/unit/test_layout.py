@@ -5,6 +5,8 @@ past what a newcomer can read in one sitting."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,29 @@ def test_no_function_is_too_long_to_read():
                 length = node.end_lineno - node.lineno + 1
                 where = f"{module.relative_to(ROOT)}:{node.lineno} {node.name}"
                 assert length <= MAX_FUNCTION_LINES, f"{where} has {length} lines"
+
+
+def test_no_two_modules_share_a_name():
+    """A path says what it holds: two `cache.py` (a directory, hooks) read as one thing. Only
+    each side's `deployment.py` (its Serve deployment class) repeats, as a role."""
+    seen: dict[str, Path] = {}
+    for module in sorted(PACKAGE.rglob("*.py")):
+        if module.name in ("__init__.py", "deployment.py"):
+            continue
+        first = seen.setdefault(module.name, module)
+        assert first == module, f"{first.relative_to(ROOT)} and {module.relative_to(ROOT)}"
+
+
+@pytest.mark.parametrize("module", ["deployments.ingress.deployment", "deployments.config"])
+def test_the_ingress_side_imports_no_torch(module):
+    """The ingress runs on CPU nodes with no model: importing torch and diffusers there cost
+    ~3,000 modules and seconds of start-up for nothing."""
+    code = (
+        f"import sys, {module}\n"
+        "heavy = sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules))\n"
+        "print(','.join(heavy))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
+    assert found == "", f"importing {module} imports {found}"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from deployments.config import AppArgs
-from deployments.ingress.adapters import AdapterCatalog
+from deployments.ingress.adapter_catalog import AdapterCatalog
 from deployments.ingress.errors import model_not_found
 from deployments.ingress.protocol import Model, ModelList
 from deployments.model_config import AdapterConfig, ModelConfig

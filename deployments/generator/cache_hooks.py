@@ -18,7 +18,7 @@ Taylor factors, a step counter, the last attention output) inside the hook objec
 SHARED denoiser, and diffusers resets it when a pipeline call ends. A replica runs several
 calls at once on that one denoiser (`deployments/generator/engine.py`): unchanged, call A
 would skip on B's residuals, advance B's step counter and reset B's state in the middle of
-B's run (trap 9 of the design notes). Two fixes were possible: serialize cached calls (one
+B's run (design note 9). Two fixes were possible: serialize cached calls (one
 at a time per replica, state reset at each start), or give each call its own state. A call
 runs from start to end in one worker thread, and a thread runs one call at a time, so
 per-call state is just per-thread state bracketed by the call: `apply_cache` swaps each
@@ -69,6 +69,7 @@ from diffusers.hooks.pyramid_attention_broadcast import (
     PyramidAttentionBroadcastState,
 )
 
+from deployments.generator.components import DTYPES, denoiser_of, find_denoiser
 from deployments.generator.pipelines import RequestPipelines
 from deployments.model_config import ModelConfig
 from deployments.optimizations_config import CacheConfig
@@ -94,7 +95,6 @@ _CACHE_HOOK_MODULES = {
     )
 }
 _TAKES_THRESHOLD = ("first_block", "magcache")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Where the per-call slots of a cached denoiser live (an attribute of the shared module).
 _PER_CALL_ATTRIBUTE = "_image_service_per_call_cache"
 
@@ -179,22 +179,6 @@ class _PerCallObject:
         setattr(self._own(), name, value)
 
 
-def _find_denoiser(pipeline: DiffusionPipeline) -> torch.nn.Module | None:
-    for name in ("transformer", "unet"):
-        if (module := getattr(pipeline, name, None)) is not None:
-            return module
-    return None
-
-
-def denoiser_of(pipeline: DiffusionPipeline) -> torch.nn.Module:
-    denoiser = _find_denoiser(pipeline)
-    if denoiser is None:
-        raise CacheUnsupported(
-            f"optimizations.cache: {type(pipeline).__name__} has no transformer or unet to cache"
-        )
-    return denoiser
-
-
 def apply_cache(pipeline: DiffusionPipeline, model: ModelConfig) -> None:
     """Hook the model's `optimizations.cache` into its shared pipeline's denoiser, with
     per-call state (see the module's docstring), and run one call at the model's default
@@ -263,7 +247,7 @@ def _diffusers_config(config: CacheConfig, per_call: _PerCall, default_steps: in
             )
         options["threshold"] = config.threshold
     if config.kind == "taylorseer" and isinstance(options.get("taylor_factors_dtype"), str):
-        options["taylor_factors_dtype"] = _DTYPES[options["taylor_factors_dtype"]]
+        options["taylor_factors_dtype"] = DTYPES[options["taylor_factors_dtype"]]
     if config.kind == "magcache":
         options.setdefault("num_inference_steps", default_steps)
         if options.get("mag_ratios") == "flux":
@@ -316,7 +300,7 @@ def _swap_state(
 def call_scope(view: DiffusionPipeline) -> Iterator[None]:
     """Run one pipeline call (on `view`, in this thread) with its own fresh cache state,
     dropped at the end; nothing to do where the denoiser has no cache."""
-    per_call: _PerCall | None = getattr(_find_denoiser(view), _PER_CALL_ATTRIBUTE, None)
+    per_call: _PerCall | None = getattr(find_denoiser(view), _PER_CALL_ATTRIBUTE, None)
     if per_call is None:
         yield
         return
