@@ -11,8 +11,8 @@ breaking a manifest on purpose must be caught.
 from __future__ import annotations
 
 import copy
-import re
 import hashlib
+import re
 import shutil
 import subprocess
 import tomllib
