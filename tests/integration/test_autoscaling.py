@@ -1,7 +1,7 @@
 """Serve's autoscaler on a real local Ray cluster, driven by HTTP load on the generator.
 
 The configs here set short delays so that the test takes seconds; the GPU config uses the
-same fields with production values (see the README's autoscaling section). The measured
+same fields with production values (see docs/operations.md, "Autoscaling"). The measured
 scale-up and scale-down times are printed (`pytest -s`).
 """
 

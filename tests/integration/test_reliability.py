@@ -137,7 +137,8 @@ def test_client_disconnect_stops_its_generation_and_frees_its_slot(slow, step_s)
         waiting_request_answered_s_after_disconnect=round(answered_at - disconnected_at, 3),
     )
     assert steps_at_disconnect - before > 0, "the long generation had started"
-    # The README says one step; two leaves room for the step under way at the disconnect.
+    # docs/operations.md says within two denoising steps: room for the step under way at
+    # the disconnect.
     assert steps_after_disconnect <= 2
     assert answered_at - disconnected_at < 5
 
@@ -311,7 +312,7 @@ def test_sustained_4x_overload_nothing_hangs_memory_stays_flat(overload):
     )
     assert ok
     assert slowest < OVERLOAD_ARGS["request_timeout_s"]
-    # Measured +1 to +7 MiB (README); a leak of one 32x32 request's buffers per rejection
+    # Measured +1 to +7 MiB; a leak of one 32x32 request's buffers per rejection
     # would pass 200 MiB, so the bound is near what was measured.
     assert rss_peak - rss_before < 24 * 2**20
     # Once the load is gone, the service answers normally.

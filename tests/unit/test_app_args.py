@@ -157,8 +157,8 @@ def test_build_app_binds_ingress_in_front_of_the_generator():
     assert app._bound_deployment.name == INGRESS_DEPLOYMENT
 
 
-def test_readme_documents_every_args_key():
-    readme = (CONFIG_DIR.parent / "README.md").read_text()
+def test_the_configuration_page_documents_every_args_key():
+    page = (CONFIG_DIR.parent / "docs" / "configuration.md").read_text()
     for section, field in AppArgs.model_fields.items():
         nested = field.annotation
         if section == "models":
@@ -168,7 +168,7 @@ def test_readme_documents_every_args_key():
         else:
             keys = [section]
         for key in keys:
-            assert f"`{key}`" in readme, f"README's configuration table lacks `{key}`"
+            assert f"`{key}`" in page, f"docs/configuration.md's `args:` table lacks `{key}`"
 
 
 def test_a_model_may_have_its_own_engine_settings():
