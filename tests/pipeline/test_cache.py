@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bench.cache import DenoiserWork
+from bench.engine.caches import DenoiserWork
 from deployments.generator.cache import CacheUnsupported, apply_cache, denoiser_of
 from deployments.generator.deployment import ImageGenerator
 from deployments.generator.engine import ImageEngine
