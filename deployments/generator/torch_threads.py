@@ -5,7 +5,7 @@ thread that starts a parallel region its own team of threads, kept for as long a
 thread lives. Once a process holds more OpenMP threads than it has cores, libgomp cuts how
 long an idle team thread spins before it sleeps, so that every op wakes sleeping threads.
 A replica that loaded and warmed up its pipeline in one thread and then generated in another
-paid that on every op. `python -m bench.threads` on 2 cores (tiny-sd3, 8 steps, 2 torch
+paid that on every op. `python -m bench.engine.threads` on 2 cores (tiny-sd3, 8 steps, 2 torch
 threads, seconds per call, each case a fresh process):
 
 | where torch ran                                   | 64x64 x1 | 64x64 x8 | 256x256 x1 |

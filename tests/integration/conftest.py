@@ -15,7 +15,7 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from bench.server import free_port
+from .helpers import free_port
 
 HEAD_RESOURCE = "head"
 ACCELERATOR_RESOURCE = "accelerator"

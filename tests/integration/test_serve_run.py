@@ -1,10 +1,14 @@
-"""The README's way to run the service: `serve run config/local.yaml`, as a user would."""
+"""The README's way to run the service: `serve run config/local.yaml`, as a user would.
+
+It runs it with the benchmarks' harness (`bench.harness.serve_run`), the one place that runs
+the app as a user does: what this test checks is also what every served benchmark relies on.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
+from bench.harness.serve_run import REPO, ServeRun, free_port, load_config, with_overrides
 from deployments.model_config import generator_deployment_name
 
 from .helpers import decode_png

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bench.cache import DenoiserWork
+from bench.engine.caches import DenoiserWork
 from deployments.generator.cache_hooks import CacheUnsupported, apply_cache
 from deployments.generator.components import denoiser_of
 from deployments.generator.deployment import ImageGenerator

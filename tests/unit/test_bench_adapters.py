@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from bench.adapters import ADAPTERS, AdapterWorkload, adapter_config
-from bench.server import REPO, load_config
+from bench.harness.serve_run import REPO, load_config
+from bench.serving.adapters import ADAPTERS, AdapterWorkload, adapter_config
 from serve_app import parse_args
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bench.layouts import LAYOUTS, layout_models
-from bench.server import REPO, load_config, with_overrides
+from bench.harness.serve_run import REPO, load_config, with_overrides
+from bench.serving.layouts import LAYOUTS, layout_models
 from serve_app import parse_args
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.report import check_targets, median, summarize
-from bench.stacks import (
+from bench.serving.compare import check_targets, summarize
+from bench.serving.stacks import (
     INGRESS_RULES,
     OTHER,
     REPLICA_RULES,
@@ -60,11 +60,6 @@ def a_round(service: float, seed: float, bare: float, alone: float, batch1: floa
         "bare": {"images_per_s": bare, "best_batch": 8, "batch1_s": batch1},
         "service_alone": {"images_per_s": 1 / alone, "p50_s": alone, "errors": 0},
     }
-
-
-def test_median_of_odd_and_even_counts():
-    assert median([3.0, 1.0, 2.0]) == 2.0
-    assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
 
 
 def test_rounds_summarised_by_their_median_and_range():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import gpu
-from bench.flops import derivation, fraction_of_peak, transformer_flops
-from bench.gpu_model import SD35_MEDIUM_TRANSFORMER, transformer_config
-from bench.gpu_plan import CPU_SMOKE, GPU, Budget, Environment, levers, points
-from bench.gpu_serve import app_args
+from bench.gpu import __main__ as gpu
+from bench.gpu.flops import derivation, fraction_of_peak, transformer_flops
+from bench.gpu.model import SD35_MEDIUM_TRANSFORMER, transformer_config
+from bench.gpu.plan import CPU_SMOKE, GPU, Budget, Environment, levers, points
+from bench.gpu.serve import app_args
 
 # torch.utils.flop_counter.FlopCounterMode on SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
 # built on the meta device, one forward at batch 2 (a CFG pair) of 128x128 latents and 333

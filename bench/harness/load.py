@@ -1,5 +1,10 @@
-"""Closed-loop load over HTTP: `concurrency` clients, each sending its next request as soon as
-the last one is answered, with a fixed, seeded request mix.
+"""The benchmarks' one load driver: closed-loop load over HTTP, `concurrency` clients, each
+sending its next request as soon as the last one is answered, with a fixed, seeded request mix.
+
+Two modes of the same loop: for a fixed duration (`duration_s`: the CPU benchmarks, whose
+requests take milliseconds), or a fixed count (`rounds` requests per client: the GPU
+benchmark, where a large image takes seconds and a fixed count keeps each point's cost
+predictable), optionally bounded by `timeout_s` in all.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+GENERATIONS = "/v1/images/generations"
 PROMPTS = [
     "a lighthouse on a cliff at dusk",
     "a bowl of ramen, studio photo",
@@ -88,7 +94,7 @@ class LoadResult:
         }
 
 
-async def closed_loop(
+def closed_loop(
     base_url: str,
     workload: Workload,
     concurrency: int,
@@ -97,8 +103,35 @@ async def closed_loop(
     warmup_requests: int | None = None,
     rounds: int | None = None,
     request_timeout_s: float = 600,
+    timeout_s: float | None = None,
 ) -> LoadResult:
-    """Run the load for `duration_s`, or until each client has sent `rounds` requests."""
+    """Run the load for `duration_s`, or until each client has sent `rounds` requests; first
+    `warmup_requests` at once (default: one per client), not counted. Raises TimeoutError if
+    the whole runs past `timeout_s`."""
+    load = _closed_loop(
+        base_url,
+        workload,
+        concurrency,
+        duration_s,
+        seed,
+        warmup_requests,
+        rounds,
+        request_timeout_s,
+    )
+    bound = max(1.0, timeout_s) if timeout_s is not None else None
+    return asyncio.run(asyncio.wait_for(load, timeout=bound))
+
+
+async def _closed_loop(
+    base_url: str,
+    workload: Workload,
+    concurrency: int,
+    duration_s: float | None,
+    seed: int,
+    warmup_requests: int | None,
+    rounds: int | None,
+    request_timeout_s: float,
+) -> LoadResult:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     images = 0
@@ -109,7 +142,7 @@ async def closed_loop(
         warmup = random.Random(seed - 1)
         await asyncio.gather(
             *(
-                client.post("/v1/images/generations", json=workload.request(warmup))
+                client.post(GENERATIONS, json=workload.request(warmup))
                 for _ in range(warmup_requests if warmup_requests is not None else concurrency)
             )
         )
@@ -124,9 +157,7 @@ async def closed_loop(
                 sent_requests += 1
                 sent = time.perf_counter()
                 try:
-                    response = await client.post(
-                        "/v1/images/generations", json=workload.request(rng)
-                    )
+                    response = await client.post(GENERATIONS, json=workload.request(rng))
                 except httpx.HTTPError as error:
                     statuses[type(error).__name__] += 1
                     continue
@@ -138,3 +169,17 @@ async def closed_loop(
         await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
     return LoadResult(concurrency, elapsed, images, latencies, dict(statuses))
+
+
+def warm_up(base_url: str, workload: Workload, timeout_s: float) -> float:
+    """One request at the workload's size (first-use costs: kernels picked, caches filled);
+    the seconds it took. Raises if it fails."""
+    started = time.perf_counter()
+    response = httpx.post(
+        base_url + GENERATIONS,
+        json=workload.request(random.Random(-1)),
+        timeout=max(1.0, timeout_s),
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"warm-up at {workload.size}: {response.status_code} {response.text}")
+    return time.perf_counter() - started

@@ -1,7 +1,7 @@
 """The cost of LoRA adapters under load: the same closed-loop load with no adapter, and with
 each request naming one of four adapters at random.
 
-    python -m bench.adapters --config config/local.yaml
+    python -m bench.serving.adapters --config config/local.yaml
 
 It starts the application with `serve run` on 127.0.0.1, its default model given four
 adapters (the embedded ones of `tiny-sd3`, two of them twice under other ids and scales, so
@@ -14,7 +14,6 @@ what switching and split batches cost. Writes bench/results/adapters.json and pr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
@@ -24,9 +23,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import report
-from bench.load import Workload, closed_loop
-from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
+from bench.harness.load import Workload, closed_loop
+from bench.harness.results import RESULTS, machine, write_json
+from bench.harness.serve_run import (
+    REPO,
+    ServeRun,
+    free_port,
+    load_config,
+    serving_options,
+    with_overrides,
+)
 
 ADAPTERS = [
     {"id": "ink", "source": "embedded:tiny-sd3/ink"},
@@ -58,7 +64,7 @@ def adapter_config(config: dict, port: int) -> dict:
 
 
 def measure(base_url: str, workload: Workload, concurrency: int, duration_s: float, seed: int):
-    result = asyncio.run(closed_loop(base_url, workload, concurrency, duration_s, seed=seed))
+    result = closed_loop(base_url, workload, concurrency, duration_s, seed=seed)
     return {
         "images_per_s": result.images_per_s,
         "p50_s": result.percentile(50),
@@ -68,14 +74,13 @@ def measure(base_url: str, workload: Workload, concurrency: int, duration_s: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=REPO / "config" / "local.yaml")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser = serving_options(
+        __doc__, concurrency=16, duration_s=10.0, duration_help="seconds per round"
+    )
     parser.add_argument("--size", default="64x64")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each, alternating")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per round")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args(argv)
 
     workloads = {
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = AdapterWorkload(
             "warm", options.size, options.steps, adapters=workloads["4 adapters"].adapters
         )
-        asyncio.run(closed_loop(server.base_url, warm, len(ADAPTERS), rounds=2))
+        closed_loop(server.base_url, warm, len(ADAPTERS), rounds=2)
         for index in range(options.rounds):
             for name, workload in workloads.items():
                 result = measure(
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "date": datetime.date.today().isoformat(),
         "config": os.path.relpath(options.config, REPO),
-        "machine": report.machine(),
+        "machine": machine(),
         "concurrency": options.concurrency,
         "size": options.size,
         "steps": options.steps,
@@ -122,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "summary": summary,
     }
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "adapters.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, options.out / "adapters.json")
     print(markdown(summary, options))
     return 0
 

@@ -1,15 +1,14 @@
-"""The GPU benchmark's output: the plan before it runs, a row per point, the tables at the end,
-and the JSON file (rewritten after every lever, so a run cut short keeps what it measured)."""
+"""The GPU benchmark's output: the plan before it runs, a row per point, and the tables at the
+end. (The JSON file is rewritten after every lever with `bench.harness.results.write_json`,
+so a run cut short keeps what it measured.)"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from bench.flops import fraction_of_peak
-from bench.gpu_plan import Budget, Lever, Profile, points
-from bench.load import LoadResult
+from bench.gpu.flops import fraction_of_peak
+from bench.gpu.plan import Budget, Lever, Profile, points
+from bench.harness.load import LoadResult
 
 GIB = 2**30
 RAY_START_S = 10.0
@@ -127,10 +126,3 @@ def _peak(record: dict[str, Any]) -> str:
     peaks.append(record.get("peak_gpu_gib_at_start"))
     known = [peak for peak in peaks if peak is not None]
     return f"{max(known):.2f} GiB" if known else "n/a (not CUDA)"
-
-
-def write_json(results: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    partial.replace(path)

@@ -1,7 +1,7 @@
 """Does it matter which threads of a process run torch? (It does, on a CPU: see
 `deployments/generator/torch_threads.py`.)
 
-    python -m bench.threads
+    python -m bench.engine.threads
 
 Each case runs in a fresh process: the bare pipeline (8 steps) loaded and called only from
 the main thread; loaded and called only from one other thread; and called from another
@@ -12,12 +12,14 @@ every core; seconds per call, best of 4. Writes bench/results/threads.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
+
+from bench.harness.results import RESULTS, write_json
 
 CASES = {
     "main thread only": "main",
@@ -25,15 +27,15 @@ CASES = {
     "main thread first, then another": "main-then-thread",
 }
 SHAPES = [("64x64", 1), ("64x64", 8), ("256x256", 1)]
-OUT = Path(__file__).resolve().parent / "results" / "threads.json"
+OUT = RESULTS / "threads.json"
 
 
 def measure(where: str, threads: int) -> dict[str, float]:
     """In this process: seconds per call of each shape, torch run where `where` says."""
     import torch
 
-    from bench.bare import measure_bare
-    from bench.load import Workload
+    from bench.harness.load import Workload
+    from bench.serving.bare import measure_bare
     from deployments.generator.pipelines import load_pipeline
     from deployments.model_config import ModelConfig
 
@@ -58,16 +60,22 @@ def measure(where: str, threads: int) -> dict[str, float]:
     return result
 
 
-def main() -> int:
-    if len(sys.argv) == 3:  # one case, in a child process
-        print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Each case runs in a child process started with these two: where torch runs, and with
+    # how many threads (a fresh process, so no OpenMP team is left from another case).
+    parser.add_argument("where", nargs="?", choices=list(CASES.values()), help=argparse.SUPPRESS)
+    parser.add_argument("threads", nargs="?", type=int, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.where is not None and options.threads is not None:  # one case, in a child
+        print(json.dumps(measure(options.where, options.threads)))
         return 0
     cores = os.cpu_count() or 1
     rows = []
     for label, where in CASES.items():
         for threads in sorted({1, cores}):
             child = subprocess.run(
-                [sys.executable, "-m", "bench.threads", where, str(threads)],
+                [sys.executable, "-m", "bench.engine.threads", where, str(threads)],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -76,8 +84,7 @@ def main() -> int:
             rows.append({"where": label, "threads": threads, "s_per_call": seconds})
             shown = ", ".join(f"{shape} {s:.3f} s" for shape, s in seconds.items())
             print(f"{label}, {threads} torch threads: {shown}", flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"cores": cores, "rows": rows}, indent=2))
+    write_json({"cores": cores, "rows": rows}, OUT)
     return 0
 
 

@@ -1,6 +1,6 @@
 """How a CPU replica should spend its cores: worker threads, torch threads, or replicas.
 
-    python -m bench.layouts --config config/local.yaml
+    python -m bench.serving.layouts --config config/local.yaml
 
 Serves the config's default model under each layout below at once, in one `serve run` (a
 deployment per layout; Ray is told the machine has 16 CPUs, so each layout gets the CPUs it
@@ -12,17 +12,23 @@ bench/results/layouts.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
-from bench.load import Workload
-from bench.run import WORKLOADS, served
-from bench.server import REPO, SAME_PRIORITY, ServeRun, free_port, load_config, with_overrides
+from bench.harness.load import Workload
+from bench.harness.results import RESULTS, write_json
+from bench.harness.serve_run import (
+    SAME_PRIORITY,
+    ServeRun,
+    free_port,
+    load_config,
+    serving_options,
+    with_overrides,
+)
+from bench.serving.compare import WORKLOADS, served
 from serve_app import parse_args
 
 # name: (worker threads, CPUs per replica, replicas); torch threads = CPUs // worker threads.
@@ -31,7 +37,7 @@ LAYOUTS = {
     "1 worker thread x 2 torch threads": (1, 2, 1),
     "2 replicas x 1 worker thread x 1 torch thread": (1, 1, 2),
 }
-OUT = Path(__file__).resolve().parent / "results" / "layouts.json"
+OUT = RESULTS / "layouts.json"
 
 
 def layout_models(model: dict[str, Any]) -> list[dict[str, Any]]:
@@ -82,11 +88,8 @@ def summarize(rounds: list[dict[str, Any]], name: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=REPO / "config" / "local.yaml")
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser = serving_options(__doc__, concurrency=8, duration_s=8.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=8.0)
     options = parser.parse_args(argv)
 
     config = load_config(options.config)
@@ -105,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {name: summarize(rounds, name) for name in LAYOUTS}
     for name, figures in summary.items():
         print(name, json.dumps(figures))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"layouts": LAYOUTS, "summary": summary, "rounds": rounds}, indent=2))
+    write_json({"layouts": LAYOUTS, "summary": summary, "rounds": rounds}, OUT)
     return 0
 
 

@@ -1,8 +1,15 @@
 """The served stack for the GPU benchmark: Ray and Serve in this process, the application that
 `serve_app.build_app` builds from config/sd3.5-medium.yaml's args (with the random-weight
 model's directory as `source` and one lever's `optimizations:`), redeployed once per lever.
-Requests go over HTTP to Serve's proxy on 127.0.0.1; the generator's `counters()` (through
-a handle) report the replica's peak GPU memory.
+Requests go over HTTP to Serve's proxy on 127.0.0.1, with the benchmarks' one load driver
+(`bench.harness.load`); the generator's `counters()` (through a handle) report the replica's
+peak GPU memory.
+
+Not `bench.harness.serve_run.ServeRun` (a `serve run` subprocess with a Ray of its own), for
+two reasons: the peak GPU memory of each point is reset and read through a deployment
+handle, which needs this process to be a driver of the cluster the replica runs in; and
+every lever is a redeploy on the one Ray and Serve started here, where a `serve run` per
+lever would pay Ray's start once more each time, out of a GPU budget of minutes.
 """
 
 from __future__ import annotations
@@ -13,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_plan import Profile
-from bench.server import REPO, free_port, load_config
+from bench.gpu.plan import Profile
+from bench.harness.serve_run import REPO, free_port, load_config
 from deployments.config import AppArgs
 from deployments.model_config import generator_deployment_name
 from serve_app import build_application, parse_args

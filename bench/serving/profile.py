@@ -2,22 +2,19 @@
 generator replica under closed-loop load, with py-spy's breakdown of each.
 
     pip install -e ".[bench]"   # py-spy among them
-    python -m bench.profile --config config/local.yaml --label before
+    python -m bench.serving.profile --config config/local.yaml --label before
 
 It starts the application with `serve run`, and for each workload drives `--concurrency`
 clients for `--duration` seconds while py-spy samples the three processes (without pausing
 them) and the OS counts their CPU time. It prints one table per workload (milliseconds of
-CPU per request, by category; see `bench/stacks.py`) and writes
+CPU per request, by category; see `bench/serving/stacks.py`) and writes
 `bench/results/profile-<label>.json`.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,10 +24,19 @@ from pathlib import Path
 
 import psutil
 
-from bench.load import Workload, closed_loop
-from bench.run import direct_ingress_url
-from bench.server import REPO, ServeRun, free_port, load_config, with_overrides
-from bench.stacks import (
+from bench.harness.load import Workload, closed_loop
+from bench.harness.results import RESULTS, write_json
+from bench.harness.serve_run import (
+    ServeRun,
+    add_throughput_option,
+    direct_ingress_url,
+    free_port,
+    load_config,
+    serving_options,
+    throughput_mode,
+    with_overrides,
+)
+from bench.serving.stacks import (
     INGRESS_RULES,
     PROXY_RULES,
     REPLICA_RULES,
@@ -46,9 +52,8 @@ RULES = {"proxy": PROXY_RULES, "ingress": INGRESS_RULES, "replica": REPLICA_RULE
 
 def serving_processes(server: ServeRun, generator: str) -> dict[str, psutil.Process]:
     """The proxy, the ingress and the generator replica of a `serve run`."""
-    assert server._process is not None
     found: dict[str, psutil.Process] = {}
-    for process in psutil.Process(server._process.pid).children(recursive=True):
+    for process in server.processes():
         try:
             command = " ".join(process.cmdline()).strip()
         except psutil.Error:
@@ -57,10 +62,10 @@ def serving_processes(server: ServeRun, generator: str) -> dict[str, psutil.Proc
             found["proxy"] = process  # HAProxy mode: it takes the HTTP traffic
         elif "ProxyActor" in command:
             found.setdefault("proxy", process)
-        elif re.search(r"ServeReplica:\S*:ImageIngress(\s|$)", command):
-            found["ingress"] = process
-        elif re.search(rf"ServeReplica:\S*:{re.escape(generator)}(\s|$)", command):
-            found["replica"] = process
+    for name, deployment in (("ingress", "ImageIngress"), ("replica", generator)):
+        replicas = server.replica_processes(deployment)
+        if replicas:
+            found[name] = replicas[-1]
     missing = set(RULES) - set(found)
     if missing:
         raise RuntimeError(f"no {sorted(missing)} process under serve run")
@@ -82,7 +87,7 @@ def profile_workload(
 ) -> dict:
     """One workload under load: requests, images/s, and per process its CPU ms per request
     by category."""
-    asyncio.run(closed_loop(base_url, workload, concurrency, 3.0))  # warm, and batches form
+    closed_loop(base_url, workload, concurrency, 3.0)  # warm, and batches form
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     workdir = Path(tempfile.mkdtemp(prefix="profile-"))
     recorders = {}
@@ -94,7 +99,7 @@ def profile_workload(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
     before = {name: cpu_seconds(process) for name, process in processes.items()}
-    load = asyncio.run(closed_loop(base_url, workload, concurrency, duration_s, warmup_requests=0))
+    load = closed_loop(base_url, workload, concurrency, duration_s, warmup_requests=0)
     used = {name: cpu_seconds(process) - before[name] for name, process in processes.items()}
     for recorder in recorders.values():
         recorder.wait(timeout=60)
@@ -136,26 +141,18 @@ def markdown(label: str, results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=REPO / "config" / "local.yaml")
+    parser = serving_options(__doc__, concurrency=8, duration_s=15.0)
     parser.add_argument("--label", default="latest")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument(
-        "--throughput-optimized",
-        action="store_true",
-        help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1, load sent to the ingress's own port",
-    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_throughput_option(parser)
     parser.add_argument(
         "--ha-proxy",
         action="store_true",
         help="RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of Serve's proxy, on the same port",
     )
     options = parser.parse_args(argv)
-    if options.throughput_optimized:
-        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    throughput_mode(options.throughput_optimized)
     if options.ha_proxy:
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
 
@@ -179,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             results.append(result)
             print(json.dumps(result), flush=True)
-    options.out.mkdir(parents=True, exist_ok=True)
-    path = options.out / f"profile-{options.label}.json"
-    path.write_text(json.dumps({"label": options.label, "results": results}, indent=2) + "\n")
+    write_json(
+        {"label": options.label, "results": results}, options.out / f"profile-{options.label}.json"
+    )
     print(markdown(options.label, results))
     return 0
 

@@ -1,9 +1,15 @@
-"""Running the service as a user does, `serve run <config>`, on a free port of 127.0.0.1."""
+"""Running the service as a user does, `serve run <config>`, on a free port of 127.0.0.1: how
+every benchmark of `bench.serving` serves the app, and how tests/integration/test_serve_run.py
+checks that way of running it. (The GPU benchmark serves in-process instead:
+bench/gpu/serve.py says why.)
+"""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +24,8 @@ import httpx
 import psutil
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_CONFIG = REPO / "config" / "local.yaml"
 
 
 def free_port() -> int:
@@ -130,20 +137,25 @@ class ServeRun:
         exited = f"serve run exited; see {self.log_path}"
         return poll_for_image(self.base_url, body, self._process, exited, timeout_s)
 
-    def replica_processes(self, deployment: str) -> list[psutil.Process]:
-        """This application's replica processes of a deployment (`ServeReplica:app:name`).
+    def processes(self) -> list[psutil.Process]:
+        """Every process this `serve run` started (Ray's, Serve's proxy, the replicas).
 
-        Only descendants of this `serve run` count, so another Ray on the machine can't skew
-        the memory figures.
+        Only its descendants count, so another Ray on the machine can't skew the figures
+        taken from them.
         """
-        assert self._process is not None
+        assert self._process is not None, "not started"
+        return psutil.Process(self._process.pid).children(recursive=True)
+
+    def replica_processes(self, deployment: str) -> list[psutil.Process]:
+        """This application's replica processes of a deployment (`ServeReplica:app:name`)."""
+        replica = re.compile(rf"ServeReplica:\S*:{re.escape(deployment)}(\s|$)")
         found = []
-        for process in psutil.Process(self._process.pid).children(recursive=True):
+        for process in self.processes():
             try:
                 command = " ".join(process.cmdline())
             except psutil.Error:
                 continue
-            if "ServeReplica:" in command and f":{deployment}" in command:
+            if replica.search(command):
                 found.append(process)
         return found
 
@@ -154,33 +166,36 @@ class ServeRun:
 SAME_PRIORITY = {"RAY_worker_niceness": "0"}
 
 
-class SeedServer:
-    """The seed-guide peer (`bench/seed_server.py`) in a subprocess on 127.0.0.1."""
+def direct_ingress_url() -> str:
+    """With Serve's direct ingress (throughput mode) the ingress replica serves HTTP itself,
+    on the first port of its range (the proxy still answers on the configured port)."""
+    return f"http://127.0.0.1:{os.environ.get('RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT', '30000')}"
 
-    def __init__(self, source: str, port: int) -> None:
-        self.base_url = f"http://127.0.0.1:{port}"
-        self._command = [sys.executable, "-m", "bench.seed_server", "--port", str(port)]
-        self._command += ["--source", source]
-        self._log = Path(tempfile.mkstemp(prefix="seed-server-", suffix=".log")[1])
-        self._process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> SeedServer:
-        with self._log.open("w") as log:
-            self._process = subprocess.Popen(
-                self._command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-            )
-        return self
+def serving_options(
+    doc: str, *, concurrency: int, duration_s: float, duration_help: str | None = None
+) -> argparse.ArgumentParser:
+    """The options of a benchmark of the served app (described by its module's `doc`): the
+    Serve config it runs, and the closed loop's clients and seconds."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument(
+        "--config", type=Path, default=LOCAL_CONFIG, help="the Serve config `serve run` runs"
+    )
+    parser.add_argument("--concurrency", type=int, default=concurrency, help="closed-loop clients")
+    parser.add_argument("--duration", type=float, default=duration_s, help=duration_help)
+    return parser
 
-    def __exit__(self, *exc_info: object) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
 
-    def wait_for_first_image(self, timeout_s: float = 300) -> None:
-        body = {"prompt": "first light", "num_inference_steps": 2}
-        exited = f"the seed server exited; see {self._log}"
-        poll_for_image(self.base_url, body, self._process, exited, timeout_s)
+def add_throughput_option(parser: argparse.ArgumentParser) -> None:
+    """`--throughput-optimized`: see `throughput_mode`."""
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="the service with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, loaded on its ingress's own port",
+    )
+
+
+def throughput_mode(on: bool) -> None:
+    """Serve's throughput mode for the `serve run`s this process starts (they inherit it)."""
+    if on:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"

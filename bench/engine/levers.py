@@ -9,7 +9,7 @@ Each variant is loaded and warmed up as a replica would be (`load_pipeline`, the
 `prepare_to_serve`), and its calls go through a per-request view with the engine's own call
 arguments. Figures are medians of `--repeats` calls; on a shared machine they move.
 
-    python -m bench.levers [--model embedded:tiny-sd3] [--steps 8] [--repeats 5]
+    python -m bench.engine.levers [--model embedded:tiny-sd3] [--steps 8] [--repeats 5]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ one CUDA GPU, with each speed lever off and on.
     python -m bench.gpu                 # one CUDA GPU; about 8 minutes on an H200
     python -m bench.gpu --cpu-smoke     # the same flow at toy scale on a CPU
 
-It builds the model once (bench/gpu_model.py, cached), serves it with the application that
+It builds the model once (bench/gpu/model.py, cached), serves it with the application that
 `serve_app.build_app` makes from config/sd3.5-medium.yaml's args, once per lever (eager;
 compile; float8 and int8 weight-only quantization; the TaylorSeer cache; attention
 backends are listed as skipped: SD3 takes only 'native'), and drives it over HTTP on
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.flops import derivation
-from bench.gpu_model import transformer_config
-from bench.gpu_plan import (
+from bench.gpu.flops import derivation
+from bench.gpu.model import transformer_config
+from bench.gpu.plan import (
     CPU_SMOKE,
     GPU,
     Budget,
@@ -38,7 +38,8 @@ from bench.gpu_plan import (
     detect_environment,
     levers,
 )
-from bench.server import REPO
+from bench.harness.results import RESULTS
+from bench.harness.serve_run import REPO
 
 NO_GPU_EXIT = 2
 DEFAULT_PEAK_TFLOPS = 790.0
@@ -51,7 +52,9 @@ ASSUMED_H200 = Environment(
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help="toy scale on the CPU")
     parser.add_argument("--plan-only", action="store_true", help="print the plan, run nothing")
     parser.add_argument("--levers", nargs="+", help="only these levers (names as planned)")
@@ -63,7 +66,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="the device's dense bf16 rate for the FLOP floor (TFLOP/s)",
     )
     parser.add_argument("--cache", type=Path, help="where the model is saved (default: cache)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         chosen = [lever for lever in chosen if lever.name in options.levers]
     budget = Budget(profile)
-    from bench.gpu_report import plan_lines
+    from bench.gpu.report import plan_lines
 
     print("\n".join(plan_lines(profile, chosen, skipped, budget)), flush=True)
     if options.plan_only:
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     out = options.out / ("cpu-smoke.json" if profile.toy else "gpu-latest.json")
     source = build_model(profile, options.cache)
     run_levers(profile, chosen, source, budget, results, out, peak)
-    from bench.gpu_report import summary_lines
+    from bench.gpu.report import summary_lines
 
     print("\n".join(summary_lines(results)), flush=True)
     print(f"\nwrote {out}; {time.monotonic() - budget.started:.0f} s in all", flush=True)
@@ -137,7 +140,7 @@ def new_results(
     import diffusers
     import torch
 
-    from bench.report import machine
+    from bench.harness.results import machine
 
     return {
         "date": datetime.date.today().isoformat(),
@@ -156,7 +159,7 @@ def new_results(
 
 def build_model(profile: Profile, cache: Path | None) -> Path:
     """Build and save the model in a child process (so this one holds no GPU memory)."""
-    command = [sys.executable, "-m", "bench.gpu_model", "--device", profile.device]
+    command = [sys.executable, "-m", "bench.gpu.model", "--device", profile.device]
     command += ["--dtype", profile.dtype, *(["--toy"] if profile.toy else [])]
     command += ["--cache", str(cache)] if cache else []
     started = time.monotonic()
@@ -177,9 +180,9 @@ def run_levers(
     out: Path,
     peak: float | None,
 ) -> None:
-    from bench.gpu_lever import run_lever
-    from bench.gpu_report import write_json
-    from bench.gpu_serve import Stack
+    from bench.gpu.lever import run_lever
+    from bench.gpu.serve import Stack
+    from bench.harness.results import write_json
 
     with Stack(profile) as stack:
         for lever in chosen:

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from bench.load import PROMPTS, Workload
+from bench.harness.load import PROMPTS, Workload
 
 
 def weights_bytes(pipeline) -> int:

@@ -2,7 +2,7 @@
 denoiser work each kind skips, seconds per call, and how far its image is from the uncached
 one of the same seed (PSNR).
 
-    python -m bench.cache [--models tiny-sd3 tiny-flux] [--sizes 64 256] [--steps 8 16]
+    python -m bench.engine.caches [--models tiny-sd3 tiny-flux] [--sizes 64 256] [--steps 8 16]
 
 The embedded models have random weights: their images are noise, and the steps of a random
 denoiser are not alike the way a trained one's are, so the PSNR (and how much a threshold

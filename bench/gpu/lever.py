@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_measure import run_rounds, warm_up
-from bench.gpu_plan import Budget, Lever, Point, points
-from bench.gpu_report import GIB, point_row, row_line
-from bench.gpu_serve import LeverFailed, Stack, app_args
-from bench.load import Workload
+from bench.gpu.plan import Budget, Lever, Point, points
+from bench.gpu.report import GIB, point_row, row_line
+from bench.gpu.serve import LeverFailed, Stack, app_args
+from bench.harness.load import Workload, closed_loop, warm_up
 
 
 def run_lever(
@@ -91,8 +90,16 @@ def measure_point(
     peak_tflops: float | None,
 ) -> dict[str, Any]:
     stack.reset_peak_memory()
-    result = run_rounds(
-        stack.base_url, workload, point.concurrency, point.rounds, timeout_s=budget.left()
+    # A fixed count of requests per client, no warm-up requests (each size was warmed up
+    # above), the whole bounded by the time left.
+    result = closed_loop(
+        stack.base_url,
+        workload,
+        point.concurrency,
+        rounds=point.rounds,
+        warmup_requests=0,
+        request_timeout_s=900,
+        timeout_s=budget.left(),
     )
     peak_bytes = stack.counters()["cuda_peak_allocated_bytes"]
     if point.concurrency == 1 and result.latencies_s:

@@ -13,7 +13,7 @@ the real model. So the denoising loop and the VAE cost what they cost with the r
 the real T5-XXL (4.7B parameters, ~9.5 GB in bf16) and CLIP encoders are missing, which
 leaves out their memory and a few tens of milliseconds of prompt encoding per request.
 
-    python -m bench.gpu_model [--toy] [--device cuda] [--cache DIR]   # prints the directory
+    python -m bench.gpu.model [--toy] [--device cuda] [--cache DIR]   # prints the directory
 """
 
 from __future__ import annotations

@@ -1,42 +1,103 @@
-"""The benchmark's outputs: the targets checked, JSON, a PNG chart, and the README's table."""
+"""The benchmark: this service, a server built as diffusers' guide describes, and the bare
+pipeline, side by side on the same model and requests.
+
+    python -m bench.serving.compare --config config/local.yaml
+
+It starts the application with `serve run` on 127.0.0.1 and the seed-guide server
+(`bench/serving/seed_server.py`) beside it, and loads the bare pipeline in this process: all
+three up at once. Then, in alternating rounds (the order rotates each round, so the
+machine's noise falls on all alike), for small images (64x64, where per-request overhead
+dominates) and large ones (256x256): closed-loop load at `--concurrency` clients on each
+server, and the bare pipeline's images/s at each batch size (its best batch is the
+ceiling); and a lone client on the service against the bare pipeline's batch-1 time. It
+checks the targets on the median round and writes bench/results/latest.json,
+bench/results/latest.png and the results section of docs/benchmarks.md (between its
+`bench:results` markers).
+"""
 
 from __future__ import annotations
 
-import json
+import datetime
 import os
-import platform
-import re
+import sys
 from pathlib import Path
 from statistics import median
 from typing import Any
 
-README_START = "<!-- bench:results:start -->"
-README_END = "<!-- bench:results:end -->"
+import torch
+
+from bench.harness.load import Workload, closed_loop
+from bench.harness.results import RESULTS, machine, write_json
+from bench.harness.serve_run import (
+    REPO,
+    SAME_PRIORITY,
+    ServeRun,
+    add_throughput_option,
+    direct_ingress_url,
+    free_port,
+    load_config,
+    serving_options,
+    throughput_mode,
+    with_overrides,
+)
+from bench.serving.bare import measure_bare
+from bench.serving.seed_server import SeedServer
+from deployments.generator.pipelines import load_pipeline
+from serve_app import parse_args
+
+WORKLOADS = {
+    "small": Workload("small", size="64x64", steps=8),
+    "large": Workload("large", size="256x256", steps=8),
+}
+BARE_BATCH_SIZES = [1, 2, 4, 8]
+SERVERS = ("service", "seed")
+RESULTS_START = "<!-- bench:results:start -->"
+RESULTS_END = "<!-- bench:results:end -->"
+# The benchmarks' page: its results section is this benchmark's table.
+RESULTS_PAGE = REPO / "docs" / "benchmarks.md"
 
 
-def machine() -> dict[str, Any]:
-    import psutil
-    import ray
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        if match:
-            cpu = match.group(1).strip()
-    device = "cpu"
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
+def served(base_url: str, workload: Workload, concurrency: int, duration_s: float) -> dict:
+    """Images/s and p50 latency of closed-loop load on one server."""
+    result = closed_loop(base_url, workload, concurrency, duration_s)
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
+        "images_per_s": round(result.images_per_s, 3),
+        "p50_s": round(result.percentile(50), 4) if result.latencies_s else None,
+        "errors": result.errors,
+        "statuses": result.statuses,
     }
+
+
+def bare(pipeline, workload: Workload) -> dict:
+    """The bare pipeline's best batch (images/s) and its batch-1 seconds per call."""
+    rows = measure_bare(pipeline, workload, BARE_BATCH_SIZES, repeats=3)
+    best = max(rows, key=lambda batch: rows[batch]["images_per_s"])
+    return {
+        "images_per_s": rows[best]["images_per_s"],
+        "best_batch": best,
+        "batch1_s": rows[1]["s_per_call"],
+        "by_batch": {str(batch): row["images_per_s"] for batch, row in rows.items()},
+    }
+
+
+def one_round(index: int, urls: dict[str, str], pipeline, options) -> dict:
+    """Every system on every workload once, in an order that rotates with `index`."""
+    systems = ["service", "seed", "bare"]
+    shift = index % len(systems)
+    systems = systems[shift:] + systems[:shift]
+    measured: dict = {name: {} for name in WORKLOADS}
+    for name, workload in WORKLOADS.items():
+        for system in systems:
+            if system == "bare":
+                measured[name]["bare"] = bare(pipeline, workload)
+            else:
+                measured[name][system] = served(
+                    urls[system], workload, options.concurrency, options.duration
+                )
+        # A lone client on the service: its latency against the bare batch-1 call.
+        measured[name]["service_alone"] = served(urls["service"], workload, 1, options.duration)
+        print(f"round {index + 1}, {name}: {round_line(measured[name])}", flush=True)
+    return measured
 
 
 SYSTEMS = {
@@ -116,10 +177,6 @@ def check_targets(summary: dict[str, Any], concurrency: int) -> list[dict[str, A
             )
         )
     return targets
-
-
-def write_json(results: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
@@ -202,7 +259,71 @@ def markdown(results: dict[str, Any], chart: str) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, section: str) -> None:
-    text = readme.read_text()
-    start, end = text.index(README_START), text.index(README_END)
-    readme.write_text(text[: start + len(README_START)] + "\n" + section + "\n" + text[end:])
+def update_results_section(page: Path, section: str) -> None:
+    """Put `section` between the page's `bench:results` markers, in place of what was there."""
+    text = page.read_text()
+    start, end = text.index(RESULTS_START), text.index(RESULTS_END)
+    page.write_text(text[: start + len(RESULTS_START)] + "\n" + section + "\n" + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = serving_options(
+        __doc__, concurrency=8, duration_s=8.0, duration_help="seconds of load per server and round"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--no-readme",
+        action="store_true",
+        help="don't update the results section of docs/benchmarks.md",
+    )
+    add_throughput_option(parser)
+    options = parser.parse_args(argv)
+    throughput_mode(options.throughput_optimized)
+
+    config = load_config(options.config)
+    app_args = parse_args(config["applications"][0].get("args"))
+    # The default model is measured (the others, if any, sit idle on their own replicas).
+    model = app_args.model_by_id()[app_args.default_model_id]
+    torch.set_num_threads(os.cpu_count() or 1)  # the ceiling uses every core
+    pipeline = load_pipeline(model)
+    rounds = []
+    with (
+        ServeRun(with_overrides(config, port=free_port()), env=SAME_PRIORITY) as service,
+        SeedServer(model.source, free_port()) as seed,
+    ):
+        service.wait_for_first_image()
+        seed.wait_for_first_image()
+        urls = {"service": service.base_url, "seed": seed.base_url}
+        if options.throughput_optimized:
+            urls["service"] = direct_ingress_url()
+        for index in range(options.rounds):
+            rounds.append(one_round(index, urls, pipeline, options))
+
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "config": os.path.relpath(options.config, REPO),
+        "model": model.source,
+        "machine": machine(),
+        "duration_s": options.duration,
+        "concurrency": options.concurrency,
+        "workloads": {name: {"size": w.size, "steps": w.steps} for name, w in WORKLOADS.items()},
+        "throughput_optimized": options.throughput_optimized,
+        "rounds": rounds,
+    }
+    results["summary"] = summarize(rounds)
+    results["targets"] = check_targets(results["summary"], options.concurrency)
+
+    options.out.mkdir(parents=True, exist_ok=True)
+    write_json(results, options.out / "latest.json")
+    write_chart(results, options.out / "latest.png")
+    chart = os.path.relpath(options.out / "latest.png", RESULTS_PAGE.parent)
+    section = markdown(results, str(chart))
+    if not options.no_readme:
+        update_results_section(RESULTS_PAGE, section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks in-process on the pipeline and the engine's pieces, no server."""

@@ -1,0 +1,1 @@
+"""What the benchmarks share: the app run as a user runs it, the load driver, the outputs."""
