@@ -2,7 +2,7 @@
 generator replica under closed-loop load, with py-spy's breakdown of each.
 
     pip install -e ".[bench]"   # py-spy among them
-    python -m bench.serving.profile --config config/local.yaml --label before
+    python -m bench.serving.profile --config config/local.yaml [--label latest]
 
 It starts the application with `serve run`, and for each workload drives `--concurrency`
 clients for `--duration` seconds while py-spy samples the three processes (without pausing
