@@ -24,7 +24,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             pytest.fail(
@@ -34,6 +34,7 @@ class RedisServer:
             )
         self._executable = executable
         self._directory = directory
+        self._password = password
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen | None = None
@@ -47,13 +48,14 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", str(self._directory),
+                *(["--requirepass", self._password] if self._password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            client = redis.Redis.from_url(self.url, socket_timeout=1)
+            client = self.client(socket_timeout=1)
             try:
                 client.ping()
                 return
@@ -76,5 +78,5 @@ class RedisServer:
         time.sleep(down_s)
         self.start()
 
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
+    def client(self, **options) -> redis.Redis:
+        return redis.Redis.from_url(self.url, password=self._password, **options)

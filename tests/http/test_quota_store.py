@@ -5,22 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import httpx
 import pytest
 from pydantic import ValidationError
 
 from deployments.config import AppArgs
+from deployments.ingress.quota_store import RedisQuotaStore
+from deployments.quota_config import KeyLimits
+from tests.redis_server import RedisServer
 
 from .checks import assert_openai_error
 from .quota_apps import (
     GENERATIONS,
+    KEYS,
     QuotaCounts,
     bearer,
     generate,
     quota_app,
     quota_args,
     quota_client,
+    sha256,
 )
 
 
@@ -153,3 +159,48 @@ def test_quotas_need_api_keys_and_exactly_one_redis(args, monkeypatch):
         quota_args(args, monkeypatch, "redis://127.0.0.1:6379", redis_url_env="X")
     with pytest.raises(ValidationError, match="exactly one of redis_url and redis_url_env"):
         quota_args(args, monkeypatch, None)
+
+
+def test_the_password_comes_from_its_environment_variable(
+    args, generator, store, monkeypatch, tmp_path
+):
+    server = RedisServer(tmp_path, password="s3cret-redis")
+    server.start()
+    try:
+        with_password = quota_args(
+            args,
+            monkeypatch,
+            server.url,
+            default={"requests": 5},
+            redis_password_env="IMAGE_SERVICE_TEST_REDIS_PASSWORD",
+        )
+        monkeypatch.setenv("IMAGE_SERVICE_TEST_REDIS_PASSWORD", "s3cret-redis")
+        assert generate(quota_client(quota_app(with_password, generator, store))).status_code == 200
+        without = quota_args(args, monkeypatch, server.url, default={"requests": 5})
+        refused = generate(quota_client(quota_app(without, generator, store)))
+        assert assert_openai_error(refused, 503)["code"] == "quota_store_unavailable"
+    finally:
+        server.stop()
+
+
+def test_a_slot_left_by_a_dead_ingress_expires_while_the_keys_others_live(
+    generator, own_redis, quota_api
+):
+    app = quota_client(quota_api(default={"concurrent_requests": 2}))
+    # An ingress that admitted requests and died before releasing their slots (2 s to live).
+    dead = RedisQuotaStore(
+        own_redis.url,
+        None,
+        timeout_s=1.0,
+        prefix="image-service:quota:",
+        window_s=60.0,
+        slot_ttl_s=2.0,
+    )
+    key_id = sha256(KEYS["alice"])[:32]
+    limits = KeyLimits(concurrent_requests=2)
+    assert asyncio.run(dead.admit(key_id, limits, 3, "first-of-the-dead")).refused is None
+    time.sleep(1.0)
+    assert asyncio.run(dead.admit(key_id, limits, 3, "second-of-the-dead")).refused is None
+    assert assert_openai_error(generate(app), 429)["code"] == "concurrency_limit_exceeded"
+    time.sleep(1.1)  # the first slot's time is up; the second's is not
+    assert generate(app).status_code == 200

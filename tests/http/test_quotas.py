@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from deployments.ingress.errors import service_unavailable
+from deployments.ingress.quotas import format_duration
 
 from .checks import assert_openai_error
 from .quota_apps import (
@@ -24,6 +25,7 @@ from .quota_apps import (
     quota_app,
     quota_args,
     quota_client,
+    sha256,
 )
 
 
@@ -37,6 +39,12 @@ def quota_api(args, generator, store, monkeypatch, redis_server):
         )
 
     return build
+
+
+def test_reset_times_are_written_as_openai_writes_them():
+    assert [format_duration(ms) for ms in (0, 850, 1000, 12_500, 60_000, 61_250, 360_000)] == [
+        "0ms", "850ms", "1s", "12.5s", "1m0s", "1m1.25s", "6m0s"
+    ]  # fmt: skip
 
 
 def wait_for_reset(response: httpx.Response) -> None:
@@ -74,6 +82,7 @@ def test_the_request_past_the_limit_is_a_429_with_openais_headers_until_the_rese
     assert 1 <= int(refused.headers["retry-after"]) <= 2
     assert 0 < int(refused.headers["retry-after-ms"]) <= 2000
     assert len(generator.jobs) == 3  # the refused request never reached the generator
+    assert client.get("/v1/models", headers=bearer("alice")).status_code == 200  # not counted
     wait_for_reset(refused)
     again = generate(client)
     assert again.status_code == 200
@@ -139,11 +148,17 @@ def test_the_openai_client_waits_out_retry_after_and_succeeds(quota_api):
     assert metrics.requests[("alice", "requests")] >= 1
 
 
-def test_two_ingress_apps_share_the_counts(quota_api):
+def test_two_ingress_apps_share_the_counts(redis_server, quota_api):
     first = quota_client(quota_api(default={"requests": 4}))
     second = quota_client(quota_api(default={"requests": 4}))
     statuses = [generate(client).status_code for client in (first, second) * 3]
     assert statuses == [200, 200, 200, 200, 429, 429]
+    with redis_server.client() as redis:
+        # One hash-tagged key per key and window (Redis Cluster keeps a tag on one node),
+        # named by the key's digest, never the key.
+        (window,) = redis.keys("*")
+    digest = sha256(KEYS["alice"])[:32]
+    assert window.decode() == f"image-service:quota:{{{digest}}}:window"
 
 
 def test_metrics_count_each_key_by_its_name_never_its_secret_and_cap_the_labels(quota_api):
@@ -254,6 +269,36 @@ def test_a_slot_is_freed_when_the_request_is_cancelled(generator, cancel, quota_
     quotas = {"default": {"concurrent_requests": 1}}
     app = quota_api(**quotas)
     asyncio.run(cancel(app, {}))
+    assert generator.cancelled == generator.jobs != []
+    generator.delay_s = 0
+    status, _, _ = asyncio.run(call_asgi(app, "alice", {}))
+    assert status == 200
+
+
+def test_a_cancelled_requests_slot_is_freed_even_when_redis_is_slow_to_answer(
+    generator, redis_server, quota_api
+):
+    """Under a server's cancel scope every await of a cancelled request is cancelled, the
+    release's too, unless it is shielded; a release cancelled while Redis holds its command
+    drops the connection, and the command with it."""
+    generator.delay_s = 3.0
+    app = quota_api(default={"concurrent_requests": 1}, store_timeout_s=2.0)
+
+    def pause_redis_writes() -> None:
+        with redis_server.client() as redis:
+            redis.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+
+    async def leave_while_redis_is_paused() -> None:
+        async def pause_soon() -> None:
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(pause_redis_writes)
+
+        pausing = asyncio.ensure_future(pause_soon())
+        with anyio.move_on_after(0.3):
+            await call_asgi(app, "alice", {})
+        await pausing
+
+    asyncio.run(leave_while_redis_is_paused())
     assert generator.cancelled == generator.jobs != []
     generator.delay_s = 0
     status, _, _ = asyncio.run(call_asgi(app, "alice", {}))
