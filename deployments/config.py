@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from deployments.cache_directory import default_cache_dir
 from deployments.config_base import Strict
 from deployments.model_config import BatchingConfig, ModelConfig, generator_deployment_name
+from deployments.quota_config import QuotaConfig
 from deployments.sizes import parse_size
 
 
@@ -102,10 +103,21 @@ class AuthConfig(Strict):
         description="Path of a file holding the accepted keys, one per line (e.g. a mounted "
         "Kubernetes Secret). Re-read when it changes, so keys rotate without a restart.",
     )
+    quotas: QuotaConfig | None = Field(
+        default=None,
+        description="Rate and concurrency limits per key, counted in Redis (off by default; "
+        "see docs/usage-and-quotas.md).",
+    )
 
     @property
     def enabled(self) -> bool:
         return self.api_keys_env is not None or self.api_keys_file is not None
+
+    @model_validator(mode="after")
+    def _quotas_need_keys(self) -> AuthConfig:
+        if self.quotas is not None and not self.enabled:
+            raise ValueError("auth.quotas needs API keys (api_keys_env or api_keys_file)")
+        return self
 
 
 class CORSConfig(Strict):

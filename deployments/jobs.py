@@ -157,6 +157,8 @@ class GeneratedImages:
     text_encode_s: float = 0.0
     denoise_s: float = 0.0
     decode_s: float = 0.0
+    # Tokens of the prompt and negative prompt by the model's tokenizer, for the usage.
+    text_tokens: int = 0
 
 
 GenerationEvent = StepProgress | PartialImage | GeneratedImages

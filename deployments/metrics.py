@@ -100,7 +100,9 @@ class GeneratorMetrics:
 
 
 class IngressMetrics:
-    """Recorded by the ingress: each error answer, by its OpenAI error type and code."""
+    """Recorded by the ingress: each error answer, by its OpenAI error type and code; and with
+    quotas on, each key's requests and image-steps. A key's label is its configured name or a
+    short hash of it, never the key, and their number is capped (`max_metric_keys`)."""
 
     def __init__(self) -> None:
         self._errors = Counter(
@@ -108,6 +110,32 @@ class IngressMetrics:
             description="Requests answered with an error, by error type and code.",
             tag_keys=("type", "code"),
         )
+        self._key_requests = Counter(
+            "image_generation_key_requests",
+            description="Image requests of each API key by quota outcome: admitted, "
+            "unchecked (the quota store was down, on_store_error open), or the limit that "
+            "refused it (requests, image_steps, concurrent_requests, too_large).",
+            tag_keys=("key", "outcome"),
+        )
+        self._key_image_steps = Counter(
+            "image_generation_key_image_steps",
+            description="Image-steps (usage.output_tokens) of each API key's admitted requests.",
+            tag_keys=("key",),
+        )
+        self._store_errors = Counter(
+            "image_generation_quota_store_errors",
+            description="Quota decisions or slot releases that failed because Redis did not "
+            "answer.",
+            tag_keys=("operation",),
+        )
 
     def error(self, error_type: str, code: str | None) -> None:
         self._errors.inc(1, tags={"type": error_type, "code": code or "none"})
+
+    def key_request(self, key: str, outcome: str, image_steps: int) -> None:
+        self._key_requests.inc(1, tags={"key": key, "outcome": outcome})
+        if image_steps:
+            self._key_image_steps.inc(image_steps, tags={"key": key})
+
+    def quota_store_error(self, operation: str) -> None:
+        self._store_errors.inc(1, tags={"operation": operation})

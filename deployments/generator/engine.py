@@ -43,6 +43,7 @@ from deployments.generator.call_plan import BatchRun, CallPart, is_out_of_memory
 from deployments.generator.call_timing import CallTimer, CallTimes
 from deployments.generator.pipelines import RequestPipelines, call_parameters
 from deployments.generator.previews import fit_previewer
+from deployments.generator.prompt_tokens import PromptTokens
 from deployments.generator.torch_threads import worker_pool
 from deployments.jobs import (
     AdapterUnavailable,
@@ -115,6 +116,7 @@ class ImageEngine:
         self.device = pipeline.device
         self.adapters = adapters
         self._previewer = fit_previewer(pipeline)
+        self._prompt_tokens = PromptTokens(pipeline)
         self._metrics = metrics
         self._pool = pool or worker_pool(worker_threads)
         self._queue = BatchQueue(
@@ -149,7 +151,7 @@ class ImageEngine:
             raise ReplicaBroken(f"the device failed: {type(self._broken).__name__}")
         await self._stage_adapters(job)
         try:
-            return await self._queue.submit(job, sink)
+            return await self._prompt_tokens.counted(job, await self._queue.submit(job, sink))
         except asyncio.CancelledError:
             logger.info("request %s cancelled; its generation stops", job.request_id)
             raise

@@ -43,6 +43,7 @@ from deployments.ingress.protocol import (
     Model,
     ModelList,
 )
+from deployments.ingress.quotas import KeyQuotas, QuotaMetrics, QuotaSlots
 from deployments.ingress.service import ErrorMetrics, ImageBackend, ImageService
 from deployments.ingress.storage import ImageStore
 from deployments.ingress.streaming import SSE_HEADERS
@@ -50,6 +51,13 @@ from deployments.ingress.streaming import SSE_HEADERS
 logger = logging.getLogger("ray.serve")
 
 PLAYGROUND_DIR = Path(__file__).parent / "playground"
+
+# What a page on another origin may read of an answer when quotas are on.
+RATE_LIMIT_HEADERS = [
+    f"x-ratelimit-{part}-{unit}"
+    for part in ("limit", "remaining", "reset")
+    for unit in ("requests", "tokens")
+]
 
 # The image routes answer JSON, or server-sent events with `stream`.
 _STREAM_RESPONSE = {"200": {"content": {"text/event-stream": {"description": "With `stream`."}}}}
@@ -67,9 +75,11 @@ def create_api(
     backends: Mapping[str, ImageBackend],
     store: ImageStore | None = None,
     metrics: ErrorMetrics | None = None,
+    quota_metrics: QuotaMetrics | None = None,
 ) -> FastAPI:
     """The app, with `backends` holding one backend per model id of `args.models`."""
     service = ImageService(args, backends, store, metrics)
+    quotas = KeyQuotas(args, quota_metrics)
     protected = [Depends(_authenticator(APIKeys(args.auth)))]
     # The API's description: with keys on, `/openapi.json` takes a key like the API, and the
     # browsable `/docs` and `/redoc` are off (a browser cannot send the key with them).
@@ -84,6 +94,8 @@ def create_api(
     )
     if not open_docs:
         _add_protected_docs(app, protected)
+    if quotas.enabled:
+        app.add_middleware(QuotaSlots, quotas=quotas)
     _add_cors(app, args.cors)
     _add_error_handlers(app, service)
 
@@ -114,6 +126,7 @@ def create_api(
             _require_json(request)
             body = await json_body(request, args.limits.max_body_bytes)
             prepared = await service.prepare_generation(body, scope)
+            await quotas.admit(request, prepared.cost.image_steps)
             return _respond(await service.run(prepared, str(request.base_url), scope))
 
     @app.post(
@@ -130,6 +143,7 @@ def create_api(
                 prepared = await service.prepare_edit(form, scope)
             finally:
                 form.close()  # the spooled upload files, whether or not they were decoded
+            await quotas.admit(request, prepared.cost.image_steps)
             return _respond(await service.run(prepared, str(request.base_url), scope))
 
     _add_image_files(app, service)
@@ -198,8 +212,10 @@ def _authenticator(api_keys: APIKeys):
                 "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
                 code="missing_api_key",
             )
-        if not api_keys.accepts(token):
+        digest = api_keys.match(token)
+        if digest is None:
             raise unauthorized("Incorrect API key provided.", code="invalid_api_key")
+        request.state.api_key_digest = digest  # names the key in its quotas
 
     return authenticate
 
@@ -211,7 +227,7 @@ def _add_cors(app: FastAPI, cors: CORSConfig) -> None:
             allow_origins=cors.allow_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type"],
-            expose_headers=["x-request-id", "retry-after"],
+            expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS],
             max_age=cors.max_age_s,
         )
 

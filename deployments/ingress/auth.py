@@ -86,13 +86,18 @@ class APIKeys:
         return self._config.enabled
 
     def accepts(self, token: str) -> bool:
+        return self.match(token) is not None
+
+    def match(self, token: str) -> bytes | None:
+        """The SHA-256 digest of `token` if it is an accepted key (what names the key in the
+        quotas, never the key itself), else None."""
         self._reload_if_changed()
         presented = _digest(token)
         matched = False
         for accepted in self._digests:
             # `|` rather than `or`: every key is compared, whichever matches.
             matched |= hmac.compare_digest(presented, accepted)
-        return matched
+        return presented if matched else None
 
     def _read_keys(self) -> tuple[list[str], FileSignature | None]:
         """The keys of every configured source, and the file's signature (see

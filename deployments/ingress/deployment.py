@@ -144,4 +144,5 @@ class ImageIngress:
         backends = {
             model_id: GeneratorClient(handle) for model_id, handle in self._generators.items()
         }
-        return create_api(self._args, backends, metrics=IngressMetrics())
+        metrics = IngressMetrics()
+        return create_api(self._args, backends, metrics=metrics, quota_metrics=metrics)

@@ -7,6 +7,8 @@ retry can help, and `retry-after` tells them when.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
@@ -26,6 +28,7 @@ class APIError(Exception):
         code: str | None = None,
         retryable: bool = False,
         retry_after_s: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -35,6 +38,7 @@ class APIError(Exception):
         self.code = code
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.headers = dict(headers or {})
 
 
 def invalid_request(message: str, *, param: str | None = None, code: str | None = None):
@@ -105,7 +109,7 @@ def error_body(error: APIError) -> dict:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    headers = {"x-should-retry": "true" if error.retryable else "false"}
+    headers = {**error.headers, "x-should-retry": "true" if error.retryable else "false"}
     if error.retry_after_s is not None:
         headers["retry-after"] = str(error.retry_after_s)
     if error.status_code == 401:
@@ -149,4 +153,33 @@ def storage_unavailable(*, retry_after_s: int = 1) -> APIError:
         code="storage_unavailable",
         retryable=True,
         retry_after_s=retry_after_s,
+    )
+
+
+def rate_limited(
+    message: str, *, kind: str, code: str, retry_after_s: int | None, headers: Mapping[str, str]
+) -> APIError:
+    """429 of a key over one of its limits. `kind` is the limit's, as OpenAI types its own
+    429s (`requests`, `tokens`); retryable when waiting `retry_after_s` can help."""
+    return APIError(
+        429,
+        message,
+        type=kind,
+        code=code,
+        retryable=retry_after_s is not None,
+        retry_after_s=retry_after_s,
+        headers=headers,
+    )
+
+
+def quota_store_unavailable() -> APIError:
+    # `on_store_error: closed`: without its counts the service cannot tell whether the key is
+    # within its limits, and says so; Redis is usually back within seconds.
+    return APIError(
+        503,
+        "The service cannot check this key's rate limits right now. Retry shortly.",
+        type="server_error",
+        code="quota_store_unavailable",
+        retryable=True,
+        retry_after_s=1,
     )

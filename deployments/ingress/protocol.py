@@ -308,6 +308,20 @@ class Image(BaseModel):
         return without_unused_form(handler(self))
 
 
+class InputTokensDetails(BaseModel):
+    image_tokens: int = Field(description="Uploaded images of an edit: 1 each (image, mask).")
+    text_tokens: int = Field(description="Prompt and negative prompt, by the model's tokenizer.")
+
+
+class Usage(BaseModel):
+    """OpenAI's `usage`, in this service's units (docs/usage-and-quotas.md)."""
+
+    input_tokens: int = Field(description="Text tokens plus image tokens.")
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = Field(description="Image-steps: images x denoising steps each ran.")
+    total_tokens: int = Field(description="Input tokens plus output tokens.")
+
+
 class ImagesResponse(BaseModel):
     """Body of a successful `POST /v1/images/generations` or `/v1/images/edits`."""
 
@@ -315,6 +329,7 @@ class ImagesResponse(BaseModel):
     data: list[Image]
     output_format: Literal["png", "jpeg", "webp"]
     size: str = Field(description="The size of the images, `WIDTHxHEIGHT`.")
+    usage: Usage
 
 
 class Model(BaseModel):

@@ -49,6 +49,7 @@ from deployments.ingress.request_log import RequestLog
 from deployments.ingress.storage import ImageStore
 from deployments.ingress.streaming import EventEncoder, first_event, sse_body, timings_of
 from deployments.ingress.uploads import UploadError, read_edit_inputs
+from deployments.ingress.usage import JobCost, job_cost
 from deployments.ingress.validation_context import ValidationContext
 from deployments.jobs import (
     GeneratedImages,
@@ -99,6 +100,7 @@ class PreparedJob:
     backend: ImageBackend
     # OpenAI's event names: `image_generation.*` for generations, `image_edit.*` for edits.
     event_prefix: Literal["image_generation", "image_edit"]
+    cost: JobCost
 
 
 class ImageService:
@@ -187,7 +189,8 @@ class ImageService:
         adapters = self.models.adapters.resolve(model, target.adapter, params.lora)
         job = params.to_job(context, scope.request_id, adapters=adapters)
         scope.log.add(**self._logged_parameters(params, job, model.id))
-        return PreparedJob(params, job, backend, "image_generation")
+        cost = job_cost(job, context.capabilities)
+        return PreparedJob(params, job, backend, "image_generation", cost)
 
     async def prepare_edit(self, form: EditForm, scope: RequestScope) -> PreparedJob:
         """An edit request's job, from its form: the uploads decoded and scaled to the
@@ -223,7 +226,7 @@ class ImageService:
             adapters=adapters,
         )
         scope.log.add(**self._logged_parameters(params, job, model.id))
-        return PreparedJob(params, job, backend, "image_edit")
+        return PreparedJob(params, job, backend, "image_edit", job_cost(job, context.capabilities))
 
     async def run(
         self, prepared: PreparedJob, base_url: str, scope: RequestScope
@@ -234,7 +237,7 @@ class ImageService:
         if params.stream:
             events = backend.stream(job)
             first = await first_event(events, scope.deadline)
-            encoder = EventEncoder(params, job, packager, prepared.event_prefix)
+            encoder = EventEncoder(params, job, packager, prepared.event_prefix, prepared.cost)
             return sse_body(first, events, encoder, scope.deadline, scope.log, self.report_error)
         # On timeout the wait is cancelled; the backend passes that on to the replica, where
         # a waiting job leaves its batch and a running one stops at its next step.
@@ -248,6 +251,7 @@ class ImageService:
             data=images,
             output_format=params.output_format,
             size=job.size,
+            usage=prepared.cost.usage(generated.text_tokens),
         )
 
     def image_file(self, name: str) -> bytes:

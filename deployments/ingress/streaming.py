@@ -24,8 +24,9 @@ from starlette.concurrency import run_in_threadpool
 from deployments.ingress.deadline import Deadline
 from deployments.ingress.errors import APIError, error_body, internal_error
 from deployments.ingress.output import ImagePackager
-from deployments.ingress.protocol import ImageRequest, without_unused_form
+from deployments.ingress.protocol import ImageRequest, Usage, without_unused_form
 from deployments.ingress.request_log import RequestLog
+from deployments.ingress.usage import JobCost
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, PartialImage
 
 logger = logging.getLogger("ray.serve")
@@ -58,17 +59,6 @@ class ImageGenerationPartialImageEvent(ImageGenerationEvent):
     image_index: int
 
 
-class Usage(BaseModel):
-    """OpenAI's token usage, which only its GPT image models count: zeros here."""
-
-    input_tokens: int = 0
-    input_tokens_details: dict[str, int] = Field(
-        default_factory=lambda: {"image_tokens": 0, "text_tokens": 0}
-    )
-    output_tokens: int = 0
-    total_tokens: int = 0
-
-
 class ImageGenerationCompletedEvent(ImageGenerationEvent):
     """`image_generation.completed` (`image_edit.completed` for edits): one finished image
     (one event per image of the request).
@@ -79,7 +69,8 @@ class ImageGenerationCompletedEvent(ImageGenerationEvent):
 
     type: Literal["image_generation.completed", "image_edit.completed"]
     b64_json: str | None = None
-    usage: Usage = Field(default_factory=Usage)
+    # The whole request's usage, the same in each of its completed events.
+    usage: Usage
     # --- Extensions: which image of the request, its seed, and its link ---
     image_index: int
     seed: int
@@ -114,9 +105,11 @@ class EventEncoder:
         params: ImageRequest,
         job: GenerationJob,
         packager: ImagePackager,
-        event_prefix: str = "image_generation",
+        event_prefix: str,
+        cost: JobCost,
     ) -> None:
         self._params = params
+        self._cost = cost
         self._prefix = event_prefix  # OpenAI's: `image_generation` or `image_edit`
         self._job = job
         self._packager = packager
@@ -142,6 +135,7 @@ class EventEncoder:
             return [sse_frame(partial.type, partial)]
         if isinstance(event, GeneratedImages):
             frames = []
+            usage = self._cost.usage(event.text_tokens)
             for index, (pixels, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
                 image = self._packager.image(pixels, seed, self._inline)
                 completed = ImageGenerationCompletedEvent(
@@ -150,6 +144,7 @@ class EventEncoder:
                     size=self._size,
                     b64_json=image.b64_json,
                     url=image.url,
+                    usage=usage,
                     image_index=index,
                     seed=seed,
                 )

@@ -38,6 +38,12 @@ REPLICA_TIMINGS = {
 }
 
 
+def fake_text_tokens(job: GenerationJob) -> int:
+    """What the fake replica says the prompts' tokens are (a real one uses the tokenizer):
+    one per word."""
+    return len(job.prompt.split()) + len((job.negative_prompt or "").split())
+
+
 def pixels_for(seed: int, width: int, height: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
@@ -71,7 +77,9 @@ class FakeGenerator:
             self.cancelled.append(job)
             raise
         images = [pixels_for(seed, job.width, job.height) for seed in job.seeds]
-        return GeneratedImages(images=images, seeds=job.seeds, **REPLICA_TIMINGS)
+        return GeneratedImages(
+            images=images, seeds=job.seeds, text_tokens=fake_text_tokens(job), **REPLICA_TIMINGS
+        )
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
         self.jobs.append(job)
@@ -91,4 +99,4 @@ class FakeGenerator:
             self.cancelled.append(job)
             raise
         images = [pixels_for(seed, job.width, job.height) for seed in job.seeds]
-        yield GeneratedImages(images=images, seeds=job.seeds)
+        yield GeneratedImages(images=images, seeds=job.seeds, text_tokens=fake_text_tokens(job))
