@@ -26,29 +26,36 @@ class EngineBackend:
 
     def __init__(self, engine: ImageEngine) -> None:
         self.engine = engine
+        self.calls = 0  # generations and streams asked of the engine: what passed validation
 
     async def capabilities(self) -> ModelCapabilities:
         return self.engine.capabilities()
 
     async def generate(self, job: GenerationJob) -> GeneratedImages:
+        self.calls += 1
         with generator_errors_as_api_errors(job.request_id):
             return await self.engine.generate(job)
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
+        self.calls += 1
         with generator_errors_as_api_errors(job.request_id):
             async for event in self.engine.stream(job):
                 yield event
 
 
 @contextmanager
-def engine_client(args: AppArgs, batching: BatchingConfig) -> Iterator[TestClient]:
+def engine_client(
+    args: AppArgs, batching: BatchingConfig
+) -> Iterator[tuple[TestClient, dict[str, EngineBackend]]]:
     """A client of the app over one real engine per model of `args` (one event loop for the
-    client's whole life, as a replica has)."""
+    client's whole life, as a replica has), and the app's backends by model id (their
+    `calls` say which requests reached a model)."""
     engines = {model.id: _engine(model, batching) for model in args.models}
-    app = create_api(args, {model_id: EngineBackend(e) for model_id, e in engines.items()})
+    backends = {model_id: EngineBackend(engine) for model_id, engine in engines.items()}
+    app = create_api(args, backends)
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
-            yield client
+            yield client, backends
     finally:
         for engine in engines.values():
             engine.shutdown()

@@ -70,8 +70,21 @@ def base_weights(pipeline) -> dict[str, tuple[int, torch.Tensor]]:
         for name, parameter in component.named_parameters():
             if "lora_" not in name:
                 key = f"{id(component)}.{name.replace('.base_layer', '')}"
-                weights[key] = (parameter.data_ptr(), parameter.detach().clone())
+                for part, tensor in _plain_tensors(key, parameter):
+                    weights[part] = (tensor.data_ptr(), tensor.detach().clone())
     return weights
+
+
+def _plain_tensors(name: str, tensor: torch.Tensor):
+    """A tensor, or a tensor subclass's inner tensors by name: torchao's int8 weights hold
+    their int8 data, scales and zero points in plain tensors (the subclass itself has no
+    storage of its own to compare, and no `torch.equal`)."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        yield name, tensor
+        return
+    inner, _ = tensor.__tensor_flatten__()
+    for attribute in inner:
+        yield from _plain_tensors(f"{name}.{attribute}", getattr(tensor, attribute))
 
 
 @dataclass
@@ -333,3 +346,54 @@ def test_a_directory_adapter_replaced_by_one_that_does_not_fit_is_checked_again(
     finally:
         engine.shutdown()
     assert store.loaded == [] and not pipeline.get_list_adapters()
+
+
+def test_int8_weights_keep_each_adapters_images_through_lru_eviction_and_reload():
+    """Three adapters, room for two, on int8 weights: the least recently used is unloaded
+    (peft's torchao layers taken out again), and an adapter loaded again gives the images
+    it gave before it was evicted. `ink-copy` is `ink`'s weights under another name."""
+    config = ModelConfig(
+        id="tiny-sd3",
+        source="embedded:tiny-sd3",
+        device="cpu",
+        optimizations={"quantization": "int8_weight_only"},
+        adapters=[
+            *adapter_configs("tiny-sd3")[:2],
+            AdapterConfig(id="ink-copy", source="embedded:tiny-sd3/ink"),
+        ],
+    )
+    pipeline = load_pipeline(config)
+    store = AdapterStore(pipeline, config.adapters, max_loaded=2)
+    store.prefetch(["ink", "paper", "ink-copy"])
+    quantized = Family("tiny-sd3", pipeline, store, {}, {})
+    base = quantized.alone(job(1))
+    weights = base_weights(pipeline)
+    paper = (("paper", 1.0),)
+
+    def image(adapters: tuple) -> np.ndarray:
+        result = quantized.alone(job(1, adapters))
+        assert len(store.loaded) <= 2, store.loaded
+        assert sorted(pipeline.get_list_adapters()["transformer"]) == sorted(store.loaded)
+        return result
+
+    # Before any eviction: each adapter's image.
+    ink_image, paper_image = image(INK), image(paper)
+    assert store.loaded == ["ink", "paper"]
+    assert mean_difference(ink_image, paper_image) > 1.0
+    assert np.array_equal(image(INK), ink_image)  # ink is the most recently used now
+    # A third adapter evicts the least recently used (paper), not the one just used (ink).
+    assert np.array_equal(image((("ink-copy", 1.0),)), ink_image)
+    assert store.loaded == ["ink", "ink-copy"]
+    # paper again: loaded anew (ink goes), and its image is the one from before.
+    assert np.array_equal(image(paper), paper_image)
+    assert store.loaded == ["ink-copy", "paper"]
+    assert np.array_equal(image(INK), ink_image)
+    assert store.loaded == ["paper", "ink"]
+    assert store.loads == 5  # ink, paper, ink-copy, paper again, ink again
+    # The base model is unchanged: its image, and its int8 weights' storage and values.
+    assert np.array_equal(quantized.alone(job(1)), base)
+    after = base_weights(pipeline)
+    assert after.keys() == weights.keys()
+    for name, (pointer, values) in weights.items():
+        assert after[name][0] == pointer, f"{name} moved"
+        assert torch.equal(after[name][1], values), f"{name} changed"

@@ -66,3 +66,24 @@ def test_every_design_note_cited_exists():
                 cited.update(int(n) for n in re.findall(r"\d+", match.group(1)))
             cited.update(int(n) for n in re.findall(r"trap (\d+) of the design notes", text))
     assert cited and cited <= set(numbers), sorted(cited - set(numbers))
+
+
+CITED_TEST = re.compile(r"`(tests/[\w/]+\.py)::(\w+)")
+CONTINUED_TEST = re.compile(r"`::(\w+)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_test_a_page_cites_exists(page):
+    """A claim backed by a test names it; a renamed or deleted test must not leave the claim
+    pointing at nothing. `::name` alone continues the file cited last."""
+    text = page.read_text()
+    cited_file = None
+    for match in re.finditer(f"{CITED_TEST.pattern}|{CONTINUED_TEST.pattern}", text):
+        path, name, continued = match.group(1), match.group(2), match.group(3)
+        if path:
+            cited_file = ROOT / path
+        name = name or continued
+        assert cited_file is not None and cited_file.exists(), f"{page.name}: {match.group(0)}"
+        source = cited_file.read_text()
+        defined = re.search(rf"^(async )?def {name}\(", source, re.MULTILINE)
+        assert defined, f"{page.name} cites {cited_file.relative_to(ROOT)}::{name}: no such test"
