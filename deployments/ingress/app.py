@@ -44,7 +44,7 @@ from deployments.ingress.protocol import (
     ModelList,
 )
 from deployments.ingress.service import ErrorMetrics, ImageBackend, ImageService
-from deployments.ingress.storage import ImageStore
+from deployments.ingress.storage import ImageStorage
 from deployments.ingress.streaming import SSE_HEADERS
 
 logger = logging.getLogger("ray.serve")
@@ -65,7 +65,7 @@ def request_id_of(request: Request) -> str:
 def create_api(
     args: AppArgs,
     backends: Mapping[str, ImageBackend],
-    store: ImageStore | None = None,
+    store: ImageStorage | None = None,
     metrics: ErrorMetrics | None = None,
 ) -> FastAPI:
     """The app, with `backends` holding one backend per model id of `args.models`."""
