@@ -96,6 +96,9 @@ class S3ImageStore:
         endpoint = self._config.endpoint_url or "AWS S3"
         return f"bucket {self.bucket!r} at {endpoint}"
 
+    def _unavailable(self, action: str, error: Exception) -> StorageUnavailable:
+        return StorageUnavailable(f"could not {action} {self._where()}: {error}")
+
     def check_bucket(self) -> None:
         """`StorageMisconfigured`, naming the config key to fix, unless the bucket answers."""
         try:
@@ -137,9 +140,7 @@ class S3ImageStore:
                 ContentType=media_type_of(name),
             )
         except (BotoCoreError, ClientError) as error:
-            raise StorageUnavailable(f"could not store an image in {self._where()}: {error}") from (
-                error
-            )
+            raise self._unavailable("store an image in", error) from error
         return name
 
     def read(self, name: str) -> bytes | None:
@@ -150,13 +151,9 @@ class S3ImageStore:
         except ClientError as error:
             if _status(error) == 404 or _code(error) in ("NoSuchKey", "404"):
                 return None
-            raise StorageUnavailable(
-                f"could not read an image from {self._where()}: {error}"
-            ) from (error)
+            raise self._unavailable("read an image from", error) from error
         except BotoCoreError as error:
-            raise StorageUnavailable(
-                f"could not read an image from {self._where()}: {error}"
-            ) from (error)
+            raise self._unavailable("read an image from", error) from error
         body = response["Body"]
         try:
             # The object's time is the store's; the age is measured on this replica's clock
@@ -165,9 +162,7 @@ class S3ImageStore:
                 return None  # expired; the lifecycle rule deletes it in its own time
             return body.read()
         except BotoCoreError as error:  # the connection dropped or timed out mid-body
-            raise StorageUnavailable(
-                f"could not read an image from {self._where()}: {error}"
-            ) from (error)
+            raise self._unavailable("read an image from", error) from error
         finally:
             body.close()
 

@@ -128,14 +128,16 @@ def test_a_bucket_that_cannot_be_used_stops_the_ingress_from_starting(args, s3_s
         replica(bucket_args(args, s3_server, bucket))
 
 
-def test_refused_writes_are_a_retryable_503_and_store_nothing(s3_args, s3_server, bucket):
+def test_refused_credentials_are_a_retryable_503_and_store_nothing(s3_args, s3_server, bucket):
     client = replica(s3_args)
+    stored = client.post(GENERATIONS, json={"prompt": "x"}).json()["data"][0]["url"]
     with s3_server.checking_credentials():  # e.g. the key was revoked after the start
+        assert_storage_unavailable(client.get(path_of(stored)))
         assert_storage_unavailable(client.post(GENERATIONS, json={"prompt": "x", "n": 2}))
         assert_storage_unavailable(edit(client, response_format="url"))
         inline = client.post(GENERATIONS, json={"prompt": "x", "response_format": "b64_json"})
         assert inline.status_code == 200  # no store needed
-    assert s3_server.keys(bucket) == []
+    assert s3_server.keys(bucket) == [f"images/{name_of(stored)}"]
 
 
 def test_a_store_that_goes_away_is_a_503_and_serves_again_once_back(args, own_s3_server, s3_env):

@@ -183,6 +183,13 @@ def test_a_refused_put_raises_storage_unavailable_and_stores_nothing(store, s3_s
     assert s3_server.keys(bucket) == []
 
 
+def test_a_refused_read_raises_storage_unavailable_not_none(store, s3_server):
+    name = store.save(b"kept", "png")
+    with s3_server.checking_credentials(), pytest.raises(StorageUnavailable):
+        store.read(name)  # the image is there: "no such image" would be wrong
+    assert store.read(name) == b"kept"
+
+
 def test_a_store_that_goes_away_fails_both_ways_and_serves_again_when_back(own_s3_server, s3_env):
     bucket = own_s3_server.new_bucket()
     store = S3ImageStore(own_s3_server.config(bucket), ttl_s=60)
