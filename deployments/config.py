@@ -9,7 +9,9 @@ the config's `deployments:` list, where Ray validates them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -55,14 +57,100 @@ class RequestLimits(Strict):
     )
 
 
+# Keys that name a credential. Credentials never go in a config (it is in Git, in the Ray
+# dashboard and in every replica's args): boto3 reads them from the environment or the pod's
+# role. A misspelt key is refused anyway; these get a message that says where they belong.
+_CREDENTIAL_KEY = re.compile(r"access_?key|secret|session_?token|password|credential", re.I)
+
+
+class S3Config(Strict):
+    """An S3-compatible bucket for `response_format: url` images (AWS S3, GCS through its S3
+    interface, MinIO, Cloudflare R2).
+
+    Credentials are not configured here: boto3's default chain finds them
+    (`AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` in the ingress's environment, a shared
+    credentials file, or the pod's or instance's role).
+    """
+
+    bucket: str = Field(
+        min_length=3,
+        max_length=63,
+        description="The bucket (required; it must exist: the ingress checks at start that it "
+        "can reach it).",
+    )
+    prefix: str = Field(
+        default="images/",
+        description="Prefix of the images' keys. A lifecycle rule on it deletes expired images "
+        "(docs/object-storage.md).",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="The S3 API's URL. Unset: AWS S3 of the region. "
+        "`https://storage.googleapis.com` for GCS, `https://<account>.r2.cloudflarestorage.com`"
+        " for R2, e.g. `http://minio:9000` for MinIO.",
+    )
+    region: str | None = Field(
+        default=None,
+        description="The bucket's region. Unset: boto3's default (`AWS_REGION`, "
+        "`AWS_DEFAULT_REGION` or its config file). `auto` for GCS and R2.",
+    )
+    addressing_style: Literal["auto", "virtual", "path"] = Field(
+        default="auto",
+        description="`virtual`: the bucket in the host name (`bucket.endpoint`); `path`: in the "
+        "path (`endpoint/bucket`), as MinIO without DNS for buckets needs; `auto`: boto3's "
+        "choice.",
+    )
+    connect_timeout_s: float = Field(
+        default=2.0, gt=0, description="Seconds to wait for a connection to the store."
+    )
+    read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds to wait for the store's answer on an open connection.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="Attempts of each call to the store, the first included (botocore's "
+        "`standard` retries: connection errors, timeouts, throttling and 5xx, with backoff).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: object) -> object:
+        if isinstance(data, dict):
+            named = sorted(str(key) for key in data if _CREDENTIAL_KEY.search(str(key)))
+            if named:
+                raise ValueError(
+                    f"{', '.join(named)}: credentials do not go in the config; the ingress "
+                    "reads them from its environment (AWS_ACCESS_KEY_ID, "
+                    "AWS_SECRET_ACCESS_KEY) or its pod's role"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _relative_prefix(self) -> S3Config:
+        if self.prefix.startswith("/"):
+            raise ValueError("prefix: a key prefix does not start with '/'")
+        return self
+
+
 class StorageConfig(Strict):
-    """Where `response_format: url` images are kept, and for how long."""
+    """Where `response_format: url` images are kept, and for how long: a directory (the
+    default) or, with `s3`, a bucket that every ingress replica reaches."""
 
     directory: str | None = Field(
         default=None,
         description="Directory for stored images; default `<cache>/images`, where <cache> is "
         "`$IMAGE_SERVICE_CACHE` or `~/.cache/image-service`. Several nodes need a shared "
-        "volume here.",
+        "volume here (or `s3`).",
+    )
+    s3: S3Config | None = Field(
+        default=None,
+        description="Keep the images in an S3-compatible bucket instead of a directory (see "
+        "`S3Config`, docs/object-storage.md). Unset: the directory.",
     )
     ttl_s: float = Field(
         default=3600.0,
@@ -79,8 +167,22 @@ class StorageConfig(Strict):
         ge=1,
         description="Most bytes the stored images may take; after each save the oldest go "
         "first until the rest fit (the newest image is kept even if it alone is larger). "
-        "Unset: bounded by the TTL alone. With several replicas on one volume, each applies it.",
+        "Unset: bounded by the TTL alone. With several replicas on one volume, each applies it. "
+        "Directory only.",
     )
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> StorageConfig:
+        if self.s3 is not None and self.directory is not None:
+            raise ValueError("set either directory or s3, not both")
+        if self.s3 is not None and self.max_bytes is not None:
+            # Counting a bucket's bytes means listing it on every save; a bucket's size is
+            # bounded by its lifecycle rule and the TTL instead.
+            raise ValueError(
+                "max_bytes applies to a directory only; a bucket is bounded by "
+                "its lifecycle rule (docs/object-storage.md)"
+            )
+        return self
 
     def resolved_directory(self) -> Path:
         return Path(self.directory) if self.directory else default_cache_dir() / "images"

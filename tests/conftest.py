@@ -21,3 +21,39 @@ os.environ.setdefault(CACHE_ENV_VAR, str(_SESSION_CACHE))
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     return Path(os.environ[CACHE_ENV_VAR])
+
+
+# --- a real S3 API (moto's server), for the bucket backend of `storage.s3` ------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto server for the session; tests that stop it take `own_s3_server`."""
+    from tests.s3 import S3Server
+
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_s3_server():
+    """A moto server of the test's own, to stop and start (its buckets outlive a stop)."""
+    from tests.s3 import S3Server
+
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """Dummy credentials in the environment, where boto3's default chain finds them."""
+    from tests.s3 import S3_ENV
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)

@@ -45,7 +45,7 @@ from deployments.ingress.protocol import (
 )
 from deployments.ingress.quotas import KeyQuotas, QuotaMetrics, QuotaSlots
 from deployments.ingress.service import ErrorMetrics, ImageBackend, ImageService
-from deployments.ingress.storage import ImageStore
+from deployments.ingress.storage import ImageStorage
 from deployments.ingress.streaming import SSE_HEADERS
 
 logger = logging.getLogger("ray.serve")
@@ -73,7 +73,7 @@ def request_id_of(request: Request) -> str:
 def create_api(
     args: AppArgs,
     backends: Mapping[str, ImageBackend],
-    store: ImageStore | None = None,
+    store: ImageStorage | None = None,
     metrics: ErrorMetrics | None = None,
     quota_metrics: QuotaMetrics | None = None,
 ) -> FastAPI:

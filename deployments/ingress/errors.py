@@ -142,13 +142,19 @@ def from_validation_error(exc: ValidationError) -> APIError:
     )
 
 
-def storage_unavailable(*, retry_after_s: int = 1) -> APIError:
-    # The images were made, but a `url` needs them stored: a full or read-only volume is the
-    # service's trouble, passing (an eviction or a sweep frees room), so a retry can help.
+def storage_unavailable(*, retry_after_s: int = 1, reading: bool = False) -> APIError:
+    # The images were made, but a `url` needs them stored: a full or read-only volume, or a
+    # bucket out of reach, is the service's trouble and passing (an eviction or a sweep frees
+    # room, a store comes back), so a retry can help. `reading`: fetching a stored image.
+    message = (
+        "The image store cannot be reached. Try again shortly."
+        if reading
+        else "The images could not be stored for their URLs. Try again shortly, or ask for "
+        "'response_format': 'b64_json'."
+    )
     return APIError(
         503,
-        "The images could not be stored for their URLs. Try again shortly, or ask for "
-        "'response_format': 'b64_json'.",
+        message,
         type="server_error",
         code="storage_unavailable",
         retryable=True,

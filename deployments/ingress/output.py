@@ -14,7 +14,7 @@ import numpy as np
 from deployments.ingress.encoding import encode_image, to_base64, upscale
 from deployments.ingress.errors import storage_unavailable
 from deployments.ingress.protocol import Image, ImageRequest
-from deployments.ingress.storage import ImageStore, StorageUnavailable
+from deployments.ingress.storage import ImageStorage, StorageUnavailable
 
 logger = logging.getLogger("ray.serve")
 
@@ -24,7 +24,7 @@ IMAGE_FILES_PATH = "/v1/images/files"
 class ImagePackager:
     """Encodes the images of one request the way it asked for them."""
 
-    def __init__(self, params: ImageRequest, store: ImageStore, base_url: str) -> None:
+    def __init__(self, params: ImageRequest, store: ImageStorage, base_url: str) -> None:
         self._params = params
         self._store = store
         self._base_url = base_url.rstrip("/")

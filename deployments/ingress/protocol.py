@@ -115,13 +115,9 @@ class ImageRequest(BaseModel):
         default=None,
         ge=0,
         le=MAX_SEED,
-        # What `tests/pipeline/test_engine.py` checks with the default batching: exact
-        # alone, within one level when batched (design note 8).
-        description="Seed of the first image; image i uses (seed + i) mod 2**32. Random when "
-        "omitted. The same request with the same seed gives the same bytes when it runs "
-        "alone; when it shares a batch with other requests, its images may differ from "
-        "those by one level of 255 per channel in a few values (at most 0.1% of them, on "
-        "CPU float32), since a batch sums floats in another order.",
+        description="Seed of the first image; image i uses (seed + i) mod 2**32; random when "
+        "omitted. Alone, the same request gives the same bytes; batched with others, within "
+        "one level of 255 in at most 0.1% of values (CPU float32; design note 8).",
     )
     negative_prompt: str | None = Field(default=None, description="What not to draw.")
     num_inference_steps: int | None = Field(

@@ -29,6 +29,7 @@ from deployments.ingress.errors import (
     APIError,
     from_validation_error,
     invalid_request,
+    storage_unavailable,
 )
 from deployments.ingress.model_catalog import ModelCatalog, Target
 from deployments.ingress.model_checks import (
@@ -46,7 +47,7 @@ from deployments.ingress.protocol import (
     ModelList,
 )
 from deployments.ingress.request_log import RequestLog
-from deployments.ingress.storage import ImageStore
+from deployments.ingress.storage import ImageStorage, StorageUnavailable, open_store
 from deployments.ingress.streaming import EventEncoder, first_event, sse_body, timings_of
 from deployments.ingress.uploads import UploadError, read_edit_inputs
 from deployments.ingress.usage import JobCost, job_cost
@@ -110,7 +111,7 @@ class ImageService:
         self,
         args: AppArgs,
         backends: Mapping[str, ImageBackend],
-        store: ImageStore | None = None,
+        store: ImageStorage | None = None,
         metrics: ErrorMetrics | None = None,
     ) -> None:
         self.args = args
@@ -120,7 +121,8 @@ class ImageService:
             raise ValueError(f"backends for {sorted(backends)}, models {model_ids}")
         self._backends = dict(backends)
         self._capabilities: dict[str, ModelCapabilities] = {}
-        self.store = store or ImageStore.from_config(args.storage)
+        # Opening a bucket checks that it is reachable: a wrong one fails the ingress's start.
+        self.store = store or open_store(args.storage)
         self._metrics = metrics
 
     # --- models ---
@@ -255,21 +257,22 @@ class ImageService:
         )
 
     def image_file(self, name: str) -> bytes:
-        """The bytes of a stored image; 404 if there is none (or it expired). Read here, in
-        one go: the sweeper, a `max_bytes` eviction or another replica on the same volume
-        may delete the file at any moment, and a file that vanishes is a 404, never a 500."""
-        path = self.store.path_of(name)
+        """The bytes of a stored image; 404 if there is none (or it expired), a retryable 503
+        if the store cannot be reached (the image may well be there). Blocks: called in a
+        worker thread."""
         try:
-            if path is not None:
-                return path.read_bytes()
-        except FileNotFoundError:
-            pass
-        raise APIError(
-            404,
-            "No such image, or it has expired.",
-            type="invalid_request_error",
-            code="image_not_found",
-        )
+            data = self.store.read(name)
+        except StorageUnavailable as error:
+            logger.error("reading a stored image failed: %s", error)
+            raise storage_unavailable(reading=True) from None
+        if data is None:
+            raise APIError(
+                404,
+                "No such image, or it has expired.",
+                type="invalid_request_error",
+                code="image_not_found",
+            )
+        return data
 
     def report_error(self, error: APIError) -> None:
         if self._metrics is not None:

@@ -1,10 +1,12 @@
-"""Storage of `response_format: url` images in a directory, under unguessable names.
+"""Storage of `response_format: url` images under unguessable names: `ImageStorage`, and its
+directory backend `ImageStore` (the bucket backend is `deployments/ingress/object_store.py`).
 
 A name is 256 random bits (URL-safe base64) plus the format's extension. Lookups accept only
-names of exactly that shape, so no path a client sends can leave the directory. Images older
-than the TTL are deleted: on lookup (an expired image is gone even if not yet swept) and by a
-daemon thread that sweeps every min(TTL, 60 s) whether or not images are being saved. With
-`max_bytes`, the oldest images also go once the directory's images add up to more.
+names of exactly that shape, so no path a client sends can leave the directory (or the
+bucket's prefix). Images older than the TTL are deleted: on lookup (an expired image is gone
+even if not yet swept) and by a daemon thread that sweeps every min(TTL, 60 s) whether or not
+images are being saved. With `max_bytes`, the oldest images also go once the directory's
+images add up to more.
 
 A write that fails (a full disk, a read-only volume) leaves no partial file behind and
 raises `StorageUnavailable`, which the API answers as a retryable 503.
@@ -21,6 +23,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from typing import Protocol
 
 from deployments.config import StorageConfig
 from deployments.ingress.encoding import MEDIA_TYPES
@@ -32,10 +35,63 @@ _MAX_SWEEP_INTERVAL_S = 60.0
 
 
 class StorageUnavailable(RuntimeError):
-    """An image could not be written; the message says why, for the logs only."""
+    """An image could not be written or read; the message says why, for the logs only."""
+
+
+class StorageMisconfigured(RuntimeError):
+    """The configured store cannot be used at all (a missing bucket, refused credentials):
+    the ingress refuses to start, with this message naming the `args.storage` key."""
+
+
+def new_name(output_format: str) -> str:
+    """A fresh name for an image of this format."""
+    if output_format not in MEDIA_TYPES:
+        raise ValueError(f"unsupported output format {output_format!r}")
+    return f"{secrets.token_urlsafe(32)}.{output_format}"
+
+
+def is_image_name(name: str) -> bool:
+    """Whether `name` has the shape of a name `new_name` makes (nothing else is looked up)."""
+    return _NAME.fullmatch(name) is not None
+
+
+def media_type_of(name: str) -> str:
+    return MEDIA_TYPES[name.rsplit(".", 1)[1]]
+
+
+class ImageStorage(Protocol):
+    """Where the images of `url` answers are kept, by name, for the TTL. Both methods block
+    (disk or network): the service calls them in worker threads."""
+
+    def save(self, data: bytes, output_format: str) -> str:
+        """Store an encoded image and return its name; `StorageUnavailable` if it cannot be
+        stored, with nothing under that name readable."""
+        ...
+
+    def read(self, name: str) -> bytes | None:
+        """The bytes of a stored, unexpired image; None for any other name (expired, never
+        stored, or not of a stored image's shape). `StorageUnavailable` if the store cannot
+        be reached."""
+        ...
+
+    def media_type(self, name: str) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def open_store(config: StorageConfig) -> ImageStorage:
+    """The store `args.storage` describes: its bucket if `s3` is set, else its directory."""
+    if config.s3 is not None:
+        # Imported here: boto3 is loaded only by ingresses that use a bucket.
+        from deployments.ingress.object_store import S3ImageStore
+
+        return S3ImageStore.from_config(config.s3, config.ttl_s)
+    return ImageStore.from_config(config)
 
 
 class ImageStore:
+    """The directory backend: one file per image."""
+
     def __init__(self, directory: Path, ttl_s: float, max_bytes: int | None = None) -> None:
         self._directory = directory
         self._ttl_s = ttl_s
@@ -69,9 +125,7 @@ class ImageStore:
     def save(self, data: bytes, output_format: str) -> str:
         """Write an encoded image and return its name; `StorageUnavailable` if it cannot be
         written."""
-        if output_format not in MEDIA_TYPES:
-            raise ValueError(f"unsupported output format {output_format!r}")
-        name = f"{secrets.token_urlsafe(32)}.{output_format}"
+        name = new_name(output_format)
         # Write then rename, so a reader never sees a partial file.
         partial = self._directory / f".{name}.partial"
         try:
@@ -90,7 +144,7 @@ class ImageStore:
 
     def path_of(self, name: str) -> Path | None:
         """The file of a stored, unexpired image, or None for any other name."""
-        if not _NAME.fullmatch(name):
+        if not is_image_name(name):
             return None
         path = self._directory / name
         try:
@@ -102,9 +156,18 @@ class ImageStore:
             return None
         return path
 
+    def read(self, name: str) -> bytes | None:
+        """Read in one go: the sweeper, a `max_bytes` eviction or another replica on the same
+        volume may delete the file at any moment, and a file that vanishes is None."""
+        path = self.path_of(name)
+        try:
+            return None if path is None else path.read_bytes()
+        except FileNotFoundError:
+            return None
+
     @staticmethod
     def media_type(name: str) -> str:
-        return MEDIA_TYPES[name.rsplit(".", 1)[1]]
+        return media_type_of(name)
 
     def sweep(self) -> int:
         """Delete expired images (and partial writes older than the TTL); return how many."""

@@ -1,5 +1,6 @@
 """The builder's args and the Serve configs: what users write in YAML is checked up front."""
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,21 @@ def test_config_file_is_a_valid_serve_config_with_valid_args(path):
             assert generator["max_ongoing_requests"] >= full_batches
             autoscaling = generator["autoscaling_config"]
             assert autoscaling["target_ongoing_requests"] <= generator["max_ongoing_requests"]
+
+
+def test_each_object_storage_config_is_its_siblings_but_for_storage():
+    """config/<name>-s3.yaml is config/<name>.yaml with the images in a bucket: nothing else
+    may drift between the two."""
+    variants = [path for path in CONFIG_FILES if path.stem.endswith("-s3")]
+    assert variants
+    for variant in variants:
+        with_bucket = yaml.safe_load(variant.read_text())
+        plain = yaml.safe_load((CONFIG_DIR / f"{variant.stem[:-3]}.yaml").read_text())
+        for config in (with_bucket, plain):
+            config["applications"][0]["args"].pop("storage")
+        assert with_bucket == plain, f"{variant.name} differs in more than args.storage"
+        args = parse_args(yaml.safe_load(variant.read_text())["applications"][0]["args"])
+        assert args.storage.s3 is not None and args.storage.s3.bucket
 
 
 def test_gpu_config_asks_for_a_gpu_and_the_local_one_does_not():
@@ -144,9 +160,10 @@ def test_every_field_is_described():
     def fields(model):
         for name, field in model.model_fields.items():
             yield f"{model.__name__}.{name}", field
-            annotation = field.annotation
-            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
-                yield from fields(annotation)
+            # `S3Config | None` as well as `StorageConfig`.
+            for annotation in typing.get_args(field.annotation) or (field.annotation,):
+                if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                    yield from fields(annotation)
 
     for name, field in [*fields(AppArgs), *fields(ModelConfig)]:
         assert field.description, f"{name} has no description"

@@ -3,9 +3,9 @@
 Every object is checked against its schema with unknown fields rejected (the API server would
 silently drop them): the RayService against KubeRay v1.7.0's CRD, built-in kinds and the pod
 templates inside the RayService against Kubernetes' own schemas (`kubernetes-validate`).
-`serveConfigV2` must parse as a Serve config with valid builder args and equal the GPU config
-in config/, the Ray version and image tags must match the Ray this project installs, and
-breaking a manifest on purpose must be caught.
+`serveConfigV2` must parse as a Serve config with valid builder args and equal its GPU config
+in config/ (`SERVE_CONFIGS`), the Ray version and image tags must match the Ray this project
+installs, and breaking a manifest on purpose must be caught.
 """
 
 from __future__ import annotations
@@ -31,11 +31,17 @@ from serve_app import InvalidArgs, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = [K8S / "base", K8S / "ha"]
+OVERLAYS = [K8S / "base", K8S / "ha", K8S / "object-storage"]
 CRD = Path(__file__).resolve().parents[1] / "data/kuberay/v1.7.0/ray.io_rayservices.yaml"
 # The release file unchanged (its digest, recorded in tests/data/kuberay/README.md).
 CRD_SHA256 = "0a8fc325e6e22b9231c1f282b309555e2ecf94227ca20a03df3d1d9a403907ab"
 GPU_CONFIG = REPO / "config/sd3.5-medium.yaml"
+# The config each overlay's serveConfigV2 must equal.
+SERVE_CONFIGS = {
+    "base": GPU_CONFIG,
+    "ha": GPU_CONFIG,
+    "object-storage": REPO / "config/sd3.5-medium-s3.yaml",
+}
 KUBERNETES_VERSION = "1.32"
 Doc = dict[str, Any]
 
@@ -79,6 +85,29 @@ def _merge(target: Doc, patch: Doc) -> None:
             target[key] = copy.deepcopy(value)
 
 
+def _json_patch(doc: Doc, operations: list[Doc]) -> None:
+    """A JSON patch (RFC 6902), the ops k8s/ uses: test, remove, add, replace."""
+    for operation in operations:
+        *parents, last = [
+            part.replace("~1", "/").replace("~0", "~") for part in operation["path"].split("/")[1:]
+        ]
+        parent: Any = doc
+        for part in parents:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        key: Any = int(last) if isinstance(parent, list) and last != "-" else last
+        op = operation["op"]
+        if op == "test":
+            assert parent[key] == operation["value"], f"patch test failed: {operation['path']}"
+        elif op == "remove":
+            del parent[key]
+        elif op == "add" and isinstance(parent, list):
+            parent.insert(len(parent) if key == "-" else key, copy.deepcopy(operation["value"]))
+        elif op in ("add", "replace"):
+            parent[key] = copy.deepcopy(operation["value"])
+        else:
+            raise AssertionError(f"k8s/ uses a JSON patch op this renderer does not know: {op}")
+
+
 def render(directory: Path) -> list[Doc]:
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     assert set(kustomization) <= {"apiVersion", "kind", "resources", "patches"}, (
@@ -93,12 +122,17 @@ def render(directory: Path) -> list[Doc]:
             docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     for entry in kustomization.get("patches", []):
         patch = yaml.safe_load((directory / entry["path"]).read_text())
-        (target,) = [
-            doc
-            for doc in docs
-            if doc["kind"] == patch["kind"] and doc["metadata"]["name"] == patch["metadata"]["name"]
-        ]
-        _merge(target, {key: value for key, value in patch.items() if key != "metadata"})
+        if isinstance(patch, list):  # a JSON patch, applied to the entry's target
+            kind, name = entry["target"]["kind"], entry["target"]["name"]
+        else:
+            kind, name = patch["kind"], patch["metadata"]["name"]
+        (target,) = [doc for doc in docs if doc["kind"] == kind and doc["metadata"]["name"] == name]
+        if isinstance(patch, list):
+            _json_patch(target, patch)
+        elif patch.get("$patch") == "delete":
+            docs.remove(target)
+        else:
+            _merge(target, {key: value for key, value in patch.items() if key != "metadata"})
     return docs
 
 
@@ -127,7 +161,7 @@ def _pod_template_problems(template: Doc, where: str) -> list[str]:
     return _kubernetes_problems(pod_template, where)
 
 
-def _serve_config_problems(text: str) -> list[str]:
+def _serve_config_problems(text: str, serve_config: Path) -> list[str]:
     try:
         config = ServeDeploySchema.model_validate(yaml.safe_load(text))
     except (yaml.YAMLError, ValidationError) as error:
@@ -138,8 +172,8 @@ def _serve_config_problems(text: str) -> list[str]:
             parse_args(application.args)
         except InvalidArgs as error:
             problems.append(f"serveConfigV2 application {application.name}: {error}")
-    if yaml.safe_load(text) != yaml.safe_load(GPU_CONFIG.read_text()):
-        problems.append(f"serveConfigV2 differs from {GPU_CONFIG.relative_to(REPO)}")
+    if yaml.safe_load(text) != yaml.safe_load(serve_config.read_text()):
+        problems.append(f"serveConfigV2 differs from {serve_config.relative_to(REPO)}")
     return problems
 
 
@@ -152,13 +186,13 @@ def _images(cluster: Doc) -> list[str]:
     ]
 
 
-def _rayservice_problems(doc: Doc) -> list[str]:
+def _rayservice_problems(doc: Doc, serve_config: Path) -> list[str]:
     problems = [
         f"RayService {'.'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
         for error in RAYSERVICE_VALIDATOR.iter_errors(doc)
     ]
     spec = doc.get("spec", {})
-    problems += _serve_config_problems(spec.get("serveConfigV2", ""))
+    problems += _serve_config_problems(spec.get("serveConfigV2", ""), serve_config)
     cluster = spec.get("rayClusterConfig", {})
     if cluster.get("rayVersion") != ray.__version__:
         problems.append(f"rayVersion {cluster.get('rayVersion')} is not {ray.__version__}")
@@ -187,11 +221,11 @@ def _rayservice_problems(doc: Doc) -> list[str]:
     return problems
 
 
-def manifest_problems(docs: list[Doc]) -> list[str]:
+def manifest_problems(docs: list[Doc], serve_config: Path = GPU_CONFIG) -> list[str]:
     problems = []
     for doc in docs:
         if doc.get("kind") == "RayService":
-            problems += _rayservice_problems(doc)
+            problems += _rayservice_problems(doc, serve_config)
         else:
             where = f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}"
             problems += _kubernetes_problems(doc, where)
@@ -203,7 +237,7 @@ def manifest_problems(docs: list[Doc]) -> list[str]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda path: path.name)
 def test_manifests_validate(overlay):
-    assert manifest_problems(render(overlay)) == []
+    assert manifest_problems(render(overlay), SERVE_CONFIGS[overlay.name]) == []
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -246,6 +280,55 @@ def test_ha_variant_keeps_gcs_state_in_redis():
     service = docs[("Service", host)]
     assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
     assert ("Deployment", host) in docs
+
+
+def _containers(service: Doc) -> dict[str, tuple[Doc, Doc]]:
+    """Each pod group's (pod spec, its one container), by group."""
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"]} | {
+        group["groupName"]: group for group in cluster["workerGroupSpecs"]
+    }
+    pods = {}
+    for name, group in groups.items():
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        pods[name] = (spec, container)
+    return pods
+
+
+def test_object_storage_variant_keeps_images_in_a_bucket_with_no_shared_volume():
+    docs = _by_identity(render(K8S / "object-storage"))
+    assert ("PersistentVolumeClaim", "image-service-shared") not in docs
+    assert ("PersistentVolumeClaim", "image-service-models") in docs  # weights still shared
+    service = docs[("RayService", "image-service")]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    storage = parse_args(serve_config["applications"][0]["args"]).storage
+    assert storage.s3 is not None and storage.directory is None
+    for name, (spec, container) in _containers(service).items():
+        claims = [
+            v["persistentVolumeClaim"]["claimName"]
+            for v in spec.get("volumes", [])
+            if "persistentVolumeClaim" in v
+        ]
+        assert "image-service-shared" not in claims, name
+        assert "IMAGE_SERVICE_CACHE" not in {env["name"] for env in container.get("env", [])}
+        # Credentials reach every pod an ingress replica may run in, from the environment.
+        assert {"secretRef": {"name": "image-service-object-store", "optional": True}} in (
+            container["envFrom"]
+        ), name
+    # The rest is the base's.
+    (base,) = [doc for doc in render(K8S / "base") if doc["kind"] == "RayService"]
+    assert _containers(base)["gpu"][1]["resources"] == _containers(service)["gpu"][1]["resources"]
+
+
+def test_the_overlays_json_patch_refuses_a_base_whose_lists_moved():
+    """Its `test` ops stop it from removing the wrong element of a changed base's list."""
+    service = _rayservice(render(K8S / "base"))
+    (head, _) = _containers(service)["head"]
+    head["containers"][0]["env"].insert(0, {"name": "EXTRA", "value": "1"})
+    patch = yaml.safe_load((K8S / "object-storage/object-store-credentials.yaml").read_text())
+    with pytest.raises(AssertionError, match="patch test failed"):
+        _json_patch(service, patch)
 
 
 def test_dockerfile_builds_on_rays_image_of_the_installed_version():
