@@ -148,7 +148,9 @@ class ServeRun:
 
     def replica_processes(self, deployment: str) -> list[psutil.Process]:
         """This application's replica processes of a deployment (`ServeReplica:app:name`)."""
-        replica = re.compile(rf"ServeReplica:\S*:{re.escape(deployment)}(\s|$)")
+        # Ray titles an actor busy in a method `ServeReplica:app:name.method` (a replica still
+        # starting, say); a method name starts with a letter, so `sd3` never matches `sd3.5`.
+        replica = re.compile(rf"ServeReplica:\S*:{re.escape(deployment)}(\.[A-Za-z_]\w*)?(\s|$)")
         found = []
         for process in self.processes():
             try:

@@ -24,7 +24,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def client():
-    with engine_client(ARGS, BatchingConfig()) as client:
+    with engine_client(ARGS, BatchingConfig()) as (client, _backends):
         yield client
 
 
