@@ -16,8 +16,8 @@ from pydantic import Field, field_validator, model_validator
 from ray.serve.config import AutoscalingPolicy
 from ray.serve.schema import DeploymentSchema
 
+from deployments.autoscaling_policy import POLICY_FUNCTION
 from deployments.config_base import Strict
-from deployments.generator.autoscaling_policy import POLICY_FUNCTION
 from deployments.optimizations_config import OptimizationsConfig
 
 
@@ -65,7 +65,7 @@ class AutoscalingPolicyConfig(Strict):
     `cost_aware` counts the work the model's replicas hold in denoising steps x pixels
     (width x height x images x the steps each job still has to run), so that a few large
     requests scale out where as many small ones do not
-    (`deployments/generator/autoscaling_policy.py`). The rest of
+    (`deployments/autoscaling_policy.py`). The rest of
     `deployment.autoscaling_config` applies as for Serve's own policy: `min_replicas`,
     `max_replicas`, the delays, the factors and `look_back_period_s`;
     `target_ongoing_requests` only decides until the first replica reports its work.

@@ -27,7 +27,7 @@ Deciding, every control-loop tick (`CONTROL_LOOP_INTERVAL_S`, 0.1 s;
 `DeploymentAutoscalingState.get_decision_num_replicas`):
 - the policy's wish: Serve's default is ongoing requests / `target_ongoing_requests`
   (`_core_replica_queue_length_policy`), the cost-aware one is the project's own policy,
-  called as such (`deployments/generator/autoscaling_policy.py`);
+  called as such (`deployments/autoscaling_policy.py`);
 - from zero replicas with a request waiting, at once at least one
   (`_get_cold_start_scale_up_replicas`);
 - the factors: current + factor x (wish - current), rounded up, and a downscale stuck by

@@ -85,7 +85,7 @@ SHIPPED_AUTOSCALING = AutoscalingSettings(
     upscale_delay_s=30,
     downscale_delay_s=600,
 )
-TARGETS = (1.0, 1.5, 2.0, 3.0)
+TARGETS = (1.0, 1.25, 1.5, 2.0, 3.0)
 
 
 @dataclass(frozen=True)

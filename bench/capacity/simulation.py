@@ -47,7 +47,7 @@ from bench.capacity.autoscaler import (
 )
 from bench.capacity.service import ServiceModel
 from bench.capacity.traces import Arrival, RequestKind, Trace
-from deployments.generator.autoscaling_policy import JOBS_METRIC, WORK_METRIC, CostAwarePolicy
+from deployments.autoscaling_policy import JOBS_METRIC, WORK_METRIC, CostAwarePolicy
 
 DEPLOYMENT = DeploymentID(name="ImageGenerator:sim", app_name="sim")
 TIMELINE_INTERVAL_S = 0.5

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from deployments.generator.autoscaling_policy import job_work
+from deployments.autoscaling_policy import job_work
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ from deployments.generator.call_timing import CallTimer, CallTimes
 from deployments.generator.pipelines import RequestPipelines, call_parameters
 from deployments.generator.previews import fit_previewer
 from deployments.generator.torch_threads import worker_pool
-from deployments.generator.work_meter import HeldWork, WorkMeter
 from deployments.jobs import (
     AdapterUnavailable,
     GeneratedImages,
@@ -129,7 +128,7 @@ class ImageEngine:
         self._broken: BaseException | None = None
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
-        self._work = WorkMeter()
+        self.work = self._queue.work  # held jobs' steps x pixels (the autoscaling policy's)
 
     def capabilities(self) -> ModelCapabilities:
         return self._pipelines.capabilities()
@@ -138,11 +137,6 @@ class ImageEngine:
         """Raise if the replica can no longer generate, so that Serve replaces it."""
         if self._broken is not None:
             raise ReplicaBroken(f"the device failed: {type(self._broken).__name__}")
-
-    def held_work(self) -> HeldWork:
-        """The jobs the engine holds (waiting or running) and their remaining steps x pixels,
-        for the cost-aware autoscaling policy."""
-        return self._work.held()
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -154,13 +148,12 @@ class ImageEngine:
         progress and previews."""
         if self._broken is not None:  # until Serve's health check replaces the replica
             raise ReplicaBroken(f"the device failed: {type(self._broken).__name__}")
-        with self._work.holding(job):
-            await self._stage_adapters(job)
-            try:
-                return await self._queue.submit(job, sink)
-            except asyncio.CancelledError:
-                logger.info("request %s cancelled; its generation stops", job.request_id)
-                raise
+        await self._stage_adapters(job)
+        try:
+            return await self._queue.submit(job, sink)
+        except asyncio.CancelledError:
+            logger.info("request %s cancelled; its generation stops", job.request_id)
+            raise
 
     async def _stage_adapters(self, job: GenerationJob) -> None:
         """Fetch and check the job's adapters off the event loop before it queues, so that
@@ -255,18 +248,15 @@ class ImageEngine:
         cancelled: threading.Event,
         parts: list[CallPart],
     ) -> StepCallback:
-        """The pipeline's `callback_on_step_end` for one call: times and counts the step
-        (and the work it took off its jobs), stops a cancelled batch, and reports to the
-        call's streamed jobs."""
+        """The pipeline's `callback_on_step_end` for one call: times and counts the step (and
+        the work it takes off its jobs), stops a cancelled batch, reports to streamed jobs."""
         asked_steps = parts[0].job.num_inference_steps
-        # The held job (the engine's, not the part's copy of it) and its images in the call.
-        worked = [(part.queued.job, part.job.num_images) for part in parts]
 
         def on_step_end(pipeline, step: int, _timestep, callback_kwargs: dict[str, Any]):
             timer.step_ended(step)
             with self._steps_lock:
                 self.steps_run += 1
-            self._work.step_done(worked)
+            self.work.step_done(parts)
             if cancelled.is_set():
                 raise GenerationCancelled()
             # Edits run fewer steps than asked (num_inference_steps x strength).

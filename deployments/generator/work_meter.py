@@ -1,7 +1,7 @@
 """The work a replica holds, in denoising steps x pixels: what its cost-aware autoscaling
-policy (`deployments/generator/autoscaling_policy.py`) scales on.
+policy (`deployments/autoscaling_policy.py`) scales on.
 
-A job counts from the moment the engine takes it until its caller has its answer (or has
+A job counts from its submission to the batch queue until its caller has its answer (or has
 gone): its full cost (`job_work`) while it waits for a batch, less one step of its images'
 pixels after each step its calls run. Counting the steps done costs a lock and a few
 multiplications per step, nothing beside a denoising step. A call that fails and runs again
@@ -14,9 +14,21 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
-from deployments.generator.autoscaling_policy import job_work
+from deployments.autoscaling_policy import job_work
 from deployments.jobs import GenerationJob
+
+
+class _Queued(Protocol):
+    job: GenerationJob
+
+
+class _Part(Protocol):
+    """A job's images in one pipeline call (`call_plan.CallPart`)."""
+
+    queued: _Queued  # the held job
+    job: GenerationJob  # the held job cut to the call's images
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,7 @@ class WorkMeter:
 
     @contextmanager
     def holding(self, job: GenerationJob) -> Iterator[None]:
-        """Counts `job` while the block runs (the engine's whole handling of it)."""
+        """Counts `job` while the block runs (its time in the batch queue and its calls)."""
         cost = job_work(
             job.width, job.height, job.num_images, job.num_inference_steps, job.strength
         )
@@ -47,13 +59,13 @@ class WorkMeter:
             with self._lock:
                 del self._remaining[id(job)]
 
-    def step_done(self, parts: Iterable[tuple[GenerationJob, int]]) -> None:
-        """One step ran for each (held job, images of it in the call)."""
+    def step_done(self, parts: Iterable[_Part]) -> None:
+        """One step of a call ran: each part's images' pixels come off its held job."""
         with self._lock:
-            for job, images in parts:
-                key = id(job)
+            for part in parts:
+                key = id(part.queued.job)
                 if key in self._remaining:
-                    done = job.width * job.height * images
+                    done = part.job.width * part.job.height * part.job.num_images
                     self._remaining[key] = max(0.0, self._remaining[key] - done)
 
     def held(self) -> HeldWork:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from ray import serve
 
-from deployments.generator.autoscaling_policy import job_work
+from deployments.autoscaling_policy import job_work
 from deployments.model_config import generator_deployment_name
 from serve_app import build_application, parse_args
 

@@ -43,7 +43,7 @@ def test_held_work_counts_waiting_jobs_whole_and_running_ones_less_their_steps(p
     def sink(event: GenerationEvent) -> None:
         # Called in the worker thread inside the step's callback, after the step counted.
         if isinstance(event, StepProgress):
-            seen.append((event.step, engine.held_work()))
+            seen.append((event.step, engine.work.held()))
 
     async def scenario() -> HeldWork:
         # The only worker is busy until both jobs are in: the first waits for it, the
@@ -52,9 +52,9 @@ def test_held_work_counts_waiting_jobs_whole_and_running_ones_less_their_steps(p
         pool.submit(gate.wait)
         first = asyncio.ensure_future(engine.generate(running, sink))
         second = asyncio.ensure_future(engine.generate(waiting))
-        while engine.held_work().jobs < 2:
+        while engine.work.held().jobs < 2:
             await asyncio.sleep(0.01)
-        before = engine.held_work()
+        before = engine.work.held()
         gate.set()
         await asyncio.gather(first, second)
         return before
@@ -67,4 +67,4 @@ def test_held_work_counts_waiting_jobs_whole_and_running_ones_less_their_steps(p
     per_step = 64 * 64 * 2
     assert seen[0] == (1, HeldWork(step_pixels=32768 - per_step + 2048, jobs=2))
     assert seen[-1] == (4, HeldWork(step_pixels=2048, jobs=2))  # done, not yet answered
-    assert engine.held_work() == HeldWork(step_pixels=0, jobs=0)
+    assert engine.work.held() == HeldWork(step_pixels=0, jobs=0)

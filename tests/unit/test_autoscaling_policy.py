@@ -26,7 +26,7 @@ from ray.serve._private.common import (
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
-from deployments.generator.autoscaling_policy import (
+from deployments.autoscaling_policy import (
     JOBS_METRIC,
     POLICY_FUNCTION,
     WORK_METRIC,
@@ -214,7 +214,7 @@ def test_the_policy_serve_ships_to_its_controller_brings_no_torch():
         "import sys\n"
         "from ray import cloudpickle\n"
         f"policy = cloudpickle.loads({pickled!r})(target_step_pixels_per_replica=1.0)\n"
-        "import deployments.generator.autoscaling_policy\n"
+        "import deployments.autoscaling_policy\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "print(type(policy).__name__)\n"
     )

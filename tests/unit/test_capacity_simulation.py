@@ -95,12 +95,13 @@ def test_the_cost_aware_policy_scales_for_large_requests_only():
         **{**FAST.__dict__, "cost_target_step_pixels": 2 * LARGE.work, "target_ongoing_requests": 1}
     )
     large = simulate(large_burst(), SERVICE, cost_aware, REPLICA, seed=1)
-    small_trace = burst(1, 5, BURST_AT, BURST_S, 60, [(SMALL, 1)], [(SMALL, 1)], seed=3)
+    # As many small requests a second as keep one replica busy most of the time.
+    small_trace = burst(1, 12, BURST_AT, BURST_S, 60, [(SMALL, 1)], [(SMALL, 1)], seed=3)
     small = simulate(small_trace, SERVICE, cost_aware, REPLICA, seed=1)
     assert large.summary()["max_replicas"] > 1
     assert small.summary()["max_replicas"] == 1
-    # Serve's default policy scales for the small ones too, at a target low enough.
-    default = AutoscalingSettings(**{**FAST.__dict__, "target_ongoing_requests": 0.2})
+    # Serve's default policy, at the same target_ongoing_requests, scales for them too.
+    default = AutoscalingSettings(**{**cost_aware.__dict__, "cost_target_step_pixels": None})
     assert simulate(small_trace, SERVICE, default, REPLICA, seed=1).summary()["max_replicas"] > 1
 
 

@@ -42,7 +42,7 @@ JOBS_METRIC = "work_jobs"
 
 # What `autoscaling_config.policy.policy_function` names; Serve makes one instance per
 # deployment with `policy_kwargs` and calls it every control-loop tick.
-POLICY_FUNCTION = "deployments.generator.autoscaling_policy:CostAwarePolicy"
+POLICY_FUNCTION = "deployments.autoscaling_policy:CostAwarePolicy"
 
 
 def job_work(width: int, height: int, images: int, steps: int, strength: float | None) -> int:
