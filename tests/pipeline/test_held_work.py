@@ -52,8 +52,8 @@ def test_held_work_counts_waiting_jobs_whole_and_running_ones_less_their_steps(p
         pool.submit(gate.wait)
         first = asyncio.ensure_future(engine.generate(running, sink))
         second = asyncio.ensure_future(engine.generate(waiting))
-        while engine.work.held().jobs < 2:
-            await asyncio.sleep(0.01)
+        for _ in range(10):  # each task runs up to its wait for its batch, in a loop turn
+            await asyncio.sleep(0)
         before = engine.work.held()
         gate.set()
         await asyncio.gather(first, second)
