@@ -67,7 +67,7 @@ def build_application(
     generators = {
         model.id: ImageGenerator.options(
             name=generator_deployment_name(model.id),
-            **{**model.deployment, **(generator_options or {})},
+            **model.deployment_options(generator_options),
         ).bind(model, *args.engine_settings(model))
         for model in args.models
     }

@@ -9,11 +9,14 @@ generator for what to load and how to run it. `deployments/config.py` holds the 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from ray.serve.config import AutoscalingPolicy
 from ray.serve.schema import DeploymentSchema
 
+from deployments.autoscaling_policy import POLICY_FUNCTION
 from deployments.config_base import Strict
 from deployments.optimizations_config import OptimizationsConfig
 
@@ -54,6 +57,43 @@ class BatchingConfig(Strict):
     def images_per_batch(self, width: int, height: int) -> int:
         """Most images of this size that a batch gathers from several requests."""
         return min(self.max_batch_images, self.images_per_call(width, height))
+
+
+class AutoscalingPolicyConfig(Strict):
+    """How Serve's autoscaler counts a model's load, when not by requests (its default).
+
+    `cost_aware` counts the work the model's replicas hold in denoising steps x pixels
+    (width x height x images x the steps each job still has to run), so that a few large
+    requests scale out where as many small ones do not
+    (`deployments/autoscaling_policy.py`). The rest of
+    `deployment.autoscaling_config` applies as for Serve's own policy: `min_replicas`,
+    `max_replicas`, the delays, the factors and `look_back_period_s`;
+    `target_ongoing_requests` only decides until the first replica reports its work.
+    """
+
+    kind: Literal["cost_aware"] = Field(
+        default="cost_aware",
+        description="The policy: `cost_aware` (replicas = held steps x pixels / "
+        "`target_step_pixels_per_replica`). A model without `autoscaling_policy` is scaled "
+        "by Serve's default policy (ongoing requests / `target_ongoing_requests`).",
+    )
+    target_step_pixels_per_replica: float = Field(
+        default=2 * 28 * 1024 * 1024,
+        gt=0,
+        description="The work each replica should hold, waiting and running, in steps x "
+        "pixels: the default is two 28-step 1024x1024 images (58,720,256). About what one "
+        "replica runs at once plus one call's worth waiting, as `target_ongoing_requests` "
+        "would be set in requests.",
+    )
+
+    def serve_policy(self) -> dict[str, Any]:
+        """`autoscaling_config.policy` for Serve: the policy class and its arguments."""
+        return {
+            "policy_function": POLICY_FUNCTION,
+            "policy_kwargs": {
+                "target_step_pixels_per_replica": self.target_step_pixels_per_replica
+            },
+        }
 
 
 # An adapter id: letters, digits and `_ : / -`. A `+` joins the ids of a set of adapters,
@@ -199,6 +239,30 @@ class ModelConfig(Strict):
         "with `num_gpus`, `max_ongoing_requests`, `max_queued_requests`, ...). Unset options "
         "keep the defaults of `deployments/generator/deployment.py`.",
     )
+    autoscaling_policy: AutoscalingPolicyConfig | None = Field(
+        default=None,
+        description="How the autoscaler counts this model's load: unset, Serve's default "
+        "policy (ongoing requests); `{kind: cost_aware, target_step_pixels_per_replica: ...}` "
+        "counts the work in steps x pixels. Needs `deployment.autoscaling_config`, without a "
+        "`policy` of its own.",
+    )
+
+    def deployment_options(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The generator deployment's Serve options: `deployment`, then `overrides` (which
+        replace whole options, as a config's `deployments:` entry does), with the
+        `autoscaling_policy` in whichever `autoscaling_config` results."""
+        options = {**self.deployment, **(overrides or {})}
+        autoscaling = options.get("autoscaling_config")
+        if (
+            self.autoscaling_policy is not None
+            and isinstance(autoscaling, Mapping)
+            and "policy" not in autoscaling
+        ):
+            options["autoscaling_config"] = {
+                **autoscaling,
+                "policy": self.autoscaling_policy.serve_policy(),
+            }
+        return options
 
     @model_validator(mode="after")
     def _adapters_fit(self) -> ModelConfig:
@@ -222,6 +286,27 @@ class ModelConfig(Strict):
             # int8 weights take LoRA through peft's torchao layers (checked on CPU: same images
             # alone and among concurrent calls, base unchanged); float8 needs a GPU to check.
             raise ValueError("adapters cannot be combined with float8 quantization yet")
+        return self
+
+    @model_validator(mode="after")
+    def _autoscaling_policy_fits(self) -> ModelConfig:
+        if self.autoscaling_policy is None:
+            return self
+        autoscaling = self.deployment.get("autoscaling_config")
+        if not isinstance(autoscaling, Mapping):
+            raise ValueError(
+                "autoscaling_policy needs deployment.autoscaling_config (at least "
+                "min_replicas and max_replicas): without it the replica count is fixed"
+            )
+        if "policy" in autoscaling:
+            raise ValueError(
+                "autoscaling_policy and deployment.autoscaling_config.policy both choose the "
+                "policy: set one"
+            )
+        if "policy_kwargs" not in AutoscalingPolicy.model_fields:
+            # Serve passes a class policy its arguments only since class-based policies came
+            # in (ray-project/ray#60964); an older Ray would call the class with the context.
+            raise ValueError("autoscaling_policy needs a Ray with class-based policies (2.60)")
         return self
 
     @field_validator("deployment")

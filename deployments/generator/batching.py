@@ -44,6 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+from deployments.generator.work_meter import WorkMeter
 from deployments.jobs import AdapterWeight, GeneratedImages, GenerationEvent, GenerationJob, Task
 from deployments.model_config import BatchingConfig
 
@@ -158,6 +159,9 @@ class BatchQueue:
         self._regroup_until = 0.0
         # Images in each of the most recent batches (bounded: a replica lives for weeks).
         self.batch_sizes: deque[int] = deque(maxlen=1000)
+        # The steps x pixels of the jobs between their submission and their answer: what the
+        # cost-aware autoscaling policy scales on (the engine takes each step off).
+        self.work = WorkMeter()
 
     @property
     def waiting_jobs(self) -> int:
@@ -169,15 +173,16 @@ class BatchQueue:
         loop = asyncio.get_running_loop()
         queued = QueuedJob(job=job, sink=sink, submitted=time.perf_counter())
         entry = _Entry(queued=queued, result=loop.create_future())
-        batch = self._batch_for(job)
-        batch.entries.append(entry)
-        self._regroup_jobs = max(0, self._regroup_jobs - 1)
-        self._dispatch()
-        try:
-            return await entry.result
-        except asyncio.CancelledError:
-            self._withdraw(batch, entry)
-            raise
+        with self.work.holding(job):
+            batch = self._batch_for(job)
+            batch.entries.append(entry)
+            self._regroup_jobs = max(0, self._regroup_jobs - 1)
+            self._dispatch()
+            try:
+                return await entry.result
+            except asyncio.CancelledError:
+                self._withdraw(batch, entry)
+                raise
 
     def capacity(self, key: BatchKey) -> int:
         """Most images a batch of this key holds (at least 1)."""

@@ -30,6 +30,7 @@ from ray import serve
 from ray.serve.context import _get_internal_replica_context
 
 from deployments.adapter_directory import WatchedAdapterDirectory
+from deployments.autoscaling_policy import JOBS_METRIC, WORK_METRIC
 from deployments.generator.adapter_store import AdapterStore
 from deployments.generator.cache_hooks import apply_cache
 from deployments.generator.engine import ImageEngine
@@ -120,6 +121,15 @@ class ImageGenerator:
 
     def check_health(self) -> None:
         self._engine.check_health()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the cost-aware autoscaling policy scales on: the steps x pixels the
+        replica's jobs still have to run, and how many jobs it holds
+        (`deployments/autoscaling_policy.py`). Serve calls it on an autoscaled
+        deployment only, every `min(look_back_period_s / 5, metrics_interval_s)` seconds, and
+        sends the figures to its controller every `metrics_interval_s`."""
+        held = self._engine.work.held()
+        return {WORK_METRIC: held.step_pixels, JOBS_METRIC: float(held.jobs)}
 
     def counters(self) -> dict[str, Any]:
         """What the replica has done so far, for operators, tests and the benchmark."""

@@ -12,10 +12,9 @@ stop a thread, so a running batch whose jobs are all cancelled is told through t
 pipeline's step callback, which raises at the next denoising step; a job still waiting is
 simply dropped from its batch.
 
-The same step callback feeds streamed jobs (`ImageEngine.stream`): it reports progress and,
-at the steps a job asked previews for, turns that job's slice of the latents into small
-previews (`deployments/generator/previews.py`). It also times each call's phases for the
-request logs and the metrics (`deployments/generator/call_timing.py`).
+The step callback also feeds streamed jobs (`ImageEngine.stream`: progress, and previews
+from a job's slice of the latents, `previews.py`), times each call's phases for the logs and
+metrics (`call_timing.py`), and takes each step's work off the held work the autoscaler reads.
 """
 
 from __future__ import annotations
@@ -130,6 +129,7 @@ class ImageEngine:
         self._broken: BaseException | None = None
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
+        self.work = self._queue.work  # held jobs' steps x pixels (the autoscaling policy's)
 
     def capabilities(self) -> ModelCapabilities:
         return self._pipelines.capabilities()
@@ -247,15 +247,16 @@ class ImageEngine:
         timer: CallTimer,
         reporter: _StepReporter,
         cancelled: threading.Event,
-        asked_steps: int,
+        parts: list[CallPart],
     ) -> StepCallback:
-        """The pipeline's `callback_on_step_end` for one batch: times and counts the step,
-        stops a cancelled batch, and reports to the batch's streamed jobs."""
+        """`callback_on_step_end` for one call (see the module's docstring)."""
+        asked_steps = parts[0].job.num_inference_steps
 
         def on_step_end(pipeline, step: int, _timestep, callback_kwargs: dict[str, Any]):
             timer.step_ended(step)
             with self._steps_lock:
                 self.steps_run += 1
+            self.work.step_done(parts)
             if cancelled.is_set():
                 raise GenerationCancelled()
             # Edits run fewer steps than asked (num_inference_steps x strength).
@@ -282,7 +283,7 @@ class ImageEngine:
             self._previewer,
             spatial=functools.partial(_spatial_latents, view, first.width, first.height),
         )
-        on_step_end = self._step_callback(timer, reporter, cancelled, first.num_inference_steps)
+        on_step_end = self._step_callback(timer, reporter, cancelled, parts)
         view.encode_prompt = timer.timed_encode_prompt(view.encode_prompt)
         arguments = pipeline_arguments(jobs, call_parameters(type(view)), on_step_end)
         # A cached denoiser keeps this call's cache state apart from concurrent calls'.

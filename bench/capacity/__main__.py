@@ -1,0 +1,127 @@
+"""`python -m bench.capacity [measure | validate | extrapolate]`; with no command, the stored
+validation table and extrapolation (bench/results/capacity-*.json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.capacity.report import (
+    candidates_table,
+    chart,
+    extrapolation_table,
+    speed_fit_table,
+    validation_table,
+)
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+SERVICE = RESULTS / "capacity-service.json"
+VALIDATION = RESULTS / "capacity-validation.json"
+CHART = RESULTS / "capacity-validation.png"
+EXTRAPOLATION = RESULTS / "capacity-extrapolation.json"
+
+
+def _write(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def measure() -> None:
+    from bench.capacity.service import measure_engine
+    from bench.capacity.validate import BATCHES, SIZES
+
+    _write(SERVICE, measure_engine(SIZES, BATCHES, steps=(4, 20)).to_json())
+
+
+def validate(cases: list[str] | None) -> None:
+    from bench.capacity.service import ServiceModel
+    from bench.capacity.validate import cases as all_cases
+    from bench.capacity.validate import validate as run
+
+    measure()  # the engine's speed now, just before the cluster runs
+    selected = [case for case in all_cases() if not cases or case.name in cases]
+    data = run(selected, ServiceModel.load(SERVICE))
+    _write(VALIDATION, data)
+    chart(data, CHART)
+    print(f"wrote {CHART}")
+    print(validation_table(data))
+
+
+def refit() -> None:
+    """The speed-fit diagnostic of the stored validation again (no cluster)."""
+    from bench.capacity.validate import speed_fit
+
+    data = json.loads(VALIDATION.read_text())
+    data["speed_fit"] = speed_fit(data)
+    _write(VALIDATION, data)
+    print(speed_fit_table(data["speed_fit"]))
+
+
+def extrapolate() -> None:
+    from bench.capacity.extrapolate import extrapolate as run
+
+    data = run()
+    _write(EXTRAPOLATION, data)
+    print(extrapolation_table(data))
+
+
+def show() -> int:
+    missing = [p for p in (VALIDATION, EXTRAPOLATION) if not p.exists()]
+    if VALIDATION.exists():
+        data = json.loads(VALIDATION.read_text())
+        print(f"Validation: simulation against the real cluster ({data['nodes']}).")
+        print(
+            f"Replica start {data['start_times_s']} s, request overhead "
+            f"{data['request_overhead_s']} s (measured).\n"
+        )
+        print(validation_table(data))
+        if "speed_fit" in data:
+            print("\nDiagnostic: each case with one service-time factor fitted to its real p50.\n")
+            print(speed_fit_table(data["speed_fit"]))
+        print()
+    if EXTRAPOLATION.exists():
+        data = json.loads(EXTRAPOLATION.read_text())
+        assumptions = data["assumptions"]
+        print(
+            "Extrapolation: SD3.5 Medium on H100s (published figures, "
+            f"{assumptions['h100_s_per_1024_image']} s an image at 1024x1024 x 28 steps; "
+            f"${assumptions['dollars_per_gpu_hour']:.2f} a GPU-hour, an assumption; "
+            f"p95 objective {assumptions['p95_objective_s']} s).\n"
+        )
+        print(extrapolation_table(data))
+        print()
+        print(candidates_table(data))
+    for path in missing:
+        print(
+            f"\n{path.name} is missing: run `python -m bench.capacity "
+            f"{'validate' if path == VALIDATION else 'extrapolate'}`"
+        )
+    return 1 if missing else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.capacity", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("measure", help="service times of the embedded model on this CPU")
+    check = commands.add_parser("validate", help="the real cluster against the simulation")
+    check.add_argument("--case", action="append", help="only these cases (by name)")
+    commands.add_parser("refit", help="the stored validation's speed-fit diagnostic again")
+    commands.add_parser("extrapolate", help="GPU capacity at 10, 100, 1000 requests/s")
+    args = parser.parse_args()
+    if args.command == "measure":
+        measure()
+    elif args.command == "validate":
+        validate(args.case)
+    elif args.command == "refit":
+        refit()
+    elif args.command == "extrapolate":
+        extrapolate()
+    else:
+        return show()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The work a replica holds, in denoising steps x pixels: what its cost-aware autoscaling
+policy (`deployments/autoscaling_policy.py`) scales on.
+
+A job counts from its submission to the batch queue until its caller has its answer (or has
+gone): its full cost (`job_work`) while it waits for a batch, less one step of its images'
+pixels after each step its calls run. Counting the steps done costs a lock and a few
+multiplications per step, nothing beside a denoising step. A call that fails and runs again
+counts its steps twice; a job's remaining work stops at 0.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from deployments.autoscaling_policy import job_work
+from deployments.jobs import GenerationJob
+
+
+class _Queued(Protocol):
+    job: GenerationJob
+
+
+class _Part(Protocol):
+    """A job's images in one pipeline call (`call_plan.CallPart`)."""
+
+    queued: _Queued  # the held job
+    job: GenerationJob  # the held job cut to the call's images
+
+
+@dataclass(frozen=True)
+class HeldWork:
+    step_pixels: float
+    jobs: int
+
+
+class WorkMeter:
+    """Jobs held and their remaining steps x pixels; safe to use from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # By the job object's identity: two requests may send equal jobs.
+        self._remaining: dict[int, float] = {}
+
+    @contextmanager
+    def holding(self, job: GenerationJob) -> Iterator[None]:
+        """Counts `job` while the block runs (its time in the batch queue and its calls)."""
+        cost = job_work(
+            job.width, job.height, job.num_images, job.num_inference_steps, job.strength
+        )
+        with self._lock:
+            self._remaining[id(job)] = float(cost)
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._remaining[id(job)]
+
+    def step_done(self, parts: Iterable[_Part]) -> None:
+        """One step of a call ran: each part's images' pixels come off its held job."""
+        with self._lock:
+            for part in parts:
+                key = id(part.queued.job)
+                if key in self._remaining:
+                    done = part.job.width * part.job.height * part.job.num_images
+                    self._remaining[key] = max(0.0, self._remaining[key] - done)
+
+    def held(self) -> HeldWork:
+        with self._lock:
+            return HeldWork(step_pixels=sum(self._remaining.values()), jobs=len(self._remaining))

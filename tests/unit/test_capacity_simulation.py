@@ -1,0 +1,223 @@
+"""The capacity simulation (`bench/capacity/`): on a tiny seeded trace it scales out under a
+burst and back after it, no sooner than Serve's delays allow; and its model of Serve's
+autoscaler agrees with Ray's own code, decision for decision and average for average."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import ray.serve.autoscaling_policy as ray_policy
+from ray.serve._private.autoscaling_metrics_merge import merge_and_aggregate_arrays
+from ray.serve._private.common import DeploymentID
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+from bench.capacity.autoscaler import (
+    AutoscalingSettings,
+    DelayState,
+    HandleReport,
+    PushedSeries,
+    decide,
+    default_policy_wish,
+    series_mean,
+)
+from bench.capacity.service import CallCost, ServiceModel
+from bench.capacity.simulation import ReplicaSettings, simulate
+from bench.capacity.traces import RequestKind, burst
+
+SMALL = RequestKind("small", 32, 32, 2)
+LARGE = RequestKind("large", 256, 256, 16)
+# Seconds per call: 0.05 + 0.01 a step for small images, 0.1 + 0.02 a step for large ones.
+SERVICE = ServiceModel(
+    costs={
+        ("32x32", 1): CallCost(0.05, 0.01),
+        ("32x32", 4): CallCost(0.08, 0.02),
+        ("256x256", 1): CallCost(0.1, 0.02),
+        ("256x256", 4): CallCost(0.3, 0.08),
+    },
+    source="test",
+)
+FAST = AutoscalingSettings(
+    min_replicas=1,
+    max_replicas=3,
+    target_ongoing_requests=2,
+    upscale_delay_s=3,
+    downscale_delay_s=8,
+    look_back_period_s=2,
+    metrics_interval_s=0.5,
+)
+REPLICA = ReplicaSettings(max_ongoing_requests=4, max_queued_requests=200, start_s=5)
+BURST_AT, BURST_S = 10.0, 10.0
+
+
+def large_burst(seed: int = 3):
+    # One small request a second, then 5 large ones a second for 10 s: two replicas' worth
+    # (each runs one 0.42 s call at a time), and a backlog.
+    return burst(1, 5, BURST_AT, BURST_S, 60, [(SMALL, 1)], [(LARGE, 1)], seed=seed)
+
+
+def test_a_burst_scales_out_no_sooner_than_the_delays_allow_and_back_after():
+    result = simulate(large_burst(), SERVICE, FAST, REPLICA, seed=1)
+    ups = [(t, old, new) for t, old, new in result.decisions if new > old]
+    downs = [(t, old, new) for t, old, new in result.decisions if new < old]
+    assert ups and downs
+    first_up = ups[0][0]
+    # The burst must first show in the handle's averages, then last upscale_delay_s.
+    assert first_up >= BURST_AT + FAST.upscale_delay_s
+    assert max(new for _, _, new in ups) == FAST.max_replicas
+    # A new replica serves start_s after the decision, not before.
+    grown = next(t for t, running, _, _ in result.timeline if running > 1)
+    assert grown >= first_up + REPLICA.start_s
+    # The way down waits downscale_delay_s past the end of the burst's backlog at least.
+    assert downs[0][0] >= BURST_AT + BURST_S + FAST.downscale_delay_s
+    assert result.timeline[-1][1] == FAST.min_replicas
+    summary = result.summary()
+    assert summary["ok"] == summary["requests"]
+
+
+def test_the_same_seed_gives_the_same_run():
+    one = simulate(large_burst(), SERVICE, FAST, REPLICA, seed=1).summary()
+    two = simulate(large_burst(), SERVICE, FAST, REPLICA, seed=1).summary()
+    assert one == two
+
+
+def test_longer_delays_scale_later():
+    patient = AutoscalingSettings(**{**FAST.__dict__, "upscale_delay_s": 6})
+    quick = simulate(large_burst(), SERVICE, FAST, REPLICA, seed=1).decisions[0][0]
+    slow = simulate(large_burst(), SERVICE, patient, REPLICA, seed=1).decisions[0][0]
+    assert slow >= quick + 3 - 0.5  # the 3 s more, less a record interval's jitter
+
+
+def test_the_cost_aware_policy_scales_for_large_requests_only():
+    cost_aware = AutoscalingSettings(
+        **{**FAST.__dict__, "cost_target_step_pixels": 2 * LARGE.work, "target_ongoing_requests": 1}
+    )
+    large = simulate(large_burst(), SERVICE, cost_aware, REPLICA, seed=1)
+    # As many small requests a second as keep one replica busy most of the time.
+    small_trace = burst(1, 12, BURST_AT, BURST_S, 60, [(SMALL, 1)], [(SMALL, 1)], seed=3)
+    small = simulate(small_trace, SERVICE, cost_aware, REPLICA, seed=1)
+    assert large.summary()["max_replicas"] > 1
+    assert small.summary()["max_replicas"] == 1
+    # Serve's default policy, at the same target_ongoing_requests, scales for them too.
+    default = AutoscalingSettings(**{**cost_aware.__dict__, "cost_target_step_pixels": None})
+    assert simulate(small_trace, SERVICE, default, REPLICA, seed=1).summary()["max_replicas"] > 1
+
+
+DEPLOYMENT = DeploymentID(name="d", app_name="a")
+
+
+def ray_context(total: float, current: int, target: int, config, state) -> AutoscalingContext:
+    return AutoscalingContext(
+        deployment_id=DEPLOYMENT,
+        deployment_name="d",
+        app_name="a",
+        current_num_replicas=current,
+        target_num_replicas=target,
+        running_replicas=[],
+        total_num_requests=total,
+        total_queued_requests=0.0,
+        aggregated_metrics={},
+        raw_metrics={},
+        capacity_adjusted_min_replicas=config.min_replicas,
+        capacity_adjusted_max_replicas=config.max_replicas,
+        policy_state=state,
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=None,
+        config=config,
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"upscaling_factor": 0.5, "downscaling_factor": 0.3},
+        {"min_replicas": 0, "downscale_to_zero_delay_s": 0.5},
+    ],
+    ids=["plain", "factors", "to-zero"],
+)
+def test_the_model_of_serve_decides_as_ray_does(monkeypatch, fields):
+    """Ray's default policy wrapped as Ray wraps it (`_apply_autoscaling_config`, its delays
+    read `time.time()`, faked here) against the model, tick by tick, on random loads."""
+    settings = AutoscalingSettings(
+        **{
+            **FAST.__dict__,
+            "max_replicas": 6,
+            "upscale_delay_s": 0.5,
+            "downscale_delay_s": 1.0,
+            **fields,
+        }
+    )
+    config = AutoscalingConfig(**settings.serve_config())
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(ray_policy, "time", SimpleNamespace(time=lambda: clock.now))
+    wrapped = ray_policy._apply_autoscaling_config(
+        ray_policy.replica_queue_length_autoscaling_policy
+    )
+    rng = random.Random(7)
+    ray_target = model_target = settings.bounded(1)
+    state: dict = {}
+    delays = DelayState()
+    current = model_target
+    changes = 0
+    total = 0.0
+    for _ in range(1200):
+        clock.now += 0.1
+        if rng.random() < 0.04:  # the load changes every 2.5 s or so
+            total = rng.choice([0.0, rng.uniform(0, 14)])
+        before = model_target
+        decision, state = wrapped(ray_context(total, current, ray_target, config, state))
+        ray_target = max(config.min_replicas, min(config.max_replicas, int(decision)))
+        cold = current == 0 and total > 0
+        wish = None if cold else default_policy_wish(total, current, model_target, 2)
+        model_target = decide(
+            wish,
+            current=current,
+            target=model_target,
+            total_ongoing=total,
+            settings=settings,
+            delays=delays,
+            now=clock.now,
+        )
+        assert model_target == ray_target
+        changes += model_target != before
+        # Replicas follow the target a few ticks late, as they start and stop.
+        if rng.random() < 0.3:
+            current = model_target
+    assert changes > 20  # the walk exercised scaling both ways
+
+
+def test_the_handle_average_is_ray_merge_and_aggregate():
+    """One handle's records against Ray's columnar merge (`merge_and_aggregate_arrays`),
+    times on Ray's 10 ms grid: the queued series and one series per replica, replicas
+    joining late and leaving."""
+    rng = random.Random(11)
+    for _ in range(50):
+        records = []
+        t = 100.0
+        for _ in range(rng.randint(1, 12)):
+            t = round(t + rng.choice([0.1, 0.2, 0.4]), 2)
+            sent = {r: float(rng.randint(0, 5)) for r in ("a", "b", "c") if rng.random() < 0.8}
+            records.append((t, float(rng.randint(0, 3)), sent))
+        running = frozenset(r for r in ("a", "b", "c") if rng.random() < 0.7)
+        now = round(t + rng.uniform(0, 1), 2)
+        sources: list[list[tuple[float, float]]] = [[(t, q) for t, q, _ in records]]
+        for replica in sorted(running):
+            series = [(t, sent[replica]) for t, _, sent in records if replica in sent]
+            if series:
+                sources.append(series)
+        ts = np.array([t for source in sources for t, _ in source])
+        values = np.array([v for source in sources for _, v in source])
+        offsets = np.cumsum([0] + [len(source) for source in sources])
+        expected = merge_and_aggregate_arrays(ts, values, offsets, now, "mean")
+        model = HandleReport(records).ongoing(running, now)
+        assert model == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_pushed_series_averages_as_the_full_series_does():
+    series = [(1.0, 2.0), (1.5, 0.0), (2.5, 4.0)]
+    for now in (2.5, 3.0, 10.0):
+        assert PushedSeries.of(series).mean(now) == pytest.approx(series_mean(series, now))
