@@ -173,7 +173,7 @@ class BatchQueue:
         loop = asyncio.get_running_loop()
         queued = QueuedJob(job=job, sink=sink, submitted=time.perf_counter())
         entry = _Entry(queued=queued, result=loop.create_future())
-        with self.work.holding(job):
+        with self.work.holding(queued):
             batch = self._batch_for(job)
             batch.entries.append(entry)
             self._regroup_jobs = max(0, self._regroup_jobs - 1)

@@ -42,28 +42,31 @@ class WorkMeter:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # By the job object's identity: two requests may send equal jobs.
+        # By submission (the QueuedJob's identity): one job object may be submitted twice at
+        # once, and two requests may send equal jobs.
         self._remaining: dict[int, float] = {}
 
     @contextmanager
-    def holding(self, job: GenerationJob) -> Iterator[None]:
-        """Counts `job` while the block runs (its time in the batch queue and its calls)."""
+    def holding(self, queued: _Queued) -> Iterator[None]:
+        """Counts the submitted job `queued` while the block runs (its time in the batch
+        queue and its calls)."""
+        job = queued.job
         cost = job_work(
             job.width, job.height, job.num_images, job.num_inference_steps, job.strength
         )
         with self._lock:
-            self._remaining[id(job)] = float(cost)
+            self._remaining[id(queued)] = float(cost)
         try:
             yield
         finally:
             with self._lock:
-                del self._remaining[id(job)]
+                del self._remaining[id(queued)]
 
     def step_done(self, parts: Iterable[_Part]) -> None:
         """One step of a call ran: each part's images' pixels come off its held job."""
         with self._lock:
             for part in parts:
-                key = id(part.queued.job)
+                key = id(part.queued)
                 if key in self._remaining:
                     done = part.job.width * part.job.height * part.job.num_images
                     self._remaining[key] = max(0.0, self._remaining[key] - done)
