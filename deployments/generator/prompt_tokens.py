@@ -16,12 +16,13 @@ import asyncio
 import copy
 import dataclasses
 import threading
+from typing import Any
 
 from deployments.jobs import GeneratedImages, GenerationJob
 
 
 class PromptTokens:
-    def __init__(self, pipeline) -> None:
+    def __init__(self, pipeline: Any) -> None:
         tokenizer = getattr(pipeline, "tokenizer", None)
         self._tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
         self._lock = threading.Lock()

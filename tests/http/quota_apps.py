@@ -66,6 +66,20 @@ def quota_app(
     return create_api(args, {"tiny-sd3": generator}, store, quota_metrics=metrics)
 
 
+def quota_app_builder(
+    args: AppArgs, generator: FakeGenerator, store: ImageStore, monkeypatch, redis_url: str
+):
+    """What a test's `quota_api` fixture gives: `build(metrics, **quotas)`, an app with those
+    quotas over the Redis at `redis_url`."""
+
+    def build(metrics: QuotaCounts | None = None, **quotas) -> FastAPI:
+        return quota_app(
+            quota_args(args, monkeypatch, redis_url, **quotas), generator, store, metrics
+        )
+
+    return build
+
+
 def quota_client(app: FastAPI) -> TestClient:
     return TestClient(app, raise_server_exceptions=False)
 

@@ -24,6 +24,7 @@ from .quota_apps import (
     bearer,
     generate,
     quota_app,
+    quota_app_builder,
     quota_args,
     quota_client,
     sha256,
@@ -33,13 +34,7 @@ from .quota_apps import (
 @pytest.fixture
 def quota_api(args, generator, store, monkeypatch, own_redis):
     """Builds the app with `quotas` over the test's own Redis."""
-
-    def build(metrics: QuotaCounts | None = None, **quotas):
-        return quota_app(
-            quota_args(args, monkeypatch, own_redis.url, **quotas), generator, store, metrics
-        )
-
-    return build
+    return quota_app_builder(args, generator, store, monkeypatch, own_redis.url)
 
 
 def test_fail_closed_answers_a_retryable_503_while_redis_is_down(generator, own_redis, quota_api):

@@ -23,6 +23,7 @@ from .quota_apps import (
     call_asgi,
     generate,
     quota_app,
+    quota_app_builder,
     quota_args,
     quota_client,
     sha256,
@@ -32,13 +33,7 @@ from .quota_apps import (
 @pytest.fixture
 def quota_api(args, generator, store, monkeypatch, redis_server):
     """Builds the app with `quotas` over the session's Redis."""
-
-    def build(metrics: QuotaCounts | None = None, **quotas):
-        return quota_app(
-            quota_args(args, monkeypatch, redis_server.url, **quotas), generator, store, metrics
-        )
-
-    return build
+    return quota_app_builder(args, generator, store, monkeypatch, redis_server.url)
 
 
 def test_reset_times_are_written_as_openai_writes_them():
