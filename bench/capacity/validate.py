@@ -244,13 +244,13 @@ def calibrate_overhead(url: str, service: ServiceModel, rounds: int = 6) -> floa
 def run_cluster(selected: list[Case], service: ServiceModel) -> tuple[list[RealRun], float]:
     """Every case on one two-node cluster; the runs and the calibrated request overhead."""
     # Ray starts its workers at niceness 15, below the load's client and everything else on
-    # the machine; at 0 they compete as equals (bench/server.py's SAME_PRIORITY).
+    # the machine; at 0 they compete as equals (bench/harness/serve_run.py's SAME_PRIORITY).
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray's own spelling)
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from bench.server import free_port
+    from bench.harness.serve_run import free_port
     from deployments.model_config import generator_deployment_name
     from serve_app import build_app
 
