@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ EMBEDDED_ADAPTERS: dict[str, AdapterRecipe] = {
     "tiny-flux/ink": AdapterRecipe(_ATTENTION, seed=31, strength=2.0),
 }
 _RANK = 4
+_BUILDING = threading.Lock()
 
 
 def resolve_adapter_source(adapter: AdapterConfig) -> tuple[str, str | None]:
@@ -75,6 +77,18 @@ def ensure_embedded_adapter(source: str, cache_dir: Path | None = None) -> Path:
     target = root / f"{model}-v{RECIPE_VERSION}-{style}-v{ADAPTER_RECIPE_VERSION}"
     if (target / WEIGHT_NAME).is_file():
         return target
+    # One build at a time in a process: loading the denoiser to build on patches torch's
+    # module construction process-wide (accelerate's empty weights), and two threads doing
+    # it at once (two requests prefetching adapters) left it patched: every later load made
+    # meta tensors.
+    with _BUILDING:
+        if not (target / WEIGHT_NAME).is_file():
+            _build_into(target, root, model, name, cache_dir)
+    return target
+
+
+def _build_into(target: Path, root: Path, model: str, name: str, cache_dir: Path | None) -> None:
+    style = name.split("/")[1]
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model}-{style}-", dir=root))
     try:
@@ -87,7 +101,6 @@ def ensure_embedded_adapter(source: str, cache_dir: Path | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _build(model: str, recipe: AdapterRecipe, directory: Path, cache_dir: Path | None) -> None:
