@@ -45,7 +45,7 @@ PROXY_RULES: Rules = [
 
 REPLICA_RULES: Rules = [
     ("pipeline call", ("diffusers/",)),
-    ("pixels to uint8", ("_to_uint8",)),
+    ("pixels to uint8", ("to_uint8",)),
     ("view, arguments, batch plan", ("generator/pipelines.py", "call_arguments", "call_plan")),
     ("batch queue", ("generator/batching.py",)),
     ("result pickling", ("serializ", "pickle")),

@@ -12,11 +12,33 @@ images, regress their colours on the latents), so it suits whatever VAE the mode
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
+
+from deployments.jobs import (
+    GenerationEvent,
+    GenerationJob,
+    PartialImage,
+    StepProgress,
+    preview_steps,
+)
+
+if TYPE_CHECKING:
+    from deployments.generator.call_plan import CallPart
+
+# Where a streamed job's progress and previews go; called from a worker thread.
+Sink = Callable[[GenerationEvent], None]
 
 logger = logging.getLogger("ray.serve")
+
+# Streamed progress is sent at most this often per job (and always after the last step): a
+# page needs a few updates a second, not one per step of a fast model.
+PROGRESS_INTERVAL_S = 0.1
 
 _FIT_IMAGES = 24
 _FIT_LATENT_SIDE = 8
@@ -81,3 +103,97 @@ def fit_previewer(pipeline) -> LatentPreviewer | None:
     except Exception:
         logger.warning("no previews: fitting them to the VAE failed", exc_info=True)
         return None
+
+
+class StepReporter:
+    """Sends each streamed job of a call its progress and, at its preview steps, previews.
+
+    Runs in the worker thread, inside the pipeline's step callback. `spatial` turns the
+    pipeline's latents into (B, C, h, w), whatever the family's layout. A job that runs in
+    several calls (a large job in chunks, or a job run again after its batch failed) is told
+    each call's steps: its progress starts over with each call, and previews of an image may
+    come again. Rare enough, and simpler than progress across calls.
+    """
+
+    def __init__(
+        self,
+        parts: list[CallPart],
+        previewer,
+        spatial: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self._streamed: list[tuple[CallPart, Sink, int]] = []
+        offset = 0  # the part's first image in the call
+        for part in parts:
+            if part.queued.sink is not None:
+                self._streamed.append((part, part.queued.sink, offset))
+            offset += part.job.num_images
+        self._previewer = previewer
+        self._spatial = spatial
+        self._last_progress = 0.0
+
+    def step_done(self, step: int, total: int, latents: torch.Tensor) -> None:
+        if not self._streamed:
+            return
+        now = time.monotonic()
+        send_progress = step == total or now - self._last_progress >= PROGRESS_INTERVAL_S
+        if send_progress:
+            self._last_progress = now
+        for part, sink, offset in self._streamed:
+            job = part.job
+            steps = preview_steps(job.partial_images, total) if self._previewer else ()
+            if step in steps:
+                index = steps.index(step)
+                own = self._spatial(latents[offset : offset + job.num_images])
+                for image_index, pixels in enumerate(self._previewer.to_rgb(own), part.first):
+                    sink(PartialImage(image_index, index, pixels))
+            if send_progress:
+                sink(StepProgress(step=step, total_steps=total))
+
+
+def spatial_latents(
+    pipeline: DiffusionPipeline, width: int, height: int, latents: torch.Tensor
+) -> torch.Tensor:
+    """Latents as (B, C, h, w). FLUX-style pipelines denoise 2x2 patches packed into a
+    sequence, (B, h/2 * w/2, 4C), and say how to unpack them."""
+    if latents.ndim == 3 and hasattr(pipeline, "_unpack_latents"):
+        return pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+    return latents
+
+
+class JobReporter:
+    """Sends one streamed job of the continuous loop its progress and previews.
+
+    In the loop a job's images step together (they join together and run the same steps),
+    so its progress is its own, whatever else shares the step; runs in the lane's thread.
+    `spatial(latents, width, height)` is the family's (B, C, h, w) view of its latents.
+    """
+
+    def __init__(
+        self,
+        sink: Sink | None,
+        job: GenerationJob,
+        spatial: Callable[[torch.Tensor, int, int], torch.Tensor],
+        previewer: LatentPreviewer | None,
+    ) -> None:
+        self._sink = sink
+        self._job = job
+        self._spatial = spatial
+        self._total = job.num_inference_steps
+        self._previews = preview_steps(job.partial_images, self._total) if previewer else ()
+        self._previewer = previewer
+        self._last_progress = 0.0
+
+    def step_done(self, images: Sequence[Any]) -> None:
+        """After a step of the job's `images` (`flow_families.ImageState`s)."""
+        if self._sink is None:
+            return
+        step = images[0].step
+        if step in self._previews:
+            latents = torch.cat([image.latents for image in images])
+            own = self._spatial(latents, self._job.width, self._job.height)
+            for image_index, pixels in enumerate(self._previewer.to_rgb(own)):
+                self._sink(PartialImage(image_index, self._previews.index(step), pixels))
+        now = time.monotonic()
+        if step == self._total or now - self._last_progress >= PROGRESS_INTERVAL_S:
+            self._last_progress = now
+            self._sink(StepProgress(step=step, total_steps=self._total))
