@@ -48,6 +48,15 @@ class BatchingConfig(Strict):
         "replica starts a lone request at once.",
     )
 
+    continuous: bool = Field(
+        default=False,
+        description="Step-level continuous batching for text-to-image on SD3 and FLUX: each "
+        "worker thread runs one denoising loop that jobs join at the next step and leave "
+        "when their own steps are done, mixing steps, guidance, negative prompts and adapters "
+        "in one forward. Edits, other families, and models with `optimizations.compile` or "
+        "`optimizations.cache` keep the request-level batches (docs/continuous-batching.md).",
+    )
+
     def images_per_call(self, width: int, height: int) -> int:
         """Most images of this size in one pipeline call: the pixel budget, and at least 1 (a
         single image larger than `max_batch_pixels` still runs, alone). A request's own

@@ -31,7 +31,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +49,22 @@ logger = logging.getLogger("ray.serve")
 FAILURE_RETRY_S = 30.0
 # The weights file of a hub adapter configured without `weight_name`.
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class LoopStep:
+    """The gate's key for a continuous-loop step: rows pick their own adapters, so any
+    loaded adapters do (`loop_adapters.py`)."""
+
+
+LOOP_STEP = LoopStep()
+
+
+@dataclass(frozen=True)
+class LoadForLoop:
+    """The gate's key whose switch loads `ids` for the continuous loop (sets nothing)."""
+
+    ids: frozenset[str]
 
 
 class AdapterMetrics(Protocol):
@@ -81,6 +98,8 @@ class AdapterStore:
         # What every pipeline call on this pipeline enters (with its adapter set): one gate
         # per pipeline, since the modules' adapter state is the pipeline's.
         self.gate = AdapterGate(self.activate)
+        # Called after each load, under the gate (the continuous loop wraps new LoRA layers).
+        self.after_load: list[Callable[[], None]] = []
 
     @property
     def loaded(self) -> list[str]:
@@ -158,22 +177,35 @@ class AdapterStore:
         state = type(self._pipeline).lora_state_dict(weights, **extra)
         return state[0] if isinstance(state, tuple) else state
 
-    def activate(self, adapters: tuple[AdapterWeight, ...]) -> None:
+    def holds(self, adapter_ids: Iterable[str]) -> bool:
+        """Whether all of them are loaded in the pipeline; ask it under the gate."""
+        return all(adapter_id in self._loaded for adapter_id in adapter_ids)
+
+    def activate(self, adapters: tuple[AdapterWeight, ...] | LoopStep | LoadForLoop) -> None:
         """Make the shared modules right for `adapters` (id and scale pairs; () is the base
-        model). Only while no pipeline call runs: it is the `AdapterGate`'s switch."""
+        model), or for the continuous loop's keys (`loop_adapters.py`). Only while no
+        pipeline call runs: it is the `AdapterGate`'s switch."""
+        if isinstance(adapters, LoopStep):
+            return  # each row picks its own adapters (`mixed_lora.py`)
+        if isinstance(adapters, LoadForLoop):
+            self._load_all(sorted(adapters.ids))
+            return
         if not adapters:
             if self._loaded:
                 self._pipeline.disable_lora()
             return
         ids = [adapter_id for adapter_id, _ in adapters]
+        self._load_all(ids)
+        self._pipeline.enable_lora()
+        self._pipeline.set_adapters(ids, [float(scale) for _, scale in adapters])
+
+    def _load_all(self, ids: list[str]) -> None:
         for adapter_id in ids:
             if adapter_id not in self._loaded:
                 self._evict(keep=ids)
                 self._load(adapter_id)
             with self._lock:
                 self._loaded.move_to_end(adapter_id)
-        self._pipeline.enable_lora()
-        self._pipeline.set_adapters(ids, [float(scale) for _, scale in adapters])
 
     def _evict(self, keep: list[str]) -> None:
         """Unload least recently used adapters until one more fits (never one of `keep`)."""
@@ -217,6 +249,8 @@ class AdapterStore:
         self.loads += 1
         self.load_seconds = [*self.load_seconds[-99:], seconds]
         logger.info("adapter %s loaded in %.3f s", adapter_id, seconds)
+        for hook in self.after_load:
+            hook()
         if self._metrics is not None:
             self._metrics.adapter_loaded(adapter_id, seconds)
 

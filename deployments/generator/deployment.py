@@ -208,4 +208,13 @@ def start_engine(
         metrics=metrics,
         adapters=adapter_store(pipeline, model, metrics),
         pool=pool,
+        continuous=runs_continuous(model, batching),
     )
+
+
+def runs_continuous(model: ModelConfig, batching: BatchingConfig) -> bool:
+    """Whether the model's text-to-image jobs run in the continuous loop: asked for, and
+    neither compiled (the loop's batch shapes change every step) nor cached (the caches'
+    state is per pipeline call, not per image in a loop): those keep request-level batches."""
+    optimizations = model.optimizations
+    return batching.continuous and not optimizations.compile and optimizations.cache is None

@@ -25,7 +25,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -40,8 +40,14 @@ from deployments.generator.cache_hooks import call_scope
 from deployments.generator.call_arguments import StepCallback, pipeline_arguments
 from deployments.generator.call_plan import BatchRun, CallPart, is_out_of_memory
 from deployments.generator.call_timing import CallTimer, CallTimes
+from deployments.generator.components import denoiser_of
+from deployments.generator.continuous_batching import ContinuousBatching, CountingExecutor
+from deployments.generator.denoise_loop import LaneHooks
+from deployments.generator.flow_families import family_of
+from deployments.generator.loop_adapters import LoopAdapters
+from deployments.generator.output_pixels import to_uint8
 from deployments.generator.pipelines import RequestPipelines, call_parameters
-from deployments.generator.previews import fit_previewer
+from deployments.generator.previews import StepReporter, fit_previewer, spatial_latents
 from deployments.generator.prompt_tokens import PromptTokens
 from deployments.generator.torch_threads import worker_pool
 from deployments.jobs import (
@@ -50,18 +56,11 @@ from deployments.jobs import (
     GenerationEvent,
     GenerationJob,
     ModelCapabilities,
-    PartialImage,
     ReplicaBroken,
-    StepProgress,
-    preview_steps,
 )
 from deployments.model_config import BatchingConfig
 
 logger = logging.getLogger("ray.serve")
-
-# Streamed progress is sent at most this often per job (and always after the last step): a
-# page needs a few updates a second, not one per step of a fast model.
-PROGRESS_INTERVAL_S = 0.1
 
 # The engine's batching unless told otherwise: every job runs alone, at once.
 UNBATCHED = BatchingConfig(max_batch_images=1, max_wait_ms=0)
@@ -108,9 +107,12 @@ class ImageEngine:
         metrics: EngineMetrics | None = None,
         adapters: AdapterStore | None = None,
         pool: ThreadPoolExecutor | None = None,
+        continuous: bool = False,
     ) -> None:
         """`pool`, if given, is the executor of `worker_threads` threads that loaded the
-        pipeline (see `deployments/generator/torch_threads.py`); otherwise one is made."""
+        pipeline (see `deployments/generator/torch_threads.py`); otherwise one is made.
+        `continuous`: text-to-image jobs of SD3 and FLUX run in the continuous loop
+        (`continuous_batching.py`), the rest as below."""
         self._pipelines = RequestPipelines(pipeline)
         self.device = pipeline.device
         self.adapters = adapters
@@ -118,9 +120,10 @@ class ImageEngine:
         self._prompt_tokens = PromptTokens(pipeline)
         self._metrics = metrics
         self._pool = pool or worker_pool(worker_threads)
+        self._executor = CountingExecutor(self._pool)
         self._queue = BatchQueue(
             self._run_batch,
-            self._pool,
+            self._executor,
             workers=worker_threads,
             settings=batching,
             on_change=metrics.queue_changed if metrics is not None else None,
@@ -130,6 +133,53 @@ class ImageEngine:
         self._steps_lock = threading.Lock()
         self.steps_run = 0  # denoising steps completed by all batches; tests read it
         self.work = self._queue.work  # held jobs' steps x pixels (the autoscaling policy's)
+        self._continuous = self._continuous_batching(worker_threads) if continuous else None
+
+    @property
+    def continuous(self) -> bool:
+        """Whether text-to-image jobs run in the continuous loop."""
+        return self._continuous is not None
+
+    def _continuous_batching(self, lanes: int) -> ContinuousBatching | None:
+        view = self._pipelines.view()
+        family = family_of(view)
+        if family is None:
+            logger.info("%s runs per call: no continuous loop for it", type(view).__name__)
+            return None
+        adapters = None
+        if self.adapters is not None:
+            adapters = LoopAdapters(self.adapters, denoiser_of(view), self.device)
+        hooks = LaneHooks(
+            capacity=self._batching.images_per_batch,
+            step_done=self._loop_step_done,
+            job_done=self._loop_job_done,
+            broken=self._device_failed,
+            others_waiting=lambda: self._executor.waiting > 0,
+        )
+        return ContinuousBatching(
+            family, self._pool, lanes, self._batching, hooks, self.work, self._previewer, adapters
+        )
+
+    def _loop_step_done(self, jobs: list, images: int) -> None:
+        with self._steps_lock:
+            self.steps_run += 1
+        self.work.step_done(jobs)
+        self._queue.batch_sizes.append(images)
+
+    def _loop_job_done(self, job, result: GeneratedImages) -> None:
+        if self._metrics is not None:
+            self._metrics.batch_finished(
+                images=len(result.images),
+                generate_s=result.generate_s,
+                steps=job.job.num_inference_steps,
+                denoise_s=result.denoise_s,
+            )
+
+    def _device_failed(self, error: BaseException) -> bool:
+        if _is_device_failure(error):
+            self._broken = error
+            return True
+        return False
 
     def capabilities(self) -> ModelCapabilities:
         return self._pipelines.capabilities()
@@ -150,8 +200,11 @@ class ImageEngine:
         if self._broken is not None:  # until Serve's health check replaces the replica
             raise ReplicaBroken(f"the device failed: {type(self._broken).__name__}")
         await self._stage_adapters(job)
+        runs = self._queue
+        if self._continuous is not None and self._continuous.accepts(job):
+            runs = self._continuous
         try:
-            return await self._prompt_tokens.counted(job, await self._queue.submit(job, sink))
+            return await self._prompt_tokens.counted(job, await runs.submit(job, sink))
         except asyncio.CancelledError:
             logger.info("request %s cancelled; its generation stops", job.request_id)
             raise
@@ -229,8 +282,7 @@ class ImageEngine:
         except GenerationCancelled:
             raise
         except Exception as error:
-            if _is_device_failure(error):
-                self._broken = error
+            if self._device_failed(error):
                 raise ReplicaBroken(f"the device failed: {type(error).__name__}") from error
             smaller = batch.failed(parts, error)
         else:
@@ -245,7 +297,7 @@ class ImageEngine:
     def _step_callback(
         self,
         timer: CallTimer,
-        reporter: _StepReporter,
+        reporter: StepReporter,
         cancelled: threading.Event,
         parts: list[CallPart],
     ) -> StepCallback:
@@ -278,17 +330,17 @@ class ImageEngine:
         first = jobs[0]
         # A view per call: a failed call may leave its scheduler half-way.
         view = self._pipelines.view(first.task)
-        reporter = _StepReporter(
+        reporter = StepReporter(
             parts,
             self._previewer,
-            spatial=functools.partial(_spatial_latents, view, first.width, first.height),
+            spatial=functools.partial(spatial_latents, view, first.width, first.height),
         )
         on_step_end = self._step_callback(timer, reporter, cancelled, parts)
         view.encode_prompt = timer.timed_encode_prompt(view.encode_prompt)
         arguments = pipeline_arguments(jobs, call_parameters(type(view)), on_step_end)
         # A cached denoiser keeps this call's cache state apart from concurrent calls'.
         with call_scope(view):
-            pixels = list(_to_uint8(view(**arguments).images))
+            pixels = list(to_uint8(view(**arguments).images))
         times = timer.finished()
         if self._metrics is not None:
             self._metrics.batch_finished(
@@ -298,63 +350,3 @@ class ImageEngine:
                 denoise_s=times.denoise_s,
             )
         return pixels, times
-
-
-class _StepReporter:
-    """Sends each streamed job of a call its progress and, at its preview steps, previews.
-
-    Runs in the worker thread, inside the pipeline's step callback. `spatial` turns the
-    pipeline's latents into (B, C, h, w), whatever the family's layout. A job that runs in
-    several calls (a large job in chunks, or a job run again after its batch failed) is told
-    each call's steps: its progress starts over with each call, and previews of an image may
-    come again. Rare enough, and simpler than progress across calls.
-    """
-
-    def __init__(
-        self,
-        parts: list[CallPart],
-        previewer,
-        spatial: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        self._streamed: list[tuple[CallPart, EventSink, int]] = []
-        offset = 0  # the part's first image in the call
-        for part in parts:
-            if part.queued.sink is not None:
-                self._streamed.append((part, part.queued.sink, offset))
-            offset += part.job.num_images
-        self._previewer = previewer
-        self._spatial = spatial
-        self._last_progress = 0.0
-
-    def step_done(self, step: int, total: int, latents: torch.Tensor) -> None:
-        if not self._streamed:
-            return
-        now = time.monotonic()
-        send_progress = step == total or now - self._last_progress >= PROGRESS_INTERVAL_S
-        if send_progress:
-            self._last_progress = now
-        for part, sink, offset in self._streamed:
-            job = part.job
-            steps = preview_steps(job.partial_images, total) if self._previewer else ()
-            if step in steps:
-                index = steps.index(step)
-                own = self._spatial(latents[offset : offset + job.num_images])
-                for image_index, pixels in enumerate(self._previewer.to_rgb(own), part.first):
-                    sink(PartialImage(image_index, index, pixels))
-            if send_progress:
-                sink(StepProgress(step=step, total_steps=total))
-
-
-def _spatial_latents(
-    pipeline: DiffusionPipeline, width: int, height: int, latents: torch.Tensor
-) -> torch.Tensor:
-    """Latents as (B, C, h, w). FLUX-style pipelines denoise 2x2 patches packed into a
-    sequence, (B, h/2 * w/2, 4C), and say how to unpack them."""
-    if latents.ndim == 3 and hasattr(pipeline, "_unpack_latents"):
-        return pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
-    return latents
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    """Pipeline output in [0, 1] floats to uint8, rounding the same way everywhere."""
-    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)

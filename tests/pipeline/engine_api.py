@@ -66,4 +66,10 @@ def _engine(model: ModelConfig, batching: BatchingConfig) -> ImageEngine:
     adapters = None
     if model.adapters:
         adapters = AdapterStore(pipeline, model.adapters, model.max_adapters_per_replica)
-    return ImageEngine(pipeline, worker_threads=2, batching=batching, adapters=adapters)
+    return ImageEngine(
+        pipeline,
+        worker_threads=2,
+        batching=batching,
+        adapters=adapters,
+        continuous=batching.continuous,
+    )

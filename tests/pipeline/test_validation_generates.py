@@ -74,9 +74,12 @@ MISFIT = "sd3-misfit"
 MIN_GENERATED_SHARE = 0.2
 
 
-@pytest.fixture(scope="module")
-def app():
-    with engine_client(ARGS, BatchingConfig(max_batch_images=4, max_wait_ms=5)) as app:
+@pytest.fixture(scope="module", params=[False, True], ids=["request-level", "continuous"])
+def app(request):
+    """The real engines with request-level batches, and with the continuous loop (SD3's and
+    FLUX's generations run in it; SDXL and every edit stay request-level)."""
+    batching = BatchingConfig(max_batch_images=4, max_wait_ms=5, continuous=request.param)
+    with engine_client(ARGS, batching) as app:
         yield app
 
 

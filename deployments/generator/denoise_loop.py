@@ -1,0 +1,314 @@
+"""Step-level continuous batching: one denoising loop over the images in flight.
+
+A `Lane` is one worker thread's loop (the replica runs `worker_threads` of them). Its images
+are grouped by size; each turn of the loop, for every size it holds:
+1. jobs that arrived join at the step boundary, as many images as the group's budget allows
+   (`BatchingConfig.images_per_batch`: `max_batch_images` and `max_batch_pixels`): their
+   prompts are encoded in one text-encoder call, each image gets its latents from its own
+   seed and its own scheduler for its own steps (`flow_families.py`);
+2. images whose callers have gone (cancelled, timed out) leave;
+3. one denoising step runs over all of the group's images, in one transformer forward, each
+   at its own timestep with its own guidance and adapters (`mixed_lora.py`);
+4. images that took their last step leave: decoded together in one VAE call, and each job
+   whose images are all done is answered.
+A job thus starts at the next step boundary instead of waiting for a batch to end, and a
+short job leaves while long ones go on. A lane with nothing left ends; a lane yields its
+thread at a step boundary, once its in-flight images are done, when request-level work (edits,
+and what the loop does not take) waits for a thread, so neither path starves the other.
+
+Failures stay with their job: a failed encode or step runs again one job at a time, and the
+job that fails alone leaves with its own exception (out of memory: `GenerationOutOfMemory`);
+the others go on from the same state (a step only advances images after its forward
+succeeded). A device failure fails every job of the lane and the replica (`on_broken`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+
+from deployments.generator.batching import adapter_key
+from deployments.generator.flow_families import FlowFamily
+from deployments.generator.loop_adapters import LoopAdapters
+from deployments.generator.loop_jobs import LaneHooks, LoopJob, Size
+from deployments.generator.output_pixels import to_uint8
+from deployments.generator.previews import JobReporter, LatentPreviewer
+from deployments.jobs import GeneratedImages, ReplicaBroken
+
+logger = logging.getLogger("ray.serve")
+
+
+class Lane:
+    """One loop over the images of its jobs; `run` is a worker thread's body (see above)."""
+
+    def __init__(
+        self,
+        family: FlowFamily,
+        adapters: LoopAdapters | None,
+        previewer: LatentPreviewer | None,
+        hooks: LaneHooks,
+    ) -> None:
+        self._family = family
+        self._previewer = previewer
+        self._adapters = adapters
+        self._hooks = hooks
+        self._lock = threading.Lock()  # guards `_inbox` and `running`
+        self._inbox: deque[LoopJob] = deque()
+        self._groups: dict[Size, list[LoopJob]] = {}
+        self.running = False  # a thread runs (or is about to run) `run`
+        self.images = 0  # images held, waiting and in flight (for picking a lane)
+
+    def add(self, job: LoopJob) -> bool:
+        """Queue a job for the next step boundary; True if the caller must start `run`."""
+        with self._lock:
+            self._inbox.append(job)
+            self.images += job.job.num_images
+            start = not self.running
+            self.running = True
+        return start
+
+    def run(self) -> bool:
+        """The loop, until the lane holds nothing (False) or yields its thread to waiting
+        request-level work with jobs still queued (True: run it again later)."""
+        try:
+            while True:
+                draining = self._hooks.others_waiting()
+                if not draining:
+                    self._admit()
+                for size in [size for size, jobs in self._groups.items() if jobs]:
+                    self._turn(size)
+                if any(self._groups.values()):
+                    continue
+                with self._lock:
+                    if not self._inbox or draining:
+                        self.running = bool(self._inbox)
+                        return self.running
+        except BaseException as error:
+            # A broken device (nothing here can run again), or a fault of the loop itself:
+            # every job it holds fails, none is left waiting.
+            if self._hooks.broken(error):
+                error = ReplicaBroken(f"the device failed: {type(error).__name__}")
+            else:
+                logger.exception("the continuous loop failed")
+            self._fail_everything(error)
+            raise
+
+    def _turn(self, size: Size) -> None:
+        jobs = self._groups[size]
+        self._leave_abandoned(jobs)
+        if jobs:
+            self._step(jobs)
+            self._finish([job for job in jobs if all(image.done for image in job.images)])
+
+    def _admit(self) -> None:
+        """Jobs from the inbox join their size's group while its budget has room (in order:
+        a job that does not fit yet keeps its place, and those behind it of another size
+        may still join)."""
+        with self._lock:
+            arrived = list(self._inbox)
+        joining: list[LoopJob] = []
+        held = {size: sum(j.job.num_images for j in jobs) for size, jobs in self._groups.items()}
+        for job in arrived:
+            if job.gone:
+                self._drop(job)
+                continue
+            room = self._hooks.capacity(*job.size) - held.get(job.size, 0)
+            if job.job.num_images <= room:
+                held[job.size] = held.get(job.size, 0) + job.job.num_images
+                joining.append(job)
+        if not joining:
+            return
+        with self._lock:
+            for job in joining:
+                self._inbox.remove(job)
+        for job in self._started(joining):
+            self._groups.setdefault(job.size, []).append(job)
+
+    def _started(self, jobs: list[LoopJob]) -> list[LoopJob]:
+        """The jobs' images made (prompts encoded in one call, latents and schedulers);
+        those that cannot start fail alone."""
+        if self._adapters is not None:
+            jobs = [job for job in jobs if self._staged(job)]
+        try:
+            self._encode(jobs)
+            return jobs
+        except Exception as error:
+            if self._hooks.broken(error):
+                raise
+            if len(jobs) == 1:
+                return self._failed_start(jobs, error)
+        started = []
+        for job in jobs:  # one at a time: a bad prompt fails its own job only
+            try:
+                self._encode([job])
+                started.append(job)
+            except Exception as error:
+                if self._hooks.broken(error):
+                    raise
+                self._failed_start([job], error)
+        return started
+
+    def _staged(self, job: LoopJob) -> bool:
+        try:
+            self._adapters.load(adapter_key(job.job.adapters), self._in_use())
+            return True
+        except Exception as error:
+            self._failed_start([job], error)
+            return False
+
+    def _in_use(self) -> set[str]:
+        return {
+            adapter_id
+            for jobs in self._groups.values()
+            for job in jobs
+            for adapter_id, _ in job.job.adapters
+        }
+
+    def _failed_start(self, jobs: list[LoopJob], error: Exception) -> list[LoopJob]:
+        for job in jobs:
+            job.images.clear()
+            self._answer(job, job.failure(error))
+        return []
+
+    def _encode(self, jobs: list[LoopJob]) -> None:
+        started = time.perf_counter()
+        family = self._family
+        images = [(job, seed) for job in jobs for seed in job.job.seeds]
+        with torch.no_grad():
+            prompts = family.encode(
+                [job.job.prompt for job, _ in images],
+                [job.job.negative_prompt for job, _ in images],
+                [job.job.guidance_scale > 1 for job, _ in images],
+            )
+            states = [
+                family.start(
+                    prompt, job.job.width, job.job.height, job.job.num_inference_steps,
+                    job.job.guidance_scale, seed,
+                )
+                for (job, seed), prompt in zip(images, prompts, strict=True)
+            ]  # fmt: skip
+        seconds = time.perf_counter() - started
+        for (job, _), state in zip(images, states, strict=True):
+            state.adapters = adapter_key(job.job.adapters)
+            job.images.append(state)
+        for job in jobs:
+            job.joined = started
+            job.text_encode_s = seconds
+            job.reporter = JobReporter(job.queued.sink, job.job, family.spatial, self._previewer)
+
+    def _step(self, jobs: list[LoopJob]) -> None:
+        """One denoising step over the group; on a failure, each job's step alone."""
+        try:
+            self._step_jobs(jobs)
+            return
+        except Exception as error:
+            if self._hooks.broken(error):
+                raise
+            if len(jobs) == 1:
+                self._fail_in_loop(jobs[0], error)
+                return
+            logger.warning("a loop step failed (%s); each job's step runs alone", error)
+        for job in list(jobs):
+            try:
+                self._step_jobs([job])
+            except Exception as error:
+                if self._hooks.broken(error):
+                    raise
+                self._fail_in_loop(job, error)
+
+    def _step_jobs(self, jobs: list[LoopJob]) -> None:
+        started = time.perf_counter()
+        images = [image for job in jobs for image in job.images]
+        with torch.no_grad():
+            if self._adapters is None:
+                noise = self._family.forward(images)
+            else:
+                noise = self._adapters.forward(self._family, images)
+            for image, prediction in zip(images, noise, strict=True):
+                self._family.advance(image, prediction)
+        seconds = time.perf_counter() - started
+        for job in jobs:
+            job.denoise_s += seconds
+            job.largest_step = max(job.largest_step, len(images))
+        self._hooks.step_done(jobs, len(images))
+        for job in jobs:
+            try:
+                job.reporter.step_done(job.images)
+            except Exception:  # its stream's reader has gone: the images go on
+                logger.warning("request %s: sending progress failed", job.job.request_id)
+
+    def _fail_in_loop(self, job: LoopJob, error: Exception) -> None:
+        self._groups[job.size].remove(job)
+        self._fail(job, error)
+
+    def _fail(self, job: LoopJob, error: Exception) -> None:
+        self._answer(job, job.failure(error))
+
+    def _finish(self, done: list[LoopJob]) -> None:
+        """Decode the finished jobs' images in one VAE call and answer each job; on a
+        failure, each job's decode alone."""
+        if not done:
+            return
+        for job in done:
+            self._groups[job.size].remove(job)
+        try:
+            self._decode(done)
+            return
+        except Exception as error:
+            if self._hooks.broken(error):
+                raise
+            if len(done) == 1:
+                self._fail(done[0], error)
+                return
+        for job in done:
+            try:
+                self._decode([job])
+            except Exception as error:
+                if self._hooks.broken(error):
+                    raise
+                self._fail(job, error)
+
+    def _decode(self, done: list[LoopJob]) -> None:
+        started = time.perf_counter()
+        latents = [image.latents for job in done for image in job.images]
+        width, height = done[0].size
+        with torch.no_grad():
+            pixels = to_uint8(self._family.decode(latents, width, height))
+        decode_s = time.perf_counter() - started
+        offset = 0
+        for job in done:
+            count = job.job.num_images
+            result = job.result(list(pixels[offset : offset + count]), decode_s)
+            self._hooks.job_done(job, result)
+            self._answer(job, result)
+            offset += count
+
+    def _leave_abandoned(self, jobs: list[LoopJob]) -> None:
+        for job in [job for job in jobs if job.gone]:
+            jobs.remove(job)
+            self._drop(job)
+
+    def _drop(self, job: LoopJob) -> None:
+        """A job whose caller has gone leaves (at a step boundary); nobody is answered."""
+        with self._lock:
+            if job in self._inbox:
+                self._inbox.remove(job)
+            self.images -= job.job.num_images
+
+    def _answer(self, job: LoopJob, outcome: GeneratedImages | BaseException) -> None:
+        with self._lock:
+            self.images -= job.job.num_images
+        job.deliver(outcome)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        with self._lock:
+            waiting = list(self._inbox)
+            self._inbox.clear()
+            self.running = False
+        for job in waiting + [job for jobs in self._groups.values() for job in jobs]:
+            self._answer(job, error)
+        self._groups.clear()
