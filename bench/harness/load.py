@@ -1,7 +1,10 @@
 """The benchmarks' one load driver: closed-loop load over HTTP, `concurrency` clients, each
 sending its next request as soon as the last one is answered, with a fixed, seeded request mix.
 
-Two modes of the same loop: for a fixed duration (`duration_s`: the CPU benchmarks, whose
+And its open-loop sibling (`open_loop`): requests sent at Poisson arrival times, whatever the
+answers, for latency at a given rate.
+
+Two modes of the closed loop: for a fixed duration (`duration_s`: the CPU benchmarks, whose
 requests take milliseconds), or a fixed count (`rounds` requests per client: the GPU
 benchmark, where a large image takes seconds and a fixed count keeps each point's cost
 predictable), optionally bounded by `timeout_s` in all.
@@ -57,6 +60,12 @@ class Workload:
         width, height = (int(side) for side in self.size.split("x"))
         return width * height
 
+    @staticmethod
+    def work(body: dict) -> float:
+        """A request's denoising steps x pixels (the throughput unit of mixed workloads)."""
+        width, height = (int(side) for side in body["size"].split("x"))
+        return width * height * body["num_inference_steps"] * body.get("n", 1)
+
 
 @dataclass
 class LoadResult:
@@ -65,6 +74,7 @@ class LoadResult:
     images: int
     latencies_s: list[float] = field(repr=False)
     statuses: dict[str, int]
+    work: float = 0.0  # steps x pixels of the answered requests
 
     @property
     def images_per_s(self) -> float:
@@ -135,6 +145,7 @@ async def _closed_loop(
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     images = 0
+    work = 0.0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(
         base_url=base_url, timeout=request_timeout_s, limits=limits
@@ -150,14 +161,15 @@ async def _closed_loop(
         deadline = started + duration_s if duration_s is not None else float("inf")
 
         async def client_loop(index: int) -> None:
-            nonlocal images
+            nonlocal images, work
             rng = random.Random(seed * 1000 + index)
             sent_requests = 0
             while time.perf_counter() < deadline and sent_requests != rounds:
                 sent_requests += 1
                 sent = time.perf_counter()
+                body = workload.request(rng)
                 try:
-                    response = await client.post(GENERATIONS, json=workload.request(rng))
+                    response = await client.post(GENERATIONS, json=body)
                 except httpx.HTTPError as error:
                     statuses[type(error).__name__] += 1
                     continue
@@ -165,10 +177,11 @@ async def _closed_loop(
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - sent)
                     images += len(response.json()["data"])
+                    work += workload.work(body)
 
         await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return LoadResult(concurrency, elapsed, images, latencies, dict(statuses))
+    return LoadResult(concurrency, elapsed, images, latencies, dict(statuses), work)
 
 
 def warm_up(base_url: str, workload: Workload, timeout_s: float) -> float:
@@ -183,3 +196,63 @@ def warm_up(base_url: str, workload: Workload, timeout_s: float) -> float:
     if response.status_code != 200:
         raise RuntimeError(f"warm-up at {workload.size}: {response.status_code} {response.text}")
     return time.perf_counter() - started
+
+
+def open_loop(
+    base_url: str,
+    workload: Workload,
+    rate_per_s: float,
+    duration_s: float,
+    seed: int = 0,
+    request_timeout_s: float = 600,
+) -> LoadResult:
+    """Requests at Poisson arrivals of `rate_per_s` for `duration_s` (seeded), each sent
+    when its time comes whether or not earlier ones were answered; waits for every answer.
+    `concurrency` in the result is the number of requests sent."""
+    return asyncio.run(
+        _open_loop(base_url, workload, rate_per_s, duration_s, seed, request_timeout_s)
+    )
+
+
+async def _open_loop(
+    base_url: str,
+    workload: Workload,
+    rate_per_s: float,
+    duration_s: float,
+    seed: int,
+    request_timeout_s: float,
+) -> LoadResult:
+    rng = random.Random(seed)
+    arrivals, at = [], rng.expovariate(rate_per_s)
+    while at < duration_s:
+        arrivals.append(at)
+        at += rng.expovariate(rate_per_s)
+    bodies = [workload.request(rng) for _ in arrivals]
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    images = 0
+    work = 0.0
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=request_timeout_s, limits=limits
+    ) as client:
+        started = time.perf_counter()
+
+        async def send(arrival: float, body: dict) -> None:
+            nonlocal images, work
+            await asyncio.sleep(max(0.0, started + arrival - time.perf_counter()))
+            sent = time.perf_counter()
+            try:
+                response = await client.post(GENERATIONS, json=body)
+            except httpx.HTTPError as error:
+                statuses[type(error).__name__] += 1
+                return
+            statuses[str(response.status_code)] += 1
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - sent)
+                images += len(response.json()["data"])
+                work += workload.work(body)
+
+        await asyncio.gather(*(send(a, b) for a, b in zip(arrivals, bodies, strict=True)))
+        elapsed = time.perf_counter() - started
+    return LoadResult(len(arrivals), elapsed, images, latencies, dict(statuses), work)
