@@ -1,5 +1,6 @@
 """How much slower a pipeline call runs than its standalone measurement, by what shares the
-cores with it: the calls running at once (on every replica) and the replicas starting.
+cores with it: the calls running at once (on every replica), the replicas starting, and the
+requests waiting at the handle (the router's retries and probes, the ingress holding them).
 
 This exists for the validation's stand-in only: there every "GPU" replica, the proxy, the
 ingress and the load's client share one machine's two cores, so a call runs slower when the
@@ -23,10 +24,20 @@ class Contention:
 
     slowdowns: dict[tuple[int, int], float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    # (requests waiting at the handle, the factor on top of the rest then): from none
+    # waiting to that many it grows in proportion, and no further beyond.
+    backlog: tuple[int, float] | None = None
 
-    def factor(self, calls: int, starting: int) -> float:
+    def factor(self, calls: int, starting: int, queued: int = 0) -> float:
         if not self.slowdowns:
             return 1.0
+        base = self._factor(calls, starting)
+        if self.backlog is None or queued <= 0:
+            return base
+        measured, extra = self.backlog
+        return base * (1 + (extra - 1) * min(queued, measured) / measured)
+
+    def _factor(self, calls: int, starting: int) -> float:
         calls = max(1, calls)
         if (calls, starting) in self.slowdowns:
             return self.slowdowns[(calls, starting)]
@@ -52,6 +63,7 @@ class Contention:
     def to_json(self) -> dict[str, Any]:
         return {
             "notes": self.notes,
+            "backlog": None if self.backlog is None else list(self.backlog),
             "slowdowns": [
                 {"calls": calls, "starting": starting, "factor": factor}
                 for (calls, starting), factor in sorted(self.slowdowns.items())
@@ -63,7 +75,8 @@ class Contention:
         if not data:
             return cls()
         slowdowns = {(row["calls"], row["starting"]): row["factor"] for row in data["slowdowns"]}
-        return cls(slowdowns, data.get("notes", {}))
+        backlog = data.get("backlog")
+        return cls(slowdowns, data.get("notes", {}), None if backlog is None else tuple(backlog))
 
 
 NONE = Contention()

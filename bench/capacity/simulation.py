@@ -21,7 +21,8 @@ What it models of the service:
   `request_overhead_s` (the proxy, the ingress, encoding);
 - contention for shared cores, where it is given (`bench/capacity/contention.py`, the
   validation's stand-in only): every call runs its standalone seconds times the factor of
-  the moment (by calls running and replicas starting), recomputed whenever either changes.
+  the moment (by calls running, replicas starting and requests waiting at the handle),
+  recomputed whenever one of them changes.
 What it leaves out: the ingress's and proxy's own capacity, the batch queue's
 `max_wait_ms` (milliseconds beside calls of a tenth of a second and more), Ray's scheduling
 delays.
@@ -323,6 +324,7 @@ class Simulation:
                     record.status = "rejected"
                 else:
                     self.queue.append(record)
+                    self._contend()
 
     def _has_room(self, replica: _Replica) -> bool:
         return (
@@ -349,8 +351,11 @@ class Simulation:
         return True
 
     def _route(self) -> None:
+        routed = bool(self.queue and self._room)
         while self.queue and self._room:
             self._assign(self.queue.popleft())
+        if routed:
+            self._contend()
 
     def _dispatch(self, replica: _Replica) -> None:
         while replica.busy_workers < self.replica.worker_threads and replica.waiting:
@@ -386,10 +391,13 @@ class Simulation:
     def _contend(self, new: _Call | None = None) -> None:
         """Every call at the factor of the moment; those whose factor changed (and `new`)
         rescheduled to end when their remaining standalone seconds allow."""
-        slowdowns = self.contention.slowdowns
-        factor = self.contention.factor(len(self.calls), self._starting()) if slowdowns else 1.0
         now = self.env.now
-        for call in self.calls:
+        if not self.contention.slowdowns:  # every factor 1: only `new` to schedule
+            calls, factor = [new] if new is not None else [], 1.0
+        else:
+            calls = self.calls
+            factor = self.contention.factor(len(calls), self._starting(), len(self.queue))
+        for call in calls:
             if call is not new and call.factor == factor:
                 continue
             call.done_s, call.since, call.factor = call.progress(now), now, factor

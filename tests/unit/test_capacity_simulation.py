@@ -143,6 +143,24 @@ def test_unmeasured_states_combine_the_nearest_measured_effects():
     assert contention.factor(3, 0) == 1.5
     assert contention.factor(2, 1) == pytest.approx(1.5 * 2.2 / 1.1)
     assert Contention().factor(2, 1) == 1.0
+    backlog = Contention({(1, 0): 1.0}, backlog=(8, 1.2))
+    assert backlog.factor(1, 0, 4) == pytest.approx(1.1)
+    assert backlog.factor(1, 0, 20) == pytest.approx(1.2)  # no further than measured
+    assert Contention.from_json(backlog.to_json()) == backlog
+
+
+def test_requests_waiting_at_the_handle_slow_the_calls():
+    """Six 1 s calls at once on one replica of room for one: the five that wait at the
+    handle slow the running call by their share of the measured backlog's effect."""
+    one = AutoscalingSettings(**{**FAST.__dict__, "min_replicas": 1, "max_replicas": 1})
+    room = ReplicaSettings(max_ongoing_requests=1, max_queued_requests=10, start_s=5)
+    trace = Trace("t", 5.0, tuple(Arrival(0.0, SMALL, i) for i in range(6)), "t")
+    slowed = Contention({(1, 0): 1.0}, backlog=(5, 2.0))
+    result = simulate(trace, ONE_SECOND, one, room, seed=1, contention=slowed)
+    latencies = sorted(r.latency_s for r in result.requests)
+    # 5 waiting: 2 s; then 4 (1.8 s), 3, 2, 1, none (1 s): 2 + 1.8 + 1.6 + 1.4 + 1.2 + 1.
+    assert latencies[0] == pytest.approx(2.0)
+    assert latencies[-1] == pytest.approx(9.0)
 
 
 DEPLOYMENT = DeploymentID(name="d", app_name="a")
