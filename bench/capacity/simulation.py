@@ -232,7 +232,7 @@ class Simulation:
         self.trace = trace
         self.service = service
         self.contention = contention
-        self.calls: list[_Call] = []
+        self.calls: dict[_Call, None] = {}  # running calls, in order (O(1) removal)
         self.settings = autoscaling
         self.replica = replica
         self.drain_s = drain_s
@@ -382,7 +382,7 @@ class Simulation:
         call = _Call(replica, batch, seconds, fixed, self.env.now, factor=1.0)
         for job in batch:
             job.call = call
-        self.calls.append(call)
+        self.calls[call] = None
         self._contend(call)
 
     def _starting(self) -> int:
@@ -395,7 +395,7 @@ class Simulation:
         if not self.contention.slowdowns:  # every factor 1: only `new` to schedule
             calls, factor = [new] if new is not None else [], 1.0
         else:
-            calls = self.calls
+            calls = list(self.calls)
             factor = self.contention.factor(len(calls), self._starting(), len(self.queue))
         for call in calls:
             if call is not new and call.factor == factor:
@@ -409,7 +409,7 @@ class Simulation:
         if call.version != version:  # rescheduled since
             return
         replica, batch = call.replica, call.batch
-        self.calls.remove(call)
+        del self.calls[call]
         self._contend()
         replica.busy_workers -= 1
         for job in batch:
