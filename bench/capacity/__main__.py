@@ -74,8 +74,14 @@ def show() -> int:
         print(f"Validation: simulation against the real cluster ({data['nodes']}).")
         print(
             f"Replica start {data['start_times_s']} s, request overhead "
-            f"{data['request_overhead_s']} s (measured).\n"
+            f"{data['request_overhead_s']} s (measured)."
         )
+        for row in data.get("contention", {}).get("slowdowns", []):
+            print(
+                f"Calibrated slowdown with {row['calls']} call(s) running, "
+                f"{row['starting']} replica(s) starting: x{row['factor']}"
+            )
+        print()
         print(validation_table(data))
         if "speed_fit" in data:
             print("\nDiagnostic: each case with one service-time factor fitted to its real p50.\n")

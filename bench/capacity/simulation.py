@@ -18,10 +18,14 @@ What it models of the service:
 - a new replica is RUNNING `start_s` after the decision; a replica scaled down takes no new
   requests and goes once its requests are answered; the newest go first;
 - a request's latency is from its arrival to its call's end, plus the service model's
-  `request_overhead_s` (the proxy, the ingress, encoding).
-What it leaves out: the ingress's and proxy's own capacity, contention between replicas
-for shared cores, the batch queue's `max_wait_ms` (milliseconds beside calls of a tenth of
-a second and more), Ray's scheduling delays.
+  `request_overhead_s` (the proxy, the ingress, encoding);
+- contention for shared cores, where it is given (`bench/capacity/contention.py`, the
+  validation's stand-in only): every call runs its standalone seconds times the factor of
+  the moment (by calls running, replicas starting and requests waiting at the handle),
+  recomputed whenever one of them changes.
+What it leaves out: the ingress's and proxy's own capacity, the batch queue's
+`max_wait_ms` (milliseconds beside calls of a tenth of a second and more), Ray's scheduling
+delays.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from bench.capacity.autoscaler import (
     default_policy_wish,
     replica_seconds,
 )
+from bench.capacity.contention import NONE, Contention
 from bench.capacity.service import ServiceModel
 from bench.capacity.traces import Arrival, RequestKind, Trace
 from deployments.autoscaling_policy import JOBS_METRIC, WORK_METRIC, CostAwarePolicy
@@ -108,13 +113,29 @@ class RequestRecord:
     latency_s: float | None = None
 
 
+@dataclass(eq=False)
+class _Call:
+    """A pipeline call in progress: `work_s` standalone seconds, `done_s` of them run by
+    `since`, from when it runs at `factor` (wall seconds per standalone second)."""
+
+    replica: _Replica
+    batch: list[_Job]
+    work_s: float
+    fixed_s: float
+    since: float
+    factor: float
+    done_s: float = 0.0
+    version: int = 0
+
+    def progress(self, now: float) -> float:
+        return min(self.work_s, self.done_s + (now - self.since) / self.factor)
+
+
 @dataclass
 class _Job:
     record: RequestRecord
     replica: _Replica
-    call_started: float | None = None
-    call_s: float = 0.0
-    call_fixed_s: float = 0.0
+    call: _Call | None = None
 
     @property
     def kind(self) -> RequestKind:
@@ -123,12 +144,12 @@ class _Job:
     def remaining_work(self, now: float) -> float:
         """Steps x pixels still to run: all while waiting; during the call, less the share
         of its denoising part gone by (half its fixed cost before the steps, half after)."""
-        if self.call_started is None:
+        if self.call is None:
             return float(self.kind.work)
-        denoise_s = self.call_s - self.call_fixed_s
+        denoise_s = self.call.work_s - self.call.fixed_s
         if denoise_s <= 0:
             return 0.0
-        elapsed = now - self.call_started - self.call_fixed_s / 2
+        elapsed = self.call.progress(now) - self.call.fixed_s / 2
         return float(self.kind.work) * (1.0 - min(1.0, max(0.0, elapsed / denoise_s)))
 
 
@@ -206,9 +227,12 @@ class Simulation:
         replica: ReplicaSettings,
         seed: int = 0,
         drain_s: float = 120.0,
+        contention: Contention = NONE,
     ) -> None:
         self.trace = trace
         self.service = service
+        self.contention = contention
+        self.calls: dict[_Call, None] = {}  # running calls, in order (O(1) removal)
         self.settings = autoscaling
         self.replica = replica
         self.drain_s = drain_s
@@ -259,9 +283,11 @@ class Simulation:
         return replica
 
     def _start(self, replica: _Replica):
+        self._contend()
         yield self.env.timeout(self.replica.start_s)
         if replica.state == "starting":
             replica.state = "running"
+            self._contend()
             self._update_room(replica)
             self.env.process(self._replica_metrics(replica))
             self._route()
@@ -277,6 +303,7 @@ class Simulation:
                 replica.state = "stopping"
                 self._update_room(replica)
                 self._maybe_gone(replica)
+            self._contend()
 
     def _maybe_gone(self, replica: _Replica) -> None:
         if replica.state == "stopping" and not replica.ongoing:
@@ -297,6 +324,7 @@ class Simulation:
                     record.status = "rejected"
                 else:
                     self.queue.append(record)
+                    self._contend()
 
     def _has_room(self, replica: _Replica) -> bool:
         return (
@@ -323,8 +351,11 @@ class Simulation:
         return True
 
     def _route(self) -> None:
+        routed = bool(self.queue and self._room)
         while self.queue and self._room:
             self._assign(self.queue.popleft())
+        if routed:
+            self._contend()
 
     def _dispatch(self, replica: _Replica) -> None:
         while replica.busy_workers < self.replica.worker_threads and replica.waiting:
@@ -340,17 +371,46 @@ class Simulation:
                     if images >= capacity:
                         break
             replica.busy_workers += 1
-            self.env.process(self._call(replica, batch, images, capacity))
+            self._call(replica, batch, images, capacity)
 
-    def _call(self, replica: _Replica, batch: list[_Job], images: int, capacity: int):
+    def _call(self, replica: _Replica, batch: list[_Job], images: int, capacity: int) -> None:
         kind = batch[0].kind
         # A job of more images than a call holds runs in several calls.
         calls = [min(capacity, images - done) for done in range(0, images, capacity)]
         seconds = sum(self.service.call_s(kind.size, kind.steps, n) for n in calls)
         fixed = sum(self.service.cost(kind.size, n).fixed_s for n in calls)
+        call = _Call(replica, batch, seconds, fixed, self.env.now, factor=1.0)
         for job in batch:
-            job.call_started, job.call_s, job.call_fixed_s = self.env.now, seconds, fixed
-        yield self.env.timeout(seconds)
+            job.call = call
+        self.calls[call] = None
+        self._contend(call)
+
+    def _starting(self) -> int:
+        return sum(1 for r in self.replicas if r.state == "starting")
+
+    def _contend(self, new: _Call | None = None) -> None:
+        """Every call at the factor of the moment; those whose factor changed (and `new`)
+        rescheduled to end when their remaining standalone seconds allow."""
+        now = self.env.now
+        if not self.contention.slowdowns:  # every factor 1: only `new` to schedule
+            calls, factor = [new] if new is not None else [], 1.0
+        else:
+            calls = list(self.calls)
+            factor = self.contention.factor(len(calls), self._starting(), len(self.queue))
+        for call in calls:
+            if call is not new and call.factor == factor:
+                continue
+            call.done_s, call.since, call.factor = call.progress(now), now, factor
+            call.version += 1
+            end = self.env.timeout((call.work_s - call.done_s) * factor)
+            end.callbacks.append(lambda _, c=call, v=call.version: self._ended(c, v))
+
+    def _ended(self, call: _Call, version: int) -> None:
+        if call.version != version:  # rescheduled since
+            return
+        replica, batch = call.replica, call.batch
+        del self.calls[call]
+        self._contend()
         replica.busy_workers -= 1
         for job in batch:
             replica.ongoing.remove(job)
@@ -506,5 +566,6 @@ def simulate(
     autoscaling: AutoscalingSettings,
     replica: ReplicaSettings,
     seed: int = 0,
+    contention: Contention = NONE,
 ) -> SimResult:
-    return Simulation(trace, service, autoscaling, replica, seed=seed).run()
+    return Simulation(trace, service, autoscaling, replica, seed, contention=contention).run()

@@ -88,9 +88,13 @@ def cases() -> list[Case]:
     ]
 
 
-def app_args(settings: AutoscalingSettings) -> dict[str, Any]:
+def app_args(settings: AutoscalingSettings | None) -> dict[str, Any]:
     """The application's args: the embedded model on the CPU, its replicas on the node with
-    the `generator` resource, one pipeline call at a time each (a GPU replica's shape)."""
+    the `generator` resource, one pipeline call at a time each (a GPU replica's shape); with
+    no `settings`, one replica and no autoscaling (the calibration's)."""
+    scaling = {"num_replicas": 1} if settings is None else {}
+    if settings is not None:
+        scaling = {"autoscaling_config": settings.serve_config()}
     model: dict[str, Any] = {
         "id": "tiny-sd3",
         "device": "cpu",
@@ -100,12 +104,12 @@ def app_args(settings: AutoscalingSettings) -> dict[str, Any]:
             "max_queued_requests": REPLICA.max_queued_requests,
             "graceful_shutdown_timeout_s": 30,
             "graceful_shutdown_wait_loop_s": 0.5,
-            "autoscaling_config": settings.serve_config(),
+            **scaling,
             # Half a CPU: one torch thread (`cpu_threads_per_call`); two fit the node.
             "ray_actor_options": {"num_cpus": 0.5, "resources": {"generator": 1}},
         },
     }
-    if settings.cost_target_step_pixels is not None:
+    if settings is not None and settings.cost_target_step_pixels is not None:
         model["autoscaling_policy"] = {
             "kind": "cost_aware",
             "target_step_pixels_per_replica": settings.cost_target_step_pixels,
@@ -224,25 +228,37 @@ def wait_for_quiet(threshold: float = 2.5, max_wait_s: float = 300.0) -> float:
     return os.getloadavg()[0]
 
 
-def calibrate_overhead(url: str, service: ServiceModel, rounds: int = 6) -> float:
-    """Seconds a request spends outside its pipeline call, from one client's requests one
-    at a time: their latencies less the service model's call times (the median)."""
-    extra = []
-    with httpx.Client(timeout=60) as client:
-        for index in range(rounds):
-            for kind in (SMALL, LARGE):
-                body = {**kind.body(index), "response_format": "url"}
-                started = time.monotonic()
-                response = client.post(url, json=body)
-                elapsed = time.monotonic() - started
-                response.raise_for_status()
-                if index > 0:  # the first of each is a warm-up
-                    extra.append(elapsed - service.call_s(kind.size, kind.steps, 1))
-    return round(max(0.0, statistics.median(extra)), 4)
+def calibrate_on(port: int, service: ServiceModel) -> dict[str, Any]:
+    """`bench/capacity/calibrate.py`'s phases: two one-replica applications, then a
+    generator-only one started twice beside the first."""
+    from ray import serve
+
+    from bench.capacity import calibrate
+    from deployments.generator.deployment import ImageGenerator
+    from deployments.model_config import generator_deployment_name
+    from serve_app import build_app, parse_args
+
+    urls = []
+    for app in ("calibrate-a", "calibrate-b"):
+        serve.run(build_app(app_args(None)), name=app, route_prefix=f"/{app}")
+        urls.append(f"http://127.0.0.1:{port}/{app}/v1/images/generations")
+    args = parse_args(app_args(None))
+    model = args.models[0]
+    starter = ImageGenerator.options(
+        name=generator_deployment_name(model.id), **model.deployment_options()
+    ).bind(model, *args.engine_settings(model))
+    filling = RequestKind("small-x4", SMALL.width, SMALL.height, SMALL.steps, images=4)
+    started = calibrate.calibrate((urls[0], urls[1]), service, starter, [SMALL, LARGE], filling)
+    serve.delete("calibrate-b")
+    result = calibrate.finish(started, starter, "calibrate-starter")
+    serve.delete("calibrate-a")
+    return result
 
 
-def run_cluster(selected: list[Case], service: ServiceModel) -> tuple[list[RealRun], float]:
-    """Every case on one two-node cluster; the runs and the calibrated request overhead."""
+def run_cluster(
+    selected: list[Case], service: ServiceModel
+) -> tuple[list[RealRun], dict[str, Any]]:
+    """Every case on one two-node cluster, after the calibration; the runs and it."""
     # Ray starts its workers at niceness 15, below the load's client and everything else on
     # the machine; at 0 they compete as equals (bench/harness/serve_run.py's SAME_PRIORITY).
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray's own spelling)
@@ -263,9 +279,12 @@ def run_cluster(selected: list[Case], service: ServiceModel) -> tuple[list[RealR
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     runs: list[RealRun] = []
-    overhead = 0.0
     deployment = generator_deployment_name("tiny-sd3")
     try:
+        load = os.getloadavg()[0]
+        calibration = calibrate_on(port, service)
+        calibration["load_average"] = (round(load, 2), round(os.getloadavg()[0], 2))
+        print(f"[capacity] calibrated: {calibration['contention'].slowdowns}", flush=True)
         for index, case in enumerate(selected):
             app = f"capacity-{index}"
             serve.run(
@@ -274,9 +293,7 @@ def run_cluster(selected: list[Case], service: ServiceModel) -> tuple[list[RealR
                 route_prefix=f"/{app}",
             )
             url = f"http://127.0.0.1:{port}/{app}/v1/images/generations"
-            if index == 0:
-                overhead = calibrate_overhead(url, service)
-            time.sleep(case.settings.look_back_period_s)  # the calibration's load forgotten
+            time.sleep(case.settings.look_back_period_s)  # the last case's load forgotten
             load_before = wait_for_quiet()
             poller = ReplicaPoller(app, deployment)
             poller.start(time.monotonic())
@@ -300,7 +317,7 @@ def run_cluster(selected: list[Case], service: ServiceModel) -> tuple[list[RealR
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
-    return runs, overhead
+    return runs, calibration
 
 
 def within(real: float | None, sim: float | None) -> float | None:
@@ -316,14 +333,15 @@ COMPARED = ("mean_replicas", "throughput_rps", "p50_s", "p95_s")
 def validate(selected: list[Case], service: ServiceModel) -> dict[str, Any]:
     """The cases on the cluster, then in the simulation with `service` (measured on this
     machine just before) and the overhead and start times measured on the cluster."""
-    runs, overhead = run_cluster(selected, service)
+    runs, calibration = run_cluster(selected, service)
+    overhead, contention = calibration["request_overhead_s"], calibration["contention"]
     measured_starts = [t for run in runs for t in run.start_times_s]
     start_s = statistics.median(measured_starts) if measured_starts else 10.0
     service = service.with_overhead(overhead)
     replica = ReplicaSettings(**{**REPLICA.__dict__, "start_s": start_s})
     rows = []
     for case, run in zip(selected, runs, strict=True):
-        sim = simulate(case.trace, service, case.settings, replica, seed=0)
+        sim = simulate(case.trace, service, case.settings, replica, 0, contention)
         real_summary = run.summary(case.trace.duration_s)
         sim_summary = sim.summary()
         rows.append(
@@ -336,6 +354,7 @@ def validate(selected: list[Case], service: ServiceModel) -> dict[str, Any]:
                 "sim": sim_summary,
                 "error": {key: within(real_summary[key], sim_summary[key]) for key in COMPARED},
                 "real_timeline": run.timeline,
+                "real_requests": run.requests,
                 "sim_timeline": [(t, n, s) for t, n, s, _ in sim.timeline],
                 "sim_decisions": sim.decisions,
             }
@@ -346,6 +365,8 @@ def validate(selected: list[Case], service: ServiceModel) -> dict[str, Any]:
         "replica": replica.__dict__,
         "start_times_s": measured_starts,
         "request_overhead_s": overhead,
+        "contention": contention.to_json(),
+        "calibration": {k: v for k, v in calibration.items() if k != "contention"},
         "settings": {case.name: case.settings.__dict__ for case in selected},
         "cases": rows,
     }
@@ -355,11 +376,13 @@ def validate(selected: list[Case], service: ServiceModel) -> dict[str, Any]:
 
 def speed_fit(data: dict[str, Any], factors: int = 31) -> list[dict[str, Any]]:
     """A diagnostic, not a prediction: for each case, the one factor on every service time
-    (1.00 to 2.50) whose simulation comes closest to the real p50, and the four figures
-    then. If one speed explains all four, the model's shape holds and the miss was the
-    replicas running slower than measured (other work on the machine)."""
+    (0.70 to 2.20, on top of the calibrated contention) whose simulation comes closest to
+    the real p50, and the four figures then. Near 1, the calibration explains the case; if
+    one speed explains all four figures, the model's shape holds and the miss was speed."""
+    from bench.capacity.contention import Contention
     from bench.capacity.service import CallCost
 
+    contention = Contention.from_json(data.get("contention"))
     base = ServiceModel.from_json(data["service"])
     replica = ReplicaSettings(**data["replica"])
     by_name = {case.name: case for case in cases()}
@@ -368,13 +391,14 @@ def speed_fit(data: dict[str, Any], factors: int = 31) -> list[dict[str, Any]]:
         case, real = by_name[row["case"]], row["real"]
         best: tuple[float, float, dict[str, Any]] | None = None
         for index in range(factors):
-            factor = round(1 + index * 0.05, 2)
+            factor = round(0.7 + index * 0.05, 2)
             costs = {
                 key: CallCost(cost.fixed_s * factor, cost.per_step_s * factor)
                 for key, cost in base.costs.items()
             }
             slowed = ServiceModel(costs, base.source, base.request_overhead_s)
-            summary = simulate(case.trace, slowed, case.settings, replica, seed=0).summary()
+            run = simulate(case.trace, slowed, case.settings, replica, 0, contention)
+            summary = run.summary()
             miss = abs(within(real["p50_s"], summary["p50_s"]) or 0.0)
             if best is None or miss < best[0]:
                 best = (miss, factor, summary)

@@ -23,9 +23,10 @@ from bench.capacity.autoscaler import (
     default_policy_wish,
     series_mean,
 )
+from bench.capacity.contention import Contention
 from bench.capacity.service import CallCost, ServiceModel
 from bench.capacity.simulation import ReplicaSettings, simulate
-from bench.capacity.traces import RequestKind, burst
+from bench.capacity.traces import Arrival, RequestKind, Trace, burst
 
 SMALL = RequestKind("small", 32, 32, 2)
 LARGE = RequestKind("large", 256, 256, 16)
@@ -103,6 +104,63 @@ def test_the_cost_aware_policy_scales_for_large_requests_only():
     # Serve's default policy, at the same target_ongoing_requests, scales for them too.
     default = AutoscalingSettings(**{**cost_aware.__dict__, "cost_target_step_pixels": None})
     assert simulate(small_trace, SERVICE, default, REPLICA, seed=1).summary()["max_replicas"] > 1
+
+
+# One call of 1 s standalone (no overhead), on two replicas that never scale.
+ONE_SECOND = ServiceModel(costs={("32x32", 1): CallCost(1.0, 0.0)}, source="test")
+TWO = AutoscalingSettings(**{**FAST.__dict__, "min_replicas": 2, "max_replicas": 2})
+
+
+def latencies(arrivals: list[float], contention: Contention) -> list[float]:
+    trace = Trace("t", 5.0, tuple(Arrival(t, SMALL, i) for i, t in enumerate(arrivals)), "t")
+    result = simulate(trace, ONE_SECOND, TWO, REPLICA, seed=1, contention=contention)
+    return [round(r.latency_s, 6) for r in result.requests]
+
+
+def test_calls_sharing_the_cores_slow_each_other_down_while_they_overlap():
+    """Two 1 s calls on two replicas, the second from 0.5 s, twice as slow together: the
+    first runs 0.5 s alone, its other half in 1 s beside the second, which then ends its
+    last half alone: both answer 1.5 s after they came. With no contention, 1 s each."""
+    shared = Contention({(1, 0): 1.0, (2, 0): 2.0})
+    assert latencies([0.0, 0.5], shared) == [1.5, 1.5]
+    assert latencies([0.0, 0.5], Contention()) == [1.0, 1.0]
+    assert latencies([0.0, 2.0], shared) == [1.0, 1.0]  # never at once
+
+
+def test_a_starting_replica_slows_the_serving_ones_until_it_runs():
+    """The burst's scale-up with a replica start that halves the serving replica's speed
+    answers later than the same run with calls that do not feel it."""
+    starting = Contention({(1, 0): 1.0, (2, 0): 1.0, (1, 1): 2.0})
+    slowed = simulate(large_burst(), SERVICE, FAST, REPLICA, seed=1, contention=starting)
+    plain = simulate(large_burst(), SERVICE, FAST, REPLICA, seed=1)
+    assert slowed.decisions and plain.decisions
+    assert slowed.summary()["p95_s"] > plain.summary()["p95_s"] * 1.2
+
+
+def test_unmeasured_states_combine_the_nearest_measured_effects():
+    contention = Contention({(1, 0): 1.1, (2, 0): 1.5, (1, 1): 2.2})
+    assert contention.factor(0, 0) == 1.1  # a call is always at least one
+    assert contention.factor(3, 0) == 1.5
+    assert contention.factor(2, 1) == pytest.approx(1.5 * 2.2 / 1.1)
+    assert Contention().factor(2, 1) == 1.0
+    backlog = Contention({(1, 0): 1.0}, backlog=(8, 1.2))
+    assert backlog.factor(1, 0, 4) == pytest.approx(1.1)
+    assert backlog.factor(1, 0, 20) == pytest.approx(1.2)  # no further than measured
+    assert Contention.from_json(backlog.to_json()) == backlog
+
+
+def test_requests_waiting_at_the_handle_slow_the_calls():
+    """Six 1 s calls at once on one replica of room for one: the five that wait at the
+    handle slow the running call by their share of the measured backlog's effect."""
+    one = AutoscalingSettings(**{**FAST.__dict__, "min_replicas": 1, "max_replicas": 1})
+    room = ReplicaSettings(max_ongoing_requests=1, max_queued_requests=10, start_s=5)
+    trace = Trace("t", 5.0, tuple(Arrival(0.0, SMALL, i) for i in range(6)), "t")
+    slowed = Contention({(1, 0): 1.0}, backlog=(5, 2.0))
+    result = simulate(trace, ONE_SECOND, one, room, seed=1, contention=slowed)
+    latencies = sorted(r.latency_s for r in result.requests)
+    # 5 waiting: 2 s; then 4 (1.8 s), 3, 2, 1, none (1 s): 2 + 1.8 + 1.6 + 1.4 + 1.2 + 1.
+    assert latencies[0] == pytest.approx(2.0)
+    assert latencies[-1] == pytest.approx(9.0)
 
 
 DEPLOYMENT = DeploymentID(name="d", app_name="a")

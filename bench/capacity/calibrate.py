@@ -1,0 +1,199 @@
+"""Service times on the cluster itself, before the validation's traces: how much slower a
+call runs there than `measure` found it alone, by what shares the machine's two cores.
+
+Closed-loop clients, each sending one request at a time and alternating the small and the
+large kind, at the real stack (proxy, ingress, generator replicas on the "GPU" node):
+- "1 call": one client, a second replica up and idle: the request overhead (the intercept)
+  and the slowdown of a lone call (the slope), from latency = overhead + factor x the
+  standalone call seconds, fitted over the two kinds;
+- "2 calls": two clients, one on each of two applications' replica: two calls at once;
+- "1 call, 1 starting": one client while a replica of a third, generator-only application
+  loads its model and warms up on the same node (only the requests sent and answered within
+  its STARTING window count), twice;
+- "saturated" and "backlog": one replica kept busy by 4 clients (its `max_ongoing_requests`)
+  and by 4 + `BACKLOG` (that many waiting at the handle), each sending 4-image requests
+  that fill a call alone (no batching to account for): the factor is the seconds between
+  answers over the calls' standalone seconds, and their ratio the backlog's own effect.
+The factors are `Contention` (bench/capacity/contention.py) for the simulation; nothing in
+them comes from the traces. It exists for this stand-in only: GPU replicas share no device.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from bench.capacity.contention import Contention
+from bench.capacity.service import ServiceModel
+
+PHASE_S = 12.0
+STARTS = 2
+BACKLOG = 8
+# (phase, kind name, sent s, latency s, standalone call s)
+Sample = tuple[str, str, float, float, float]
+
+
+def _client(url: str, kinds, service: ServiceModel, phase: list[str], stop, out: list) -> None:
+    """One request at a time; a sample for each sent and answered within one phase, or
+    (`phase[1]`, the saturated phases) for each answered within it."""
+    by_done = len(phase) > 1
+    with httpx.Client(timeout=60) as client:
+        index = 0
+        while not stop.is_set():
+            kind = kinds[index % len(kinds)]
+            body = {**kind.body(index), "response_format": "url"}
+            label, sent = phase[0], time.monotonic()
+            client.post(url, json=body).raise_for_status()
+            latency = time.monotonic() - sent
+            if by_done:
+                label = phase[0]
+            if label and phase[0] == label:  # the whole request within one phase
+                call_s = service.call_s(kind.size, kind.steps, kind.images)
+                out.append((label, kind.name, sent, latency, call_s))
+            index += 1
+
+
+def _fit(samples: list[Sample]) -> tuple[float, float]:
+    """Least squares of latency = overhead + factor x call seconds."""
+    xs, ys = [s[4] for s in samples], [s[3] for s in samples]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    slope /= sum((x - mx) ** 2 for x in xs)
+    return max(0.0, my - slope * mx), slope
+
+
+def _factor(samples: list[Sample], overhead: float) -> float:
+    return sum(s[3] - overhead for s in samples) / sum(s[4] for s in samples)
+
+
+def _throughput_factor(samples: list[Sample]) -> float:
+    """A saturated replica's seconds between its first and last answer over the standalone
+    seconds of the calls answered in between."""
+    done = sorted((s[2] + s[3], s[4]) for s in samples)
+    return (done[-1][0] - done[0][0]) / sum(call_s for _, call_s in done[1:])
+
+
+def _saturated(url: str, service: ServiceModel, kind, clients: int, label: str) -> list:
+    samples: list[Sample] = []
+    phase, stop = ["", "by done"], threading.Event()
+    threads = [
+        threading.Thread(target=_client, args=(url, [kind], service, phase, stop, samples))
+        for _ in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(3.0)  # every client's first request answered, the queue in place
+    phase[0] = label
+    time.sleep(PHASE_S)
+    phase[0] = ""
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return samples
+
+
+def _starting(app: str, deployment: str) -> int | None:
+    from ray import serve
+
+    try:
+        states = serve.status().applications[app].deployments[deployment].replica_states
+    except KeyError:
+        return None
+    return states.get("STARTING", 0) if not states.get("RUNNING", 0) else -1
+
+
+def _start_one(starter, app: str, deployment: str, phase: list[str]) -> float:
+    """Deploy the generator-only `starter` in a thread and label the client's requests
+    while its replica is STARTING; the seconds it was."""
+    from ray import serve
+
+    options = {"name": app, "route_prefix": None}
+    thread = threading.Thread(target=serve.run, args=(starter,), kwargs=options)
+    thread.start()
+    began, deadline = None, time.monotonic() + 180
+    while time.monotonic() < deadline:
+        state = _starting(app, deployment)
+        if state and state > 0 and began is None:
+            began, phase[0] = time.monotonic(), "1 call, 1 starting"
+        if state == -1:
+            break
+        time.sleep(0.1)
+    phase[0] = ""
+    thread.join()
+    serve.delete(app)
+    return round(time.monotonic() - (began or time.monotonic()), 2)
+
+
+def calibrate(
+    urls: tuple[str, str], service: ServiceModel, starter, kinds, filling
+) -> dict[str, Any]:
+    """The phases above on two running applications (`urls`, one replica each) and the
+    generator-only `starter` application, `filling` the kind that fills a call; the
+    overhead, the contention and the samples."""
+    phase, stop_first, stop_second = [""], threading.Event(), threading.Event()
+    for url in urls:  # warm both replicas and connections
+        with httpx.Client(timeout=60) as client:
+            for kind in [*kinds, filling]:
+                client.post(url, json={**kind.body(0), "response_format": "url"})
+    samples = _saturated(urls[0], service, filling, 4, "saturated")
+    samples += _saturated(urls[0], service, filling, 4 + BACKLOG, "backlog")
+    first = threading.Thread(
+        target=_client, args=(urls[0], kinds, service, phase, stop_first, samples)
+    )
+    first.start()
+    phase[0] = "1 call"
+    time.sleep(PHASE_S)
+    phase[0] = ""
+    second = threading.Thread(
+        target=_client, args=(urls[1], kinds[::-1], service, phase, stop_second, samples)
+    )
+    second.start()
+    time.sleep(1.0)
+    phase[0] = "2 calls"
+    time.sleep(PHASE_S)
+    phase[0] = ""
+    stop_second.set()
+    second.join()
+    return {"samples": samples, "stop": stop_first, "thread": first, "phase": phase}
+
+
+def finish(started: dict[str, Any], starter, starter_app: str) -> dict[str, Any]:
+    """The starting phases (the second application deleted by now), then the factors."""
+    from deployments.model_config import generator_deployment_name
+
+    deployment = generator_deployment_name("tiny-sd3")
+    phase = started["phase"]
+    starts = [_start_one(starter, starter_app, deployment, phase) for _ in range(STARTS)]
+    started["stop"].set()
+    started["thread"].join()
+    samples: list[Sample] = started["samples"]
+    alone = [s for s in samples if s[0] == "1 call"]
+    overhead, lone = _fit(alone)
+    slowdowns = {(1, 0): round(lone, 3)}
+    for label, key in (("2 calls", (2, 0)), ("1 call, 1 starting", (1, 1))):
+        chosen = [s for s in samples if s[0] == label]
+        if chosen:
+            slowdowns[key] = round(_factor(chosen, overhead), 3)
+    counts = {label: sum(1 for s in samples if s[0] == label) for label in sorted(phases(samples))}
+    saturated = _throughput_factor([s for s in samples if s[0] == "saturated"])
+    backlog = _throughput_factor([s for s in samples if s[0] == "backlog"])
+    notes = {
+        "samples": counts,
+        "starter_start_s": starts,
+        "saturated_factor": round(saturated, 3),
+        "backlog_factor": round(backlog, 3),
+    }
+    contention = Contention(slowdowns, notes, (BACKLOG, round(backlog / saturated, 3)))
+    return {
+        "request_overhead_s": round(overhead, 4),
+        "contention": contention,
+        "samples": [[round(v, 4) if isinstance(v, float) else v for v in s] for s in samples],
+    }
+
+
+def phases(samples: list[Sample]) -> set[str]:
+    return {s[0] for s in samples}

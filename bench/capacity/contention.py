@@ -1,0 +1,82 @@
+"""How much slower a pipeline call runs than its standalone measurement, by what shares the
+cores with it: the calls running at once (on every replica), the replicas starting, and the
+requests waiting at the handle (the router's retries and probes, the ingress holding them).
+
+This exists for the validation's stand-in only: there every "GPU" replica, the proxy, the
+ingress and the load's client share one machine's two cores, so a call runs slower when the
+other replica is busy too, and slower again while a new replica loads its model and warms
+up. The factors are measured on the cluster itself (`bench/capacity/calibrate.py`), never
+fitted to the traces they are checked against. On real GPU nodes a replica has its device
+to itself, and the extrapolation runs with no contention (every factor 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Contention:
+    """Slowdown factors by (calls running, replicas starting); a call's standalone seconds
+    times the factor of the moment is how fast it progresses. Unmeasured states take the
+    nearest measured calls and starts, combined as the product of their separate effects."""
+
+    slowdowns: dict[tuple[int, int], float] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    # (requests waiting at the handle, the factor on top of the rest then): from none
+    # waiting to that many it grows in proportion, and no further beyond.
+    backlog: tuple[int, float] | None = None
+
+    def factor(self, calls: int, starting: int, queued: int = 0) -> float:
+        if not self.slowdowns:
+            return 1.0
+        base = self._factor(calls, starting)
+        if self.backlog is None or queued <= 0:
+            return base
+        measured, extra = self.backlog
+        return base * (1 + (extra - 1) * min(queued, measured) / measured)
+
+    def _factor(self, calls: int, starting: int) -> float:
+        calls = max(1, calls)
+        if (calls, starting) in self.slowdowns:
+            return self.slowdowns[(calls, starting)]
+        busy = self._nearest(calls, [c for c, s in self.slowdowns if s == 0])
+        base = self.slowdowns.get((busy, 0), 1.0)
+        if starting == 0:
+            return base
+        starts = [s for c, s in self.slowdowns if s > 0]
+        if not starts:
+            return base
+        start = self._nearest(starting, starts)
+        with_start = [(c, s) for c, s in self.slowdowns if s == start]
+        one, _ = min(with_start, key=lambda key: abs(key[0] - calls))
+        alone = self.slowdowns.get((one, 0), 1.0)
+        return base * self.slowdowns[(one, start)] / alone
+
+    @staticmethod
+    def _nearest(value: int, measured: list[int]) -> int:
+        if not measured:
+            return value
+        return min(measured, key=lambda m: (abs(m - value), -m))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "notes": self.notes,
+            "backlog": None if self.backlog is None else list(self.backlog),
+            "slowdowns": [
+                {"calls": calls, "starting": starting, "factor": factor}
+                for (calls, starting), factor in sorted(self.slowdowns.items())
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Contention:
+        if not data:
+            return cls()
+        slowdowns = {(row["calls"], row["starting"]): row["factor"] for row in data["slowdowns"]}
+        backlog = data.get("backlog")
+        return cls(slowdowns, data.get("notes", {}), None if backlog is None else tuple(backlog))
+
+
+NONE = Contention()
