@@ -15,7 +15,8 @@ four adapters, at the given sizes (default 64x64 and 128x128). Measured:
 - closed loops at 8 and 16 clients, with and without the adapters;
 - the same mix at 256x256 (c=16, no adapters) and at 64x64 alone;
 - open loops of Poisson arrivals at 50%, 70% and 90% of the request-level engine's capacity
-  (its closed-loop rate at c=16), for latency at a rate both can hold;
+  (its closed-loop rate at c=16 on the mix with adapters), for latency at a rate both can
+  hold; figures are medians over the rounds (each round its own seeded arrivals);
 - the ceiling: the bare diffusers pipeline in this process, best batch of 1-8 per size.
 Throughput is in denoising steps x pixels per second (a 20-step image is 5x a 4-step one);
 with CPU seconds per image of the generator replica (the pipeline's work: "inside") and of
@@ -174,7 +175,7 @@ class Case:
 
 
 def cases(sizes: tuple[str, ...]) -> list[Case]:
-    mix = "x".join(size.split("x")[0] for size in sizes)  # "64x128": both sizes
+    mix = "+".join(size.split("x")[0] for size in sizes)  # "64+128": both sizes, square
     return [
         Case(f"mix {mix}, c=8", sizes, False, 8),
         Case(f"mix {mix}, c=16", sizes, False, 16),
@@ -203,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=LOCAL_CONFIG)
     parser.add_argument("--sizes", default="64x64,128x128")
-    parser.add_argument("--duration", type=float, default=12.0, help="seconds per closed loop")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per closed loop")
     parser.add_argument("--open-duration", type=float, default=20.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round of 5 s loads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args(argv)
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     bare = ceiling(sorted({*sizes, "256x256"}))
     print(f"ceiling: {bare}", flush=True)
     closed: dict[str, dict[str, list[dict]]] = {}
-    opened: dict[str, dict[str, dict]] = {}
+    opened: dict[str, dict[str, list[dict]]] = {}
     config = bench_config(load_config(options.config), free_port())
     with ServeRun(config, env=SAME_PRIORITY) as server:
         server.wait_for_first_image(model=CONTINUOUS)
@@ -235,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         capacity = statistics.median(
             r["requests"] / options.duration for r in closed[capacity_case][REQUEST_LEVEL]
         )
-        for share in (0.5, 0.7, 0.9):
-            for model_id in engines:
-                rate = share * capacity
-                row = run_open(server, sizes, model_id, rate, options.open_duration, seed=7)
-                opened.setdefault(f"{share:.0%} of capacity", {})[model_id] = row
-                print(f"open {share:.0%} {model_id}: {row}", flush=True)
+        for index in range(options.rounds):  # Poisson arrivals, alternating too
+            for share in (0.5, 0.7, 0.9):
+                order = engines if index % 2 == 0 else engines[::-1]
+                for model_id in order:
+                    rate = share * capacity
+                    row = run_open(server, sizes, model_id, rate, options.open_duration, index)
+                    opened.setdefault(f"{share:.0%} of capacity", {}).setdefault(
+                        model_id, []
+                    ).append(row)
+                    print(f"round {index + 1} open {share:.0%} {model_id}: {row}", flush=True)
     results = {
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
@@ -253,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "closed_rounds": closed,
         "request_level_capacity_rps": round(capacity, 3),
-        "open": opened,
+        "open": {name: {m: _median(rows) for m, rows in by.items()} for name, by in opened.items()},
+        "open_rounds": opened,
     }
     results["targets"] = targets(results, sizes)
     write_json(results, options.out / "continuous.json")

@@ -105,21 +105,25 @@ class Lane:
             self._finish([job for job in jobs if all(image.done for image in job.images)])
 
     def _admit(self) -> None:
-        """Jobs from the inbox join their size's group while its budget has room (in order:
-        a job that does not fit yet keeps its place, and those behind it of another size
-        may still join)."""
+        """Jobs from the inbox join their size's group while its budget has room, in order
+        of arrival per size: a job that does not fit yet keeps its place, and none of its
+        size passes it (a request of many images is not starved by a stream of single
+        ones); those of other sizes may still join."""
         with self._lock:
             arrived = list(self._inbox)
         joining: list[LoopJob] = []
         held = {size: sum(j.job.num_images for j in jobs) for size, jobs in self._groups.items()}
+        waiting: set[Size] = set()  # sizes whose first job in line does not fit yet
         for job in arrived:
             if job.gone:
                 self._drop(job)
                 continue
             room = self._hooks.capacity(*job.size) - held.get(job.size, 0)
-            if job.job.num_images <= room:
+            if job.size not in waiting and job.job.num_images <= room:
                 held[job.size] = held.get(job.size, 0) + job.job.num_images
                 joining.append(job)
+            else:
+                waiting.add(job.size)
         if not joining:
             return
         with self._lock:

@@ -73,9 +73,11 @@ def sd3():
     return load_pipeline(ModelConfig(device="cpu"))
 
 
-def loop_engine(pipeline, adapters: AdapterStore | None = None) -> ImageEngine:
+def loop_engine(
+    pipeline, adapters: AdapterStore | None = None, batching: BatchingConfig = CONTINUOUS
+) -> ImageEngine:
     engine = ImageEngine(
-        pipeline, worker_threads=1, batching=CONTINUOUS, adapters=adapters, continuous=True
+        pipeline, worker_threads=1, batching=batching, adapters=adapters, continuous=True
     )
     assert engine.continuous
     return engine
@@ -327,3 +329,31 @@ def test_request_level_work_gets_a_thread_while_the_loop_stays_busy(sd3):
     finally:
         engine.shutdown()
     assert finished.index("edit") < len(finished) - 10  # it did not wait for the loop to end
+
+
+def test_a_request_of_many_images_is_not_passed_by_a_stream_of_single_ones(sd3):
+    """Room for 4 images a step: a 4-image request waits for the loop to empty of its size,
+    and the single-image requests behind it wait for it, instead of filling every gap."""
+    engine = loop_engine(sd3, batching=CONTINUOUS.model_copy(update={"max_batch_images": 4}))
+    order: list[str] = []
+
+    async def many_behind_singles():
+        async def singles(client: int):
+            for seed in range(10):
+                await engine.generate(job(100 * client + seed, steps=3))
+                order.append("single")
+
+        # More clients than the step has room for: singles always wait in line.
+        clients = [asyncio.create_task(singles(client)) for client in range(6)]
+        await wait_for_steps(engine, 2)
+        result = await engine.generate(job(7, steps=3, seeds=(7, 8, 9, 10)))
+        order.append("four")
+        await asyncio.gather(*clients)
+        return result
+
+    try:
+        result = run(many_behind_singles())
+    finally:
+        engine.shutdown()
+    assert len(result.images) == 4
+    assert order.index("four") < len(order) - 20  # long before the singles ran out
