@@ -23,6 +23,12 @@ CHART = RESULTS / "capacity-validation.png"
 EXTRAPOLATION = RESULTS / "capacity-extrapolation.json"
 
 
+def earlier_validations() -> list[dict]:
+    """The kept earlier runs (capacity-validation-run*.json), oldest first."""
+    paths = sorted(RESULTS.glob("capacity-validation-run*.json"), key=lambda p: int(p.stem[23:]))
+    return [json.loads(path.read_text()) for path in paths]
+
+
 def _write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {path}")
@@ -46,7 +52,7 @@ def validate(cases: list[str] | None) -> None:
     _write(VALIDATION, data)
     chart(data, CHART)
     print(f"wrote {CHART}")
-    print(validation_table(data))
+    print(validation_table(data, earlier_validations()))
 
 
 def refit() -> None:
@@ -82,7 +88,7 @@ def show() -> int:
                 f"{row['starting']} replica(s) starting: x{row['factor']}"
             )
         print()
-        print(validation_table(data))
+        print(validation_table(data, earlier_validations()))
         if "speed_fit" in data:
             print("\nDiagnostic: each case with one service-time factor fitted to its real p50.\n")
             print(speed_fit_table(data["speed_fit"]))

@@ -14,6 +14,13 @@ large kind, at the real stack (proxy, ingress, generator replicas on the "GPU" n
   and by 4 + `BACKLOG` (that many waiting at the handle), each sending 4-image requests
   that fill a call alone (no batching to account for): the factor is the seconds between
   answers over the calls' standalone seconds, and their ratio the backlog's own effect.
+- "warm-up": a fresh one-replica application deployed while the first application's client
+  runs on; one client alternating three kinds (small, large, the filling 4-image one) on it
+  from the moment it runs ("at once"), and again on another fresh one left idle
+  `IDLE_S` first ("idle", as the traces' first replica is): each call's factor (latency
+  less the overhead over the standalone seconds) by its place among the replica's calls,
+  over the factor of its calls from `STEADY_FROM` on, in blocks of calls 1, 2, 3-4, 5-8,
+  9-16, 17-24.
 The factors are `Contention` (bench/capacity/contention.py) for the simulation; nothing in
 them comes from the traces. It exists for this stand-in only: GPU replicas share no device.
 """
@@ -33,6 +40,10 @@ from bench.capacity.service import ServiceModel
 PHASE_S = 12.0
 STARTS = 2
 BACKLOG = 8
+WARM_S = 30.0
+IDLE_S = 5.0
+STEADY_FROM = 24
+WARM_BLOCKS = ((0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 24))
 # (phase, kind name, sent s, latency s, standalone call s)
 Sample = tuple[str, str, float, float, float]
 
@@ -161,13 +172,55 @@ def calibrate(
     return {"samples": samples, "stop": stop_first, "thread": first, "phase": phase}
 
 
-def finish(started: dict[str, Any], starter, starter_app: str) -> dict[str, Any]:
-    """The starting phases (the second application deleted by now), then the factors."""
+def _warm_run(fresh, name: str, idle_s: float, service: ServiceModel, kinds) -> list[Sample]:
+    """Deploy `fresh` ((a one-replica application, its URL for a name)) as `name`, wait
+    `idle_s`, then one client on it for `WARM_S`: every answered request, in order (its
+    replica's calls, in order)."""
+    from ray import serve
+
+    app, url_for = fresh
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    time.sleep(idle_s)
+    samples: list[Sample] = []
+    phase, stop = [name], threading.Event()
+    url = url_for(name)
+    thread = threading.Thread(target=_client, args=(url, kinds, service, phase, stop, samples))
+    thread.start()
+    time.sleep(WARM_S)
+    stop.set()
+    thread.join()
+    serve.delete(name)
+    return samples
+
+
+def warmup_factors(samples: list[Sample], overhead: float) -> dict[str, Any]:
+    """Each block's factor over the steady one (calls from `STEADY_FROM` on), per call."""
+    steady = _factor(samples[STEADY_FROM:], overhead)
+    blocks = [round(_factor(samples[a:b], overhead) / steady, 3) for a, b in WARM_BLOCKS]
+    per_call = [f for (a, b), f in zip(WARM_BLOCKS, blocks, strict=True) for _ in range(b - a)]
+    return {
+        "steady": round(steady, 3),
+        "blocks": blocks,
+        "calls": len(samples),
+        "per_call": per_call,
+    }
+
+
+def finish(
+    started: dict[str, Any], starter, starter_app: str, fresh=None, service=None, kinds=()
+) -> dict[str, Any]:
+    """The starting phases (the second application deleted by now), the warm-up ones (with
+    `fresh`), then the factors."""
     from deployments.model_config import generator_deployment_name
 
     deployment = generator_deployment_name("tiny-sd3")
     phase = started["phase"]
     starts = [_start_one(starter, starter_app, deployment, phase) for _ in range(STARTS)]
+    warm_runs = {}
+    if fresh is not None:
+        for label, idle_s in (("at once", 0.0), ("idle", IDLE_S)):
+            name = "calibrate-warm" + ("-idle" if idle_s else "")
+            warm_runs[label] = _warm_run(fresh, name, idle_s, service, kinds)
     started["stop"].set()
     started["thread"].join()
     samples: list[Sample] = started["samples"]
@@ -187,11 +240,26 @@ def finish(started: dict[str, Any], starter, starter_app: str) -> dict[str, Any]
         "saturated_factor": round(saturated, 3),
         "backlog_factor": round(backlog, 3),
     }
-    contention = Contention(slowdowns, notes, (BACKLOG, round(backlog / saturated, 3)))
+    warm = {label: warmup_factors(run, overhead) for label, run in warm_runs.items()}
+    notes["warmup"] = {
+        label: {k: v for k, v in w.items() if k != "per_call"} for label, w in warm.items()
+    }
+    contention = Contention(
+        slowdowns,
+        notes,
+        (BACKLOG, round(backlog / saturated, 3)),
+        tuple(warm["at once"]["per_call"]) if warm else (),
+        tuple(warm["idle"]["per_call"]) if warm else (),
+    )
+    rounded = [[round(v, 4) if isinstance(v, float) else v for v in s] for s in samples]
     return {
         "request_overhead_s": round(overhead, 4),
         "contention": contention,
-        "samples": [[round(v, 4) if isinstance(v, float) else v for v in s] for s in samples],
+        "samples": rounded,
+        "warmup_samples": {
+            label: [[round(v, 4) if isinstance(v, float) else v for v in s] for s in run]
+            for label, run in warm_runs.items()
+        },
     }
 
 

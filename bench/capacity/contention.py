@@ -27,6 +27,17 @@ class Contention:
     # (requests waiting at the handle, the factor on top of the rest then): from none
     # waiting to that many it grows in proportion, and no further beyond.
     backlog: tuple[int, float] | None = None
+    # A replica's first calls, each slower than its later ones under the same load by this
+    # factor, the first call first; from then on 1. `warmup` for a replica that starts
+    # during the trace (loaded once it runs), `warmup_idle` for one that was up and idle
+    # before it (the trace's first replicas).
+    warmup: tuple[float, ...] = ()
+    warmup_idle: tuple[float, ...] = ()
+
+    def warm(self, served: int, idle: bool = False) -> float:
+        """The factor on a replica's call after `served` calls of its own."""
+        factors = self.warmup_idle if idle else self.warmup
+        return factors[served] if served < len(factors) else 1.0
 
     def factor(self, calls: int, starting: int, queued: int = 0) -> float:
         if not self.slowdowns:
@@ -64,6 +75,8 @@ class Contention:
         return {
             "notes": self.notes,
             "backlog": None if self.backlog is None else list(self.backlog),
+            "warmup": list(self.warmup),
+            "warmup_idle": list(self.warmup_idle),
             "slowdowns": [
                 {"calls": calls, "starting": starting, "factor": factor}
                 for (calls, starting), factor in sorted(self.slowdowns.items())
@@ -76,7 +89,13 @@ class Contention:
             return cls()
         slowdowns = {(row["calls"], row["starting"]): row["factor"] for row in data["slowdowns"]}
         backlog = data.get("backlog")
-        return cls(slowdowns, data.get("notes", {}), None if backlog is None else tuple(backlog))
+        return cls(
+            slowdowns,
+            data.get("notes", {}),
+            None if backlog is None else tuple(backlog),
+            tuple(data.get("warmup", ())),
+            tuple(data.get("warmup_idle", ())),
+        )
 
 
 NONE = Contention()

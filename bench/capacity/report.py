@@ -30,27 +30,56 @@ def _error(value: float | None) -> str:
     return f"{value * 100:+.0f}%{mark}"
 
 
-def validation_table(data: dict[str, Any]) -> str:
-    """Real against simulated, side by side; (!) marks an error beyond 20%."""
-    lines = [
-        "| trace | policy | figure | real | simulated | error |",
-        "|---|---|---|---|---|---|",
-    ]
+def earlier_real(case: dict[str, Any], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The real figures of `case`'s trace in `earlier` validations: the same case, the same
+    trace and as many requests (the cluster's run-to-run spread; the simulation's there
+    differs with their calibrations, and is not shown)."""
+    found = []
+    for data in earlier:
+        for row in data["cases"]:
+            same = (row["case"], row["trace"]) == (case["case"], case["trace"])
+            if same and row["real"]["requests"] == case["real"]["requests"]:
+                found.append(row["real"])
+    return found
+
+
+def validation_table(data: dict[str, Any], earlier: list[dict[str, Any]] = ()) -> str:
+    """Real against simulated, side by side; (!) marks an error beyond 20%. With `earlier`
+    validations, the real figure in those of the same trace too, and the simulation's
+    error against each real run (this simulation against their real figures)."""
+    spread = bool(earlier)
+    head = "| trace | policy | figure | real | simulated | error |"
+    rule = "|---|---|---|---|---|---|"
+    if spread:
+        head += " real, earlier runs | error against each real run |"
+        rule += "---|---|"
+    lines = [head, rule]
     for case in data["cases"]:
+        before = earlier_real(case, list(earlier)) if spread else []
         for key in COMPARED:
-            lines.append(
+            line = (
                 f"| {case['case']} | {case['policy']} | {LABELS[key]} | "
                 f"{_number(case['real'][key])} | {_number(case['sim'][key])} | "
                 f"{_error(case['error'][key])} |"
             )
+            if spread:
+                sim = case["sim"][key]
+                reals = [run[key] for run in before] + [case["real"][key]]
+                errors = [(sim - r) / r for r in reals if r and sim is not None]
+                extent = (
+                    f"{min(errors) * 100:+.0f}% .. {max(errors) * 100:+.0f}%" if errors else "-"
+                )
+                line += f" {', '.join(_number(run[key]) for run in before) or '-'} | {extent} |"
+            lines.append(line)
         real, sim = case["real"], case["sim"]
+        blank = " | |" if spread else ""
         lines.append(
             f"| {case['case']} | {case['policy']} | first scale-up (s) | "
-            f"{_number(real['first_scale_up_s'])} | {_number(sim['first_scale_up_s'])} | |"
+            f"{_number(real['first_scale_up_s'])} | {_number(sim['first_scale_up_s'])} | |" + blank
         )
         lines.append(
             f"| {case['case']} | {case['policy']} | answered / refused | "
-            f"{real['ok']} / {real['rejected']} | {sim['ok']} / {sim['rejected']} | |"
+            f"{real['ok']} / {real['rejected']} | {sim['ok']} / {sim['rejected']} | |" + blank
         )
     return "\n".join(lines)
 

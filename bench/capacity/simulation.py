@@ -22,7 +22,8 @@ What it models of the service:
 - contention for shared cores, where it is given (`bench/capacity/contention.py`, the
   validation's stand-in only): every call runs its standalone seconds times the factor of
   the moment (by calls running, replicas starting and requests waiting at the handle),
-  recomputed whenever one of them changes.
+  recomputed whenever one of them changes; and a replica's first calls slower again by
+  its measured warm-up (`Contention.warm`, by the calls it has begun).
 What it leaves out: the ingress's and proxy's own capacity, the batch queue's
 `max_wait_ms` (milliseconds beside calls of a tenth of a second and more), Ray's scheduling
 delays.
@@ -126,6 +127,7 @@ class _Call:
     factor: float
     done_s: float = 0.0
     version: int = 0
+    warm: float = 1.0  # its replica's warm-up factor (`Contention.warm`), on top
 
     def progress(self, now: float) -> float:
         return min(self.work_s, self.done_s + (now - self.since) / self.factor)
@@ -161,6 +163,8 @@ class _Replica:
     ongoing: list[_Job] = field(default_factory=list)
     waiting: list[_Job] = field(default_factory=list)
     busy_workers: int = 0
+    served: int = 0  # calls it has begun
+    initial: bool = False  # up (and idle) before the trace
     # Its record_autoscaling_stats series in the window, and what it last pushed of them.
     recorded: list[tuple[float, float, float]] = field(default_factory=list)
     pushed_work: PushedSeries | None = None
@@ -273,6 +277,7 @@ class Simulation:
             id=f"replica-{self._serial}",
             state="running" if running else "starting",
             created=self.env.now,
+            initial=running and self.env.now == 0,
         )
         self.replicas.append(replica)
         self._update_room(replica)
@@ -379,7 +384,9 @@ class Simulation:
         calls = [min(capacity, images - done) for done in range(0, images, capacity)]
         seconds = sum(self.service.call_s(kind.size, kind.steps, n) for n in calls)
         fixed = sum(self.service.cost(kind.size, n).fixed_s for n in calls)
-        call = _Call(replica, batch, seconds, fixed, self.env.now, factor=1.0)
+        warm = self.contention.warm(replica.served, replica.initial)
+        replica.served += 1
+        call = _Call(replica, batch, seconds, fixed, self.env.now, factor=1.0, warm=warm)
         for job in batch:
             job.call = call
         self.calls[call] = None
@@ -393,11 +400,12 @@ class Simulation:
         rescheduled to end when their remaining standalone seconds allow."""
         now = self.env.now
         if not self.contention.slowdowns:  # every factor 1: only `new` to schedule
-            calls, factor = [new] if new is not None else [], 1.0
+            calls, shared = [new] if new is not None else [], 1.0
         else:
             calls = list(self.calls)
-            factor = self.contention.factor(len(calls), self._starting(), len(self.queue))
+            shared = self.contention.factor(len(calls), self._starting(), len(self.queue))
         for call in calls:
+            factor = shared * call.warm
             if call is not new and call.factor == factor:
                 continue
             call.done_s, call.since, call.factor = call.progress(now), now, factor

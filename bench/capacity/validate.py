@@ -250,7 +250,9 @@ def calibrate_on(port: int, service: ServiceModel) -> dict[str, Any]:
     filling = RequestKind("small-x4", SMALL.width, SMALL.height, SMALL.steps, images=4)
     started = calibrate.calibrate((urls[0], urls[1]), service, starter, [SMALL, LARGE], filling)
     serve.delete("calibrate-b")
-    result = calibrate.finish(started, starter, "calibrate-starter")
+    fresh = (build_app(app_args(None)), lambda name: urls[0].replace("calibrate-a", name))
+    kinds = [SMALL, LARGE, filling]
+    result = calibrate.finish(started, starter, "calibrate-starter", fresh, service, kinds)
     serve.delete("calibrate-a")
     return result
 

@@ -279,3 +279,20 @@ def test_a_pushed_series_averages_as_the_full_series_does():
     series = [(1.0, 2.0), (1.5, 0.0), (2.5, 4.0)]
     for now in (2.5, 3.0, 10.0):
         assert PushedSeries.of(series).mean(now) == pytest.approx(series_mean(series, now))
+
+
+def test_a_replica_s_first_calls_run_slower_by_its_measured_warm_up():
+    """Three 1 s calls one after another on each of two replicas up before the trace: the
+    first two calls of each at its idle warm-up factors (2, 1.5), the third at full speed;
+    a replica started during the trace takes `warmup` instead, and none without one."""
+    arrivals = [0.0, 0.0, 2.5, 2.5, 4.5, 4.5]
+    warm = Contention({(1, 0): 1.0}, warmup=(3.0,), warmup_idle=(2.0, 1.5))
+    assert latencies(arrivals, warm) == [2.0, 2.0, 1.5, 1.5, 1.0, 1.0]
+    assert latencies(arrivals, Contention({(1, 0): 1.0})) == [1.0] * 6
+    assert warm.warm(0) == 3.0 and warm.warm(1) == 1.0 and warm.warm(1, idle=True) == 1.5
+    assert Contention.from_json(warm.to_json()) == warm
+    started = simulate(large_burst(), SERVICE, FAST, REPLICA, seed=1, contention=warm)
+    idle_only = Contention({(1, 0): 1.0}, warmup_idle=(2.0, 1.5))
+    plain = simulate(large_burst(), SERVICE, FAST, REPLICA, seed=1, contention=idle_only)
+    assert started.decisions and plain.decisions
+    assert started.summary()["p95_s"] > plain.summary()["p95_s"]
