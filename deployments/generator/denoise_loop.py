@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -137,31 +138,42 @@ class Lane:
         those that cannot start fail alone."""
         if self._adapters is not None:
             jobs = [job for job in jobs if self._staged(job)]
+        self._together_or_alone(jobs, self._encode, self._failed_start)
+        return [job for job in jobs if job.images]
+
+    def _together_or_alone(
+        self,
+        jobs: list[LoopJob],
+        action: Callable[[list[LoopJob]], None],
+        failed: Callable[[LoopJob, Exception], None],
+    ) -> None:
+        """`action(jobs)`; if it fails for a reason of its own, `action([job])` for each
+        job, and `failed(job, error)` for each that fails alone: a bad job fails only
+        itself. A device failure is raised (it fails the lane)."""
         try:
-            self._encode(jobs)
-            return jobs
+            action(jobs)
+            return
         except Exception as error:
             if self._hooks.broken(error):
                 raise
             if len(jobs) == 1:
-                return self._failed_start(jobs, error)
-        started = []
-        for job in jobs:  # one at a time: a bad prompt fails its own job only
+                failed(jobs[0], error)
+                return
+            logger.warning("the loop's %s failed (%s); each job alone", action.__name__, error)
+        for job in list(jobs):
             try:
-                self._encode([job])
-                started.append(job)
+                action([job])
             except Exception as error:
                 if self._hooks.broken(error):
                     raise
-                self._failed_start([job], error)
-        return started
+                failed(job, error)
 
     def _staged(self, job: LoopJob) -> bool:
         try:
             self._adapters.load(adapter_key(job.job.adapters), self._in_use())
             return True
         except Exception as error:
-            self._failed_start([job], error)
+            self._failed_start(job, error)
             return False
 
     def _in_use(self) -> set[str]:
@@ -172,11 +184,9 @@ class Lane:
             for adapter_id, _ in job.job.adapters
         }
 
-    def _failed_start(self, jobs: list[LoopJob], error: Exception) -> list[LoopJob]:
-        for job in jobs:
-            job.images.clear()
-            self._answer(job, job.failure(error))
-        return []
+    def _failed_start(self, job: LoopJob, error: Exception) -> None:
+        job.images.clear()
+        self._answer(job, job.failure(error))
 
     def _encode(self, jobs: list[LoopJob]) -> None:
         started = time.perf_counter()
@@ -206,23 +216,7 @@ class Lane:
 
     def _step(self, jobs: list[LoopJob]) -> None:
         """One denoising step over the group; on a failure, each job's step alone."""
-        try:
-            self._step_jobs(jobs)
-            return
-        except Exception as error:
-            if self._hooks.broken(error):
-                raise
-            if len(jobs) == 1:
-                self._fail_in_loop(jobs[0], error)
-                return
-            logger.warning("a loop step failed (%s); each job's step runs alone", error)
-        for job in list(jobs):
-            try:
-                self._step_jobs([job])
-            except Exception as error:
-                if self._hooks.broken(error):
-                    raise
-                self._fail_in_loop(job, error)
+        self._together_or_alone(jobs, self._step_jobs, self._fail_in_loop)
 
     def _step_jobs(self, jobs: list[LoopJob]) -> None:
         started = time.perf_counter()
@@ -259,22 +253,7 @@ class Lane:
             return
         for job in done:
             self._groups[job.size].remove(job)
-        try:
-            self._decode(done)
-            return
-        except Exception as error:
-            if self._hooks.broken(error):
-                raise
-            if len(done) == 1:
-                self._fail(done[0], error)
-                return
-        for job in done:
-            try:
-                self._decode([job])
-            except Exception as error:
-                if self._hooks.broken(error):
-                    raise
-                self._fail(job, error)
+        self._together_or_alone(done, self._decode, self._fail)
 
     def _decode(self, done: list[LoopJob]) -> None:
         started = time.perf_counter()

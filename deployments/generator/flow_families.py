@@ -113,10 +113,16 @@ class FlowFamily:
         image = vae.decode(latents, return_dict=False)[0]
         return self.view.image_processor.postprocess(image, output_type="np")
 
-    @staticmethod
-    def _generator(seed: int) -> list[torch.Generator]:
-        # As `call_arguments.py` makes them: on the CPU, so a seed gives the same noise anywhere.
-        return [torch.Generator("cpu").manual_seed(seed)]
+    def _initial_latents(
+        self, channels: int, prompt: ImagePrompt, width: int, height: int, seed: int
+    ) -> Any:
+        """The pipeline's own `prepare_latents` for one image, from its seed's generator,
+        made as `call_arguments.py` makes it: on the CPU, so a seed gives the same noise on
+        any device, and alone, so it does not depend on its batch neighbours."""
+        generator = [torch.Generator("cpu").manual_seed(seed)]
+        return self.view.prepare_latents(
+            1, channels, height, width, prompt.embeds.dtype, self.device, generator
+        )
 
 
 class SD3Family(FlowFamily):
@@ -150,15 +156,8 @@ class SD3Family(FlowFamily):
         self, prompt: ImagePrompt, width: int, height: int, steps: int, guidance: float, seed: int
     ) -> ImageState:
         view = self.view
-        latents = view.prepare_latents(
-            1,
-            view.transformer.config.in_channels,
-            height,
-            width,
-            prompt.embeds.dtype,
-            self.device,
-            self._generator(seed),
-        )
+        channels = view.transformer.config.in_channels
+        latents = self._initial_latents(channels, prompt, width, height, seed)
         scheduler = self._scheduler()
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
@@ -220,16 +219,8 @@ class FluxFamily(FlowFamily):
     def start(
         self, prompt: ImagePrompt, width: int, height: int, steps: int, guidance: float, seed: int
     ) -> ImageState:
-        view = self.view
-        latents, positions = view.prepare_latents(
-            1,
-            view.transformer.config.in_channels // 4,
-            height,
-            width,
-            prompt.embeds.dtype,
-            self.device,
-            self._generator(seed),
-        )
+        channels = self.view.transformer.config.in_channels // 4  # before packing 2x2
+        latents, positions = self._initial_latents(channels, prompt, width, height, seed)
         scheduler = self._scheduler()
         sigmas = np.linspace(1.0, 1 / steps, steps)
         if getattr(scheduler.config, "use_flow_sigmas", False):
