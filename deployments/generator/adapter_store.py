@@ -91,6 +91,7 @@ class AdapterStore:
         # Adapter id -> its checked local weights file, and that file's `_signature` then.
         self._staged: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._failures: dict[str, tuple[AdapterUnavailable, float]] = {}
+        self._on_text_encoders: dict[str, bool] = {}  # by adapter id, once fetched
         # Loaded into the pipeline, least recently used first; touched under the gate only.
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self.loads = 0
@@ -166,6 +167,10 @@ class AdapterStore:
         if reason is not None:
             model = type(self._pipeline).__name__
             raise AdapterUnavailable(adapter_id, f"its weights do not fit this {model}: {reason}")
+        with self._lock:
+            self._on_text_encoders[adapter_id] = any(
+                key.startswith("text_encoder") for key in state_dict
+            )
         seconds = time.perf_counter() - started
         logger.info("adapter %s staged from %s in %.3f s", adapter_id, weights, seconds)
         return weights
@@ -177,6 +182,12 @@ class AdapterStore:
         state = type(self._pipeline).lora_state_dict(weights, **extra)
         return state[0] if isinstance(state, tuple) else state
 
+    def on_text_encoders(self, adapter_ids: Iterable[str]) -> bool:
+        """Whether any of them (fetched; an unknown one counts) has text-encoder weights:
+        the continuous loop computes adapters per row in the denoiser only."""
+        with self._lock:
+            return any(self._on_text_encoders.get(i, True) for i in adapter_ids)
+
     def holds(self, adapter_ids: Iterable[str]) -> bool:
         """Whether all of them are loaded in the pipeline; ask it under the gate."""
         return all(adapter_id in self._loaded for adapter_id in adapter_ids)
@@ -186,7 +197,11 @@ class AdapterStore:
         model), or for the continuous loop's keys (`loop_adapters.py`). Only while no
         pipeline call runs: it is the `AdapterGate`'s switch."""
         if isinstance(adapters, LoopStep):
-            return  # each row picks its own adapters (`mixed_lora.py`)
+            # Each denoiser row picks its own adapters (`mixed_lora.py`); everything else,
+            # the text encoders the loop's prompts go through, runs as the base model.
+            if self._loaded:
+                self._pipeline.disable_lora()
+            return
         if isinstance(adapters, LoadForLoop):
             self._load_all(sorted(adapters.ids))
             return

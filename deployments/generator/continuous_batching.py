@@ -72,11 +72,18 @@ class ContinuousBatching:
         self._pool = pool
         self._batching = batching
         self._work = work
+        self._adapters = adapters
         self._lanes = [Lane(family, adapters, previewer, hooks) for _ in range(lanes)]
 
     def accepts(self, job: GenerationJob) -> bool:
-        return job.task == "text-to-image" and job.num_images <= self._batching.images_per_batch(
-            job.width, job.height
+        """Text-to-image jobs whose images fit one step and whose adapters (staged by now)
+        only touch the denoiser."""
+        if job.task != "text-to-image":
+            return False
+        if job.num_images > self._batching.images_per_batch(job.width, job.height):
+            return False
+        return not job.adapters or (
+            self._adapters is not None and self._adapters.accepts(job.adapters)
         )
 
     async def submit(self, job: GenerationJob, sink: EventSink | None = None) -> GeneratedImages:

@@ -24,6 +24,7 @@ succeeded). A device failure fails every job of the lane and the replica (`on_br
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -57,8 +58,11 @@ class Lane:
         self._previewer = previewer
         self._adapters = adapters
         self._hooks = hooks
-        self._lock = threading.Lock()  # guards `_inbox` and `running`
+        self._lock = threading.Lock()  # guards `_inbox`, `_held` and `running`
         self._inbox: deque[LoopJob] = deque()
+        # Every job not answered or dropped yet, wherever it is (inbox, joining, a group,
+        # decoding): what a lane that fails must answer.
+        self._held: set[LoopJob] = set()
         self._groups: dict[Size, list[LoopJob]] = {}
         self.running = False  # a thread runs (or is about to run) `run`
         self.images = 0  # images held, waiting and in flight (for picking a lane)
@@ -67,6 +71,7 @@ class Lane:
         """Queue a job for the next step boundary; True if the caller must start `run`."""
         with self._lock:
             self._inbox.append(job)
+            self._held.add(job)
             self.images += job.job.num_images
             start = not self.running
             self.running = True
@@ -75,10 +80,14 @@ class Lane:
     def run(self) -> bool:
         """The loop, until the lane holds nothing (False) or yields its thread to waiting
         request-level work with jobs still queued (True: run it again later)."""
+        restarted = True  # a (re)started lane admits once, even with others waiting
         try:
             while True:
-                draining = self._hooks.others_waiting()
-                if not draining:
+                draining = not restarted and self._hooks.others_waiting()
+                restarted = False
+                if draining:
+                    self._drop_abandoned_arrivals()
+                else:
                     self._admit()
                 for size in [size for size, jobs in self._groups.items() if jobs]:
                     self._turn(size)
@@ -173,6 +182,8 @@ class Lane:
             self._adapters.load(adapter_key(job.job.adapters), self._in_use())
             return True
         except Exception as error:
+            if self._hooks.broken(error):
+                raise
             self._failed_start(job, error)
             return False
 
@@ -192,7 +203,8 @@ class Lane:
         started = time.perf_counter()
         family = self._family
         images = [(job, seed) for job in jobs for seed in job.job.seeds]
-        with torch.no_grad():
+        gate = self._adapters.encoding() if self._adapters else contextlib.nullcontext()
+        with torch.no_grad(), gate:
             prompts = family.encode(
                 [job.job.prompt for job, _ in images],
                 [job.job.negative_prompt for job, _ in images],
@@ -215,8 +227,19 @@ class Lane:
             job.reporter = JobReporter(job.queued.sink, job.job, family.spatial, self._previewer)
 
     def _step(self, jobs: list[LoopJob]) -> None:
-        """One denoising step over the group; on a failure, each job's step alone."""
+        """One denoising step over the group; on a failure, each job's step alone. What
+        a step tells (the engine's counters, streams) comes after, once per step."""
+        stepped = list(jobs)
         self._together_or_alone(jobs, self._step_jobs, self._fail_in_loop)
+        stepped = [job for job in stepped if job in jobs]  # those that did not fail
+        if not stepped:
+            return
+        self._hooks.step_done(stepped, sum(len(job.images) for job in stepped))
+        for job in stepped:
+            try:
+                job.reporter.step_done(job.images)
+            except Exception:  # its stream's reader has gone: the images go on
+                logger.warning("request %s: sending progress failed", job.job.request_id)
 
     def _step_jobs(self, jobs: list[LoopJob]) -> None:
         started = time.perf_counter()
@@ -232,12 +255,6 @@ class Lane:
         for job in jobs:
             job.denoise_s += seconds
             job.largest_step = max(job.largest_step, len(images))
-        self._hooks.step_done(jobs, len(images))
-        for job in jobs:
-            try:
-                job.reporter.step_done(job.images)
-            except Exception:  # its stream's reader has gone: the images go on
-                logger.warning("request %s: sending progress failed", job.job.request_id)
 
     def _fail_in_loop(self, job: LoopJob, error: Exception) -> None:
         self._groups[job.size].remove(job)
@@ -254,8 +271,13 @@ class Lane:
         for job in done:
             self._groups[job.size].remove(job)
         self._together_or_alone(done, self._decode, self._fail)
+        for job in done:
+            if job.result_ready is not None:  # decoded (the others failed, answered)
+                self._hooks.job_done(job, job.result_ready)
+                self._answer(job, job.result_ready)
 
     def _decode(self, done: list[LoopJob]) -> None:
+        """The jobs' images in one VAE call, kept on each job until all are decoded."""
         started = time.perf_counter()
         latents = [image.latents for job in done for image in job.images]
         width, height = done[0].size
@@ -265,9 +287,7 @@ class Lane:
         offset = 0
         for job in done:
             count = job.job.num_images
-            result = job.result(list(pixels[offset : offset + count]), decode_s)
-            self._hooks.job_done(job, result)
-            self._answer(job, result)
+            job.result_ready = job.result(list(pixels[offset : offset + count]), decode_s)
             offset += count
 
     def _leave_abandoned(self, jobs: list[LoopJob]) -> None:
@@ -275,23 +295,39 @@ class Lane:
             jobs.remove(job)
             self._drop(job)
 
+    def _drop_abandoned_arrivals(self) -> None:
+        with self._lock:
+            gone = [job for job in self._inbox if job.gone]
+        for job in gone:
+            self._drop(job)
+
     def _drop(self, job: LoopJob) -> None:
         """A job whose caller has gone leaves (at a step boundary); nobody is answered."""
         with self._lock:
             if job in self._inbox:
                 self._inbox.remove(job)
-            self.images -= job.job.num_images
+            self._release(job)
 
     def _answer(self, job: LoopJob, outcome: GeneratedImages | BaseException) -> None:
         with self._lock:
-            self.images -= job.job.num_images
+            if job not in self._held:
+                return  # answered already
+            self._release(job)
         job.deliver(outcome)
 
+    def _release(self, job: LoopJob) -> None:
+        """(Under the lock.) The lane holds the job no more."""
+        self._held.discard(job)
+        self.images -= job.job.num_images
+
     def _fail_everything(self, error: BaseException) -> None:
+        """Answer every job held with `error`: queued, joining, in a group or decoding."""
         with self._lock:
-            waiting = list(self._inbox)
+            failing = list(self._held)
             self._inbox.clear()
+            self._groups = {}
+            self._held.clear()
+            self.images = 0
             self.running = False
-        for job in waiting + [job for jobs in self._groups.values() for job in jobs]:
-            self._answer(job, error)
-        self._groups.clear()
+        for job in failing:
+            job.deliver(error)

@@ -13,6 +13,7 @@ loaded yet, or evicted by a request-level call since) it takes the gate with a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -41,6 +42,16 @@ class LoopAdapters:
         if ids:
             with self._store.gate.enter(LoadForLoop(frozenset(ids | set(in_use)))):
                 pass
+
+    def encoding(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while the loop encodes prompts: the text encoders are the base model's
+        then (a request-level call's set would apply to them otherwise, and its loads and
+        unloads would change them meanwhile)."""
+        return self._store.gate.enter(LOOP_STEP)
+
+    def accepts(self, adapters: tuple[AdapterWeight, ...]) -> bool:
+        """Whether the loop can run these adapters: none touches a text encoder."""
+        return not self._store.on_text_encoders(adapter_id for adapter_id, _ in adapters)
 
     def forward(self, family: FlowFamily, images: list[ImageState]) -> list[torch.Tensor]:
         """`family.forward(images)` with each row's own adapters."""

@@ -34,6 +34,7 @@ class LoopJob:
     text_encode_s: float = 0.0
     denoise_s: float = 0.0
     largest_step: int = 0  # most images in one of its steps
+    result_ready: GeneratedImages | None = None  # decoded, not answered yet
 
     @property
     def job(self) -> GenerationJob:  # also the work meter's part: all of it runs each step

@@ -59,7 +59,7 @@ def routed(rows: Sequence[tuple[AdapterWeight, ...]], device: torch.device) -> I
     _ROUTING.by_adapter = {
         adapter_id: (
             torch.tensor(indices, device=device),
-            torch.tensor(scales, device=device),
+            torch.tensor(scales, device=device, dtype=torch.float32),
         )
         for adapter_id, (indices, scales) in by_adapter.items()
     }
@@ -104,11 +104,8 @@ def _routed_forward(layer: Any, original: Any) -> Any:
             down = layer.lora_A[adapter_id]
             sub = x.index_select(0, indices).to(down.weight.dtype)
             update = layer.lora_B[adapter_id](down(layer.lora_dropout[adapter_id](sub)))
-            weight = (
-                (scales * _unit_scale(layer, adapter_id))
-                .to(update.dtype)
-                .view(-1, *([1] * (update.ndim - 1)))
-            )
+            # In float32, as peft multiplies by a Python float: a bfloat16 scale would be off.
+            weight = (scales * _unit_scale(layer, adapter_id)).view(-1, *([1] * (update.ndim - 1)))
             result = result.index_add(0, indices, (update * weight).to(result.dtype))
         return result
 

@@ -357,3 +357,46 @@ def test_a_request_of_many_images_is_not_passed_by_a_stream_of_single_ones(sd3):
         engine.shutdown()
     assert len(result.images) == 4
     assert order.index("four") < len(order) - 20  # long before the singles ran out
+
+
+def text_encoder_adapter(directory) -> AdapterConfig:
+    """A real LoRA of tiny-sd3's first text encoder only (random, strong enough to show)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    encoder = load_pipeline(ModelConfig(device="cpu")).text_encoder
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    state = get_peft_model_state_dict(inject_adapter_in_model(config, encoder))
+    generator = torch.Generator().manual_seed(5)
+    state = {key: torch.randn(value.shape, generator=generator) for key, value in state.items()}
+    StableDiffusion3Pipeline.save_lora_weights(
+        directory, text_encoder_lora_layers=state, safe_serialization=True
+    )
+    return AdapterConfig(id="clip", source=str(directory))
+
+
+def test_an_adapter_on_a_text_encoder_runs_per_call_and_the_loop_s_prompts_stay_base(tmp_path):
+    """The loop computes adapters per row in the denoiser only: a request whose adapter has
+    text-encoder weights runs request-level, and after it the loop's own prompts go through
+    the base text encoders again (not the set that request left on them)."""
+    configs = [text_encoder_adapter(tmp_path), *ADAPTERS]
+    shared, reference = (load_pipeline(ModelConfig(device="cpu")) for _ in range(2))
+    loop = loop_engine(shared, AdapterStore(shared, configs, max_loaded=3))
+    alone = ImageEngine(reference, worker_threads=1, adapters=AdapterStore(reference, configs, 3))
+    base, clip = job(1, steps=2), job(1, steps=2, adapters=(("clip", 1.0),))
+
+    async def clip_then_base():
+        with_clip = await loop.generate(clip)
+        after = await loop.generate(base)
+        return with_clip, after, await alone.generate(clip), await alone.generate(base)
+
+    try:
+        with_clip, after, clip_alone, base_alone = run(clip_then_base())
+    finally:
+        loop.shutdown()
+        alone.shutdown()
+    assert not np.array_equal(clip_alone.images[0], base_alone.images[0])  # it does something
+    assert_nearly_equal(with_clip.images[0], clip_alone.images[0])
+    assert_nearly_equal(after.images[0], base_alone.images[0])
