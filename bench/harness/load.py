@@ -104,6 +104,35 @@ class LoadResult:
         }
 
 
+@dataclass
+class _Tally:
+    """What one load's requests got back: both loops send through `post`."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    images: int = 0
+    work: float = 0.0
+
+    async def post(self, client: httpx.AsyncClient, workload: Workload, body: dict) -> None:
+        """Send one request and count its answer (its latency and work only if 200)."""
+        sent = time.perf_counter()
+        try:
+            response = await client.post(GENERATIONS, json=body)
+        except httpx.HTTPError as error:
+            self.statuses[type(error).__name__] += 1
+            return
+        self.statuses[str(response.status_code)] += 1
+        if response.status_code == 200:
+            self.latencies.append(time.perf_counter() - sent)
+            self.images += len(response.json()["data"])
+            self.work += workload.work(body)
+
+    def result(self, concurrency: int, elapsed: float) -> LoadResult:
+        return LoadResult(
+            concurrency, elapsed, self.images, self.latencies, dict(self.statuses), self.work
+        )
+
+
 def closed_loop(
     base_url: str,
     workload: Workload,
@@ -142,10 +171,7 @@ async def _closed_loop(
     rounds: int | None,
     request_timeout_s: float,
 ) -> LoadResult:
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    images = 0
-    work = 0.0
+    tally = _Tally()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(
         base_url=base_url, timeout=request_timeout_s, limits=limits
@@ -161,27 +187,15 @@ async def _closed_loop(
         deadline = started + duration_s if duration_s is not None else float("inf")
 
         async def client_loop(index: int) -> None:
-            nonlocal images, work
             rng = random.Random(seed * 1000 + index)
             sent_requests = 0
             while time.perf_counter() < deadline and sent_requests != rounds:
                 sent_requests += 1
-                sent = time.perf_counter()
-                body = workload.request(rng)
-                try:
-                    response = await client.post(GENERATIONS, json=body)
-                except httpx.HTTPError as error:
-                    statuses[type(error).__name__] += 1
-                    continue
-                statuses[str(response.status_code)] += 1
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - sent)
-                    images += len(response.json()["data"])
-                    work += workload.work(body)
+                await tally.post(client, workload, workload.request(rng))
 
         await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return LoadResult(concurrency, elapsed, images, latencies, dict(statuses), work)
+    return tally.result(concurrency, elapsed)
 
 
 def warm_up(base_url: str, workload: Workload, timeout_s: float) -> float:
@@ -228,10 +242,7 @@ async def _open_loop(
         arrivals.append(at)
         at += rng.expovariate(rate_per_s)
     bodies = [workload.request(rng) for _ in arrivals]
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    images = 0
-    work = 0.0
+    tally = _Tally()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(
         base_url=base_url, timeout=request_timeout_s, limits=limits
@@ -239,20 +250,9 @@ async def _open_loop(
         started = time.perf_counter()
 
         async def send(arrival: float, body: dict) -> None:
-            nonlocal images, work
             await asyncio.sleep(max(0.0, started + arrival - time.perf_counter()))
-            sent = time.perf_counter()
-            try:
-                response = await client.post(GENERATIONS, json=body)
-            except httpx.HTTPError as error:
-                statuses[type(error).__name__] += 1
-                return
-            statuses[str(response.status_code)] += 1
-            if response.status_code == 200:
-                latencies.append(time.perf_counter() - sent)
-                images += len(response.json()["data"])
-                work += workload.work(body)
+            await tally.post(client, workload, body)
 
         await asyncio.gather(*(send(a, b) for a, b in zip(arrivals, bodies, strict=True)))
         elapsed = time.perf_counter() - started
-    return LoadResult(len(arrivals), elapsed, images, latencies, dict(statuses), work)
+    return tally.result(len(arrivals), elapsed)
