@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench.capacity.experiment import REPEATS
 from bench.capacity.report import (
     candidates_table,
     chart,
@@ -23,10 +24,10 @@ CHART = RESULTS / "capacity-validation.png"
 EXTRAPOLATION = RESULTS / "capacity-extrapolation.json"
 
 
-def earlier_validations() -> list[dict]:
-    """The kept earlier runs (capacity-validation-run*.json), oldest first."""
+def kept_validations() -> list[dict]:
+    """The kept runs (capacity-validation-runN.json), oldest first, then the latest."""
     paths = sorted(RESULTS.glob("capacity-validation-run*.json"), key=lambda p: int(p.stem[23:]))
-    return [json.loads(path.read_text()) for path in paths]
+    return [json.loads(path.read_text()) for path in [*paths, VALIDATION] if path.exists()]
 
 
 def _write(path: Path, data: dict) -> None:
@@ -35,24 +36,24 @@ def _write(path: Path, data: dict) -> None:
 
 
 def measure() -> None:
+    from bench.capacity.experiment import BATCHES, SIZES
     from bench.capacity.service import measure_engine
-    from bench.capacity.validate import BATCHES, SIZES
 
     _write(SERVICE, measure_engine(SIZES, BATCHES, steps=(4, 20)).to_json())
 
 
-def validate(cases: list[str] | None) -> None:
+def validate(cases: list[str] | None, repeats: int) -> None:
+    from bench.capacity.experiment import cases as all_cases
     from bench.capacity.service import ServiceModel
-    from bench.capacity.validate import cases as all_cases
     from bench.capacity.validate import validate as run
 
     measure()  # the engine's speed now, just before the cluster runs
     selected = [case for case in all_cases() if not cases or case.name in cases]
-    data = run(selected, ServiceModel.load(SERVICE))
+    data = run(selected, ServiceModel.load(SERVICE), repeats)
     _write(VALIDATION, data)
     chart(data, CHART)
     print(f"wrote {CHART}")
-    print(validation_table(data, earlier_validations()))
+    print(validation_table(data))
 
 
 def refit() -> None:
@@ -88,7 +89,15 @@ def show() -> int:
                 f"{row['starting']} replica(s) starting: x{row['factor']}"
             )
         print()
-        print(validation_table(data, earlier_validations()))
+        print(validation_table(data))
+        from bench.capacity.validate import model_digest, pooled
+
+        if data.get("model") != model_digest():
+            print("\n(The simulation's code has changed since this validation.)")
+        pool = pooled(kept_validations())
+        if pool is not None:
+            print(f"\nPooled: the {pool['pooled']} validations of this model and these cases.\n")
+            print(validation_table(pool))
         if "speed_fit" in data:
             print("\nDiagnostic: each case with one service-time factor fitted to its real p50.\n")
             print(speed_fit_table(data["speed_fit"]))
@@ -119,13 +128,16 @@ def main() -> int:
     commands.add_parser("measure", help="service times of the embedded model on this CPU")
     check = commands.add_parser("validate", help="the real cluster against the simulation")
     check.add_argument("--case", action="append", help="only these cases (by name)")
+    check.add_argument(
+        "--repeats", type=int, default=REPEATS, help="runs of each case (default %(default)s)"
+    )
     commands.add_parser("refit", help="the stored validation's speed-fit diagnostic again")
     commands.add_parser("extrapolate", help="GPU capacity at 10, 100, 1000 requests/s")
     args = parser.parse_args()
     if args.command == "measure":
         measure()
     elif args.command == "validate":
-        validate(args.case)
+        validate(args.case, args.repeats)
     elif args.command == "refit":
         refit()
     elif args.command == "extrapolate":

@@ -21,6 +21,8 @@ large kind, at the real stack (proxy, ingress, generator replicas on the "GPU" n
   less the overhead over the standalone seconds) by its place among the replica's calls,
   over the factor of its calls from `STEADY_FROM` on, in blocks of calls 1, 2, 3-4, 5-8,
   9-16, 17-24.
+- "probe", before each trace: the "1 call" phase for `PROBE_S` on the trace's own first
+  replica; the calibration's factors are scaled to its factor for that trace (`probe`).
 The factors are `Contention` (bench/capacity/contention.py) for the simulation; nothing in
 them comes from the traces. It exists for this stand-in only: GPU replicas share no device.
 """
@@ -43,6 +45,8 @@ BACKLOG = 8
 WARM_S = 30.0
 IDLE_S = 5.0
 STEADY_FROM = 24
+PROBE_S = 10.0
+PROBE_WARM_CALLS = 2
 WARM_BLOCKS = ((0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 24))
 # (phase, kind name, sent s, latency s, standalone call s)
 Sample = tuple[str, str, float, float, float]
@@ -261,6 +265,24 @@ def finish(
             for label, run in warm_runs.items()
         },
     }
+
+
+def probe(url: str, service: ServiceModel, kinds, overhead: float) -> dict[str, Any]:
+    """The "1 call" phase again, for `PROBE_S`, on the replica a trace is about to start
+    on: its factor (with the calibration's `overhead`) is the machine's speed just then.
+    This machine's speed drifts by a third and more between minutes (the engine measured
+    alone: 0.124 s, 0.216 s and 0.138 s for one 64x64 x 20 call at 13:01, 14:47 and
+    15:12), so a factor measured minutes before a trace does not hold for it."""
+    samples: list[Sample] = []
+    phase, stop = ["probe"], threading.Event()
+    thread = threading.Thread(target=_client, args=(url, kinds, service, phase, stop, samples))
+    thread.start()
+    time.sleep(PROBE_S)
+    phase[0] = ""
+    stop.set()
+    thread.join()
+    warm = samples[PROBE_WARM_CALLS:]  # the fresh replica's first calls are slower
+    return {"factor": round(_factor(warm, overhead), 3), "calls": len(samples)}
 
 
 def phases(samples: list[Sample]) -> set[str]:

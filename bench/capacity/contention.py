@@ -12,7 +12,7 @@ to itself, and the extrapolation runs with no contention (every factor 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -70,6 +70,19 @@ class Contention:
         if not measured:
             return value
         return min(measured, key=lambda m: (abs(m - value), -m))
+
+    def at_speed(self, probe_factor: float) -> Contention:
+        """The same contention on a machine running a lone call at `probe_factor` instead of
+        the calibrated one: every slowdown scaled by their ratio, the relative effects (the
+        backlog's, the warm-up's) kept; and the first replicas warm, as the probe that
+        measured it left them."""
+        lone = self.slowdowns.get((1, 0))
+        if not lone:
+            return self
+        ratio = probe_factor / lone
+        slowdowns = {key: round(factor * ratio, 4) for key, factor in self.slowdowns.items()}
+        notes = {**self.notes, "probe_factor": probe_factor}
+        return replace(self, slowdowns=slowdowns, notes=notes, warmup_idle=())
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -77,6 +77,7 @@ SHIPPED = ReplicaSettings(
     max_batch_images=4,
     max_batch_pixels=1024 * 1024,
     start_s=START_S,
+    max_wait_ms=20,  # every 1024x1024 batch is full (one image): it never waits
 )
 SHIPPED_AUTOSCALING = AutoscalingSettings(
     min_replicas=1,

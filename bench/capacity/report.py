@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.capacity.validate import COMPARED
+from bench.capacity.figures import COMPARED
 
 LABELS = {
     "mean_replicas": "mean replicas",
@@ -30,56 +30,43 @@ def _error(value: float | None) -> str:
     return f"{value * 100:+.0f}%{mark}"
 
 
-def earlier_real(case: dict[str, Any], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The real figures of `case`'s trace in `earlier` validations: the same case, the same
-    trace and as many requests (the cluster's run-to-run spread; the simulation's there
-    differs with their calibrations, and is not shown)."""
-    found = []
-    for data in earlier:
-        for row in data["cases"]:
-            same = (row["case"], row["trace"]) == (case["case"], case["trace"])
-            if same and row["real"]["requests"] == case["real"]["requests"]:
-                found.append(row["real"])
-    return found
-
-
-def validation_table(data: dict[str, Any], earlier: list[dict[str, Any]] = ()) -> str:
-    """Real against simulated, side by side; (!) marks an error beyond 20%. With `earlier`
-    validations, the real figure in those of the same trace too, and the simulation's
-    error against each real run (this simulation against their real figures)."""
-    spread = bool(earlier)
-    head = "| trace | policy | figure | real | simulated | error |"
-    rule = "|---|---|---|---|---|---|"
-    if spread:
-        head += " real, earlier runs | error against each real run |"
-        rule += "---|---|"
-    lines = [head, rule]
+def validation_table(data: dict[str, Any]) -> str:
+    """Real against simulated, side by side, each the median of the case's runs; (!) marks
+    an error beyond 20%. Then each real run's figure, and the error of its own simulation
+    (at its probed speed) against it: the cluster's own run-to-run spread."""
+    lines = [
+        "| trace | policy | figure | real (median) | simulated (median) | error "
+        "| real, each run | each run's simulation against it |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for case in data["cases"]:
-        before = earlier_real(case, list(earlier)) if spread else []
+        runs = [run["summary"] for run in case.get("real_runs", [])]
+        pairs = [(run["summary"], run.get("sim", case["sim"])) for run in case.get("real_runs", [])]
         for key in COMPARED:
-            line = (
+            sim = case["sim"][key]
+            errors = [
+                (paired[key] - real[key]) / real[key]
+                for real, paired in pairs
+                if real[key] and paired[key] is not None
+            ]
+            extent = f"{min(errors) * 100:+.0f}% .. {max(errors) * 100:+.0f}%" if errors else "-"
+            lines.append(
                 f"| {case['case']} | {case['policy']} | {LABELS[key]} | "
-                f"{_number(case['real'][key])} | {_number(case['sim'][key])} | "
-                f"{_error(case['error'][key])} |"
+                f"{_number(case['real'][key])} | {_number(sim)} | "
+                f"{_error(case['error'][key])} | "
+                f"{', '.join(_number(run[key]) for run in runs) or '-'} | {extent} |"
             )
-            if spread:
-                sim = case["sim"][key]
-                reals = [run[key] for run in before] + [case["real"][key]]
-                errors = [(sim - r) / r for r in reals if r and sim is not None]
-                extent = (
-                    f"{min(errors) * 100:+.0f}% .. {max(errors) * 100:+.0f}%" if errors else "-"
-                )
-                line += f" {', '.join(_number(run[key]) for run in before) or '-'} | {extent} |"
-            lines.append(line)
         real, sim = case["real"], case["sim"]
-        blank = " | |" if spread else ""
         lines.append(
             f"| {case['case']} | {case['policy']} | first scale-up (s) | "
-            f"{_number(real['first_scale_up_s'])} | {_number(sim['first_scale_up_s'])} | |" + blank
+            f"{_number(real['first_scale_up_s'])} | {_number(sim['first_scale_up_s'])} | | "
+            f"{', '.join(_number(run['first_scale_up_s']) for run in runs)} | |"
         )
         lines.append(
-            f"| {case['case']} | {case['policy']} | answered / refused | "
-            f"{real['ok']} / {real['rejected']} | {sim['ok']} / {sim['rejected']} | |" + blank
+            f"| {case['case']} | {case['policy']} | answered / refused (all runs) | "
+            f"{sum(run['ok'] for run in runs)} / {sum(run['rejected'] for run in runs)} | "
+            f"{sum(run['ok'] for run in case['sim_runs'])} / "
+            f"{sum(run['rejected'] for run in case['sim_runs'])} | | | |"
         )
     return "\n".join(lines)
 
@@ -137,7 +124,8 @@ def candidates_table(data: dict[str, Any]) -> str:
 
 
 def chart(data: dict[str, Any], path: Path) -> None:
-    """Each case's running replicas over time, real and simulated, with its figures."""
+    """Each case's running replicas over time, every real run and a simulated one, with its
+    median figures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,14 +135,20 @@ def chart(data: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(len(cases), 2, figsize=(12, 2.6 * len(cases)), squeeze=False)
     for row, case in zip(axes, cases, strict=True):
         timeline, bars = row
-        for name, key, style in (
-            ("real", "real_timeline", "-"),
-            ("simulated", "sim_timeline", "--"),
-        ):
-            points = case[key]
+        for number, run in enumerate(case["real_runs"]):
+            points = run["timeline"]
             timeline.step(
-                [p[0] for p in points], [p[1] for p in points], style, where="post", label=name
+                [p[0] for p in points],
+                [p[1] + 0.03 * number for p in points],  # apart, so that each shows
+                "-",
+                where="post",
+                alpha=0.7,
+                label=f"real, run {number + 1}",
             )
+        points = case["sim_timeline"]
+        timeline.step(
+            [p[0] for p in points], [p[1] for p in points], "k--", where="post", label="simulated"
+        )
         timeline.set_title(f"{case['case']} ({case['policy']} policy): running replicas")
         timeline.set_xlabel("s")
         timeline.set_ylim(0, max(3, case["real"]["max_replicas"] + 1))
@@ -163,8 +157,8 @@ def chart(data: dict[str, Any], path: Path) -> None:
         xs = range(len(keys))
         real = [case["real"][k] or 0 for k in keys]
         sim = [case["sim"][k] or 0 for k in keys]
-        bars.bar([x - 0.2 for x in xs], real, 0.4, label="real")
-        bars.bar([x + 0.2 for x in xs], sim, 0.4, label="simulated")
+        bars.bar([x - 0.2 for x in xs], real, 0.4, label="real (median)")
+        bars.bar([x + 0.2 for x in xs], sim, 0.4, label="simulated (median)")
         bars.set_xticks(list(xs), [LABELS[k] for k in keys])
         bars.legend(loc="upper left")
     figure.tight_layout()

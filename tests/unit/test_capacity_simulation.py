@@ -149,18 +149,24 @@ def test_unmeasured_states_combine_the_nearest_measured_effects():
     assert Contention.from_json(backlog.to_json()) == backlog
 
 
-def test_requests_waiting_at_the_handle_slow_the_calls():
+def test_requests_waiting_at_the_handle_slow_the_calls_and_wait_for_the_router():
     """Six 1 s calls at once on one replica of room for one: the five that wait at the
-    handle slow the running call by their share of the measured backlog's effect."""
+    handle slow the running call by their share of the measured backlog's effect, and a
+    freed slot waits for a routing task's next retry (Ray's backoff: 25 ms doubling to
+    0.5 s, two tasks for one replica)."""
     one = AutoscalingSettings(**{**FAST.__dict__, "min_replicas": 1, "max_replicas": 1})
     room = ReplicaSettings(max_ongoing_requests=1, max_queued_requests=10, start_s=5)
     trace = Trace("t", 5.0, tuple(Arrival(0.0, SMALL, i) for i in range(6)), "t")
     slowed = Contention({(1, 0): 1.0}, backlog=(5, 2.0))
     result = simulate(trace, ONE_SECOND, one, room, seed=1, contention=slowed)
     latencies = sorted(r.latency_s for r in result.requests)
-    # 5 waiting: 2 s; then 4 (1.8 s), 3, 2, 1, none (1 s): 2 + 1.8 + 1.6 + 1.4 + 1.2 + 1.
+    # 5 waiting: 2 s; then 4 (1.8 s), 3, 2, 1, none (1 s), each call from the first retry
+    # after the last ended: both tasks in backoff since 0 retry at 0.025 x (1 + 2 + ... + 16)
+    # + 0.5 x k (2.275 s, then every 0.5 s), the one that routed restarts at 25 ms.
     assert latencies[0] == pytest.approx(2.0)
-    assert latencies[-1] == pytest.approx(9.0)
+    assert latencies[1] == pytest.approx(2.275 + 1.8)
+    assert latencies[2] == pytest.approx(4.275 + 1.6)
+    assert latencies[-1] > 2.0 + 1.8 + 1.6 + 1.4 + 1.2 + 1.0  # the calls alone: 9 s
 
 
 DEPLOYMENT = DeploymentID(name="d", app_name="a")

@@ -1,0 +1,245 @@
+"""The validation's traces on a real local Ray cluster: two Ray nodes on this machine (the
+head runs the proxy and the ingress, the second node stands in for a GPU node and runs the
+generator replicas), after the calibration (`calibrate.py`).
+
+Each case, and each repeat of it, deploys its own application, replays its trace open-loop
+over HTTP (about 75 s), waits for the answers, polls Serve's status every half second for
+the generator's replica states, and deletes the application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from bench.capacity.experiment import (
+    LARGE,
+    REQUEST_TIMEOUT_S,
+    SETTINGS,
+    SMALL,
+    Case,
+    app_args,
+)
+from bench.capacity.figures import summarize
+from bench.capacity.service import ServiceModel
+from bench.capacity.traces import RequestKind, Trace
+
+
+@dataclass
+class RealRun:
+    case: str
+    # (arrival s, status, done s, latency s) of each request, times from the trace's start.
+    requests: list[tuple[float, str, float | None, float | None]]
+    # (s, RUNNING, STARTING) of the generator, every half second.
+    timeline: list[tuple[float, int, int]]
+    start_times_s: list[float] = field(default_factory=list)
+    # The machine's 1-minute load average when the case started and ended: other work on
+    # it slows the replicas down, which the simulation does not know.
+    load_average: tuple[float, float] = (0.0, 0.0)
+    repeat: int = 0  # which of the case's runs
+    # The "1 call" factor measured on its first replica just before the trace
+    # (`calibrate.probe`): the machine's speed then.
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, duration_s: float) -> dict[str, Any]:
+        return summarize(duration_s, self.requests, [(t, n) for t, n, _ in self.timeline])
+
+
+async def replay(url: str, trace: Trace) -> list[tuple[float, str, float | None, float | None]]:
+    """Each arrival sent at its time (open loop), whatever the answers before it."""
+    results: list[tuple[float, str, float | None, float | None]] = []
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S + 10, limits=limits) as client:
+        started = time.monotonic()
+
+        async def send(arrival) -> None:
+            body = {**arrival.kind.body(arrival.seed), "response_format": "url"}
+            sent = time.monotonic() - started
+            try:
+                response = await client.post(url, json=body)
+                status = "ok" if response.status_code == 200 else str(response.status_code)
+            except httpx.HTTPError as error:
+                status = type(error).__name__
+            done = time.monotonic() - started
+            results.append((arrival.t, status, done, done - sent))
+
+        tasks = []
+        for arrival in trace.arrivals:
+            delay = arrival.t - (time.monotonic() - started)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(send(arrival)))
+        await asyncio.gather(*tasks)
+    return results
+
+
+class ReplicaPoller:
+    """Serve's replica states of a deployment every `interval_s`, in a thread."""
+
+    def __init__(self, app: str, deployment: str, interval_s: float = 0.5) -> None:
+        self._app, self._deployment, self._interval_s = app, deployment, interval_s
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self.started = 0.0
+
+    def _poll(self) -> None:
+        from ray import serve
+
+        while not self._stop.is_set():
+            try:
+                status = serve.status().applications[self._app].deployments[self._deployment]
+                states = status.replica_states
+                sample = (
+                    round(time.monotonic() - self.started, 2),
+                    states.get("RUNNING", 0),
+                    states.get("STARTING", 0),
+                )
+                self.samples.append(sample)
+            except Exception:  # the app is being deployed or deleted
+                pass
+            self._stop.wait(self._interval_s)
+
+    def start(self, started: float) -> None:
+        self.started = started
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def start_times(self) -> list[float]:
+        """Seconds from a replica's first STARTING sample to its RUNNING one."""
+        times, pending = [], []
+        previous_running = previous_starting = None
+        for t, running, starting in self.samples:
+            if previous_starting is not None and starting > previous_starting:
+                pending += [t] * (starting - previous_starting)
+            if previous_running is not None and running > previous_running and pending:
+                for _ in range(running - previous_running):
+                    if pending:
+                        times.append(round(t - pending.pop(0), 2))
+            previous_running, previous_starting = running, starting
+        return times
+
+
+def wait_for_quiet(threshold: float = 2.5, max_wait_s: float = 300.0) -> float:
+    """Wait (up to `max_wait_s`) for the machine's 1-minute load average to fall below
+    `threshold`: the replicas' speed was measured on a quiet machine. Returns it."""
+    deadline = time.monotonic() + max_wait_s
+    while os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
+        time.sleep(10)
+    return os.getloadavg()[0]
+
+
+def calibrate_on(port: int, service: ServiceModel) -> dict[str, Any]:
+    """`bench/capacity/calibrate.py`'s phases: two one-replica applications, then a
+    generator-only one started twice beside the first."""
+    from ray import serve
+
+    from bench.capacity import calibrate
+    from deployments.generator.deployment import ImageGenerator
+    from deployments.model_config import generator_deployment_name
+    from serve_app import build_app, parse_args
+
+    urls = []
+    for app in ("calibrate-a", "calibrate-b"):
+        serve.run(build_app(app_args(None)), name=app, route_prefix=f"/{app}")
+        urls.append(f"http://127.0.0.1:{port}/{app}/v1/images/generations")
+    args = parse_args(app_args(None))
+    model = args.models[0]
+    starter = ImageGenerator.options(
+        name=generator_deployment_name(model.id), **model.deployment_options()
+    ).bind(model, *args.engine_settings(model))
+    filling = RequestKind("small-x4", SMALL.width, SMALL.height, SMALL.steps, images=4)
+    started = calibrate.calibrate((urls[0], urls[1]), service, starter, [SMALL, LARGE], filling)
+    serve.delete("calibrate-b")
+    fresh = (build_app(app_args(None)), lambda name: urls[0].replace("calibrate-a", name))
+    kinds = [SMALL, LARGE, filling]
+    result = calibrate.finish(started, starter, "calibrate-starter", fresh, service, kinds)
+    serve.delete("calibrate-a")
+    return result
+
+
+def _run_case(
+    case: Case, app: str, port: int, repeat: int, service: ServiceModel, overhead: float
+) -> RealRun:
+    """One replay of `case` on a fresh application named `app`, after the speed probe on
+    its replica; the application deleted after."""
+    from ray import serve
+
+    from bench.capacity.calibrate import probe
+    from deployments.model_config import generator_deployment_name
+    from serve_app import build_app
+
+    serve.run(build_app(app_args(case.settings)), name=app, route_prefix=f"/{app}")
+    url = f"http://127.0.0.1:{port}/{app}/v1/images/generations"
+    wait_for_quiet()
+    speed = probe(url, service, [SMALL, LARGE], overhead)  # one client: no scale-up
+    time.sleep(case.settings.look_back_period_s)  # the probe's load forgotten
+    load_before = os.getloadavg()[0]
+    poller = ReplicaPoller(app, generator_deployment_name("tiny-sd3"))
+    poller.start(time.monotonic())
+    while not poller.samples:  # Serve's status answers before the trace starts
+        time.sleep(0.1)
+    # The state before the trace holds from its start.
+    poller.started = time.monotonic()
+    poller.samples = [(0.0, *poller.samples[-1][1:])]
+    print(
+        f"[capacity] {case.name}, run {repeat + 1}: {len(case.trace.arrivals)} requests "
+        f"(load average {load_before:.2f}, probe x{speed['factor']})",
+        flush=True,
+    )
+    requests = asyncio.run(replay(url, case.trace))
+    poller.stop()
+    load = (round(load_before, 2), round(os.getloadavg()[0], 2))
+    timeline = [s for s in poller.samples if s[0] <= case.trace.duration_s]
+    serve.delete(app)
+    starts = poller.start_times()
+    return RealRun(case.name, sorted(requests), timeline, starts, load, repeat, speed)
+
+
+def run_cluster(
+    selected: list[Case], service: ServiceModel, repeats: int
+) -> tuple[list[RealRun], dict[str, Any]]:
+    """The calibration, then every case `repeats` times on one two-node cluster, the cases
+    interleaved (a drift of the machine's speed reaches all of them alike); the runs and it."""
+    # Ray starts its workers at niceness 15, below the load's client and everything else on
+    # the machine; at 0 they compete as equals (bench/harness/serve_run.py's SAME_PRIORITY).
+    os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray's own spelling)
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from bench.harness.serve_run import free_port
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=2, resources={"generator": SETTINGS.max_replicas})
+    ray.init(address=cluster.address, log_to_driver=False)
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    runs: list[RealRun] = []
+    try:
+        load = os.getloadavg()[0]
+        calibration = calibrate_on(port, service)
+        calibration["load_average"] = (round(load, 2), round(os.getloadavg()[0], 2))
+        print(f"[capacity] calibrated: {calibration['contention'].slowdowns}", flush=True)
+        for repeat in range(repeats):
+            for index, case in enumerate(selected):
+                app = f"capacity-{index}-{repeat}"
+                overhead = calibration["request_overhead_s"]
+                runs.append(_run_case(case, app, port, repeat, service, overhead))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    return runs, calibration

@@ -1,0 +1,109 @@
+"""The validation's comparison (`bench/capacity/validate.py`): each case runs several times
+on the cluster and in the simulation, and the figures judged are the medians, so one run's
+outlying tail neither passes nor fails a case. The cluster is replaced by runs made up
+here: this is about the arithmetic, `python -m bench.capacity validate` about the cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+import bench.capacity.cluster as cluster
+from bench.capacity.autoscaler import AutoscalingSettings
+from bench.capacity.cluster import RealRun
+from bench.capacity.contention import NONE, Contention
+from bench.capacity.experiment import Case
+from bench.capacity.report import validation_table
+from bench.capacity.service import CallCost, ServiceModel
+from bench.capacity.traces import RequestKind, steady
+from bench.capacity.validate import medians, pooled, validate
+
+KIND = RequestKind("small", 32, 32, 2)
+SERVICE = ServiceModel(costs={("32x32", 1): CallCost(0.05, 0.01)}, source="test")
+SETTINGS = AutoscalingSettings(
+    min_replicas=1,
+    max_replicas=1,
+    target_ongoing_requests=2,
+    upscale_delay_s=3,
+    downscale_delay_s=8,
+    look_back_period_s=2,
+    metrics_interval_s=0.5,
+)
+CASE = Case("steady", steady(2.0, 20.0, [(KIND, 1.0)], seed=5), SETTINGS)
+
+
+def made_up_run(latency_s: float, repeat: int) -> RealRun:
+    """Every request of CASE answered `latency_s` after it arrived, on one replica."""
+    requests = [(a.t, "ok", a.t + latency_s, latency_s) for a in CASE.trace.arrivals]
+    return RealRun(CASE.name, requests, [(0.0, 1, 0)], [], (1.0, 1.0), repeat)
+
+
+@pytest.fixture
+def three_runs(monkeypatch):
+    """The cluster answers CASE's three runs in 0.1, 0.5 (the outlier) and 0.12 s."""
+    latencies = [0.1, 0.5, 0.12]
+
+    def run_cluster(selected, service, repeats):
+        assert [case.name for case in selected] == [CASE.name] and repeats == 3
+        runs = [made_up_run(latency, repeat) for repeat, latency in enumerate(latencies)]
+        return runs, {"request_overhead_s": 0.0, "contention": NONE}
+
+    monkeypatch.setattr(cluster, "run_cluster", run_cluster)
+    return latencies
+
+
+def test_medians_take_each_figure_s_middle_run_and_skip_missing_ones():
+    summaries = [
+        {"p95_s": 3.0, "first": None},
+        {"p95_s": 1.0, "first": 8.0},
+        {"p95_s": 2.0, "first": None},
+    ]
+    assert medians(summaries) == {"p95_s": 2.0, "first": 8.0}
+    assert medians([{"p95_s": None}]) == {"p95_s": None}
+
+
+def test_a_case_is_judged_on_its_median_run_not_on_one_run(three_runs):
+    data = validate([CASE], SERVICE, repeats=3)
+    [row] = data["cases"]
+    assert data["repeats"] == 3
+    assert [run["summary"]["p95_s"] for run in row["real_runs"]] == three_runs
+    assert row["real"]["p50_s"] == row["real"]["p95_s"] == 0.12  # not the 0.5 s outlier
+    assert len(row["sim_runs"]) == 3
+    simulated = row["sim"]["p95_s"]
+    assert row["error"]["p95_s"] == round((simulated - 0.12) / 0.12, 3)
+    table = validation_table(data)
+    assert "| steady | default | p95 (s) | 0.12 |" in table
+    assert "0.10, 0.50, 0.12" in table  # each run shown beside the median
+
+
+def test_each_run_is_simulated_at_the_speed_its_probe_measured(monkeypatch):
+    """The machine's speed drifts between minutes: a run whose probe found calls twice as
+    slow is simulated twice as slow, the calibration's relative effects kept."""
+    calibrated = Contention({(1, 0): 1.1, (2, 0): 1.4}, backlog=(8, 1.1), warmup_idle=(1.6,))
+    slow = calibrated.at_speed(2.2)
+    assert slow.slowdowns == {(1, 0): 2.2, (2, 0): 2.8}
+    assert slow.backlog == (8, 1.1) and slow.warmup_idle == ()  # the probe warmed it
+
+    def run_cluster(selected, service, repeats):
+        runs = [made_up_run(0.1, repeat) for repeat in range(3)]
+        for run, factor in zip(runs, (1.1, 2.2, 1.1), strict=True):
+            run.probe = {"factor": factor, "calls": 20}
+        return runs, {"request_overhead_s": 0.0, "contention": calibrated}
+
+    monkeypatch.setattr(cluster, "run_cluster", run_cluster)
+    [row] = validate([CASE], SERVICE, repeats=3)["cases"]
+    p50s = [run["sim"]["p50_s"] for run in row["real_runs"]]
+    assert p50s[0] == p50s[2] == pytest.approx(0.07 * 1.1, abs=0.002)  # 0.05 + 2 x 0.01
+    assert p50s[1] == pytest.approx(0.07 * 2.2, abs=0.002)
+
+
+def test_validations_of_one_model_pool_their_runs_and_others_stay_apart(three_runs):
+    first = validate([CASE], SERVICE, repeats=3)
+    second = validate([CASE], SERVICE, repeats=3)
+    second["cases"][0]["real_runs"][0]["summary"]["p95_s"] = 0.9
+    pool = pooled([first, second])
+    assert pool["pooled"] == 2 and len(pool["cases"][0]["real_runs"]) == 6
+    # 0.1, 0.12, 0.12, 0.5, 0.5, 0.9: the median of six runs
+    assert pool["cases"][0]["real"]["p95_s"] == pytest.approx(0.31)
+    assert pool["cases"][0]["error"]["p95_s"] is not None
+    assert pooled([{**first, "model": "another"}, second]) is None
+    assert pooled([second]) is None
