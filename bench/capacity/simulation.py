@@ -96,6 +96,7 @@ class Simulation:
         self.rng = random.Random(seed)
         self.replicas: list[Replica] = []
         self._room = RoomSet()  # running replicas below max_ongoing_requests
+        self._running: set[Replica] = set()  # kept with _room: counted without a scan
         self.queue: deque[RequestRecord] = deque()  # waiting at the handle
         self.records: list[RequestRecord] = []
         self.timeline: list[tuple[float, int, int, int]] = []
@@ -178,6 +179,11 @@ class Simulation:
         )
 
     def _update_room(self, replica: Replica) -> None:
+        """Called on every change of a replica's state or requests."""
+        if replica.state == "running":
+            self._running.add(replica)
+        else:
+            self._running.discard(replica)
         if self._has_room(replica):
             self._room.add(replica)
         else:
@@ -199,8 +205,7 @@ class Simulation:
     def _routing_tasks_wanted(self) -> int:
         """Ray's `target_num_routing_tasks`: one a waiting request, up to two a running
         replica and `MAX_ROUTING_TASKS` in all."""
-        replicas = max(1, len(self.running()))
-        return min(len(self.queue), MAX_ROUTING_TASKS, 2 * replicas)
+        return min(len(self.queue), MAX_ROUTING_TASKS, 2 * max(1, len(self._running)))
 
     def _route(self) -> None:
         """Routing tasks for the requests waiting at the handle, as many as Ray runs."""
