@@ -226,7 +226,7 @@ class Simulation:
                     yield self.env.timeout(
                         min(ROUTER_INITIAL_BACKOFF_S * 2**attempt, ROUTER_MAX_BACKOFF_S)
                     )
-                    attempt += 1
+                    attempt = min(attempt + 1, 10)  # at the cap long before; no overflow
                 if not self.queue:
                     break
                 self._assign(self.queue.popleft())

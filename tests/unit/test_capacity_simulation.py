@@ -25,7 +25,7 @@ from bench.capacity.autoscaler import (
 )
 from bench.capacity.contention import Contention
 from bench.capacity.service import CallCost, ServiceModel
-from bench.capacity.simulation import ReplicaSettings, simulate
+from bench.capacity.simulation import ReplicaSettings, Simulation, simulate
 from bench.capacity.traces import Arrival, RequestKind, Trace, burst
 
 SMALL = RequestKind("small", 32, 32, 2)
@@ -302,3 +302,14 @@ def test_a_replica_s_first_calls_run_slower_by_its_measured_warm_up():
     plain = simulate(large_burst(), SERVICE, FAST, REPLICA, seed=1, contention=idle_only)
     assert started.decisions and plain.decisions
     assert started.summary()["p95_s"] > plain.summary()["p95_s"]
+
+
+def test_a_request_waiting_minutes_at_the_handle_is_still_routed():
+    """The router's backoff stays at its 0.5 s cap however long a request waits (an
+    uncapped exponent overflowed after about 1,000 retries, some eight minutes)."""
+    one = AutoscalingSettings(**{**FAST.__dict__, "min_replicas": 1, "max_replicas": 1})
+    room = ReplicaSettings(max_ongoing_requests=1, max_queued_requests=10, start_s=5)
+    long_call = ServiceModel(costs={("32x32", 1): CallCost(600.0, 0.0)}, source="test")
+    trace = Trace("t", 1.0, (Arrival(0.0, SMALL, 0), Arrival(0.0, SMALL, 1)), "t")
+    result = Simulation(trace, long_call, one, room, seed=1, drain_s=1300).run()
+    assert sorted(r.latency_s for r in result.requests) == pytest.approx([600.0, 1200.5], abs=0.5)
