@@ -40,8 +40,9 @@ def validation_table(data: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for case in data["cases"]:
-        runs = [run["summary"] for run in case.get("real_runs", [])]
-        pairs = [(run["summary"], run.get("sim", case["sim"])) for run in case.get("real_runs", [])]
+        runs = [run["summary"] for run in case["real_runs"]]
+        sims = [run["sim"] for run in case["real_runs"]]
+        pairs = list(zip(runs, sims, strict=True))
         for key in COMPARED:
             sim = case["sim"][key]
             errors = [
@@ -65,8 +66,7 @@ def validation_table(data: dict[str, Any]) -> str:
         lines.append(
             f"| {case['case']} | {case['policy']} | answered / refused (all runs) | "
             f"{sum(run['ok'] for run in runs)} / {sum(run['rejected'] for run in runs)} | "
-            f"{sum(run['ok'] for run in case['sim_runs'])} / "
-            f"{sum(run['rejected'] for run in case['sim_runs'])} | | | |"
+            f"{sum(run['ok'] for run in sims)} / {sum(run['rejected'] for run in sims)} | | | |"
         )
     return "\n".join(lines)
 

@@ -62,6 +62,15 @@ def medians(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def judged(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A case's `runs` (each real run's summary beside its own simulation's, "summary" and
+    "sim") and what is judged of them: the medians of each side and the error between."""
+    real = medians([run["summary"] for run in runs])
+    simulated = medians([run["sim"] for run in runs])
+    error = {key: within(real[key], simulated[key]) for key in COMPARED}
+    return {"real": real, "sim": simulated, "error": error, "real_runs": runs}
+
+
 def validate(selected: list[Case], service: ServiceModel, repeats: int = REPEATS) -> dict[str, Any]:
     """The cases on the cluster, `repeats` runs each, then each run simulated (its repeat
     the seed) with `service` (measured on this machine just before), the overhead and
@@ -84,29 +93,24 @@ def validate(selected: list[Case], service: ServiceModel, repeats: int = REPEATS
             replica = ReplicaSettings(**{**REPLICA.__dict__, "start_s": own_start})
             at_speed = contention.at_speed(run.probe["factor"]) if run.probe else contention
             sims.append(simulate(case.trace, service, case.settings, replica, run.repeat, at_speed))
-        sim_runs = [sim.summary() for sim in sims]
-        real, simulated = medians(real_runs), medians(sim_runs)
+        paired = [
+            {
+                "summary": summary,
+                "sim": sim.summary(),
+                "probe": run.probe,
+                "start_times_s": run.start_times_s,
+                "load_average": run.load_average,
+                "timeline": run.timeline,
+                "requests": run.requests,
+            }
+            for summary, sim, run in zip(real_runs, sims, own, strict=True)
+        ]
         rows.append(
             {
                 "case": case.name,
                 "trace": case.trace.description,
                 "policy": case.settings.policy_name,
-                "real": real,
-                "sim": simulated,
-                "error": {key: within(real[key], simulated[key]) for key in COMPARED},
-                "real_runs": [
-                    {
-                        "summary": summary,
-                        "sim": sim_run,
-                        "probe": run.probe,
-                        "start_times_s": run.start_times_s,
-                        "load_average": run.load_average,
-                        "timeline": run.timeline,
-                        "requests": run.requests,
-                    }
-                    for summary, sim_run, run in zip(real_runs, sim_runs, own, strict=True)
-                ],
-                "sim_runs": sim_runs,
+                **judged(paired),
                 "sim_timeline": [(t, n, s) for t, n, s, _ in sims[0].timeline],
                 "sim_decisions": sims[0].decisions,
             }
@@ -141,23 +145,10 @@ def pooled(validations: list[dict[str, Any]]) -> dict[str, Any] | None:
     ]
     if last.get("model") is None or len(same) < 2:
         return None
-    rows = []
-    for index, row in enumerate(last["cases"]):
-        runs = [run for data in same for run in data["cases"][index]["real_runs"]]
-        real = medians([run["summary"] for run in runs])
-        simulated = medians([run["sim"] for run in runs])
-        error = {key: within(real[key], simulated[key]) for key in COMPARED}
-        sims = [run["sim"] for run in runs]
-        rows.append(
-            {
-                **row,
-                "real": real,
-                "sim": simulated,
-                "error": error,
-                "real_runs": runs,
-                "sim_runs": sims,
-            }
-        )
+    rows = [
+        {**row, **judged([run for data in same for run in data["cases"][index]["real_runs"]])}
+        for index, row in enumerate(last["cases"])
+    ]
     return {**last, "cases": rows, "pooled": len(same)}
 
 
