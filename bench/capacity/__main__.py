@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench.capacity.experiment import REPEATS
 from bench.capacity.report import (
+    call_speed_table,
     candidates_table,
     chart,
     extrapolation_table,
@@ -54,6 +55,7 @@ def validate(cases: list[str] | None, repeats: int) -> None:
     chart(data, CHART)
     print(f"wrote {CHART}")
     print(validation_table(data))
+    print(call_speed_table(data))
 
 
 def refit() -> None:
@@ -98,6 +100,9 @@ def show() -> int:
         if pool is not None:
             print(f"\nPooled: the {pool['pooled']} validations of this model and these cases.\n")
             print(validation_table(pool))
+        if call_speed_table(data):
+            print("\nDiagnostic: the trace's calls over its probe's, real and simulated.\n")
+            print(call_speed_table(data))
         if "speed_fit" in data:
             print("\nDiagnostic: each case with one service-time factor fitted to its real p50.\n")
             print(speed_fit_table(data["speed_fit"]))

@@ -41,9 +41,6 @@ class BatchQueue(Generic[J]):
         self._regroup_jobs = 0
         self._regroup_until = 0.0
 
-    def __bool__(self) -> bool:
-        return bool(self.pending)
-
     def add(self, job: J, kind: RequestKind, now: float) -> None:
         key = (kind.size, kind.steps)
         capacity = self._capacity(kind)

@@ -14,6 +14,8 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,6 +48,8 @@ class RealRun:
     # The "1 call" factor measured on its first replica just before the trace
     # (`calibrate.probe`): the machine's speed then.
     probe: dict[str, Any] = field(default_factory=dict)
+    # Each request as the ingress logged it (`server_timings`), the probe's too.
+    server: list[list[Any]] = field(default_factory=list)
 
     def summary(self, duration_s: float) -> dict[str, Any]:
         return summarize(duration_s, self.requests, [(t, n) for t, n, _ in self.timeline])
@@ -129,6 +133,40 @@ class ReplicaPoller:
         return times
 
 
+def server_timings(app: str, started: float) -> list[list[Any]]:
+    """Each request of `app` as its ingress logged it (the `image_request` line): seconds
+    from `started` (wall clock; the probe's are before 0), size, steps, images in its call,
+    seconds queued on the replica, and the call's seconds (prompt encoding, denoising and
+    decoding). The replica's own view, which the client's latencies cannot give: how fast
+    the calls ran during the trace, against its probe's."""
+    import ray
+
+    # Ray keeps Serve's replica logs in the session directory (no public API names it).
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    rows = []
+    for path in logs.glob(f"replica_{app}_ImageIngress_*.log"):
+        for line in path.read_text().splitlines():
+            if " image_request " not in line:
+                continue
+            stamp = datetime.strptime(" ".join(line.split()[1:3]), "%Y-%m-%d %H:%M:%S,%f")
+            pairs = line.split(" image_request ", 1)[1].split()
+            fields = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+            if fields.get("outcome") != "ok":
+                continue
+            phases = ("text_encode_s", "denoise_s", "decode_s")
+            rows.append(
+                [
+                    round(stamp.timestamp() - started, 3),
+                    fields["size"],
+                    int(fields["steps"]),
+                    int(fields["batch_images"]),
+                    float(fields["queue_s"]),
+                    round(sum(float(fields[name]) for name in phases), 5),
+                ]
+            )
+    return sorted(rows)
+
+
 def wait_for_quiet(threshold: float = 2.5, max_wait_s: float = 300.0) -> float:
     """Wait (up to `max_wait_s`) for the machine's 1-minute load average to fall below
     `threshold`: the replicas' speed was measured on a quiet machine. Returns it."""
@@ -189,7 +227,7 @@ def _run_case(
     while not poller.samples:  # Serve's status answers before the trace starts
         time.sleep(0.1)
     # The state before the trace holds from its start.
-    poller.started = time.monotonic()
+    poller.started, wall_started = time.monotonic(), time.time()
     poller.samples = [(0.0, *poller.samples[-1][1:])]
     print(
         f"[capacity] {case.name}, run {repeat + 1}: {len(case.trace.arrivals)} requests "
@@ -202,7 +240,8 @@ def _run_case(
     timeline = [s for s in poller.samples if s[0] <= case.trace.duration_s]
     serve.delete(app)
     starts = poller.start_times()
-    return RealRun(case.name, sorted(requests), timeline, starts, load, repeat, speed)
+    server = server_timings(app, wall_started)
+    return RealRun(case.name, sorted(requests), timeline, starts, load, repeat, speed, server)
 
 
 def run_cluster(

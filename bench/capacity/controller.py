@@ -71,7 +71,7 @@ class ServeController:
                     for r in self.sim.replicas
                     if r.state == "running" or (r.state == "stopping" and r.ongoing)
                 }
-                self.handle_recorded.append((now, float(len(self.sim.queue)), sent))
+                self.handle_recorded.append((now, float(self.sim.waiting()), sent))
                 next_record += settings.record_interval_s
             if now >= next_push - 1e-9:
                 window = [

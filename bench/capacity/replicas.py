@@ -66,6 +66,7 @@ class RequestRecord:
     status: str = "pending"  # "ok", "rejected", or "pending" at the end
     done: float | None = None
     latency_s: float | None = None
+    call_factor: float | None = None  # its call's wall seconds over its standalone ones
 
 
 @dataclass(eq=False)
@@ -82,6 +83,7 @@ class Call:
     done_s: float = 0.0
     version: int = 0
     warm: float = 1.0  # its replica's warm-up factor (`Contention.warm`), on top
+    began: float = 0.0
 
     def progress(self, now: float) -> float:
         return min(self.work_s, self.done_s + (now - self.since) / self.factor)

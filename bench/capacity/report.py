@@ -71,6 +71,20 @@ def validation_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def call_speed_table(data: dict[str, Any]) -> str:
+    """`validate.call_speed` of each run: the trace's calls over its probe's, on the
+    cluster (from the ingress's logs) and in the run's simulation."""
+    lines = ["| trace | real, each run | simulated, each run |", "|---|---|---|"]
+    for case in data["cases"]:
+        speeds = [run.get("call_speed") for run in case["real_runs"]]
+        if not all(speeds):
+            continue
+        real = ", ".join(f"{speed['real']:.2f}" for speed in speeds)
+        sim = ", ".join(f"{speed['sim']:.2f}" for speed in speeds)
+        lines.append(f"| {case['case']} | {real} | {sim} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def speed_fit_table(fits: list[dict[str, Any]]) -> str:
     """The diagnostic of `validate.speed_fit`: errors with one fitted speed factor a case."""
     lines = [

@@ -8,9 +8,10 @@ What it models of the service:
   replicas with room (`max_ongoing_requests`), as Serve's power-of-two-choices router does;
   with none, it waits at the handle, and beyond `max_queued_requests` waiting it is refused
   (503); waiting requests are routed by Ray's routing tasks, which retry with a backoff
-  of up to 0.5 s, so a slot freed on a replica waits for the next retry;
-- a replica: `worker_threads` pipeline calls at a time, each an independent server (true
-  on a CPU with a core per call, or a GPU replica running one call at a time); its jobs
+  of up to 0.5 s, so a slot freed on a replica waits for the next retry; each task routes
+  its own request (the oldest not yet taken when it began), so a request whose task has
+  backed off to 0.5 s is passed by a later one whose fresh task retries sooner;
+- a replica: `worker_threads` pipeline calls at a time (a GPU replica runs one); its jobs
   wait in batches of one size and steps up to `BatchingConfig.images_per_batch`, started
   as the service's batch queue starts them (`batch_queue.py`: full ones first, and after
   a batch ends a `max_wait_ms` window for its callers); a call lasts what the service
@@ -25,8 +26,8 @@ What it models of the service:
   validation's stand-in only): every call runs its standalone seconds times the factor of
   the moment (by calls running, replicas starting and requests waiting at the handle),
   recomputed whenever one of them changes; and a replica's first calls slower again by
-  its measured warm-up (`Contention.warm`, by the calls it has begun).
-What it leaves out: the ingress's and proxy's own capacity, Ray's scheduling delays.
+  its measured warm-up (`Contention.warm`). Left out: the ingress's and proxy's own
+  capacity, Ray's scheduling delays.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ class Simulation:
         self.replicas: list[Replica] = []
         self._room = RoomSet()  # running replicas below max_ongoing_requests
         self._running: set[Replica] = set()  # kept with _room: counted without a scan
-        self.queue: deque[RequestRecord] = deque()  # waiting at the handle
+        # Waiting at the handle: not yet taken by a routing task, and held by one.
+        self.queue: deque[RequestRecord] = deque()
+        self._held = 0
         self.records: list[RequestRecord] = []
         self.timeline: list[tuple[float, int, int, int]] = []
         self._serial = 0
@@ -164,14 +167,18 @@ class Simulation:
                 yield self.env.timeout(arrival.t - self.env.now)
             record = RequestRecord(arrival)
             self.records.append(record)
-            if self.queue or not self._assign(record):
+            if self.waiting() or not self._assign(record):
                 limit = self.replica.max_queued_requests
-                if limit >= 0 and len(self.queue) >= limit:
+                if limit >= 0 and self.waiting() >= limit:
                     record.status = "rejected"
                 else:
                     self.queue.append(record)
                     self._contend()
                     self._route()
+
+    def waiting(self) -> int:
+        """Requests waiting at the handle (Ray's pending requests)."""
+        return len(self.queue) + self._held
 
     def _has_room(self, replica: Replica) -> bool:
         return (
@@ -205,7 +212,7 @@ class Simulation:
     def _routing_tasks_wanted(self) -> int:
         """Ray's `target_num_routing_tasks`: one a waiting request, up to two a running
         replica and `MAX_ROUTING_TASKS` in all."""
-        return min(len(self.queue), MAX_ROUTING_TASKS, 2 * max(1, len(self._running)))
+        return min(self.waiting(), MAX_ROUTING_TASKS, 2 * max(1, len(self._running)))
 
     def _route(self) -> None:
         """Routing tasks for the requests waiting at the handle, as many as Ray runs."""
@@ -214,22 +221,23 @@ class Simulation:
             self.env.process(self._routing_task())
 
     def _routing_task(self):
-        """One of Ray's routing tasks (`_fulfill_pending_requests`): it routes the oldest
-        waiting request to a replica with room; while none has room it retries after a
-        backoff from 25 ms doubling to 0.5 s (`_choose_replicas_with_backoff`), so a slot
-        freed meanwhile waits for the next retry; after each request routed, the next
-        with a fresh backoff, while the waiting requests want this many tasks."""
+        """One of Ray's routing tasks (`_fulfill_pending_requests`): it takes the oldest
+        request no task holds and routes that one (`_fulfill_next_pending_request` matches
+        its id); while no replica has room it retries after a backoff from 25 ms doubling
+        to 0.5 s, so a freed slot goes to the task that retries first; then the next
+        request, with a fresh backoff, while the waiting requests want this many tasks."""
         try:
             while self.queue and self._routers <= self._routing_tasks_wanted():
+                record = self.queue.popleft()
+                self._held += 1
                 attempt = 0
                 while not self._room:
                     yield self.env.timeout(
                         min(ROUTER_INITIAL_BACKOFF_S * 2**attempt, ROUTER_MAX_BACKOFF_S)
                     )
                     attempt = min(attempt + 1, 10)  # at the cap long before; no overflow
-                if not self.queue:
-                    break
-                self._assign(self.queue.popleft())
+                self._held -= 1
+                self._assign(record)
                 self._contend()
         finally:
             self._routers -= 1
@@ -262,7 +270,8 @@ class Simulation:
         fixed = sum(self.service.cost(kind.size, n).fixed_s for n in calls)
         warm = self.contention.warm(replica.served, replica.initial)
         replica.served += 1
-        call = Call(replica, batch, seconds, fixed, self.env.now, factor=1.0, warm=warm)
+        now = self.env.now
+        call = Call(replica, batch, seconds, fixed, now, factor=1.0, warm=warm, began=now)
         for job in batch:
             job.call = call
         self.calls[call] = None
@@ -279,7 +288,7 @@ class Simulation:
             calls, shared = [new] if new is not None else [], 1.0
         else:
             calls = list(self.calls)
-            shared = self.contention.factor(len(calls), self._starting(), len(self.queue))
+            shared = self.contention.factor(len(calls), self._starting(), self.waiting())
         for call in calls:
             factor = shared * call.warm
             if call is not new and call.factor == factor:
@@ -304,6 +313,7 @@ class Simulation:
             job.record.status = "ok"
             job.record.done = self.env.now + self.service.request_overhead_s
             job.record.latency_s = job.record.done - job.record.arrival.t
+            job.record.call_factor = (self.env.now - call.began) / call.work_s
         self._maybe_gone(replica)
         self._dispatch(replica)
         self._route()

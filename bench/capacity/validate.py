@@ -16,7 +16,7 @@ from typing import Any
 from bench.capacity.experiment import REPEATS, REPLICA, Case, cases
 from bench.capacity.figures import COMPARED
 from bench.capacity.service import ServiceModel
-from bench.capacity.simulation import ReplicaSettings, simulate
+from bench.capacity.simulation import ReplicaSettings, SimResult, simulate
 
 # What a validation's figures depend on besides the cluster: the model, its inputs' code and
 # the experiment. Runs with the same digest pool (`pooled`).
@@ -87,23 +87,26 @@ def validate(selected: list[Case], service: ServiceModel, repeats: int = REPEATS
     for case in selected:
         own = [run for run in runs if run.case == case.name]
         real_runs = [run.summary(case.trace.duration_s) for run in own]
-        sims = []
+        sims, lones = [], []
         for run in own:
             own_start = statistics.median(run.start_times_s) if run.start_times_s else start_s
             replica = ReplicaSettings(**{**REPLICA.__dict__, "start_s": own_start})
             at_speed = contention.at_speed(run.probe["factor"]) if run.probe else contention
             sims.append(simulate(case.trace, service, case.settings, replica, run.repeat, at_speed))
+            lones.append(at_speed.slowdowns.get((1, 0), 1.0))
         paired = [
             {
                 "summary": summary,
                 "sim": sim.summary(),
+                "call_speed": call_speed(run.server, service, sim, lone),
                 "probe": run.probe,
                 "start_times_s": run.start_times_s,
                 "load_average": run.load_average,
                 "timeline": run.timeline,
                 "requests": run.requests,
+                "server": run.server,
             }
-            for summary, sim, run in zip(real_runs, sims, own, strict=True)
+            for summary, sim, run, lone in zip(real_runs, sims, own, lones, strict=True)
         ]
         rows.append(
             {
@@ -130,6 +133,31 @@ def validate(selected: list[Case], service: ServiceModel, repeats: int = REPEATS
     }
     data["speed_fit"] = speed_fit(data, selected)
     return data
+
+
+def call_speed(
+    server: list[list[Any]], service: ServiceModel, sim: SimResult, lone: float
+) -> dict[str, Any] | None:
+    """How much slower the trace's calls ran than its probe's, as the ingress logged them
+    (`cluster.server_timings`), beside the same for the run's simulation, whose probe is
+    the lone-call factor it ran at (`lone`): each the median over requests of the call's
+    seconds over the standalone ones, the trace's over the probe's (its first warm-up
+    calls left out)."""
+    from bench.capacity.calibrate import PROBE_WARM_CALLS
+
+    def ratio(row: list[Any]) -> float:
+        _, size, steps, images, _, call_s = row
+        return call_s / service.call_s(size, steps, images)
+
+    probe = [ratio(row) for row in server if row[0] < 0][PROBE_WARM_CALLS:]
+    trace = [ratio(row) for row in server if row[0] >= 0]
+    simulated = [r.call_factor for r in sim.requests if r.call_factor is not None]
+    if not probe or not trace or not simulated:
+        return None
+    return {
+        "real": round(statistics.median(trace) / statistics.median(probe), 3),
+        "sim": round(statistics.median(simulated) / lone, 3),
+    }
 
 
 def pooled(validations: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -169,6 +169,23 @@ def test_requests_waiting_at_the_handle_slow_the_calls_and_wait_for_the_router()
     assert latencies[-1] > 2.0 + 1.8 + 1.6 + 1.4 + 1.2 + 1.0  # the calls alone: 9 s
 
 
+def test_a_freed_slot_goes_to_the_routing_task_that_retries_first_with_its_own_request():
+    """Ray's routing tasks each route their own request: one that has waited long, its task
+    backed off to 0.5 s, is passed by a later one whose fresh task retries sooner (a FIFO
+    handle would send the older one first)."""
+    one = AutoscalingSettings(**{**FAST.__dict__, "min_replicas": 1, "max_replicas": 1})
+    room = ReplicaSettings(max_ongoing_requests=1, max_queued_requests=10, start_s=5)
+    arrivals = (Arrival(0.0, SMALL, 0), Arrival(0.0, SMALL, 1), Arrival(0.9, SMALL, 2))
+    result = simulate(Trace("t", 2.0, arrivals, "t"), ONE_SECOND, one, room, seed=1)
+    latency = {r.arrival.seed: r.latency_s for r in result.requests}
+    # The slot frees at 1 s. The second request's task retries at 0.775 and 1.275 s; the
+    # third's, from 0.9 s, at 0.925, 0.975 and 1.075 s: it runs from 1.075 s, and the
+    # second from its task's first retry after that call, 2.275 s.
+    assert latency[0] == pytest.approx(1.0)
+    assert latency[2] == pytest.approx(2.075 - 0.9)
+    assert latency[1] == pytest.approx(3.275)
+
+
 DEPLOYMENT = DeploymentID(name="d", app_name="a")
 
 
