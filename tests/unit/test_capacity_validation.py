@@ -12,7 +12,7 @@ from bench.capacity.autoscaler import AutoscalingSettings
 from bench.capacity.cluster import RealRun
 from bench.capacity.contention import NONE, Contention
 from bench.capacity.experiment import Case
-from bench.capacity.report import validation_table
+from bench.capacity.report import call_speed_table, validation_table
 from bench.capacity.service import CallCost, ServiceModel
 from bench.capacity.traces import RequestKind, steady
 from bench.capacity.validate import medians, pooled, validate
@@ -107,3 +107,27 @@ def test_validations_of_one_model_pool_their_runs_and_others_stay_apart(three_ru
     assert pool["cases"][0]["error"]["p95_s"] is not None
     assert pooled([{**first, "model": "another"}, second]) is None
     assert pooled([second]) is None
+
+
+def test_the_trace_s_call_speed_is_read_against_its_probe_s_on_both_sides(monkeypatch):
+    """The ingress's logged calls: the probe's at 1.1 times the standalone time after two slow
+    warm-up calls, the trace's 1.3 times the probe's; the simulation (no contention) runs every
+    call at its standalone time, so it shows 1.0 beside the real 1.3."""
+    standalone = SERVICE.call_s(KIND.size, KIND.steps, 1)
+    probe = [
+        [-5.0 + i, KIND.size, KIND.steps, 1, 0.0, standalone * f]
+        for i, f in enumerate((3, 3, 1.1, 1.1, 1.1))
+    ]
+    trace = [[a.t, KIND.size, KIND.steps, 1, 0.0, standalone * 1.43] for a in CASE.trace.arrivals]
+
+    def run_cluster(selected, service, repeats):
+        runs = [made_up_run(0.1, repeat) for repeat in range(3)]
+        for run in runs:
+            run.server = probe + trace
+        return runs, {"request_overhead_s": 0.0, "contention": NONE}
+
+    monkeypatch.setattr(cluster, "run_cluster", run_cluster)
+    data = validate([CASE], SERVICE, repeats=3)
+    [row] = data["cases"]
+    assert [run["call_speed"] for run in row["real_runs"]] == [{"real": 1.3, "sim": 1.0}] * 3
+    assert "| steady | 1.30, 1.30, 1.30 | 1.00, 1.00, 1.00 |" in call_speed_table(data)
