@@ -21,14 +21,17 @@ large kind, at the real stack (proxy, ingress, generator replicas on the "GPU" n
   less the overhead over the standalone seconds) by its place among the replica's calls,
   over the factor of its calls from `STEADY_FROM` on, in blocks of calls 1, 2, 3-4, 5-8,
   9-16, 17-24.
-- "probe", before each trace: the "1 call" phase for `PROBE_S` on the trace's own first
-  replica; the calibration's factors are scaled to its factor for that trace (`probe`).
+- "probe", before each trace: the "1 call" factor for `PROBE_S` on the trace's own first
+  replica, its requests sent open-loop as a trace sends them; the calibration's factors
+  are scaled to its factor for that trace (`probe`).
 The factors are `Contention` (bench/capacity/contention.py) for the simulation; nothing in
 them comes from the traces. It exists for this stand-in only: GPU replicas share no device.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import statistics
 import threading
 import time
@@ -45,7 +48,9 @@ BACKLOG = 8
 WARM_S = 30.0
 IDLE_S = 5.0
 STEADY_FROM = 24
-PROBE_S = 10.0
+PROBE_S = 20.0
+PROBE_RATE = 1.2  # requests/s: a replica a third busy, so that most arrive at an idle one
+PROBE_SEED = 7
 PROBE_WARM_CALLS = 2
 WARM_BLOCKS = ((0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 24))
 # (phase, kind name, sent s, latency s, standalone call s)
@@ -267,22 +272,50 @@ def finish(
     }
 
 
-def probe(url: str, service: ServiceModel, kinds, overhead: float) -> dict[str, Any]:
-    """The "1 call" phase again, for `PROBE_S`, on the replica a trace is about to start
-    on: its factor (with the calibration's `overhead`) is the machine's speed just then.
-    This machine's speed drifts by a third and more between minutes (the engine measured
-    alone: 0.124 s, 0.216 s and 0.138 s for one 64x64 x 20 call at 13:01, 14:47 and
-    15:12), so a factor measured minutes before a trace does not hold for it."""
+async def _open_loop(url: str, service: ServiceModel, kinds) -> list[Sample]:
+    """Poisson arrivals at `PROBE_RATE`, `kinds` in turn, for `PROBE_S`, each sent at its
+    time whatever the answers (as a trace sends them); a sample for each request sent
+    while none of the others was in flight, the first `PROBE_WARM_CALLS` left out: it ran
+    alone on an idle replica, the later arrivals landing during its call."""
+    arrivals = random.Random(PROBE_SEED)
     samples: list[Sample] = []
-    phase, stop = ["probe"], threading.Event()
-    thread = threading.Thread(target=_client, args=(url, kinds, service, phase, stop, samples))
-    thread.start()
-    time.sleep(PROBE_S)
-    phase[0] = ""
-    stop.set()
-    thread.join()
-    warm = samples[PROBE_WARM_CALLS:]  # the fresh replica's first calls are slower
-    return {"factor": round(_factor(warm, overhead), 3), "calls": len(samples)}
+    in_flight = 0
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def send(index: int, kind) -> None:
+            nonlocal in_flight
+            alone, sent = in_flight == 0, time.monotonic()
+            in_flight += 1
+            try:
+                body = {**kind.body(index), "response_format": "url"}
+                (await client.post(url, json=body)).raise_for_status()
+            finally:
+                in_flight -= 1
+            if alone and index >= PROBE_WARM_CALLS:
+                call_s = service.call_s(kind.size, kind.steps, kind.images)
+                samples.append(("probe", kind.name, sent, time.monotonic() - sent, call_s))
+
+        started, at, sends = time.monotonic(), 0.0, []
+        while at < PROBE_S:
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            sends.append(asyncio.ensure_future(send(len(sends), kinds[len(sends) % len(kinds)])))
+            at += arrivals.expovariate(PROBE_RATE)
+        await asyncio.gather(*sends)
+    return samples
+
+
+def probe(url: str, service: ServiceModel, kinds, overhead: float) -> dict[str, Any]:
+    """The "1 call" factor again, on the replica a trace is about to start on, as the
+    trace's calls run: with requests arriving open-loop during them (`_open_loop`). Its
+    factor (with the calibration's `overhead`) is the machine's speed just then. This
+    machine's speed drifts by a third and more between minutes (the engine measured alone:
+    0.124 s, 0.216 s and 0.138 s for one 64x64 x 20 call at 13:01, 14:47 and 15:12), so a
+    factor measured minutes before a trace does not hold for it. And open-loop, because a
+    closed-loop client's next request only comes once the call is done: runs 11 and 12's
+    trace calls ran 7% to 29% slower than their closed-loop probes (the ingress's logs),
+    where the simulation had 0% to 13% (its two calls at once, its starting replicas)."""
+    samples = asyncio.run(_open_loop(url, service, kinds))
+    return {"factor": round(_factor(samples, overhead), 3), "calls": len(samples)}
 
 
 def phases(samples: list[Sample]) -> set[str]:
