@@ -55,7 +55,7 @@ def validate(cases: list[str] | None, repeats: int) -> None:
     chart(data, CHART)
     print(f"wrote {CHART}")
     print(validation_table(data))
-    print(call_speed_table(data))
+    print(call_speed_table(data) or "(no ingress timings: no call-speed diagnostic)")
 
 
 def refit() -> None:
@@ -100,9 +100,10 @@ def show() -> int:
         if pool is not None:
             print(f"\nPooled: the {pool['pooled']} validations of this model and these cases.\n")
             print(validation_table(pool))
-        if call_speed_table(data):
+        speeds = call_speed_table(data)
+        if speeds:
             print("\nDiagnostic: the trace's calls over its probe's, real and simulated.\n")
-            print(call_speed_table(data))
+            print(speeds)
         if "speed_fit" in data:
             print("\nDiagnostic: each case with one service-time factor fitted to its real p50.\n")
             print(speed_fit_table(data["speed_fit"]))

@@ -312,7 +312,7 @@ def probe(url: str, service: ServiceModel, kinds, overhead: float) -> dict[str, 
     0.124 s, 0.216 s and 0.138 s for one 64x64 x 20 call at 13:01, 14:47 and 15:12), so a
     factor measured minutes before a trace does not hold for it. And open-loop, because a
     closed-loop client's next request only comes once the call is done: runs 11 and 12's
-    trace calls ran 7% to 29% slower than their closed-loop probes (the ingress's logs),
+    trace calls ran 5% to 29% slower than their closed-loop probes (the ingress's logs),
     where the simulation had 0% to 13% (its two calls at once, its starting replicas)."""
     samples = asyncio.run(_open_loop(url, service, kinds))
     return {"factor": round(_factor(samples, overhead), 3), "calls": len(samples)}

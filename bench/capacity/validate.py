@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.capacity.calibrate import PROBE_WARM_CALLS
 from bench.capacity.experiment import REPEATS, REPLICA, Case, cases
 from bench.capacity.figures import COMPARED
 from bench.capacity.service import ServiceModel
@@ -143,7 +144,6 @@ def call_speed(
     the lone-call factor it ran at (`lone`): each the median over requests of the call's
     seconds over the standalone ones, the trace's over the probe's (its first warm-up
     calls left out)."""
-    from bench.capacity.calibrate import PROBE_WARM_CALLS
 
     def ratio(row: list[Any]) -> float:
         _, size, steps, images, _, call_s = row
