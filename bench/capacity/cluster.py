@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from bench.capacity.calibrate import LoggedCall, probe
 from bench.capacity.experiment import (
     LARGE,
     REQUEST_TIMEOUT_S,
@@ -133,17 +134,14 @@ class ReplicaPoller:
         return times
 
 
-def server_timings(app: str, started: float) -> list[list[Any]]:
-    """Each request of `app` as its ingress logged it (the `image_request` line): seconds
-    from `started` (wall clock; the probe's are before 0), size, steps, images in its call,
-    seconds queued on the replica, and the call's seconds (prompt encoding, denoising and
-    decoding). The replica's own view, which the client's latencies cannot give: how fast
-    the calls ran during the trace, against its probe's."""
+def _ingress_lines(app: str) -> list[tuple[float, dict[str, str]]]:
+    """Each answered request of `app` as its ingress logged it (the `image_request` line):
+    the line's wall-clock time and its fields."""
     import ray
 
     # Ray keeps Serve's replica logs in the session directory (no public API names it).
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
-    rows = []
+    lines = []
     for path in logs.glob(f"replica_{app}_ImageIngress_*.log"):
         for line in path.read_text().splitlines():
             if " image_request " not in line:
@@ -151,20 +149,55 @@ def server_timings(app: str, started: float) -> list[list[Any]]:
             stamp = datetime.strptime(" ".join(line.split()[1:3]), "%Y-%m-%d %H:%M:%S,%f")
             pairs = line.split(" image_request ", 1)[1].split()
             fields = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
-            if fields.get("outcome") != "ok":
-                continue
-            phases = ("text_encode_s", "denoise_s", "decode_s")
-            rows.append(
-                [
-                    round(stamp.timestamp() - started, 3),
-                    fields["size"],
-                    int(fields["steps"]),
-                    int(fields["batch_images"]),
-                    float(fields["queue_s"]),
-                    round(sum(float(fields[name]) for name in phases), 5),
-                ]
-            )
+            if fields.get("outcome") == "ok":
+                lines.append((stamp.timestamp(), fields))
+    return lines
+
+
+def _call_s(fields: dict[str, str]) -> float:
+    """The call's seconds: prompt encoding, denoising and decoding."""
+    return round(sum(float(fields[name]) for name in ("text_encode_s", "denoise_s", "decode_s")), 5)
+
+
+def server_timings(app: str, started: float) -> list[list[Any]]:
+    """Each request of `app` as its ingress logged it: seconds from `started` (wall clock;
+    the probe's are before 0), size, steps, images in its call, seconds queued on the
+    replica, and the call's seconds. The replica's own view, which the client's latencies
+    cannot give: how fast the calls ran during the trace, against its probe's."""
+    rows = [
+        [
+            round(stamp - started, 3),
+            fields["size"],
+            int(fields["steps"]),
+            int(fields["batch_images"]),
+            float(fields["queue_s"]),
+            _call_s(fields),
+        ]
+        for stamp, fields in _ingress_lines(app)
+    ]
     return sorted(rows)
+
+
+def logged_calls(app: str, ids: list[str], wait_s: float = 10.0) -> dict[str, LoggedCall]:
+    """The ingress's timings of the requests of `app` sent with these `x-request-id`s, once
+    all are in its log (the replica writes each line as its request ends; up to `wait_s`)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        wanted = set(ids)
+        found = {
+            fields["request_id"]: LoggedCall(
+                fields["size"],
+                int(fields["steps"]),
+                int(fields["batch_images"]),
+                float(fields["queue_s"]),
+                _call_s(fields),
+            )
+            for _, fields in _ingress_lines(app)
+            if fields.get("request_id") in wanted
+        }
+        if len(found) == len(wanted) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def wait_for_quiet(threshold: float = 2.5, max_wait_s: float = 300.0) -> float:
@@ -205,21 +238,19 @@ def calibrate_on(port: int, service: ServiceModel) -> dict[str, Any]:
     return result
 
 
-def _run_case(
-    case: Case, app: str, port: int, repeat: int, service: ServiceModel, overhead: float
-) -> RealRun:
+def _run_case(case: Case, app: str, port: int, repeat: int, service: ServiceModel) -> RealRun:
     """One replay of `case` on a fresh application named `app`, after the speed probe on
     its replica; the application deleted after."""
     from ray import serve
 
-    from bench.capacity.calibrate import probe
     from deployments.model_config import generator_deployment_name
     from serve_app import build_app
 
     serve.run(build_app(app_args(case.settings)), name=app, route_prefix=f"/{app}")
     url = f"http://127.0.0.1:{port}/{app}/v1/images/generations"
     wait_for_quiet()
-    speed = probe(url, service, [SMALL, LARGE], overhead)  # one client: no scale-up
+    # One replica's worth of load: no scale-up.
+    speed = probe(url, service, [SMALL, LARGE], lambda ids: logged_calls(app, ids))
     time.sleep(case.settings.look_back_period_s)  # the probe's load forgotten
     load_before = os.getloadavg()[0]
     poller = ReplicaPoller(app, generator_deployment_name("tiny-sd3"))
@@ -275,8 +306,7 @@ def run_cluster(
         for repeat in range(repeats):
             for index, case in enumerate(selected):
                 app = f"capacity-{index}-{repeat}"
-                overhead = calibration["request_overhead_s"]
-                runs.append(_run_case(case, app, port, repeat, service, overhead))
+                runs.append(_run_case(case, app, port, repeat, service))
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -74,16 +74,16 @@ def judged(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def validate(selected: list[Case], service: ServiceModel, repeats: int = REPEATS) -> dict[str, Any]:
     """The cases on the cluster, `repeats` runs each, then each run simulated (its repeat
-    the seed) with `service` (measured on this machine just before), the overhead and
-    contention calibrated on the cluster at the speed the run's probe measured, and the
-    replica start measured in that run (else the median of all); medians against medians."""
+    the seed) with `service` (measured on this machine just before), the contention
+    calibrated on the cluster at the speed the run's probe measured, the request overhead
+    its probe measured (else the calibration's), and the replica start measured in that run
+    (else the median of all); medians against medians."""
     from bench.capacity.cluster import run_cluster
 
     runs, calibration = run_cluster(selected, service, repeats)
     overhead, contention = calibration["request_overhead_s"], calibration["contention"]
     measured_starts = [t for run in runs for t in run.start_times_s]
     start_s = statistics.median(measured_starts) if measured_starts else 10.0
-    service = service.with_overhead(overhead)
     rows = []
     for case in selected:
         own = [run for run in runs if run.case == case.name]
@@ -93,7 +93,10 @@ def validate(selected: list[Case], service: ServiceModel, repeats: int = REPEATS
             own_start = statistics.median(run.start_times_s) if run.start_times_s else start_s
             replica = ReplicaSettings(**{**REPLICA.__dict__, "start_s": own_start})
             at_speed = contention.at_speed(run.probe["factor"]) if run.probe else contention
-            sims.append(simulate(case.trace, service, case.settings, replica, run.repeat, at_speed))
+            own_service = service.with_overhead(run.probe.get("overhead_s", overhead))
+            sims.append(
+                simulate(case.trace, own_service, case.settings, replica, run.repeat, at_speed)
+            )
             lones.append(at_speed.slowdowns.get((1, 0), 1.0))
         paired = [
             {
@@ -123,7 +126,7 @@ def validate(selected: list[Case], service: ServiceModel, repeats: int = REPEATS
         "nodes": "two Ray nodes on one 2-core machine (head: proxy, ingress; worker: generators)",
         "model": model_digest(),
         "repeats": repeats,
-        "service": service.to_json(),
+        "service": service.with_overhead(overhead).to_json(),
         "replica": {**REPLICA.__dict__, "start_s": start_s},
         "start_times_s": measured_starts,
         "request_overhead_s": overhead,
@@ -184,7 +187,8 @@ def speed_fit(
     data: dict[str, Any], selected: list[Case] | None = None, factors: int = 31
 ) -> list[dict[str, Any]]:
     """A diagnostic, not a prediction: for each case, the one factor on every service time
-    (0.70 to 2.20, on top of the calibrated contention at the case's median probe) whose
+    (0.70 to 2.20, on top of the calibrated contention and overhead at the case's median
+    probe) whose
     simulation comes closest to the real p50, and the four figures then. Near 1, the
     calibration explains the case; if one speed explains all four figures, the model's
     shape holds and the miss was speed."""
@@ -198,8 +202,11 @@ def speed_fit(
     fits = []
     for row in data["cases"]:
         case, real = by_name[row["case"]], row["real"]
-        probes = [run["probe"]["factor"] for run in row.get("real_runs", []) if run.get("probe")]
-        at_speed = contention.at_speed(statistics.median(probes)) if probes else contention
+        probes = [run["probe"] for run in row.get("real_runs", []) if run.get("probe")]
+        factors_seen = [probe["factor"] for probe in probes]
+        at_speed = contention.at_speed(statistics.median(factors_seen)) if probes else contention
+        overheads = [probe["overhead_s"] for probe in probes if "overhead_s" in probe]
+        overhead = statistics.median(overheads) if overheads else base.request_overhead_s
         best: tuple[float, float, dict[str, Any]] | None = None
         for index in range(factors):
             factor = round(0.7 + index * 0.05, 2)
@@ -207,7 +214,7 @@ def speed_fit(
                 key: CallCost(cost.fixed_s * factor, cost.per_step_s * factor)
                 for key, cost in base.costs.items()
             }
-            slowed = ServiceModel(costs, base.source, base.request_overhead_s)
+            slowed = ServiceModel(costs, base.source, overhead)
             run = simulate(case.trace, slowed, case.settings, replica, 0, at_speed)
             summary = run.summary()
             miss = abs(within(real["p50_s"], summary["p50_s"]) or 0.0)

@@ -131,3 +131,22 @@ def test_the_trace_s_call_speed_is_read_against_its_probe_s_on_both_sides(monkey
     [row] = data["cases"]
     assert [run["call_speed"] for run in row["real_runs"]] == [{"real": 1.3, "sim": 1.0}] * 3
     assert "| steady | 1.30, 1.30, 1.30 | 1.00, 1.00, 1.00 |" in call_speed_table(data)
+
+
+def test_each_run_is_simulated_with_the_overhead_its_probe_measured(monkeypatch):
+    """A probe that found 0.2 s between its requests' latencies and their logged calls
+    adds 0.2 s to every simulated request of its run; a run without one takes the
+    calibration's overhead."""
+
+    def run_cluster(selected, service, repeats):
+        runs = [made_up_run(0.1, repeat) for repeat in range(3)]
+        runs[0].probe = {"factor": 1.0, "overhead_s": 0.2, "calls": 20}
+        runs[1].probe = {"factor": 1.0, "calls": 20}
+        return runs, {"request_overhead_s": 0.05, "contention": NONE}
+
+    monkeypatch.setattr(cluster, "run_cluster", run_cluster)
+    data = validate([CASE], SERVICE, repeats=3)
+    p50s = [run["sim"]["p50_s"] for run in data["cases"][0]["real_runs"]]
+    assert p50s[0] == pytest.approx(0.07 + 0.2, abs=0.002)
+    assert p50s[1] == p50s[2] == pytest.approx(0.07 + 0.05, abs=0.002)
+    assert data["service"]["request_overhead_s"] == 0.05
