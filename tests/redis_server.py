@@ -6,7 +6,6 @@ against the real thing (CI installs Debian's `redis-server`)."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,13 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from bench.harness.serve_run import free_port
+
 START_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisServer:

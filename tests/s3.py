@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +15,7 @@ from moto import settings as moto_settings
 from moto.core.authorization import ActionAuthenticatorMixin
 from moto.server import ThreadedMotoServer
 
+from bench.harness.serve_run import free_port
 from deployments.config import S3Config
 
 # What the ingress's boto3 finds in its environment; moto accepts any key while it does not
@@ -29,12 +29,6 @@ S3_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class S3Server:

@@ -29,6 +29,7 @@ LOCAL_CONFIG = REPO / "config" / "local.yaml"
 
 
 def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

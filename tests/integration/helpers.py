@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 
 import numpy as np
 from PIL import Image
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def decode_png(b64: str) -> np.ndarray:

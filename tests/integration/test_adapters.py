@@ -124,7 +124,7 @@ def test_scale_zero_is_the_base_and_composed_differs_from_each_alone(client):
 def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(client):
     loads_before = sum(c["adapters"]["loads"] for c in replica_counters().values())
     first = generate(client, model="ink-2")
-    time.sleep(3)  # the replica tells Serve's controller, which tells the routers
+    time.sleep(6)  # the replica tells Serve's controller, which tells the routers
     for _ in range(6):  # one at a time: routing, not load, decides the replica
         assert generate(client, model="ink-2") == first
     after = replica_counters()

@@ -40,8 +40,9 @@ SLOW_OPTIONS = {
     "graceful_shutdown_wait_loop_s": 0.5,
     "ray_actor_options": {"num_cpus": 1},
 }
-# 60 s: the redeploy test holds a generation of over 20 s through a redeploy.
-OVERLOAD_ARGS = one_at_a_time(request_timeout_s=60)
+# 90 s and 20,000 steps: the redeploy test holds a generation of over 20 s through a
+# redeploy, which at 5,000 steps (the default cap) a fast minute of this machine runs in 22 s.
+OVERLOAD_ARGS = one_at_a_time(request_timeout_s=90, max_steps=20_000)
 # Two requests in the replica and two waiting for it: the service holds four at once.
 OVERLOAD_OPTIONS = {
     "max_ongoing_requests": 2,
@@ -101,8 +102,8 @@ def step_s(slow) -> float:
     return per_step
 
 
-def steps_for(seconds: float, step_s: float) -> int:
-    return min(5000, max(10, int(seconds / step_s)))
+def steps_for(seconds: float, step_s: float, most: int = 5000) -> int:
+    return min(most, max(10, int(seconds / step_s)))
 
 
 def wait_until_steady(app: Deployed, settle_s: float = 1.0) -> int:
@@ -238,10 +239,10 @@ def test_past_the_queue_requests_get_503_at_once(overload, step_s):
     a little apart. Should one extra still slip into the queue, it must be served; every
     other extra must be a 503, at once.
     """
-    # Fill the service with requests of about 5 s each, then send three times as many more.
+    # Fill the service with requests of about 8 s each, then send three times as many more.
     # (The calibration can be off by a few times when other work shared the cores then; the
     # admitted requests must outlast the burst of extras even so.)
-    long_steps = steps_for(5, step_s)
+    long_steps = steps_for(8, step_s)
     with concurrent.futures.ThreadPoolExecutor(4 * CAPACITY) as pool:
         admitted = []
         for _ in range(CAPACITY):
@@ -330,7 +331,7 @@ def test_sustained_4x_overload_nothing_hangs_memory_stays_flat(overload):
 
 def test_killed_replica_is_replaced_and_its_requests_fail_retryable(slow, step_s):
     old_pid = slow.counters()["pid"]
-    in_flight_steps = steps_for(3, step_s)
+    in_flight_steps = steps_for(6, step_s)  # each still running when the kill lands at 1 s
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         in_flight = [pool.submit(slow.post, num_inference_steps=in_flight_steps) for _ in range(3)]
         time.sleep(1.0)
@@ -375,8 +376,10 @@ def test_redeploy_lets_in_flight_requests_finish(overload, step_s):
         # 40 s by the calibration, which counts a request's fixed costs as steps: a long
         # request ran at 0.84 of its estimate (19 s after the redeploy for 24 s asked, CI on
         # 2026-12-03), and the machine's speed drifts by a third. 40 s keeps it past 20 s
-        # and under the 60 s timeouts either way.
-        in_flight = pool.submit(overload.post, num_inference_steps=steps_for(40, step_s))
+        # and under the 90 s timeouts either way.
+        steps = steps_for(40, step_s, most=OVERLOAD_ARGS["limits"]["max_steps"])
+        assert steps < OVERLOAD_ARGS["limits"]["max_steps"], "capped: the machine is too fast"
+        in_flight = pool.submit(overload.post, timeout=90, num_inference_steps=steps)
         time.sleep(1.0)
         started = time.monotonic()
         serve.run(

@@ -189,11 +189,13 @@ def test_a_cancelled_job_leaves_the_loop_and_the_others_are_unchanged(pipeline):
         keep = asyncio.create_task(engine.generate(kept))
         drop = asyncio.create_task(engine.generate(dropped))
         await wait_for_steps(engine, 3)
+        cancelled_at.append(engine.steps_run)  # the poll may see step 3 a step late
         drop.cancel()
         with pytest.raises(asyncio.CancelledError):
             await drop
         return await keep
 
+    cancelled_at: list[int] = []
     try:
         result = run(cancel_one())
     finally:
@@ -201,7 +203,7 @@ def test_a_cancelled_job_leaves_the_loop_and_the_others_are_unchanged(pipeline):
     assert_nearly_equal(result.images[0], alone_through_diffusers(pipeline, kept)[0])
     sizes = list(engine.batch_sizes)
     # It left within two steps of its cancellation; the kept job ran its 20 alone after.
-    assert sizes.count(2) <= 5 and sizes[-10:] == [1] * 10
+    assert sizes.count(2) <= cancelled_at[0] + 2 and sizes[-10:] == [1] * 10
     engine.check_health()
 
 

@@ -416,7 +416,7 @@ def test_a_waiting_batch_waits_for_callers_that_do_not_return_at_most_the_window
 
 def test_batches_ending_one_after_another_hold_a_waiting_one_one_window_in_all(runner):
     async def scenario():
-        queue = make_queue(runner, workers=2, max_wait_ms=300)
+        queue = make_queue(runner, workers=2, max_wait_ms=1000)
         runner.hold()
         runner.release(2)  # the waiting batch (the third) runs at once when it starts
         first = asyncio.create_task(queue.submit(job(0)))
@@ -428,11 +428,12 @@ def test_batches_ending_one_after_another_hold_a_waiting_one_one_window_in_all(r
         runner.release(0)
         await first
         ended = time.monotonic()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.6)
         runner.release(1)  # a second batch ends inside the first one's window
         await full
-        await asyncio.wait_for(waiting, timeout=2)
+        await asyncio.wait_for(waiting, timeout=3)
         return time.monotonic() - ended
 
     waited = asyncio.run(scenario())
-    assert waited < 0.42  # one 300 ms window from the first end, not a second from the next
+    # One 1 s window from the first end (1.0 s), not a second from the next (1.6 s).
+    assert waited < 1.4
