@@ -83,8 +83,19 @@ def show() -> int:
         print(f"Validation: simulation against the real cluster ({data['nodes']}).")
         print(
             f"Replica start {data['start_times_s']} s, request overhead "
-            f"{data['request_overhead_s']} s (measured)."
+            f"{data['request_overhead_s']} s (calibrated)."
         )
+        probed = [
+            run["probe"]["overhead_s"]
+            for row in data["cases"]
+            for run in row["real_runs"]
+            if "overhead_s" in run.get("probe", {})
+        ]
+        if probed:
+            print(
+                f"Each run's request overhead, as its probe measured it: {min(probed)} to "
+                f"{max(probed)} s (the simulation's for that run)."
+            )
         for row in data.get("contention", {}).get("slowdowns", []):
             print(
                 f"Calibrated slowdown with {row['calls']} call(s) running, "

@@ -52,7 +52,11 @@ WARM_S = 30.0
 IDLE_S = 5.0
 STEADY_FROM = 24
 PROBE_S = 20.0
-PROBE_RATE = 1.2  # requests/s: a replica a third busy, arrivals landing during calls
+# The share of the replica's time the probe's calls take, standalone: arrivals land during
+# calls, and the replica stays far below the autoscaler's target. A fixed rate did not: 1.2
+# requests/s, a third busy in the machine's fast minutes, ran it half busy in a slow one
+# (run 15), and Serve scaled the application up before its trace began.
+PROBE_BUSY = 1 / 3
 PROBE_SEED = 7
 PROBE_WARM_CALLS = 2
 WARM_BLOCKS = ((0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 24))
@@ -286,8 +290,15 @@ class LoggedCall(NamedTuple):
     call_s: float
 
 
-async def _open_loop(url: str, kinds) -> list[tuple[str, float]]:
-    """Poisson arrivals at `PROBE_RATE`, `kinds` in turn, for `PROBE_S`, each sent at its
+def probe_rate(service: ServiceModel, kinds) -> float:
+    """Requests a second that keep a replica `PROBE_BUSY` busy with `kinds` in turn, at the
+    speed `measure` found the engine at just before."""
+    mean_s = statistics.fmean(service.call_s(k.size, k.steps, k.images) for k in kinds)
+    return PROBE_BUSY / mean_s
+
+
+async def _open_loop(url: str, kinds, rate: float) -> list[tuple[str, float]]:
+    """Poisson arrivals at `rate`, `kinds` in turn, for `PROBE_S`, each sent at its
     time whatever the answers (as a trace sends them) with an `x-request-id` of its own;
     each request's id and latency, in the order sent."""
     arrivals = random.Random(PROBE_SEED)
@@ -306,7 +317,7 @@ async def _open_loop(url: str, kinds) -> list[tuple[str, float]]:
             await asyncio.sleep(max(0.0, started + at - time.monotonic()))
             kind = kinds[len(sends) % len(kinds)]
             sends.append(asyncio.ensure_future(send(len(sends), kind)))
-            at += arrivals.expovariate(PROBE_RATE)
+            at += arrivals.expovariate(rate)
         return list(await asyncio.gather(*sends))
 
 
@@ -317,8 +328,9 @@ def probe(
     logged: Callable[[list[str]], dict[str, LoggedCall]],
 ) -> dict[str, Any]:
     """The machine's speed just before a trace, on the replica it is about to start on, as
-    the trace's calls run: with requests arriving open-loop during them (`_open_loop`),
-    their calls timed by the ingress (`logged`: the requests' `LoggedCall`s by id).
+    the trace's calls run: with requests arriving open-loop during them (`_open_loop`, at
+    `probe_rate`), their calls timed by the ingress (`logged`: the requests' `LoggedCall`s
+    by id).
 
     - the factor: the calls' logged seconds over their standalone ones (the first
       `PROBE_WARM_CALLS` left out, warm-up), which the simulation gives a lone call;
@@ -336,7 +348,8 @@ def probe(
     the closed-loop calibration fitted 0.01 to 0.02 s); fitted as one factor on the call,
     as runs 13 and 14 did, it made every call of their simulations 5% to 14% too slow (their
     probes' factors over the calls' logged ones)."""
-    sent = asyncio.run(_open_loop(url, kinds))[PROBE_WARM_CALLS:]
+    rate = probe_rate(service, kinds)
+    sent = asyncio.run(_open_loop(url, kinds, rate))[PROBE_WARM_CALLS:]
     calls = logged([request_id for request_id, _ in sent])
     timed = [(latency, calls[request_id]) for request_id, latency in sent if request_id in calls]
     if not timed:
@@ -347,6 +360,7 @@ def probe(
         "factor": round(sum(c.call_s for _, c in timed) / standalone, 3),
         "overhead_s": round(max(0.0, statistics.fmean(extra)), 4),
         "calls": len(timed),
+        "rate": round(rate, 3),
     }
 
 

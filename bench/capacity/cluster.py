@@ -33,6 +33,10 @@ from bench.capacity.figures import summarize
 from bench.capacity.service import ServiceModel
 from bench.capacity.traces import RequestKind, Trace
 
+# How long a trace waits for its application to be back at `min_replicas` after the probe:
+# Serve's downscale delay and look-back, and some.
+SETTLE_MAX_S = 120.0
+
 
 @dataclass
 class RealRun:
@@ -154,44 +158,35 @@ def _ingress_lines(app: str) -> list[tuple[float, dict[str, str]]]:
     return lines
 
 
-def _call_s(fields: dict[str, str]) -> float:
-    """The call's seconds: prompt encoding, denoising and decoding."""
-    return round(sum(float(fields[name]) for name in ("text_encode_s", "denoise_s", "decode_s")), 5)
+def _logged_call(fields: dict[str, str]) -> LoggedCall:
+    """A logged request's call: its size, steps and images, the seconds it was queued on
+    the replica, and the call's seconds (prompt encoding, denoising and decoding)."""
+    call_s = sum(float(fields[name]) for name in ("text_encode_s", "denoise_s", "decode_s"))
+    return LoggedCall(
+        fields["size"],
+        int(fields["steps"]),
+        int(fields["batch_images"]),
+        float(fields["queue_s"]),
+        round(call_s, 5),
+    )
 
 
 def server_timings(app: str, started: float) -> list[list[Any]]:
     """Each request of `app` as its ingress logged it: seconds from `started` (wall clock;
-    the probe's are before 0), size, steps, images in its call, seconds queued on the
-    replica, and the call's seconds. The replica's own view, which the client's latencies
-    cannot give: how fast the calls ran during the trace, against its probe's."""
-    rows = [
-        [
-            round(stamp - started, 3),
-            fields["size"],
-            int(fields["steps"]),
-            int(fields["batch_images"]),
-            float(fields["queue_s"]),
-            _call_s(fields),
-        ]
-        for stamp, fields in _ingress_lines(app)
-    ]
-    return sorted(rows)
+    the probe's are before 0), then its `LoggedCall`'s fields. The replica's own view, which
+    the client's latencies cannot give: how fast the calls ran during the trace, against
+    its probe's."""
+    lines = _ingress_lines(app)
+    return sorted([round(stamp - started, 3), *_logged_call(fields)] for stamp, fields in lines)
 
 
 def logged_calls(app: str, ids: list[str], wait_s: float = 10.0) -> dict[str, LoggedCall]:
     """The ingress's timings of the requests of `app` sent with these `x-request-id`s, once
     all are in its log (the replica writes each line as its request ends; up to `wait_s`)."""
-    deadline = time.monotonic() + wait_s
+    wanted, deadline = set(ids), time.monotonic() + wait_s
     while True:
-        wanted = set(ids)
         found = {
-            fields["request_id"]: LoggedCall(
-                fields["size"],
-                int(fields["steps"]),
-                int(fields["batch_images"]),
-                float(fields["queue_s"]),
-                _call_s(fields),
-            )
+            fields["request_id"]: _logged_call(fields)
             for _, fields in _ingress_lines(app)
             if fields.get("request_id") in wanted
         }
@@ -249,7 +244,7 @@ def _run_case(case: Case, app: str, port: int, repeat: int, service: ServiceMode
     serve.run(build_app(app_args(case.settings)), name=app, route_prefix=f"/{app}")
     url = f"http://127.0.0.1:{port}/{app}/v1/images/generations"
     wait_for_quiet()
-    # One replica's worth of load: no scale-up.
+    # A third of one replica's time: no scale-up (the state is checked below).
     speed = probe(url, service, [SMALL, LARGE], lambda ids: logged_calls(app, ids))
     time.sleep(case.settings.look_back_period_s)  # the probe's load forgotten
     load_before = os.getloadavg()[0]
@@ -257,12 +252,21 @@ def _run_case(case: Case, app: str, port: int, repeat: int, service: ServiceMode
     poller.start(time.monotonic())
     while not poller.samples:  # Serve's status answers before the trace starts
         time.sleep(0.1)
+    # The simulation starts from `min_replicas`, none starting: should the probe have
+    # scaled the application up, the trace waits for Serve to scale it back down.
+    settling, settle_by = time.monotonic(), time.monotonic() + SETTLE_MAX_S
+    while poller.samples[-1][1:] != (case.settings.min_replicas, 0):
+        if time.monotonic() > settle_by:
+            raise RuntimeError(f"{app} did not come back to its min_replicas before its trace")
+        time.sleep(0.5)
+    speed["settled_s"] = round(time.monotonic() - settling, 1)
     # The state before the trace holds from its start.
     poller.started, wall_started = time.monotonic(), time.time()
     poller.samples = [(0.0, *poller.samples[-1][1:])]
     print(
         f"[capacity] {case.name}, run {repeat + 1}: {len(case.trace.arrivals)} requests "
-        f"(load average {load_before:.2f}, probe x{speed['factor']})",
+        f"(load average {load_before:.2f}, probe x{speed['factor']}, "
+        f"+{speed['overhead_s']} s, settled after {speed['settled_s']} s)",
         flush=True,
     )
     requests = asyncio.run(replay(url, case.trace))
