@@ -45,12 +45,16 @@ def measure() -> None:
 
 def validate(cases: list[str] | None, repeats: int) -> None:
     from bench.capacity.experiment import cases as all_cases
+    from bench.capacity.experiment import pace_for
     from bench.capacity.service import ServiceModel
     from bench.capacity.validate import validate as run
 
     measure()  # the engine's speed now, just before the cluster runs
-    selected = [case for case in all_cases() if not cases or case.name in cases]
-    data = run(selected, ServiceModel.load(SERVICE), repeats)
+    service = ServiceModel.load(SERVICE)
+    pace = pace_for(service)
+    print(f"[capacity] the traces at x{pace} their rates (the engine's speed now)", flush=True)
+    selected = [case for case in all_cases(pace) if not cases or case.name in cases]
+    data = run(selected, service, repeats, pace)
     _write(VALIDATION, data)
     chart(data, CHART)
     print(f"wrote {CHART}")
@@ -81,6 +85,7 @@ def show() -> int:
     if VALIDATION.exists():
         data = json.loads(VALIDATION.read_text())
         print(f"Validation: simulation against the real cluster ({data['nodes']}).")
+        print(f"The traces at x{data.get('pace', 1.0)} their rates (the engine's speed then).")
         print(
             f"Replica start {data['start_times_s']} s, request overhead "
             f"{data['request_overhead_s']} s (calibrated)."

@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 
-from bench.capacity.calibrate import LoggedCall, probe
 from bench.capacity.experiment import (
     LARGE,
     REQUEST_TIMEOUT_S,
@@ -30,6 +29,7 @@ from bench.capacity.experiment import (
     app_args,
 )
 from bench.capacity.figures import summarize
+from bench.capacity.probe import LoggedCall, probe
 from bench.capacity.service import ServiceModel
 from bench.capacity.traces import RequestKind, Trace
 
@@ -51,7 +51,7 @@ class RealRun:
     load_average: tuple[float, float] = (0.0, 0.0)
     repeat: int = 0  # which of the case's runs
     # The "1 call" factor measured on its first replica just before the trace
-    # (`calibrate.probe`): the machine's speed then.
+    # (`probe.py`): the machine's speed then.
     probe: dict[str, Any] = field(default_factory=dict)
     # Each request as the ingress logged it (`server_timings`), the probe's too.
     server: list[list[Any]] = field(default_factory=list)

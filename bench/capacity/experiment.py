@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.capacity.autoscaler import AutoscalingSettings
+from bench.capacity.service import ServiceModel
 from bench.capacity.simulation import ReplicaSettings
 from bench.capacity.traces import RequestKind, Trace, burst, ramp, steady
 
@@ -59,16 +60,37 @@ class Case:
     settings: AutoscalingSettings
 
 
-def cases() -> list[Case]:
+# A request of MIX's standalone seconds on the engine when the traces' rates were chosen
+# (run 10's measure: 0.115 s for SMALL, 0.45 s for LARGE).
+REFERENCE_REQUEST_S = 0.2
+
+
+def pace_for(service: ServiceModel) -> float:
+    """How many times the traces' rates a validation sends: the reference request's seconds
+    over MIX's now, so that the replicas carry the same load in any minute of the machine.
+    At fixed rates a slow minute (run 16: the engine 70% slower than in run 14) put the
+    ramp's first seconds at the autoscaler's threshold, where one replica more or less is
+    a coin flip of the run."""
+    weights = sum(weight for _, weight in MIX)
+    mean_s = sum(weight * service.call_s(k.size, k.steps, k.images) for k, weight in MIX)
+    return round(REFERENCE_REQUEST_S / (mean_s / weights), 3)
+
+
+def cases(pace: float = 1.0) -> list[Case]:
+    """The four traces, every rate times `pace` (`pace_for`)."""
     return [
-        Case("steady", steady(4.0, DURATION_S, MIX, seed=1), SETTINGS),
-        Case("ramp", ramp(1.0, 5.0, DURATION_S, MIX, seed=2), SETTINGS),
-        Case("burst", burst(2.0, 5.5, 20.0, 15.0, DURATION_S, MIX, seed=3), SETTINGS),
+        Case("steady", steady(4.0 * pace, DURATION_S, MIX, seed=1), SETTINGS),
+        Case("ramp", ramp(1.0 * pace, 5.0 * pace, DURATION_S, MIX, seed=2), SETTINGS),
+        Case(
+            "burst",
+            burst(2.0 * pace, 5.5 * pace, 20.0, 15.0, DURATION_S, MIX, seed=3),
+            SETTINGS,
+        ),
         Case(
             "burst-large (cost-aware)",
             burst(
-                2.0,
-                2.5,
+                2.0 * pace,
+                2.5 * pace,
                 20.0,
                 15.0,
                 DURATION_S,

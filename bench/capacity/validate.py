@@ -13,9 +13,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.capacity.calibrate import PROBE_WARM_CALLS
 from bench.capacity.experiment import REPEATS, REPLICA, Case, cases
 from bench.capacity.figures import COMPARED
+from bench.capacity.probe import PROBE_WARM_CALLS
 from bench.capacity.service import ServiceModel
 from bench.capacity.simulation import ReplicaSettings, SimResult, simulate
 
@@ -30,6 +30,7 @@ MODEL_FILES = (
     "bench/capacity/controller.py",
     "bench/capacity/experiment.py",
     "bench/capacity/figures.py",
+    "bench/capacity/probe.py",
     "bench/capacity/replicas.py",
     "bench/capacity/service.py",
     "bench/capacity/simulation.py",
@@ -72,12 +73,15 @@ def judged(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"real": real, "sim": simulated, "error": error, "real_runs": runs}
 
 
-def validate(selected: list[Case], service: ServiceModel, repeats: int = REPEATS) -> dict[str, Any]:
+def validate(
+    selected: list[Case], service: ServiceModel, repeats: int = REPEATS, pace: float = 1.0
+) -> dict[str, Any]:
     """The cases on the cluster, `repeats` runs each, then each run simulated (its repeat
     the seed) with `service` (measured on this machine just before), the contention
     calibrated on the cluster at the speed the run's probe measured, the request overhead
     its probe measured (else the calibration's), and the replica start measured in that run
-    (else the median of all); medians against medians."""
+    (else the median of all); medians against medians. `pace`: the traces' rates, as
+    `experiment.cases` was given it (recorded, for `speed_fit` and the report)."""
     from bench.capacity.cluster import run_cluster
 
     runs, calibration = run_cluster(selected, service, repeats)
@@ -126,6 +130,7 @@ def validate(selected: list[Case], service: ServiceModel, repeats: int = REPEATS
         "nodes": "two Ray nodes on one 2-core machine (head: proxy, ingress; worker: generators)",
         "model": model_digest(),
         "repeats": repeats,
+        "pace": pace,
         "service": service.with_overhead(overhead).to_json(),
         "replica": {**REPLICA.__dict__, "start_s": start_s},
         "start_times_s": measured_starts,
@@ -198,7 +203,8 @@ def speed_fit(
     contention = Contention.from_json(data.get("contention"))
     base = ServiceModel.from_json(data["service"])
     replica = ReplicaSettings(**data["replica"])
-    by_name = {case.name: case for case in (selected if selected is not None else cases())}
+    chosen = selected if selected is not None else cases(data.get("pace", 1.0))
+    by_name = {case.name: case for case in chosen}
     fits = []
     for row in data["cases"]:
         case, real = by_name[row["case"]], row["real"]

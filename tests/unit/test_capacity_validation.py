@@ -150,3 +150,28 @@ def test_each_run_is_simulated_with_the_overhead_its_probe_measured(monkeypatch)
     assert p50s[0] == pytest.approx(0.07 + 0.2, abs=0.002)
     assert p50s[1] == p50s[2] == pytest.approx(0.07 + 0.05, abs=0.002)
     assert data["service"]["request_overhead_s"] == 0.05
+
+
+def test_the_traces_follow_the_machine_s_speed_so_the_replicas_carry_the_same_load():
+    """At half the engine's speed a validation sends half the requests: the load on the
+    replicas (rate x service time) and so the autoscaler's view stay as the traces meant."""
+    from bench.capacity.experiment import LARGE, SMALL, cases, pace_for
+
+    def engine(scale: float) -> ServiceModel:
+        # A SMALL call 0.12 s and a LARGE one 0.44 s at scale 1: MIX's mean is 0.2 s.
+        costs = {
+            (SMALL.size, 1): CallCost(0.02 * scale, 0.005 * scale),
+            (LARGE.size, 1): CallCost(0.04 * scale, 0.01 * scale),
+        }
+        return ServiceModel(costs=costs, source="test")
+
+    assert pace_for(engine(1.0)) == pytest.approx(1.0)
+    assert pace_for(engine(2.0)) == pytest.approx(0.5)
+    for full, half in zip(cases(1.0), cases(0.5), strict=True):
+        assert full.name == half.name
+        assert len(half.trace.arrivals) == pytest.approx(len(full.trace.arrivals) / 2, rel=0.15)
+
+
+def test_a_validation_records_its_pace(three_runs):
+    data = validate([CASE], SERVICE, repeats=3, pace=0.7)
+    assert data["pace"] == 0.7
