@@ -1,8 +1,9 @@
 """The Ray Serve application: `import_path: serve_app:build_app` in a Serve config.
 
-`build_app(args)` turns the config's `args:` (validated by `deployments.config.AppArgs`) into
-an application: `ImageIngress` (HTTP, no model) in front of one `ImageGenerator:<model id>`
-deployment per model (that model's replicas, with the model's own deployment options).
+`build_app(args)` turns the config's `args:` (validated by
+`deployments.config.app_config.AppArgs`) into an application: `ImageIngress` (HTTP, no
+model) in front of one `ImageGenerator:<model id>` deployment per model (that model's
+replicas, with the model's own deployment options).
 `serve_app:app` is the same with default args: the embedded tiny model on the CPU, for
 `serve run serve_app:app`.
 """
@@ -15,11 +16,11 @@ from typing import Any
 from pydantic import ValidationError
 from ray.serve import Application
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import generator_deployment_name
 from deployments.generator.deployment import ImageGenerator
-from deployments.generator.pipelines import pipeline_class_named
+from deployments.generator.model.pipelines import pipeline_class_named
 from deployments.ingress.deployment import ImageIngress
-from deployments.model_config import generator_deployment_name
 
 
 class InvalidArgs(ValueError):

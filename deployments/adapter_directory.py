@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from deployments.model_config import ADAPTER_ID_PATTERN, AdapterConfig
+from deployments.config.model_config import ADAPTER_ID_PATTERN, AdapterConfig
 
 logger = logging.getLogger("ray.serve")
 

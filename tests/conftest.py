@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.cache_directory import CACHE_ENV_VAR
+from deployments.config.base import CACHE_ENV_VAR
 
 _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="image-service-tests-"))
 os.environ.setdefault(CACHE_ENV_VAR, str(_SESSION_CACHE))

@@ -16,7 +16,7 @@ from moto.core.authorization import ActionAuthenticatorMixin
 from moto.server import ThreadedMotoServer
 
 from bench.harness.serve_run import free_port
-from deployments.config import S3Config
+from deployments.config.app_config import S3Config
 
 # What the ingress's boto3 finds in its environment; moto accepts any key while it does not
 # check credentials (see `S3Server.checking_credentials`).

@@ -1,4 +1,4 @@
-"""A simulated replica's batch queue, as `deployments/generator/batching.py` runs it (the
+"""A simulated replica's batch queue, as `deployments/generator/calls/batching.py` runs it (the
 rules that decide when a worker starts which batch; its adapters and cancellations left out):
 
 - a job joins the first waiting batch of its kind (size and steps) with room for its images,

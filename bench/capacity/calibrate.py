@@ -213,7 +213,7 @@ def finish(
 ) -> dict[str, Any]:
     """The starting phases (the second application deleted by now), the warm-up ones (with
     `fresh`), then the factors."""
-    from deployments.model_config import generator_deployment_name
+    from deployments.config.model_config import generator_deployment_name
 
     deployment = generator_deployment_name("tiny-sd3")
     phase = started["phase"]

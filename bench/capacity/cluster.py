@@ -210,8 +210,8 @@ def calibrate_on(port: int, service: ServiceModel) -> dict[str, Any]:
     from ray import serve
 
     from bench.capacity import calibrate
+    from deployments.config.model_config import generator_deployment_name
     from deployments.generator.deployment import ImageGenerator
-    from deployments.model_config import generator_deployment_name
     from serve_app import build_app, parse_args
 
     urls = []
@@ -238,7 +238,7 @@ def _run_case(case: Case, app: str, port: int, repeat: int, service: ServiceMode
     its replica; the application deleted after."""
     from ray import serve
 
-    from deployments.model_config import generator_deployment_name
+    from deployments.config.model_config import generator_deployment_name
     from serve_app import build_app
 
     serve.run(build_app(app_args(case.settings)), name=app, route_prefix=f"/{app}")

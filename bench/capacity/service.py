@@ -106,10 +106,10 @@ def measure_engine(
     `images` images; `fixed_s` and `per_step_s` come from the two step counts."""
     import torch
 
+    from deployments.config.model_config import BatchingConfig, ModelConfig
     from deployments.generator.engine import ImageEngine
-    from deployments.generator.pipelines import load_pipeline
+    from deployments.generator.model.pipelines import load_pipeline
     from deployments.jobs import GenerationJob
-    from deployments.model_config import BatchingConfig, ModelConfig
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="generate")
     pool.submit(torch.set_num_threads, 1).result()

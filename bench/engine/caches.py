@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from deployments.generator.cache_hooks import CacheUnsupported, apply_cache, call_scope
-from deployments.generator.components import denoiser_of
-from deployments.generator.pipelines import RequestPipelines, load_pipeline
-from deployments.model_config import ModelConfig
-from deployments.optimizations_config import CacheConfig, OptimizationsConfig
+from deployments.config.model_config import ModelConfig
+from deployments.config.optimizations_config import CacheConfig, OptimizationsConfig
+from deployments.generator.model.cache_hooks import CacheUnsupported, apply_cache, call_scope
+from deployments.generator.model.components import denoiser_of
+from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 
 # Each kind at a few settings (label: the CacheConfig fields), from mild to aggressive.
 _ALL_TIMESTEPS = [0, 1000]
@@ -57,7 +57,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 # A kind that does not work on a family is refused at the replica's start (see
-# deployments/generator/cache_hooks.py); it is not measured there.
+# deployments/generator/model/cache_hooks.py); it is not measured there.
 UNSUPPORTED = {"tiny-sd3": {"first_block"}, "tiny-sdxl": {"first_block", "taylorseer", "magcache"}}
 
 

@@ -21,13 +21,13 @@ import time
 
 import torch
 
-from deployments.generator.call_arguments import pipeline_arguments
-from deployments.generator.components import denoiser_of
-from deployments.generator.optimizations import parameter_bytes
-from deployments.generator.pipelines import RequestPipelines, call_parameters, load_pipeline
-from deployments.generator.warmup import prepare_to_serve
+from deployments.config.model_config import BatchingConfig, ModelConfig
+from deployments.generator.calls.call_arguments import pipeline_arguments
+from deployments.generator.calls.warmup import prepare_to_serve
+from deployments.generator.model.components import denoiser_of
+from deployments.generator.model.optimizations import parameter_bytes
+from deployments.generator.model.pipelines import RequestPipelines, call_parameters, load_pipeline
 from deployments.jobs import GenerationJob
-from deployments.model_config import BatchingConfig, ModelConfig
 
 # (width, height, images per call): a small batched size and a large lone image.
 SHAPES = [(64, 64, 8), (256, 256, 1)]

@@ -1,5 +1,5 @@
 """Does it matter which threads of a process run torch? (It does, on a CPU: see
-`deployments/generator/torch_threads.py`.)
+`deployments/generator/model/torch_threads.py`.)
 
     python -m bench.engine.threads
 
@@ -36,8 +36,8 @@ def measure(where: str, threads: int) -> dict[str, float]:
 
     from bench.harness.load import Workload
     from bench.serving.bare import measure_bare
-    from deployments.generator.pipelines import load_pipeline
-    from deployments.model_config import ModelConfig
+    from deployments.config.model_config import ModelConfig
+    from deployments.generator.model.pipelines import load_pipeline
 
     result: dict[str, float] = {}
 

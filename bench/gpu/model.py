@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from deployments.cache_directory import default_cache_dir
-from deployments.generator.embedded_model import (
+from deployments.config.base import default_cache_dir
+from deployments.generator.model.embedded_model import (
     _CLIP_VOCAB_SIZE,
     _T5_VOCAB_SIZE,
     _clip_tokenizer,

@@ -128,7 +128,7 @@ def detect_environment() -> Environment:
         capability=torch.cuda.get_device_capability(0) if cuda else None,
         importable=frozenset(n for n in names if importlib.util.find_spec(n) is not None),
         # The code that applies `optimizations:` (being written apart from this benchmark).
-        applies_optimizations=importlib.util.find_spec("deployments.generator.optimizations")
+        applies_optimizations=importlib.util.find_spec("deployments.generator.model.optimizations")
         is not None,
     )
 
@@ -146,7 +146,7 @@ def levers(profile: Profile, env: Environment) -> tuple[list[Lever], list[tuple[
                 (
                     lever.name,
                     "this checkout does not apply `optimizations:` (no "
-                    "deployments/generator/optimizations.py): it would measure eager",
+                    "deployments/generator/model/optimizations.py): it would measure eager",
                 )
             )
         else:

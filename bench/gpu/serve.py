@@ -22,8 +22,8 @@ from typing import Any
 
 from bench.gpu.plan import Profile
 from bench.harness.serve_run import REPO, free_port, load_config
-from deployments.config import AppArgs
-from deployments.model_config import generator_deployment_name
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import generator_deployment_name
 from serve_app import build_application, parse_args
 
 APP_NAME = "images"

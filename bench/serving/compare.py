@@ -42,7 +42,7 @@ from bench.harness.serve_run import (
 )
 from bench.serving.bare import measure_bare
 from bench.serving.seed_server import SeedServer
-from deployments.generator.pipelines import load_pipeline
+from deployments.generator.model.pipelines import load_pipeline
 from serve_app import parse_args
 
 WORKLOADS = {

@@ -150,8 +150,8 @@ def figures(result, cpu: CpuMeter) -> dict:
 def ceiling(sizes: list[str]) -> dict[str, dict]:
     """The bare pipeline's best batch per size, in steps x pixels per second."""
     from bench.serving.bare import measure_bare
-    from deployments.generator.pipelines import load_pipeline
-    from deployments.model_config import ModelConfig
+    from deployments.config.model_config import ModelConfig
+    from deployments.generator.model.pipelines import load_pipeline
 
     pipeline = load_pipeline(ModelConfig(device="cpu"))
     best = {}

@@ -44,7 +44,7 @@ from bench.serving.stacks import (
     parse_collapsed,
     per_request_ms,
 )
-from deployments.model_config import generator_deployment_name
+from deployments.config.model_config import generator_deployment_name
 
 WORKLOADS = [Workload("small", size="64x64", steps=8), Workload("large", size="256x256", steps=8)]
 RULES = {"proxy": PROXY_RULES, "ingress": INGRESS_RULES, "replica": REPLICA_RULES}

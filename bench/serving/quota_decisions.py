@@ -22,8 +22,8 @@ import uuid
 
 import redis
 
+from deployments.config.quota_config import KeyLimits
 from deployments.ingress.quota_store import RedisQuotaStore
-from deployments.quota_config import KeyLimits
 
 LIMITS = KeyLimits(requests=10**9, image_steps=10**12, concurrent_requests=10**6)
 

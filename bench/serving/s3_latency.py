@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 from bench.harness.serve_run import free_port
-from deployments.config import S3Config
-from deployments.ingress.object_store import S3ImageStore
+from deployments.config.app_config import S3Config
 from deployments.ingress.storage import ImageStore
+from deployments.ingress.storage.object_store import S3ImageStore
 
 
 def image_png(side: int) -> bytes:

@@ -35,8 +35,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from bench.harness.serve_run import REPO, poll_for_image
-from deployments.generator.pipelines import load_pipeline
-from deployments.model_config import ModelConfig
+from deployments.config.model_config import ModelConfig
+from deployments.generator.model.pipelines import load_pipeline
 
 
 class TextToImageInput(BaseModel):

@@ -13,7 +13,7 @@ with `multiplexed_model_id=adapter_set_id(job.adapters)`, so Serve routes it to 
 already holds that set. The replica's multiplexed loader (wired in the constructor, so that
 its limit is the model's `max_adapters_per_replica`) prefetches the set's adapters in a
 thread, off the event loop, while generations go on; the engine loads them into the shared
-pipeline between calls (`deployments/generator/adapter_store.py`).
+pipeline between calls (`deployments/generator/adapters/adapter_store.py`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from ray.serve.context import _get_internal_replica_context
 
 from deployments.adapter_directory import WatchedAdapterDirectory
 from deployments.autoscaling_policy import JOBS_METRIC, WORK_METRIC
-from deployments.generator.adapter_store import AdapterStore
-from deployments.generator.cache_hooks import apply_cache
+from deployments.config.model_config import GENERATOR_DEPLOYMENT, BatchingConfig, ModelConfig
+from deployments.generator.adapters.adapter_store import AdapterStore
+from deployments.generator.calls.warmup import compiled_graphs, prepare_to_serve
 from deployments.generator.engine import ImageEngine
-from deployments.generator.model_limits import check_default_size
-from deployments.generator.pipelines import load_pipeline, resolve_device
-from deployments.generator.torch_threads import cpu_threads_per_call, run_in_pool, worker_pool
-from deployments.generator.warmup import compiled_graphs, prepare_to_serve
+from deployments.generator.model.cache_hooks import apply_cache
+from deployments.generator.model.model_limits import check_default_size
+from deployments.generator.model.pipelines import load_pipeline, resolve_device
+from deployments.generator.model.torch_threads import cpu_threads_per_call, run_in_pool, worker_pool
 from deployments.jobs import (
     GeneratedImages,
     GenerationEvent,
@@ -46,7 +47,6 @@ from deployments.jobs import (
     adapter_set_id,
 )
 from deployments.metrics import GeneratorMetrics
-from deployments.model_config import GENERATOR_DEPLOYMENT, BatchingConfig, ModelConfig
 
 
 @serve.deployment(

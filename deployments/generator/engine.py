@@ -2,11 +2,11 @@
 
 `ImageEngine.generate` is a coroutine: the replica's event loop keeps accepting requests
 while a bounded pool of threads runs the pipeline (torch releases the GIL in its kernels).
-Compatible jobs are grouped into one pipeline call by `deployments/generator/batching.py`;
-each call runs on its own pipeline view (see `deployments/generator/pipelines.py`), with the
-arguments of `deployments/generator/call_arguments.py`. A call that fails for a reason of
+Compatible jobs are grouped into one pipeline call by `deployments/generator/calls/batching.py`;
+each call runs on its own pipeline view (see `deployments/generator/model/pipelines.py`), with the
+arguments of `deployments/generator/calls/call_arguments.py`. A call that fails for a reason of
 its own (one job's bad prompt, running out of memory) runs again in smaller calls, so that a
-bad job fails alone (`deployments/generator/call_plan.py`); only a broken device fails the
+bad job fails alone (`deployments/generator/calls/call_plan.py`); only a broken device fails the
 replica. Cancelling the coroutine (the client went away, or the request timed out) cannot
 stop a thread, so a running batch whose jobs are all cancelled is told through the
 pipeline's step callback, which raises at the next denoising step; a job still waiting is
@@ -33,23 +33,23 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from deployments.generator.adapter_gate import CallAbandoned
-from deployments.generator.adapter_store import AdapterStore
-from deployments.generator.batching import BatchQueue, EventSink, QueuedJob, adapter_key
-from deployments.generator.cache_hooks import call_scope
-from deployments.generator.call_arguments import StepCallback, pipeline_arguments
-from deployments.generator.call_plan import BatchRun, CallPart, is_out_of_memory
-from deployments.generator.call_timing import CallTimer, CallTimes
-from deployments.generator.components import denoiser_of
-from deployments.generator.continuous_batching import ContinuousBatching, CountingExecutor
-from deployments.generator.denoise_loop import LaneHooks
-from deployments.generator.flow_families import family_of
-from deployments.generator.loop_adapters import LoopAdapters
-from deployments.generator.output_pixels import to_uint8
-from deployments.generator.pipelines import RequestPipelines, call_parameters
-from deployments.generator.previews import StepReporter, fit_previewer, spatial_latents
-from deployments.generator.prompt_tokens import PromptTokens
-from deployments.generator.torch_threads import worker_pool
+from deployments.config.model_config import BatchingConfig
+from deployments.generator.adapters.adapter_gate import CallAbandoned
+from deployments.generator.adapters.adapter_store import AdapterStore
+from deployments.generator.calls.batching import BatchQueue, EventSink, QueuedJob, adapter_key
+from deployments.generator.calls.call_arguments import StepCallback, pipeline_arguments
+from deployments.generator.calls.call_plan import BatchRun, CallPart, is_out_of_memory
+from deployments.generator.calls.call_timing import CallTimer, CallTimes
+from deployments.generator.loop.continuous_batching import ContinuousBatching, CountingExecutor
+from deployments.generator.loop.denoise_loop import LaneHooks
+from deployments.generator.loop.flow_families import family_of
+from deployments.generator.loop.loop_adapters import LoopAdapters
+from deployments.generator.model.cache_hooks import call_scope
+from deployments.generator.model.components import denoiser_of, to_uint8
+from deployments.generator.model.pipelines import RequestPipelines, call_parameters
+from deployments.generator.model.torch_threads import worker_pool
+from deployments.generator.progress.previews import StepReporter, fit_previewer, spatial_latents
+from deployments.generator.progress.prompt_tokens import PromptTokens
 from deployments.jobs import (
     AdapterUnavailable,
     GeneratedImages,
@@ -58,7 +58,6 @@ from deployments.jobs import (
     ModelCapabilities,
     ReplicaBroken,
 )
-from deployments.model_config import BatchingConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -97,7 +96,7 @@ class ImageEngine:
     calls as `batching` says (by default, each job alone). A call holds at most
     `batching.max_batch_pixels` pixels, or one image: a larger job runs in several.
     With `adapters`, jobs may name LoRA adapters: calls with different adapter sets never
-    overlap (`deployments/generator/adapter_gate.py`)."""
+    overlap (`deployments/generator/adapters/adapter_gate.py`)."""
 
     def __init__(
         self,
@@ -110,7 +109,7 @@ class ImageEngine:
         continuous: bool = False,
     ) -> None:
         """`pool`, if given, is the executor of `worker_threads` threads that loaded the
-        pipeline (see `deployments/generator/torch_threads.py`); otherwise one is made.
+        pipeline (see `deployments/generator/model/torch_threads.py`); otherwise one is made.
         `continuous`: text-to-image jobs of SD3 and FLUX run in the continuous loop
         (`continuous_batching.py`), the rest as below."""
         self._pipelines = RequestPipelines(pipeline)
@@ -249,7 +248,7 @@ class ImageEngine:
         self, queued: list[QueuedJob], cancelled: threading.Event
     ) -> list[GeneratedImages | Exception]:
         """Runs compatible jobs (see `batch_key`) in one pipeline call, or more where a job
-        is too large for one or a call fails (see `deployments/generator/call_plan.py`):
+        is too large for one or a call fails (see `deployments/generator/calls/call_plan.py`):
         each job's images or the exception it fails with, in job order."""
         if cancelled.is_set():
             raise GenerationCancelled()

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from deployments.adapter_directory import WatchedAdapterDirectory
+from deployments.config.model_config import AdapterConfig, ModelConfig
 from deployments.ingress.errors import APIError, invalid_request
 from deployments.ingress.protocol import LoraReference
 from deployments.jobs import AdapterWeight
-from deployments.model_config import AdapterConfig, ModelConfig
 
 
 class AdapterCatalog:

@@ -26,7 +26,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
-from deployments.config import AppArgs, CORSConfig
+from deployments.config.app_config import AppArgs, CORSConfig
 from deployments.ingress.auth import APIKeys, bearer_token
 from deployments.ingress.bodies import edit_form, edit_form_schema, json_body
 from deployments.ingress.errors import (

@@ -1,7 +1,8 @@
 """API keys: where they come from, and a check that takes the same time whatever is sent.
 
 Keys come from an environment variable or a file (a mounted Kubernetes Secret), as
-`deployments.config.AuthConfig` says. A file is re-read when its signature (modification and
+`deployments.config.app_config.AuthConfig` says.
+A file is re-read when its signature (modification and
 change times, size, inode) changes, so keys rotate without restarting the service. A file
 rewritten in place can be read mid-write: a read during which the signature changed is not
 trusted (the last good keys stay, and the next request reads again), and a file that is
@@ -22,7 +23,7 @@ import re
 import threading
 from pathlib import Path
 
-from deployments.config import AuthConfig
+from deployments.config.app_config import AuthConfig
 
 
 class NoAPIKeys(RuntimeError):

@@ -18,7 +18,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
 from deployments.ingress.errors import invalid_request, service_unavailable
 from deployments.jobs import (

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import AdapterConfig, ModelConfig
 from deployments.ingress.adapter_catalog import AdapterCatalog
 from deployments.ingress.errors import model_not_found
 from deployments.ingress.protocol import Model, ModelList
-from deployments.model_config import AdapterConfig, ModelConfig
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,13 @@ from pydantic import (
     model_serializer,
 )
 
-from deployments.ingress.validation_context import ValidationContext, context_of, resolve_size_in
+from deployments.config.model_config import ModelConfig
+from deployments.ingress.validation.validation_context import (
+    ValidationContext,
+    context_of,
+    resolve_size_in,
+)
 from deployments.jobs import AdapterWeight, GenerationJob
-from deployments.model_config import ModelConfig
 
 MAX_SEED = 2**32 - 1
 # Longest `lora` list as an edit form's JSON text (a few adapters fit in far less).

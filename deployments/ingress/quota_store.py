@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from deployments.quota_config import KeyLimits
+from deployments.config.quota_config import KeyLimits
 
 # KEYS: the window's hash, the slots' sorted set. ARGV: window ms, requests limit, image-steps
 # limit, the request's image-steps, concurrency limit (-1: none), slot id, slot ttl ms.

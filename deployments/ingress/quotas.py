@@ -24,10 +24,10 @@ import anyio
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
+from deployments.config.quota_config import KeyLimits, QuotaConfig, check_redis_url
 from deployments.ingress.errors import quota_store_unavailable, rate_limited
 from deployments.ingress.quota_store import Counts, QuotaStoreError, RedisQuotaStore
-from deployments.quota_config import KeyLimits, QuotaConfig, check_redis_url
 
 logger = logging.getLogger("ray.serve")
 

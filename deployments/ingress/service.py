@@ -21,7 +21,8 @@ from typing import Literal, Protocol
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import ModelConfig
 from deployments.ingress.adapter_catalog import describe_adapters
 from deployments.ingress.bodies import EditForm
 from deployments.ingress.deadline import Deadline
@@ -32,11 +33,6 @@ from deployments.ingress.errors import (
     storage_unavailable,
 )
 from deployments.ingress.model_catalog import ModelCatalog, Target
-from deployments.ingress.model_checks import (
-    check_edit_steps,
-    check_supported,
-    refuse_unencodable,
-)
 from deployments.ingress.output import ImagePackager
 from deployments.ingress.protocol import (
     ImageEditRequest,
@@ -51,7 +47,12 @@ from deployments.ingress.storage import ImageStorage, StorageUnavailable, open_s
 from deployments.ingress.streaming import EventEncoder, first_event, sse_body, timings_of
 from deployments.ingress.uploads import UploadError, read_edit_inputs
 from deployments.ingress.usage import JobCost, job_cost
-from deployments.ingress.validation_context import ValidationContext
+from deployments.ingress.validation.model_checks import (
+    check_edit_steps,
+    check_supported,
+    refuse_unencodable,
+)
+from deployments.ingress.validation.validation_context import ValidationContext
 from deployments.jobs import (
     GeneratedImages,
     GenerationEvent,
@@ -59,7 +60,6 @@ from deployments.jobs import (
     ModelCapabilities,
     Task,
 )
-from deployments.model_config import ModelConfig
 
 logger = logging.getLogger("ray.serve")
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
 from deployments.ingress.storage import ImageStore
 from tests.redis_server import RedisServer

@@ -10,7 +10,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
 from deployments.ingress.storage import ImageStore
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
 from deployments.ingress.protocol import ImageGenerationRequest
 from tests.strategies import plausible_request_bodies, request_bodies

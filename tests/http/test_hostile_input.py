@@ -9,7 +9,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
 
 from .checks import assert_openai_error

@@ -16,11 +16,10 @@ from urllib.parse import urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.config import AppArgs
-from deployments.ingress import object_store
+from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
-from deployments.ingress.object_store import S3ImageStore
-from deployments.ingress.storage import StorageMisconfigured
+from deployments.ingress.storage import StorageMisconfigured, object_store
+from deployments.ingress.storage.object_store import S3ImageStore
 
 from .checks import assert_openai_error
 from .fakes import FakeGenerator

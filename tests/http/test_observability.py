@@ -7,7 +7,7 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
 
 from .fakes import REPLICA_TIMINGS

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
+from deployments.config.quota_config import KeyLimits
 from deployments.ingress.quota_store import RedisQuotaStore
-from deployments.quota_config import KeyLimits
 from tests.redis_server import RedisServer
 
 from .checks import assert_openai_error

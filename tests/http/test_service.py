@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
 from deployments.ingress.bodies import EditForm
 from deployments.ingress.errors import APIError
 from deployments.ingress.protocol import ImagesResponse

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from deployments.ingress import storage as storage_module
+from deployments.ingress.storage import directory_store as storage_module
 
 from .checks import assert_openai_error
 from .test_edits import edit

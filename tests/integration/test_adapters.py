@@ -13,7 +13,7 @@ import openai
 import pytest
 from ray import serve
 
-from deployments.model_config import generator_deployment_name
+from deployments.config.model_config import generator_deployment_name
 from serve_app import build_app
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from ray import serve
 
-from deployments.model_config import generator_deployment_name
+from deployments.config.model_config import generator_deployment_name
 from serve_app import build_application, parse_args
 
 from .helpers import one_at_a_time

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ray import serve
 
-from deployments.model_config import generator_deployment_name
+from deployments.config.model_config import generator_deployment_name
 from serve_app import build_app
 
 from .helpers import decode_png

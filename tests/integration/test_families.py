@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from ray import serve
 
+from deployments.config.model_config import generator_deployment_name
 from deployments.jobs import GenerationJob
-from deployments.model_config import generator_deployment_name
 from serve_app import build_app
 
 from .helpers import decode_png

@@ -8,7 +8,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.model_config import generator_deployment_name
+from deployments.config.model_config import generator_deployment_name
 from serve_app import build_application, parse_args
 
 from .conftest import ACCELERATOR_RESOURCE, HEAD_RESOURCE

@@ -21,10 +21,10 @@ import pytest
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import generator_deployment_name
 from deployments.generator.deployment import ImageGenerator
 from deployments.ingress.deployment import ImageIngress
-from deployments.model_config import generator_deployment_name
 from serve_app import build_application, parse_args
 
 from .helpers import one_at_a_time

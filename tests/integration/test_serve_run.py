@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from bench.harness.serve_run import REPO, ServeRun, free_port, load_config, with_overrides
-from deployments.model_config import generator_deployment_name
+from deployments.config.model_config import generator_deployment_name
 
 from .helpers import decode_png
 

@@ -10,14 +10,14 @@ from contextlib import contextmanager
 
 from fastapi.testclient import TestClient
 
-from deployments.config import AppArgs
-from deployments.generator.adapter_store import AdapterStore
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import BatchingConfig, ModelConfig
+from deployments.generator.adapters.adapter_store import AdapterStore
 from deployments.generator.engine import ImageEngine
-from deployments.generator.pipelines import load_pipeline
+from deployments.generator.model.pipelines import load_pipeline
 from deployments.ingress.app import create_api
 from deployments.ingress.deployment import generator_errors_as_api_errors
 from deployments.jobs import GeneratedImages, GenerationEvent, GenerationJob, ModelCapabilities
-from deployments.model_config import BatchingConfig, ModelConfig
 
 
 class EngineBackend:

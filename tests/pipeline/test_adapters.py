@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from deployments.adapter_directory import WatchedAdapterDirectory
+from deployments.config.model_config import AdapterConfig, BatchingConfig, ModelConfig
 from deployments.generator import deployment
-from deployments.generator.adapter_store import AdapterStore
-from deployments.generator.embedded_adapters import WEIGHT_NAME, resolve_adapter_source
+from deployments.generator.adapters.adapter_store import AdapterStore
+from deployments.generator.adapters.embedded_adapters import WEIGHT_NAME, resolve_adapter_source
 from deployments.generator.engine import ImageEngine
-from deployments.generator.pipelines import load_pipeline
+from deployments.generator.model.pipelines import load_pipeline
 from deployments.jobs import AdapterUnavailable, GenerationJob
-from deployments.model_config import AdapterConfig, BatchingConfig, ModelConfig
 
 FAMILIES = ("tiny-sd3", "tiny-sdxl", "tiny-flux")
 BATCHING = BatchingConfig(max_batch_images=4, max_wait_ms=20)

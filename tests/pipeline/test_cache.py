@@ -16,14 +16,14 @@ import pytest
 from pydantic import ValidationError
 
 from bench.engine.caches import DenoiserWork
-from deployments.generator.cache_hooks import CacheUnsupported, apply_cache
-from deployments.generator.components import denoiser_of
+from deployments.config.model_config import BatchingConfig, ModelConfig
+from deployments.config.optimizations_config import CacheConfig, OptimizationsConfig
 from deployments.generator.deployment import ImageGenerator
 from deployments.generator.engine import ImageEngine
-from deployments.generator.pipelines import load_pipeline
+from deployments.generator.model.cache_hooks import CacheUnsupported, apply_cache
+from deployments.generator.model.components import denoiser_of
+from deployments.generator.model.pipelines import load_pipeline
 from deployments.jobs import GeneratedImages, GenerationJob
-from deployments.model_config import BatchingConfig, ModelConfig
-from deployments.optimizations_config import CacheConfig, OptimizationsConfig
 
 STEPS = 8
 # A setting of each kind that skips on the embedded models (their random weights change a

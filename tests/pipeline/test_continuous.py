@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.generator.adapter_store import AdapterStore
+from deployments.config.model_config import AdapterConfig, BatchingConfig, ModelConfig
+from deployments.generator.adapters.adapter_store import AdapterStore
 from deployments.generator.engine import ImageEngine
-from deployments.generator.output_pixels import to_uint8
-from deployments.generator.pipelines import RequestPipelines, load_pipeline
+from deployments.generator.model.components import to_uint8
+from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import (
     GeneratedImages,
     GenerationJob,
@@ -29,7 +30,6 @@ from deployments.jobs import (
     ReplicaBroken,
     StepProgress,
 )
-from deployments.model_config import AdapterConfig, BatchingConfig, ModelConfig
 
 # A lone UTF-16 surrogate: the tokenizer rejects the prompt (TypeError).
 POISONED_PROMPT = "a lighthouse \ud800"

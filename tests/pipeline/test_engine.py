@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.engine import ImageEngine
-from deployments.generator.pipelines import RequestPipelines, load_pipeline
+from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import GenerationJob, ReplicaBroken
-from deployments.model_config import BatchingConfig, ModelConfig
 
 
 def job(

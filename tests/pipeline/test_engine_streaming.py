@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.engine import ImageEngine
-from deployments.generator.pipelines import load_pipeline
-from deployments.generator.previews import LatentPreviewer
+from deployments.generator.model.pipelines import load_pipeline
+from deployments.generator.progress.previews import LatentPreviewer
 from deployments.jobs import GeneratedImages, GenerationJob, PartialImage, StepProgress
-from deployments.model_config import BatchingConfig, ModelConfig
 
 
 class RecordedMetrics:

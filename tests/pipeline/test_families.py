@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.engine import ImageEngine
-from deployments.generator.pipelines import RequestPipelines, load_pipeline
+from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import GeneratedImages, GenerationJob, PartialImage, StepProgress
-from deployments.model_config import BatchingConfig, ModelConfig
 
 FAMILIES = {
     "tiny-sd3": "StableDiffusion3Pipeline",

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from deployments.config.model_config import ModelConfig
 from deployments.generator.engine import UNBATCHED, ImageEngine
-from deployments.generator.pipelines import load_pipeline
-from deployments.generator.work_meter import HeldWork
+from deployments.generator.model.pipelines import load_pipeline
+from deployments.generator.progress.work_meter import HeldWork
 from deployments.jobs import GenerationEvent, GenerationJob, StepProgress
-from deployments.model_config import ModelConfig
 
 
 def job(width: int, steps: int, n: int) -> GenerationJob:

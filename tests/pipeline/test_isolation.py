@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.engine import ImageEngine
-from deployments.generator.pipelines import load_pipeline
+from deployments.generator.model.pipelines import load_pipeline
 from deployments.jobs import (
     GeneratedImages,
     GenerationJob,
@@ -19,7 +20,6 @@ from deployments.jobs import (
     PartialImage,
     StepProgress,
 )
-from deployments.model_config import BatchingConfig, ModelConfig
 
 # A lone UTF-16 surrogate: the tokenizer rejects the prompt (TypeError), failing its call.
 POISONED_PROMPT = "a lighthouse \ud800"

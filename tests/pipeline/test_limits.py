@@ -12,10 +12,10 @@ import PIL.Image
 import pytest
 import torch
 
-from deployments.generator.model_limits import check_default_size
-from deployments.generator.pipelines import RequestPipelines, call_parameters, load_pipeline
+from deployments.config.model_config import ModelConfig
+from deployments.generator.model.model_limits import check_default_size
+from deployments.generator.model.pipelines import RequestPipelines, call_parameters, load_pipeline
 from deployments.jobs import ModelCapabilities, Task
-from deployments.model_config import ModelConfig
 
 TASKS: tuple[Task, ...] = ("text-to-image", "image-to-image", "inpaint")
 # What the embedded models are known to take (checked at extreme aspect ratios, 1 step):

@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 import torch
 
+from deployments.config.model_config import BatchingConfig, ModelConfig
+from deployments.config.optimizations_config import CompileConfig
+from deployments.generator.calls.warmup import compiled_graphs, prepare_to_serve
 from deployments.generator.engine import ImageEngine
-from deployments.generator.optimizations import (
+from deployments.generator.model.optimizations import (
     OptimizationUnavailable,
     compile_blocks,
     parameter_bytes,
     repeated_blocks,
 )
-from deployments.generator.pipelines import RequestPipelines, load_pipeline
-from deployments.generator.warmup import compiled_graphs, prepare_to_serve
+from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import GenerationJob
-from deployments.model_config import BatchingConfig, ModelConfig
-from deployments.optimizations_config import CompileConfig
 
 
 def model(family: str = "tiny-sd3", **optimizations) -> ModelConfig:

@@ -17,9 +17,9 @@ import PIL.Image
 import pytest
 import torch
 
-from deployments.generator.pipelines import RequestPipelines, call_parameters, load_pipeline
+from deployments.config.model_config import ModelConfig
+from deployments.generator.model.pipelines import RequestPipelines, call_parameters, load_pipeline
 from deployments.jobs import Task
-from deployments.model_config import ModelConfig
 
 FAMILIES = ("tiny-sd3", "tiny-sdxl", "tiny-flux")
 SIDE = 32

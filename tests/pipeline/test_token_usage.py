@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.config import AppArgs
-from deployments.generator.pipelines import load_pipeline
-from deployments.model_config import BatchingConfig
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import BatchingConfig
+from deployments.generator.model.pipelines import load_pipeline
 
 from .engine_api import engine_client
 

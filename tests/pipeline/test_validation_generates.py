@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import BatchingConfig
 from deployments.ingress.app import create_api
-from deployments.model_config import BatchingConfig
 from tests.http.checks import decode
 from tests.http.fakes import FakeGenerator
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deployments.generator.adapter_gate import AdapterGate, CallAbandoned
+from deployments.generator.adapters.adapter_gate import AdapterGate, CallAbandoned
 
 INK = (("ink", 1.0),)
 INK_HALF = (("ink", 0.5),)  # the same adapter at another scale is another set

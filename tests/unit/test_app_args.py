@@ -7,9 +7,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
+from deployments.config.model_config import ModelConfig, generator_deployment_name
 from deployments.ingress.deployment import INGRESS_DEPLOYMENT
-from deployments.model_config import ModelConfig, generator_deployment_name
 from serve_app import InvalidArgs, build_app, parse_args
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"

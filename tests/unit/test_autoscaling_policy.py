@@ -33,7 +33,7 @@ from deployments.autoscaling_policy import (
     CostAwarePolicy,
     job_work,
 )
-from deployments.model_config import ModelConfig
+from deployments.config.model_config import ModelConfig
 from serve_app import build_application, parse_args
 
 DEPLOYMENT = DeploymentID(name="ImageGenerator:tiny-sd3", app_name="images")

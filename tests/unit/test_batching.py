@@ -11,10 +11,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from deployments.generator import batching
-from deployments.generator.batching import BatchQueue, QueuedJob, batch_key
+from deployments.config.model_config import BatchingConfig
+from deployments.generator.calls import batching
+from deployments.generator.calls.batching import BatchQueue, QueuedJob, batch_key
 from deployments.jobs import GeneratedImages, GenerationJob
-from deployments.model_config import BatchingConfig
 
 
 def job(

@@ -8,9 +8,9 @@ import PIL.Image
 import pytest
 import torch
 
-from deployments.generator.call_arguments import pipeline_arguments
-from deployments.generator.call_timing import CallTimer
-from deployments.generator.pipelines import call_parameters
+from deployments.generator.calls.call_arguments import pipeline_arguments
+from deployments.generator.calls.call_timing import CallTimer
+from deployments.generator.model.pipelines import call_parameters
 from deployments.jobs import GenerationJob
 
 EVERYTHING = frozenset(

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.generator.batching import QueuedJob
-from deployments.generator.call_plan import BatchRun, is_out_of_memory, plan_calls, split_call
-from deployments.generator.call_timing import CallTimes
+from deployments.generator.calls.batching import QueuedJob
+from deployments.generator.calls.call_plan import BatchRun, is_out_of_memory, plan_calls, split_call
+from deployments.generator.calls.call_timing import CallTimes
 from deployments.generator.engine import _is_device_failure
 from deployments.jobs import GeneratedImages, GenerationJob, GenerationOutOfMemory
 

@@ -1,5 +1,5 @@
 """The simulated replica's batch queue (`bench/capacity/batch_queue.py`) starts batches when
-the service's batch queue (`deployments/generator/batching.py`) would: a full batch first,
+the service's batch queue (`deployments/generator/calls/batching.py`) would: a full batch first,
 a lone job on an idle replica at once, and after a batch ends a `max_wait_s` window for as
 many new jobs as it had."""
 

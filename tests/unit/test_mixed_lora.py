@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from deployments.generator.mixed_lora import install, routed
+from deployments.generator.adapters.mixed_lora import install, routed
 
 
 class Tiny(torch.nn.Module):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from deployments.generator.warmup import warmup_shapes
-from deployments.model_config import BatchingConfig, ModelConfig
-from deployments.optimizations_config import CompileConfig, OptimizationsConfig
+from deployments.config.model_config import BatchingConfig, ModelConfig
+from deployments.config.optimizations_config import CompileConfig, OptimizationsConfig
+from deployments.generator.calls.warmup import warmup_shapes
 
 
 @pytest.mark.parametrize(

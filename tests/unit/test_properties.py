@@ -11,10 +11,10 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from deployments.config import AppArgs
+from deployments.config.app_config import AppArgs
 from deployments.ingress.errors import from_validation_error
 from deployments.ingress.protocol import ImageGenerationRequest
-from deployments.ingress.validation_context import ValidationContext
+from deployments.ingress.validation.validation_context import ValidationContext
 from deployments.sizes import parse_size
 from tests.strategies import plausible_request_bodies, request_bodies
 

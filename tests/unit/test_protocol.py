@@ -3,11 +3,11 @@
 import pytest
 from pydantic import ValidationError
 
-from deployments.config import RequestLimits
+from deployments.config.app_config import RequestLimits
+from deployments.config.model_config import ModelConfig
 from deployments.ingress.errors import from_validation_error
 from deployments.ingress.protocol import Image, ImageGenerationRequest
-from deployments.ingress.validation_context import ValidationContext
-from deployments.model_config import ModelConfig
+from deployments.ingress.validation.validation_context import ValidationContext
 
 CONTEXT = ValidationContext(
     limits=RequestLimits(

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments.config import StorageConfig
-from deployments.ingress import storage as storage_module
+from deployments.config.app_config import StorageConfig
 from deployments.ingress.storage import ImageStore, StorageUnavailable
+from deployments.ingress.storage import directory_store as storage_module
 
 
 @pytest.fixture

@@ -1,0 +1,305 @@
+"""Batching compatible jobs into one pipeline call.
+
+On an accelerator, threads running separate pipeline calls mostly take turns; one call over a
+batch of images uses the device better where a single image does not fill it. Jobs are
+compatible when everything the call shares is equal: size, steps, guidance scale, whether
+a negative prompt is given (`None` and `""` differ for some pipelines), the LoRA adapters and
+their scales, and for edits the task (image-to-image or inpainting) and strength. Prompts,
+negative prompts, seeds and input images stay per image.
+
+When a batch starts:
+- never before a worker thread is free; until then, waiting batches keep absorbing compatible
+  jobs (under load, batches grow by themselves);
+- at once when the replica is idle, so a lone request never waits for company;
+- otherwise when it is full or its oldest job has waited `max_wait_ms`;
+- but after a batch ends, one that is not full also waits (at most `max_wait_ms`) for as
+  many new jobs as the ended batch had: its callers, answered together, mostly ask again at
+  once (clients in a closed loop, a pipeline of requests), and without this they would come
+  back to a batch already started and the replica's clients would split into cohorts that
+  take turns at half the batch size. A lone client asking again starts at once (its own
+  next job is the one awaited).
+A batch holds at most `max_batch_images` images and `max_batch_pixels` pixels: batching pays
+where one image leaves the device idle (small sizes) and buys nothing but latency and memory
+where one image fills it (large sizes), so large images batch less or run alone. A job with
+more images than fit runs as a batch of its own. With `max_batch_images=1` every job runs
+alone: the per-request design.
+
+A job cancelled while it waits leaves its batch; a running batch is told to stop only when
+every job in it is cancelled. A batch's run answers for each job: its images or its own
+failure, so a failing job fails no other (how a batch runs as pipeline calls, and survives a
+failed one: `deployments/generator/calls/call_plan.py`).
+
+Each job travels with what its batch's run needs besides the job itself (`QueuedJob`): where
+its streamed events go and when it was submitted. Equal jobs (same parameters and seeds) from
+two requests are still two entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from deployments.config.model_config import BatchingConfig
+from deployments.generator.progress.work_meter import WorkMeter
+from deployments.jobs import AdapterWeight, GeneratedImages, GenerationEvent, GenerationJob, Task
+
+# How long a batch of an adapter set that is not running may be passed over for batches of
+# running sets (`BatchQueue._prefer_running`) before it goes first anyway.
+OVERDUE_S = 0.5
+
+# Where a streamed job's progress and previews go; called from a worker thread.
+EventSink = Callable[[GenerationEvent], None]
+
+
+@dataclass(frozen=True, eq=False)
+class QueuedJob:
+    """A submitted job, as its batch's run sees it."""
+
+    job: GenerationJob
+    sink: EventSink | None
+    # `time.perf_counter()` at submission: the job's wait is measured from here.
+    submitted: float
+    # Set (on the event loop) when the job's caller has gone while its batch runs: the
+    # batch's run leaves it out of any call it has not started yet.
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+
+# Runs a batch: each job's images, or the exception that job fails with, in job order. It
+# raises only for what fails the whole batch (cancellation, a broken device).
+RunBatch = Callable[[list[QueuedJob], threading.Event], list[GeneratedImages | Exception]]
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    has_negative_prompt: bool
+    # Edits run on another pipeline class, and their strength sets how many steps run.
+    task: Task = "text-to-image"
+    strength: float | None = None
+    # A call runs with one adapter set at one set of scales (`adapter_gate.py`).
+    adapters: tuple[AdapterWeight, ...] = ()
+
+
+def adapter_key(adapters: tuple[AdapterWeight, ...]) -> tuple[AdapterWeight, ...]:
+    """A job's adapters as its calls run them: sorted, none at scale 0 (() is the base)."""
+    return tuple(sorted((name, float(scale)) for name, scale in adapters if scale != 0))
+
+
+def batch_key(job: GenerationJob) -> BatchKey:
+    return BatchKey(
+        width=job.width,
+        height=job.height,
+        num_inference_steps=job.num_inference_steps,
+        guidance_scale=job.guidance_scale,
+        has_negative_prompt=job.negative_prompt is not None,
+        task=job.task,
+        strength=job.strength,
+        adapters=adapter_key(job.adapters),
+    )
+
+
+@dataclass(eq=False)
+class _Entry:
+    queued: QueuedJob
+    result: asyncio.Future[GeneratedImages]
+
+
+@dataclass(eq=False)
+class _Batch:
+    key: BatchKey
+    created: float
+    entries: list[_Entry] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+
+    @property
+    def num_images(self) -> int:
+        return sum(entry.queued.job.num_images for entry in self.entries)
+
+
+class BatchQueue:
+    """Groups jobs into batches and runs each batch with `run_batch` on `executor`.
+
+    All of its state is touched on the event loop's thread only; `run_batch` runs in the
+    executor's threads and sees nothing but its queued jobs and its batch's cancel flag.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        executor: Executor,
+        workers: int,
+        settings: BatchingConfig,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        # Told the number of waiting jobs whenever it may have changed (for a metric).
+        self._on_change = on_change
+        self._executor = executor
+        self._workers = workers
+        self._settings = settings
+        self._max_wait_s = settings.max_wait_ms / 1000
+        self._pending: list[_Batch] = []
+        self._running = 0
+        # The adapter sets of the running batches, with how many of each run.
+        self._running_sets: Counter[tuple[AdapterWeight, ...]] = Counter()
+        self._timer: asyncio.TimerHandle | None = None
+        # After a batch ends, its callers' next requests (closed-loop clients answer and ask
+        # again within milliseconds) are awaited before a batch that is not full starts:
+        # this many jobs more, until `_regroup_until` (`time.monotonic()`).
+        self._regroup_jobs = 0
+        self._regroup_until = 0.0
+        # Images in each of the most recent batches (bounded: a replica lives for weeks).
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
+        # The steps x pixels of the jobs between their submission and their answer: what the
+        # cost-aware autoscaling policy scales on (the engine takes each step off).
+        self.work = WorkMeter()
+
+    @property
+    def waiting_jobs(self) -> int:
+        return sum(len(batch.entries) for batch in self._pending)
+
+    async def submit(self, job: GenerationJob, sink: EventSink | None = None) -> GeneratedImages:
+        """The job's images, once its batch has run; `sink`, if given, goes to the batch's
+        run with the job (for its progress and previews)."""
+        loop = asyncio.get_running_loop()
+        queued = QueuedJob(job=job, sink=sink, submitted=time.perf_counter())
+        entry = _Entry(queued=queued, result=loop.create_future())
+        with self.work.holding(queued):
+            batch = self._batch_for(job)
+            batch.entries.append(entry)
+            self._regroup_jobs = max(0, self._regroup_jobs - 1)
+            self._dispatch()
+            try:
+                return await entry.result
+            except asyncio.CancelledError:
+                self._withdraw(batch, entry)
+                raise
+
+    def capacity(self, key: BatchKey) -> int:
+        """Most images a batch of this key holds (at least 1)."""
+        return self._settings.images_per_batch(key.width, key.height)
+
+    def _batch_for(self, job: GenerationJob) -> _Batch:
+        key = batch_key(job)
+        capacity = self.capacity(key)
+        for batch in self._pending:
+            if batch.key == key and batch.num_images + job.num_images <= capacity:
+                return batch
+        batch = _Batch(key=key, created=time.monotonic())
+        self._pending.append(batch)
+        return batch
+
+    def _withdraw(self, batch: _Batch, entry: _Entry) -> None:
+        if not batch.started:
+            batch.entries.remove(entry)
+            if not batch.entries:
+                self._pending.remove(batch)
+            if self._on_change is not None:
+                self._on_change(self.waiting_jobs)
+            return
+        entry.queued.abandoned.set()
+        if all(other.result.cancelled() for other in batch.entries):
+            batch.cancelled.set()
+
+    def _dispatch(self) -> None:
+        now = time.monotonic()
+        while self._running < self._workers:
+            batch = self._next_ready(now)
+            if batch is None:
+                break
+            self._start(batch)
+        self._arm_timer(now)
+        if self._on_change is not None:
+            self._on_change(self.waiting_jobs)
+
+    def _next_ready(self, now: float) -> _Batch | None:
+        """The batch to start: full ones first, then those past their wait, oldest first;
+        among them one of an adapter set that is running, if any (see `_prefer_running`)."""
+        ready = [b for b in self._pending if b.num_images >= self.capacity(b.key)]
+        if self._regrouping(now):
+            return self._prefer_running(ready, now) if ready else None
+        ready += [
+            b
+            for b in self._pending
+            if b not in ready and (self._running == 0 or now - b.created >= self._max_wait_s)
+        ]
+        if not ready:
+            return None
+        return self._prefer_running(ready, now)
+
+    def _regrouping(self, now: float) -> bool:
+        """Whether a batch that is not full waits for the callers of the batch that just ended."""
+        return self._regroup_jobs > 0 and now < self._regroup_until
+
+    def _prefer_running(self, ready: list[_Batch], now: float) -> _Batch:
+        """A batch of another adapter set than the running batches' would only wait, its
+        worker idle, until they end (calls of different sets never overlap: see
+        `adapter_gate.py`), while one of their set runs beside them at once. So a batch of a
+        running set goes first, unless another has waited `OVERDUE_S`: no set starves."""
+        first = ready[0]
+        if not self._running_sets or first.key.adapters in self._running_sets:
+            return first
+        if any(now - batch.created >= OVERDUE_S for batch in ready):
+            return first
+        same = [batch for batch in ready if batch.key.adapters in self._running_sets]
+        return same[0] if same else first
+
+    def _arm_timer(self, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending or self._running >= self._workers:
+            return  # a finishing batch calls _dispatch again
+        oldest = min(batch.created for batch in self._pending)
+        ready_at = oldest + self._max_wait_s if self._running else now
+        if self._regrouping(now):
+            ready_at = max(ready_at, self._regroup_until)
+        delay = max(0.0, ready_at - now)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
+
+    def _start(self, batch: _Batch) -> None:
+        self._pending.remove(batch)
+        batch.started = True
+        self._running += 1
+        self._running_sets[batch.key.adapters] += 1
+        queued = [entry.queued for entry in batch.entries]
+        self.batch_sizes.append(batch.num_images)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._run_batch, queued, batch.cancelled)
+        future.add_done_callback(lambda done: self._finish(batch, done))
+
+    def _finish(
+        self, batch: _Batch, done: asyncio.Future[list[GeneratedImages | Exception]]
+    ) -> None:
+        self._running -= 1
+        now = time.monotonic()
+        if self._regrouping(now):  # the window stays: a batch waits `max_wait_ms` at most
+            self._regroup_jobs += len(batch.entries)
+        else:
+            self._regroup_jobs = len(batch.entries)
+            self._regroup_until = now + self._max_wait_s
+        self._running_sets[batch.key.adapters] -= 1
+        if not self._running_sets[batch.key.adapters]:
+            del self._running_sets[batch.key.adapters]
+        if done.cancelled():  # the executor was shut down before the batch started
+            error: BaseException | None = RuntimeError("the replica is shutting down")
+        else:
+            error = done.exception()
+        for index, entry in enumerate(batch.entries):
+            if entry.result.done():
+                continue  # its caller cancelled and left
+            outcome = error if error is not None else done.result()[index]
+            if isinstance(outcome, BaseException):
+                entry.result.set_exception(outcome)
+            else:
+                entry.result.set_result(outcome)
+        self._dispatch()

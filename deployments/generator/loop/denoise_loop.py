@@ -1,0 +1,333 @@
+"""Step-level continuous batching: one denoising loop over the images in flight.
+
+A `Lane` is one worker thread's loop (the replica runs `worker_threads` of them). Its images
+are grouped by size; each turn of the loop, for every size it holds:
+1. jobs that arrived join at the step boundary, as many images as the group's budget allows
+   (`BatchingConfig.images_per_batch`: `max_batch_images` and `max_batch_pixels`): their
+   prompts are encoded in one text-encoder call, each image gets its latents from its own
+   seed and its own scheduler for its own steps (`flow_families.py`);
+2. images whose callers have gone (cancelled, timed out) leave;
+3. one denoising step runs over all of the group's images, in one transformer forward, each
+   at its own timestep with its own guidance and adapters (`mixed_lora.py`);
+4. images that took their last step leave: decoded together in one VAE call, and each job
+   whose images are all done is answered.
+A job thus starts at the next step boundary instead of waiting for a batch to end, and a
+short job leaves while long ones go on. A lane with nothing left ends; a lane yields its
+thread at a step boundary, once its in-flight images are done, when request-level work (edits,
+and what the loop does not take) waits for a thread, so neither path starves the other.
+
+Failures stay with their job: a failed encode or step runs again one job at a time, and the
+job that fails alone leaves with its own exception (out of memory: `GenerationOutOfMemory`);
+the others go on from the same state (a step only advances images after its forward
+succeeded). A device failure fails every job of the lane and the replica (`on_broken`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from deployments.generator.calls.batching import adapter_key
+from deployments.generator.loop.flow_families import FlowFamily
+from deployments.generator.loop.loop_adapters import LoopAdapters
+from deployments.generator.loop.loop_jobs import LaneHooks, LoopJob, Size
+from deployments.generator.model.components import to_uint8
+from deployments.generator.progress.previews import JobReporter, LatentPreviewer
+from deployments.jobs import GeneratedImages, ReplicaBroken
+
+logger = logging.getLogger("ray.serve")
+
+
+class Lane:
+    """One loop over the images of its jobs; `run` is a worker thread's body (see above)."""
+
+    def __init__(
+        self,
+        family: FlowFamily,
+        adapters: LoopAdapters | None,
+        previewer: LatentPreviewer | None,
+        hooks: LaneHooks,
+    ) -> None:
+        self._family = family
+        self._previewer = previewer
+        self._adapters = adapters
+        self._hooks = hooks
+        self._lock = threading.Lock()  # guards `_inbox`, `_held` and `running`
+        self._inbox: deque[LoopJob] = deque()
+        # Every job not answered or dropped yet, wherever it is (inbox, joining, a group,
+        # decoding): what a lane that fails must answer.
+        self._held: set[LoopJob] = set()
+        self._groups: dict[Size, list[LoopJob]] = {}
+        self.running = False  # a thread runs (or is about to run) `run`
+        self.images = 0  # images held, waiting and in flight (for picking a lane)
+
+    def add(self, job: LoopJob) -> bool:
+        """Queue a job for the next step boundary; True if the caller must start `run`."""
+        with self._lock:
+            self._inbox.append(job)
+            self._held.add(job)
+            self.images += job.job.num_images
+            start = not self.running
+            self.running = True
+        return start
+
+    def run(self) -> bool:
+        """The loop, until the lane holds nothing (False) or yields its thread to waiting
+        request-level work with jobs still queued (True: run it again later)."""
+        restarted = True  # a (re)started lane admits once, even with others waiting
+        try:
+            while True:
+                draining = not restarted and self._hooks.others_waiting()
+                restarted = False
+                if draining:
+                    self._drop_abandoned_arrivals()
+                else:
+                    self._admit()
+                for size in [size for size, jobs in self._groups.items() if jobs]:
+                    self._turn(size)
+                if any(self._groups.values()):
+                    continue
+                with self._lock:
+                    if not self._inbox or draining:
+                        self.running = bool(self._inbox)
+                        return self.running
+        except BaseException as error:
+            # A broken device (nothing here can run again), or a fault of the loop itself:
+            # every job it holds fails, none is left waiting.
+            if self._hooks.broken(error):
+                error = ReplicaBroken(f"the device failed: {type(error).__name__}")
+            else:
+                logger.exception("the continuous loop failed")
+            self._fail_everything(error)
+            raise
+
+    def _turn(self, size: Size) -> None:
+        jobs = self._groups[size]
+        self._leave_abandoned(jobs)
+        if jobs:
+            self._step(jobs)
+            self._finish([job for job in jobs if all(image.done for image in job.images)])
+
+    def _admit(self) -> None:
+        """Jobs from the inbox join their size's group while its budget has room, in order
+        of arrival per size: a job that does not fit yet keeps its place, and none of its
+        size passes it (a request of many images is not starved by a stream of single
+        ones); those of other sizes may still join."""
+        with self._lock:
+            arrived = list(self._inbox)
+        joining: list[LoopJob] = []
+        held = {size: sum(j.job.num_images for j in jobs) for size, jobs in self._groups.items()}
+        waiting: set[Size] = set()  # sizes whose first job in line does not fit yet
+        for job in arrived:
+            if job.gone:
+                self._drop(job)
+                continue
+            room = self._hooks.capacity(*job.size) - held.get(job.size, 0)
+            if job.size not in waiting and job.job.num_images <= room:
+                held[job.size] = held.get(job.size, 0) + job.job.num_images
+                joining.append(job)
+            else:
+                waiting.add(job.size)
+        if not joining:
+            return
+        with self._lock:
+            for job in joining:
+                self._inbox.remove(job)
+        for job in self._started(joining):
+            self._groups.setdefault(job.size, []).append(job)
+
+    def _started(self, jobs: list[LoopJob]) -> list[LoopJob]:
+        """The jobs' images made (prompts encoded in one call, latents and schedulers);
+        those that cannot start fail alone."""
+        if self._adapters is not None:
+            jobs = [job for job in jobs if self._staged(job)]
+        self._together_or_alone(jobs, self._encode, self._failed_start)
+        return [job for job in jobs if job.images]
+
+    def _together_or_alone(
+        self,
+        jobs: list[LoopJob],
+        action: Callable[[list[LoopJob]], None],
+        failed: Callable[[LoopJob, Exception], None],
+    ) -> None:
+        """`action(jobs)`; if it fails for a reason of its own, `action([job])` for each
+        job, and `failed(job, error)` for each that fails alone: a bad job fails only
+        itself. A device failure is raised (it fails the lane)."""
+        try:
+            action(jobs)
+            return
+        except Exception as error:
+            if self._hooks.broken(error):
+                raise
+            if len(jobs) == 1:
+                failed(jobs[0], error)
+                return
+            logger.warning("the loop's %s failed (%s); each job alone", action.__name__, error)
+        for job in list(jobs):
+            try:
+                action([job])
+            except Exception as error:
+                if self._hooks.broken(error):
+                    raise
+                failed(job, error)
+
+    def _staged(self, job: LoopJob) -> bool:
+        try:
+            self._adapters.load(adapter_key(job.job.adapters), self._in_use())
+            return True
+        except Exception as error:
+            if self._hooks.broken(error):
+                raise
+            self._failed_start(job, error)
+            return False
+
+    def _in_use(self) -> set[str]:
+        return {
+            adapter_id
+            for jobs in self._groups.values()
+            for job in jobs
+            for adapter_id, _ in job.job.adapters
+        }
+
+    def _failed_start(self, job: LoopJob, error: Exception) -> None:
+        job.images.clear()
+        self._answer(job, job.failure(error))
+
+    def _encode(self, jobs: list[LoopJob]) -> None:
+        started = time.perf_counter()
+        family = self._family
+        images = [(job, seed) for job in jobs for seed in job.job.seeds]
+        gate = self._adapters.encoding() if self._adapters else contextlib.nullcontext()
+        with torch.no_grad(), gate:
+            prompts = family.encode(
+                [job.job.prompt for job, _ in images],
+                [job.job.negative_prompt for job, _ in images],
+                [job.job.guidance_scale > 1 for job, _ in images],
+            )
+            states = [
+                family.start(
+                    prompt, job.job.width, job.job.height, job.job.num_inference_steps,
+                    job.job.guidance_scale, seed,
+                )
+                for (job, seed), prompt in zip(images, prompts, strict=True)
+            ]  # fmt: skip
+        seconds = time.perf_counter() - started
+        for (job, _), state in zip(images, states, strict=True):
+            state.adapters = adapter_key(job.job.adapters)
+            job.images.append(state)
+        for job in jobs:
+            job.joined = started
+            job.text_encode_s = seconds
+            job.reporter = JobReporter(job.queued.sink, job.job, family.spatial, self._previewer)
+
+    def _step(self, jobs: list[LoopJob]) -> None:
+        """One denoising step over the group; on a failure, each job's step alone. What
+        a step tells (the engine's counters, streams) comes after, once per step."""
+        stepped = list(jobs)
+        self._together_or_alone(jobs, self._step_jobs, self._fail_in_loop)
+        stepped = [job for job in stepped if job in jobs]  # those that did not fail
+        if not stepped:
+            return
+        self._hooks.step_done(stepped, sum(len(job.images) for job in stepped))
+        for job in stepped:
+            try:
+                job.reporter.step_done(job.images)
+            except Exception:  # its stream's reader has gone: the images go on
+                logger.warning("request %s: sending progress failed", job.job.request_id)
+
+    def _step_jobs(self, jobs: list[LoopJob]) -> None:
+        started = time.perf_counter()
+        images = [image for job in jobs for image in job.images]
+        with torch.no_grad():
+            if self._adapters is None:
+                noise = self._family.forward(images)
+            else:
+                noise = self._adapters.forward(self._family, images)
+            for image, prediction in zip(images, noise, strict=True):
+                self._family.advance(image, prediction)
+        seconds = time.perf_counter() - started
+        for job in jobs:
+            job.denoise_s += seconds
+            job.largest_step = max(job.largest_step, len(images))
+
+    def _fail_in_loop(self, job: LoopJob, error: Exception) -> None:
+        self._groups[job.size].remove(job)
+        self._fail(job, error)
+
+    def _fail(self, job: LoopJob, error: Exception) -> None:
+        self._answer(job, job.failure(error))
+
+    def _finish(self, done: list[LoopJob]) -> None:
+        """Decode the finished jobs' images in one VAE call and answer each job; on a
+        failure, each job's decode alone."""
+        if not done:
+            return
+        for job in done:
+            self._groups[job.size].remove(job)
+        self._together_or_alone(done, self._decode, self._fail)
+        for job in done:
+            if job.result_ready is not None:  # decoded (the others failed, answered)
+                self._hooks.job_done(job, job.result_ready)
+                self._answer(job, job.result_ready)
+
+    def _decode(self, done: list[LoopJob]) -> None:
+        """The jobs' images in one VAE call, kept on each job until all are decoded."""
+        started = time.perf_counter()
+        latents = [image.latents for job in done for image in job.images]
+        width, height = done[0].size
+        with torch.no_grad():
+            pixels = to_uint8(self._family.decode(latents, width, height))
+        decode_s = time.perf_counter() - started
+        offset = 0
+        for job in done:
+            count = job.job.num_images
+            job.result_ready = job.result(list(pixels[offset : offset + count]), decode_s)
+            offset += count
+
+    def _leave_abandoned(self, jobs: list[LoopJob]) -> None:
+        for job in [job for job in jobs if job.gone]:
+            jobs.remove(job)
+            self._drop(job)
+
+    def _drop_abandoned_arrivals(self) -> None:
+        with self._lock:
+            gone = [job for job in self._inbox if job.gone]
+        for job in gone:
+            self._drop(job)
+
+    def _drop(self, job: LoopJob) -> None:
+        """A job whose caller has gone leaves (at a step boundary); nobody is answered."""
+        with self._lock:
+            if job in self._inbox:
+                self._inbox.remove(job)
+            self._release(job)
+
+    def _answer(self, job: LoopJob, outcome: GeneratedImages | BaseException) -> None:
+        with self._lock:
+            if job not in self._held:
+                return  # answered already
+            self._release(job)
+        job.deliver(outcome)
+
+    def _release(self, job: LoopJob) -> None:
+        """(Under the lock.) The lane holds the job no more."""
+        self._held.discard(job)
+        self.images -= job.job.num_images
+
+    def _fail_everything(self, error: BaseException) -> None:
+        """Answer every job held with `error`: queued, joining, in a group or decoding."""
+        with self._lock:
+            failing = list(self._held)
+            self._inbox.clear()
+            self._groups = {}
+            self._held.clear()
+            self.images = 0
+            self.running = False
+        for job in failing:
+            job.deliver(error)

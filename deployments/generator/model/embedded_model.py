@@ -1,0 +1,301 @@
+"""The embedded models: tiny diffusers pipelines built from configs, with no download.
+
+No machine that builds or tests this project can reach a model hub, so the service ships
+recipes for miniature pipelines of three families instead, each the real architecture at toy
+sizes with random weights from a fixed seed:
+- `tiny-sd3`: `StableDiffusion3Pipeline` (MMDiT transformer, two CLIP encoders and T5);
+- `tiny-sdxl`: `StableDiffusionXLPipeline` (UNet, two CLIP encoders);
+- `tiny-flux`: `FluxPipeline` (flow-matching transformer with packed latents, CLIP and T5).
+Each is saved with `save_pretrained` and loaded back through the same `from_pretrained` path
+as a real checkpoint, so every code path the service runs on a GPU is exercised on a laptop
+CPU. Their images are noise.
+"""
+
+from __future__ import annotations
+
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+from deployments.config.base import default_cache_dir
+
+EMBEDDED_SCHEME = "embedded:"
+EMBEDDED_MODELS = ("tiny-sd3", "tiny-sdxl", "tiny-flux")
+# Bump when a recipe changes, so caches built by an older version are not reused.
+RECIPE_VERSION = 2
+
+_SEED = 0
+_CLIP_VOCAB_SIZE = 1000
+_T5_VOCAB_SIZE = 200
+
+
+def is_embedded(source: str) -> bool:
+    """Whether a model `source` names an embedded model (`embedded:<name>`)."""
+    return source.startswith(EMBEDDED_SCHEME)
+
+
+def ensure_embedded_model(source: str, cache_dir: Path | None = None) -> Path:
+    """Return the directory of the embedded model `source`, building and saving it if needed.
+
+    The build writes into a temporary directory and renames it into place, so replicas that
+    start at the same time never load a half-written model.
+    """
+    name = source.removeprefix(EMBEDDED_SCHEME)
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"unknown embedded model {source!r}; available: "
+            + ", ".join(EMBEDDED_SCHEME + known for known in EMBEDDED_MODELS)
+        )
+    root = cache_dir or default_cache_dir()
+    target = root / f"{name}-v{RECIPE_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        build_embedded_pipeline(name).save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished first; its copy is identical (same seed, same recipe).
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_embedded_pipeline(name: str):
+    """Build embedded model `name` in memory, deterministically (same weights every time)."""
+    builders = {
+        "tiny-sd3": build_tiny_sd3_pipeline,
+        "tiny-sdxl": build_tiny_sdxl_pipeline,
+        "tiny-flux": build_tiny_flux_pipeline,
+    }
+    return builders[name]()
+
+
+def _tiny_vae(latent_channels: int, scaling_factor: float, shift_factor: float | None):
+    """A VAE with four blocks, for the real 8x downsampling (so sizes follow the real rules)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=256,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _clip_config(hidden_size: int, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=_CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+
+
+def _t5_encoder(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=_T5_VOCAB_SIZE,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
+def build_tiny_sdxl_pipeline():
+    """A tiny SDXL: a UNet with cross-attention and SDXL's micro-conditioning (text_time)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(_SEED)
+    # Cross-attention sees both encoders' hidden states side by side (16 + 16); the added
+    # embedding takes 6 time ids x 8 plus the second encoder's 16-wide pooled projection.
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=32,
+        norm_num_groups=4,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_tiny_vae(latent_channels=4, scaling_factor=0.13025, shift_factor=None),
+        text_encoder=CLIPTextModel(_clip_config(hidden_size=16, projection_dim=16)),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(hidden_size=16, projection_dim=16)),
+        tokenizer=_clip_tokenizer(),
+        tokenizer_2=_clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_tiny_flux_pipeline():
+    """A tiny FLUX: a flow-matching transformer over 2x2-packed latents, with guidance
+    embedding (like FLUX.1-dev), a CLIP encoder for the pooled prompt and T5 for the rest."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(_SEED)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * 4,  # the VAE's 4 latent channels, packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's width
+        pooled_projection_dim=16,  # CLIP's width
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    pipeline = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(latent_channels=4, scaling_factor=1.5035, shift_factor=0.0609),
+        text_encoder=CLIPTextModel(_clip_config(hidden_size=16, projection_dim=16)),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_t5_encoder(d_model=32),
+        tokenizer_2=_t5_tokenizer(),
+        transformer=transformer,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_tiny_sd3_pipeline():
+    """Build the tiny SD3 pipeline in memory, deterministically (same weights every time)."""
+    import torch
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(_SEED)
+    # Text encoders: hidden sizes chosen so the joint embedding is 32 wide, like
+    # caption_projection's input in the transformer (CLIP 2 x 16 padded to T5's 32). Built in
+    # this order (both CLIPs, then T5, then the transformer and VAE) from the one seed: the
+    # saved weights depend on it.
+    text_encoder = CLIPTextModelWithProjection(_clip_config(hidden_size=16, projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(hidden_size=16, projection_dim=16))
+    text_encoder_3 = _t5_encoder(d_model=32)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        out_channels=16,
+        pos_embed_max_size=64,
+    )
+    # 16 latent channels, as in SD3 (its inpainting pipeline requires them).
+    vae = _tiny_vae(latent_channels=16, scaling_factor=1.5035, shift_factor=0.0609)
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=_t5_tokenizer(),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable characters that byte-level BPE uses to stand for the 256 byte values."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def _clip_tokenizer():
+    """A CLIP BPE tokenizer over a byte-level vocabulary: every string tokenizes, no merges."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in _byte_level_alphabet():
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    assert len(vocab) <= _CLIP_VOCAB_SIZE
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer():
+    """A T5 Unigram tokenizer over a small vocabulary of characters and word starts."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    for char in string.ascii_lowercase + string.ascii_uppercase + string.digits:
+        pieces.append(("▁" + char, -3.0))
+        pieces.append((char, -4.0))
+    for char in string.punctuation:
+        pieces.append((char, -5.0))
+    assert len(pieces) <= _T5_VOCAB_SIZE
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=256)

@@ -1,0 +1,203 @@
+"""Loading the one shared pipeline of a replica, and the per-request views that run on it.
+
+A replica holds ONE diffusers pipeline for its whole life. Each request runs on a view: a new
+pipeline object over the same component objects (same weights in memory), except for a fresh
+scheduler, because schedulers keep per-run state (step index, sigmas) and a shared one fails
+under concurrency (`IndexError: index 21 is out of bounds ...`). A text-to-image request's
+view is of the loaded pipeline's class; an edit's is of the family's image-to-image or
+inpainting class (found the way diffusers' auto pipelines find it), over the same components:
+edits never load a second copy of the weights.
+
+Two diffusers traps are avoided here on purpose:
+- `DiffusionPipeline.from_pipe` casts the shared modules to float32 unless given a dtype
+  (diffusers issue 12754), doubling a bf16 model's memory on the first request. The view is
+  built by calling the pipeline class on the shared components instead: no `.to()`, no copy.
+- Fast (Rust) tokenizers raise `RuntimeError: Already borrowed` when two threads use one at
+  once. Every view's `encode_prompt` runs under one lock per shared pipeline.
+And one of ours: diffusers' SDXL pipelines move a `force_upcast` VAE to float32 and back
+inside a call, under every concurrent call; `shared_modules.py` keeps it in float32 instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.auto_pipeline import (
+    AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+    AUTO_INPAINT_PIPELINES_MAPPING,
+    AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+)
+
+from deployments.config.model_config import ModelConfig
+from deployments.generator.model.components import DTYPES
+from deployments.generator.model.embedded_model import ensure_embedded_model, is_embedded
+from deployments.generator.model.model_limits import edit_step_rounding, size_limits
+from deployments.generator.model.optimizations import apply_at_load, quantization_config
+from deployments.generator.model.shared_modules import pin_upcast_vae
+from deployments.jobs import OPTIONAL_PARAMETERS, ModelCapabilities, Task
+
+logger = logging.getLogger("ray.serve")
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_pipeline(model: ModelConfig) -> DiffusionPipeline:
+    """Load the model's pipeline onto its device, the same way for every kind of source, with
+    the optimizations that are set at load (`deployments/generator/model/optimizations.py`).
+
+    Gated hub models (SD3 is one) read the Hugging Face token from `HF_TOKEN`.
+    """
+    device = resolve_device(model.device)
+    dtype = resolve_dtype(model.dtype, device)
+    source: str | Path = model.source
+    if is_embedded(model.source):
+        source = ensure_embedded_model(model.source)
+    pipeline_class = pipeline_class_named(model.pipeline_class)
+    logger.info(
+        "loading %s from %s as %s on %s with %s",
+        model.id,
+        source,
+        dtype,
+        device,
+        pipeline_class.__name__,
+    )
+    quantization = quantization_config(model.optimizations, source, model.revision, device)
+    pipeline = pipeline_class.from_pretrained(
+        source,
+        revision=model.revision,
+        dtype=dtype,
+        **({"quantization_config": quantization} if quantization is not None else {}),
+    )
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    # Now, while no call runs: what the shared modules are after loading is what they stay.
+    pin_upcast_vae(pipeline, task_classes(type(pipeline)).values())
+    apply_at_load(pipeline, model.optimizations)
+    return pipeline
+
+
+def task_classes(text_to_image: type) -> dict[Task, type]:
+    """The pipeline classes of each task of the family of `text_to_image` (by diffusers' own
+    auto-pipeline tables); a family without an image-to-image or inpainting class lacks it."""
+    classes: dict[Task, type] = {"text-to-image": text_to_image}
+    for family, cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.items():
+        if cls is text_to_image:
+            for task, mapping in (
+                ("image-to-image", AUTO_IMAGE2IMAGE_PIPELINES_MAPPING),
+                ("inpaint", AUTO_INPAINT_PIPELINES_MAPPING),
+            ):
+                if family in mapping:
+                    classes[task] = mapping[family]
+            break
+    return classes
+
+
+@functools.cache
+def pipeline_class_named(name: str | None) -> type[DiffusionPipeline]:
+    """diffusers' pipeline class called `name`; without a name, `DiffusionPipeline`, which
+    reads the class from the checkpoint's model_index.json. Raises ValueError naming
+    `models[].pipeline_class` for a name diffusers has no pipeline class by."""
+    if name is None:
+        return DiffusionPipeline
+    found = getattr(diffusers, name, None)
+    if not (isinstance(found, type) and issubclass(found, DiffusionPipeline)):
+        raise ValueError(f"models[].pipeline_class: diffusers has no pipeline class named {name!r}")
+    return found
+
+
+def call_parameters(pipeline_class: type) -> frozenset[str]:
+    """The arguments the pipeline class's `__call__` takes (asked for every pipeline call)."""
+    return frozenset(inspect.signature(pipeline_class.__call__).parameters)
+
+
+@functools.cache
+def init_parameters(pipeline_class: type) -> frozenset[str]:
+    """The components (and options) the pipeline class's constructor takes."""
+    return frozenset(inspect.signature(pipeline_class.__init__).parameters)
+
+
+class RequestPipelines:
+    """Makes per-request views of one shared pipeline, for each task its family has."""
+
+    def __init__(self, shared: DiffusionPipeline) -> None:
+        self.shared = shared
+        self._encode_lock = threading.Lock()
+        self._classes = task_classes(type(shared))
+        # A no-op for a pipeline from `load_pipeline`; for any other, it runs before any view.
+        pin_upcast_vae(shared, self._classes.values())
+
+    def capabilities(self) -> ModelCapabilities:
+        tasks = {}
+        for task, cls in self._classes.items():
+            takes = call_parameters(cls)
+            supported = {
+                name for name, argument in OPTIONAL_PARAMETERS.items() if argument in takes
+            }
+            if "true_cfg_scale" in takes:
+                # FLUX-style pipelines use a negative prompt only with "true" classifier-free
+                # guidance (`true_cfg_scale` > 1, twice the compute), which this service does
+                # not run: the negative prompt would be silently ignored.
+                supported.discard("negative_prompt")
+            tasks[task] = frozenset(supported)
+        rounding = {
+            task: rule
+            for task, cls in self._classes.items()
+            if "strength" in tasks[task] and (rule := edit_step_rounding(cls)) is not None
+        }
+        sizes = size_limits(self.shared)
+        return ModelCapabilities(
+            pipeline_class=type(self.shared).__name__,
+            tasks=tasks,
+            max_width=sizes.max_width,
+            max_height=sizes.max_height,
+            size_multiple=sizes.size_multiple,
+            edit_step_rounding=rounding,
+        )
+
+    def view(self, task: Task = "text-to-image") -> DiffusionPipeline:
+        """A pipeline for `task` over the shared weights with its own scheduler, safe to run
+        in a thread. Raises KeyError for a task the family has no pipeline for."""
+        cls = self._classes[task]
+        scheduler = self.shared.scheduler
+        components: dict[str, Any] = {
+            **self.shared.components,
+            "scheduler": type(scheduler).from_config(scheduler.config),
+        }
+        accepted = init_parameters(cls)
+        view = cls(**{name: value for name, value in components.items() if name in accepted})
+        view.set_progress_bar_config(disable=True)
+        # An instance attribute shadows the method, so the pipeline's own call to
+        # `self.encode_prompt(...)` goes through the lock.
+        view.encode_prompt = _serialized(view.encode_prompt, self._encode_lock)
+        return view
+
+
+def _serialized(method, lock: threading.Lock):
+    @functools.wraps(method)
+    def locked(*args, **kwargs):
+        with lock:
+            return method(*args, **kwargs)
+
+    return locked
