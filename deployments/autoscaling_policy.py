@@ -30,11 +30,12 @@ it refers to): it imports nothing but Ray, and no torch (checked by the tests).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingContext
+
+from deployments.jobs import edit_steps_run
 
 # The keys of the dict `ImageGenerator.record_autoscaling_stats` returns.
 WORK_METRIC = "work_step_pixels"
@@ -46,10 +47,11 @@ POLICY_FUNCTION = "deployments.autoscaling_policy:CostAwarePolicy"
 
 
 def job_work(width: int, height: int, images: int, steps: int, strength: float | None) -> int:
-    """Steps x pixels of a whole job. An edit denoises `steps x strength` of its steps
-    (rounded up, as SD3 and FLUX do; SDXL rounds down, one step less at most)."""
+    """Steps x pixels of a whole job. An edit denoises `steps x strength` of its steps,
+    counted by the edits' one rule (`jobs.edit_steps_run`), rounded up as SD3 and FLUX do
+    (SDXL rounds down: one step less at most)."""
     if strength is not None:
-        steps = max(1, math.ceil(steps * strength))
+        steps = max(1, edit_steps_run("ceil", steps, strength))
     return width * height * images * steps
 
 

@@ -10,6 +10,7 @@ A streamed job also gets events while it runs: `StepProgress` after denoising st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -88,6 +89,18 @@ OPTIONAL_PARAMETERS = {
 }
 
 
+def edit_steps_run(rounding: str, steps: int, strength: float) -> int:
+    """The denoising steps an edit of `steps` at `strength` runs: diffusers' own arithmetic
+    (`get_timesteps`), float for float. "floor" (SDXL): int(steps x strength), 0 when
+    steps x strength < 1; "ceil" (SD3, FLUX): steps x strength rounded up, at least 1
+    whenever strength > 0. The one rule for every count of an edit's steps (validation,
+    usage, the autoscaler's work)."""
+    wanted = min(steps * strength, steps)
+    if rounding == "floor":
+        return int(wanted)
+    return steps - int(max(steps - wanted, 0))
+
+
 @dataclass(frozen=True)
 class ModelCapabilities:
     """What a model's loaded pipeline can do: for each task it can run, the optional request
@@ -100,7 +113,7 @@ class ModelCapabilities:
     - `size_multiple`: width and height must be multiples of it, so it is the smallest side;
     - `edit_step_rounding`: for each edit task that takes `strength`, how its pipeline makes
       `num_inference_steps x strength` a number of steps, "floor" or "ceil" (see
-      `steps_run`); an edit fails when that number is 0."""
+      `edit_steps_run`); an edit fails when that number is 0."""
 
     pipeline_class: str
     tasks: dict[str, frozenset[str]]
@@ -112,17 +125,7 @@ class ModelCapabilities:
     def edit_steps(self, task: str, steps: int, strength: float) -> int:
         """The denoising steps an edit of `task` runs; 0 means its pipeline would fail. A
         task without a known rule counts as "floor", the stricter one."""
-        return self.steps_run(self.edit_step_rounding.get(task, "floor"), steps, strength)
-
-    @staticmethod
-    def steps_run(rounding: str, steps: int, strength: float) -> int:
-        """diffusers' own arithmetic (`get_timesteps`), float for float. "floor" (SDXL):
-        int(steps x strength), 0 when steps x strength < 1; "ceil" (SD3, FLUX): steps x
-        strength rounded up, at least 1 whenever strength > 0."""
-        wanted = min(steps * strength, steps)
-        if rounding == "floor":
-            return int(wanted)
-        return steps - int(max(steps - wanted, 0))
+        return edit_steps_run(self.edit_step_rounding.get(task, "floor"), steps, strength)
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,10 @@ class GeneratedImages:
 
 
 GenerationEvent = StepProgress | PartialImage | GeneratedImages
+
+# Where a streamed job's progress and previews go, on the generator side; called from a
+# worker thread.
+EventSink = Callable[[GenerationEvent], None]
 
 
 class GenerationOutOfMemory(Exception):

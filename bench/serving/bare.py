@@ -9,15 +9,6 @@ import torch
 from bench.harness.load import PROMPTS, Workload
 
 
-def weights_bytes(pipeline) -> int:
-    return sum(
-        parameter.numel() * parameter.element_size()
-        for module in pipeline.components.values()
-        if isinstance(module, torch.nn.Module)
-        for parameter in module.parameters()
-    )
-
-
 def measure_bare(
     pipeline, workload: Workload, batch_sizes: list[int], repeats: int = 3
 ) -> dict[int, dict]:

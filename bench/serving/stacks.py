@@ -21,7 +21,7 @@ INGRESS_RULES: Rules = [
     ("PNG/JPEG/WebP encode", ("encode_image", "PIL/")),
     ("base64", ("to_base64", "b64encode")),
     ("JSON (request and response)", ("json_body", "json/", "JSONResponse", "model_dump")),
-    ("validation", ("pydantic", "validate", "to_job", "refuse_unencodable", "model_checks")),
+    ("validation", ("pydantic", "validate", "to_job", "refuse_unencodable", "validation")),
     ("request logs", ("logging/", "request_log")),
     ("metrics", ("metrics", "prometheus", "opentelemetry")),
     ("handle call (routing, pickling)", ("serve/handle.py", "request_router", "router.py")),

@@ -175,7 +175,7 @@ class ImageRequest(BaseModel):
             negative_prompt=self.negative_prompt,
             width=width,
             height=height,
-            num_inference_steps=self.num_inference_steps or model.default_steps,
+            num_inference_steps=self.steps(model),
             guidance_scale=(
                 self.guidance_scale
                 if self.guidance_scale is not None
@@ -189,6 +189,10 @@ class ImageRequest(BaseModel):
             strength=self.edit_strength(model) if image is not None else None,
             adapters=adapters,
         )
+
+    def steps(self, model: ModelConfig) -> int:
+        """The denoising steps asked for: `num_inference_steps`, else the model's default."""
+        return self.num_inference_steps or model.default_steps
 
     def edit_strength(self, model: ModelConfig) -> float | None:
         """How much of an input image an edit redraws (edits only)."""

@@ -3,8 +3,8 @@
 its methods without HTTP.
 
 A request goes: `scope` (its id, log line and deadline) -> `prepare_generation` or
-`prepare_edit` (route by `model`, validate against the model's rules and what its pipeline
-takes, build the `GenerationJob`) -> `run` (hand the job to the model's backend, then encode
+`prepare_edit` (route by `model`, validate as `validation/request_validation.py` says,
+build the `GenerationJob`) -> `run` (hand the job to the model's backend, then encode
 and store its images here, so generator replicas spend their time on the model alone).
 """
 
@@ -18,25 +18,20 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from deployments.config.app_config import AppArgs
-from deployments.config.model_config import ModelConfig
 from deployments.ingress.adapter_catalog import describe_adapters
 from deployments.ingress.bodies import EditForm
 from deployments.ingress.deadline import Deadline
 from deployments.ingress.errors import (
     APIError,
-    from_validation_error,
     invalid_request,
     storage_unavailable,
 )
 from deployments.ingress.model_catalog import ModelCatalog, Target
 from deployments.ingress.output import ImagePackager
 from deployments.ingress.protocol import (
-    ImageEditRequest,
-    ImageGenerationRequest,
     ImageRequest,
     ImagesResponse,
     Model,
@@ -47,12 +42,8 @@ from deployments.ingress.storage import ImageStorage, StorageUnavailable, open_s
 from deployments.ingress.streaming import EventEncoder, first_event, sse_body, timings_of
 from deployments.ingress.uploads import UploadError, read_edit_inputs
 from deployments.ingress.usage import JobCost, job_cost
-from deployments.ingress.validation.model_checks import (
-    check_edit_steps,
-    check_supported,
-    refuse_unencodable,
-)
-from deployments.ingress.validation.validation_context import ValidationContext
+from deployments.ingress.validation.request_validation import RequestValidator
+from deployments.ingress.validation.unicode_text import refuse_unencodable
 from deployments.jobs import (
     GeneratedImages,
     GenerationEvent,
@@ -120,7 +111,7 @@ class ImageService:
         if sorted(backends) != model_ids:
             raise ValueError(f"backends for {sorted(backends)}, models {model_ids}")
         self._backends = dict(backends)
-        self._capabilities: dict[str, ModelCapabilities] = {}
+        self.validator = RequestValidator(args.limits)
         # Opening a bucket checks that it is reachable: a wrong one fails the ingress's start.
         self.store = store or open_store(args.storage)
         self._metrics = metrics
@@ -155,39 +146,15 @@ class ImageService:
             log.finish(500, "internal_error")
             raise
 
-    def validate(
-        self,
-        schema: type[ImageRequest],
-        fields: object,
-        context: ValidationContext,
-        *,
-        strict: bool,
-    ) -> ImageRequest:
-        """The request's fields checked against the schema, the config's rules and the
-        model's own limits. A JSON body is taken `strict`ly, as OpenAI's API takes it (`"2"`
-        and `true` are no numbers); a form's fields are text, so they are converted."""
-        try:
-            params = schema.model_validate(fields, context=context, strict=strict)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from None
-        if (option := params.streaming_option_without_stream()) is not None:
-            raise invalid_request(
-                f"Invalid value for '{option}': it needs 'stream': true.",
-                param=option,
-                code="invalid_value",
-            )
-        return params
-
     async def prepare_generation(self, body: object, scope: RequestScope) -> PreparedJob:
         """A generation request's job, from its JSON body."""
         refuse_unencodable(body)
         target = await self.target_of(body.get("model") if isinstance(body, dict) else None)
         model = target.model
         backend = self._backends[model.id]
-        params, context = await self._validated(
-            ImageGenerationRequest, body, model, backend, scope.deadline, strict=True
+        params, context = await self.validator.generation(
+            body, model, backend.capabilities, scope.deadline
         )
-        check_supported(params, context.capabilities, model, "text-to-image")
         adapters = self.models.adapters.resolve(model, target.adapter, params.lora)
         job = params.to_job(context, scope.request_id, adapters=adapters)
         scope.log.add(**self._logged_parameters(params, job, model.id))
@@ -201,13 +168,11 @@ class ImageService:
         target = await self.target_of(form.fields.get("model"))
         model = target.model
         backend = self._backends[model.id]
-        params, context = await self._validated(
-            ImageEditRequest, form.fields, model, backend, scope.deadline, strict=False
-        )
         task: Task = "image-to-image" if form.mask is None else "inpaint"
         # Refused before any image is decoded if the model cannot do this edit.
-        check_supported(params, context.capabilities, model, task)
-        check_edit_steps(params, context.capabilities, model, task)
+        params, context = await self.validator.edit(
+            form.fields, task, model, backend.capabilities, scope.deadline
+        )
         adapters = self.models.adapters.resolve(model, target.adapter, params.lora)
         try:
             inputs = await run_in_threadpool(
@@ -279,29 +244,6 @@ class ImageService:
             self._metrics.error(error.type, error.code)
 
     # --- helpers ---
-
-    async def _validated(
-        self,
-        schema: type[ImageRequest],
-        fields: object,
-        model: ModelConfig,
-        backend: ImageBackend,
-        deadline: Deadline,
-        *,
-        strict: bool,
-    ) -> tuple[ImageRequest, ValidationContext]:
-        """The request validated against the config's limits and the model's own, which a
-        replica reports once (asked within the request's time: it may still be starting).
-        Until they are known the body is first checked against the config alone, so that a
-        malformed request is a 400 at once rather than a wait for a starting replica."""
-        capabilities = self._capabilities.get(model.id)
-        if capabilities is None:
-            config_only = ValidationContext(limits=self.args.limits, model=model)
-            self.validate(schema, fields, config_only, strict=strict)
-            capabilities = await deadline.wait(backend.capabilities())
-            self._capabilities[model.id] = capabilities  # the same for the model's whole life
-        context = ValidationContext(limits=self.args.limits, model=model, capabilities=capabilities)
-        return self.validate(schema, fields, context, strict=strict), context
 
     def _logged_parameters(
         self, params: ImageRequest, job: GenerationJob, model_id: str

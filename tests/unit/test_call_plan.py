@@ -9,8 +9,8 @@ import torch
 
 from deployments.generator.calls.batching import QueuedJob
 from deployments.generator.calls.call_plan import BatchRun, is_out_of_memory, plan_calls, split_call
+from deployments.generator.calls.call_runner import is_device_failure
 from deployments.generator.calls.call_timing import CallTimes
-from deployments.generator.engine import _is_device_failure
 from deployments.jobs import GeneratedImages, GenerationJob, GenerationOutOfMemory
 
 
@@ -137,10 +137,10 @@ def test_the_split_is_logged_with_the_request_ids(caplog):
 )
 def test_out_of_memory_is_recognised_and_is_no_device_failure(error):
     assert is_out_of_memory(error)
-    assert not _is_device_failure(error)
+    assert not is_device_failure(error)
 
 
 def test_other_failures_are_not_out_of_memory():
     assert not is_out_of_memory(ValueError("out of memory"))  # not torch's
     assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access"))
-    assert _is_device_failure(RuntimeError("CUDA error: an illegal memory access"))
+    assert is_device_failure(RuntimeError("CUDA error: an illegal memory access"))

@@ -87,3 +87,79 @@ def test_every_test_a_page_cites_exists(page):
         source = cited_file.read_text()
         defined = re.search(rf"^(async )?def {name}\(", source, re.MULTILINE)
         assert defined, f"{page.name} cites {cited_file.relative_to(ROOT)}::{name}: no such test"
+
+
+def _module_map() -> str:
+    design = (ROOT / "docs" / "design.md").read_text()
+    section = design.split("## Module map", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def _mapped_paths(block: str) -> set[str]:
+    """The paths the module map's tree names: an entry is a name ending in `/` or `.py` at
+    the line's start (after its indent); other lines continue a description."""
+    paths: set[str] = set()
+    stack: list[tuple[int, str]] = []  # (indent, folder) of the folders above
+    for line in block.splitlines():
+        stripped = line.lstrip(" ")
+        name = stripped.split(" ", 1)[0]
+        if not name.endswith(("/", ".py")):
+            continue
+        indent = len(line) - len(stripped)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = "".join(folder for _, folder in stack) + name
+        paths.add(path.rstrip("/"))
+        if name.endswith("/"):
+            stack.append((indent, name))
+    return paths
+
+
+def test_the_module_map_lists_every_module_and_nothing_else():
+    mapped = {
+        path for path in _mapped_paths(_module_map()) if path.split("/")[0] == "deployments"
+    }
+    actual = set()
+    for module in (ROOT / "deployments").rglob("*.py"):
+        relative = module.relative_to(ROOT)
+        if module.name == "__init__.py":
+            actual.add(str(relative.parent))  # a package: its folder is listed
+        else:
+            actual.add(str(relative))
+    actual.add("deployments/ingress/playground")
+    assert sorted(actual - mapped) == [], "modules missing from docs/design.md's module map"
+    assert sorted(mapped - actual) == [], "module map entries with no module"
+
+
+def test_the_module_map_parser_reads_nesting():
+    block = "a/\n  b.py  x\n  c/\n    d.py  y\n        continued text\n  e.py\nf.py\n"
+    assert _mapped_paths(block) == {"a", "a/b.py", "a/c", "a/c/d.py", "a/e.py", "f.py"}
+
+
+def _tables(page: Path) -> list[list[str]]:
+    """Each table of `page` (outside code blocks) as its lines, plus the line after it."""
+    lines = FENCE.sub("", page.read_text()).splitlines()
+    tables, current = [], []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append([*current, line])
+            current = []
+    return tables
+
+
+def _cells(row: str) -> int:
+    return len(re.sub(r"\\\|", "", row.strip()).strip("|").split("|"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_table_renders(page):
+    """A table ends at a blank line (text right after one is read as another row), and
+    every row has its header's cells (a longer row runs into the next paragraph)."""
+    for table in _tables(page):
+        *rows, after = table
+        assert after.strip() == "", f"{page.name}: no blank line after the table at {rows[0]!r}"
+        header = _cells(rows[0])
+        for row in rows[2:]:
+            assert _cells(row) == header, f"{page.name}: {row!r} has not {header} cells"

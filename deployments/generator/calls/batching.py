@@ -39,21 +39,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from deployments.config.model_config import BatchingConfig
-from deployments.generator.progress.work_meter import WorkMeter
-from deployments.jobs import AdapterWeight, GeneratedImages, GenerationEvent, GenerationJob, Task
+from deployments.generator.progress.replica_progress import ReplicaProgress
+from deployments.jobs import AdapterWeight, EventSink, GeneratedImages, GenerationJob, Task
 
 # How long a batch of an adapter set that is not running may be passed over for batches of
 # running sets (`BatchQueue._prefer_running`) before it goes first anyway.
 OVERDUE_S = 0.5
-
-# Where a streamed job's progress and previews go; called from a worker thread.
-EventSink = Callable[[GenerationEvent], None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,7 +136,11 @@ class BatchQueue:
         workers: int,
         settings: BatchingConfig,
         on_change: Callable[[int], None] | None = None,
+        progress: ReplicaProgress | None = None,
     ) -> None:
+        """`progress`: where the replica keeps its held work and batch sizes (its own, if
+        none is given)."""
+        progress = progress if progress is not None else ReplicaProgress()
         self._run_batch = run_batch
         # Told the number of waiting jobs whenever it may have changed (for a metric).
         self._on_change = on_change
@@ -157,11 +158,11 @@ class BatchQueue:
         # this many jobs more, until `_regroup_until` (`time.monotonic()`).
         self._regroup_jobs = 0
         self._regroup_until = 0.0
-        # Images in each of the most recent batches (bounded: a replica lives for weeks).
-        self.batch_sizes: deque[int] = deque(maxlen=1000)
+        # Images in each of the most recent batches.
+        self.batch_sizes = progress.batch_sizes
         # The steps x pixels of the jobs between their submission and their answer: what the
-        # cost-aware autoscaling policy scales on (the engine takes each step off).
-        self.work = WorkMeter()
+        # cost-aware autoscaling policy scales on (each step a call runs comes off).
+        self.work = progress.work
 
     @property
     def waiting_jobs(self) -> int:

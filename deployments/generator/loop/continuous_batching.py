@@ -15,44 +15,18 @@ Lanes and request-level batches share the worker threads: the batch queue's exec
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from deployments.config.model_config import BatchingConfig
-from deployments.generator.calls.batching import EventSink, QueuedJob
+from deployments.generator.calls.batching import QueuedJob
 from deployments.generator.loop.denoise_loop import Lane, LaneHooks, LoopJob
 from deployments.generator.loop.flow_families import FlowFamily
 from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.progress.previews import LatentPreviewer
 from deployments.generator.progress.work_meter import WorkMeter
-from deployments.jobs import GeneratedImages, GenerationJob
-
-
-class CountingExecutor(Executor):
-    """The worker pool as the request-level batch queue submits to it, counting the
-    batches submitted that no thread has started yet."""
-
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pool = pool
-        self._lock = threading.Lock()
-        self.waiting = 0
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        with self._lock:
-            self.waiting += 1
-
-        def started() -> Any:
-            with self._lock:
-                self.waiting -= 1
-            return fn(*args, **kwargs)
-
-        return self._pool.submit(started)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+from deployments.jobs import EventSink, GeneratedImages, GenerationJob
 
 
 class ContinuousBatching:

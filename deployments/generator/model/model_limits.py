@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from deployments.config.model_config import ModelConfig
-from deployments.jobs import ModelCapabilities
+from deployments.jobs import ModelCapabilities, edit_steps_run
 from deployments.sizes import parse_size
 
 logger = logging.getLogger("ray.serve")
@@ -83,7 +83,7 @@ def edit_step_rounding(pipeline_class: type) -> str | None:
         observed[steps, strength] = int(ran)
     for rule in ("floor", "ceil"):
         if all(
-            ModelCapabilities.steps_run(rule, steps, strength) == ran
+            edit_steps_run(rule, steps, strength) == ran
             for (steps, strength), ran in observed.items()
         ):
             return rule

@@ -22,9 +22,10 @@ than the cores Ray assigned the replica.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import ray
 from ray.serve.context import _get_internal_replica_context
@@ -55,3 +56,31 @@ def cpu_threads_per_call(worker_threads: int) -> int:
         assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
     cores = int(assigned) if assigned else (os.cpu_count() or 1)
     return max(1, cores // worker_threads)
+
+
+class CountingExecutor(Executor):
+    """The worker pool as the request-level batch queue submits to it, counting the
+    batches submitted that no thread has started yet."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self.waiting = 0
+
+    def has_waiting(self) -> bool:
+        """Whether a submitted batch waits for a thread (a loop lane then yields its own)."""
+        return self.waiting > 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        with self._lock:
+            self.waiting += 1
+
+        def started() -> Any:
+            with self._lock:
+                self.waiting -= 1
+            return fn(*args, **kwargs)
+
+        return self._pool.submit(started)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)

@@ -21,7 +21,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from deployments.jobs import (
-    GenerationEvent,
+    EventSink,
     GenerationJob,
     PartialImage,
     StepProgress,
@@ -30,9 +30,6 @@ from deployments.jobs import (
 
 if TYPE_CHECKING:
     from deployments.generator.calls.call_plan import CallPart
-
-# Where a streamed job's progress and previews go; called from a worker thread.
-Sink = Callable[[GenerationEvent], None]
 
 logger = logging.getLogger("ray.serve")
 
@@ -121,7 +118,7 @@ class StepReporter:
         previewer,
         spatial: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        self._streamed: list[tuple[CallPart, Sink, int]] = []
+        self._streamed: list[tuple[CallPart, EventSink, int]] = []
         offset = 0  # the part's first image in the call
         for part in parts:
             if part.queued.sink is not None:
@@ -170,7 +167,7 @@ class JobReporter:
 
     def __init__(
         self,
-        sink: Sink | None,
+        sink: EventSink | None,
         job: GenerationJob,
         spatial: Callable[[torch.Tensor, int, int], torch.Tensor],
         previewer: LatentPreviewer | None,

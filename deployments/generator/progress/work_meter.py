@@ -24,7 +24,7 @@ class _Queued(Protocol):
     job: GenerationJob
 
 
-class _Part(Protocol):
+class HeldPart(Protocol):
     """A job's images in one pipeline call (`call_plan.CallPart`)."""
 
     queued: _Queued  # the held job
@@ -62,7 +62,7 @@ class WorkMeter:
             with self._lock:
                 del self._remaining[id(queued)]
 
-    def step_done(self, parts: Iterable[_Part]) -> None:
+    def step_done(self, parts: Iterable[HeldPart]) -> None:
         """One step of a call ran: each part's images' pixels come off its held job."""
         with self._lock:
             for part in parts:
