@@ -1,5 +1,5 @@
-"""`python -m bench.capacity [measure | validate | extrapolate]`; with no command, the stored
-validation table and extrapolation (bench/results/capacity-*.json)."""
+"""`python -m bench.capacity [measure | validate | refit | extrapolate]`; with no command, the
+stored validation tables and extrapolation (bench/results/capacity-*.json), nothing run."""
 
 from __future__ import annotations
 
@@ -20,15 +20,9 @@ from bench.capacity.report import (
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 SERVICE = RESULTS / "capacity-service.json"
-VALIDATION = RESULTS / "capacity-validation.json"
+VALIDATION = RESULTS / "capacity-validation.json"  # the latest and those it pools with
 CHART = RESULTS / "capacity-validation.png"
 EXTRAPOLATION = RESULTS / "capacity-extrapolation.json"
-
-
-def kept_validations() -> list[dict]:
-    """The kept runs (capacity-validation-runN.json), oldest first, then the latest."""
-    paths = sorted(RESULTS.glob("capacity-validation-run*.json"), key=lambda p: int(p.stem[23:]))
-    return [json.loads(path.read_text()) for path in [*paths, VALIDATION] if path.exists()]
 
 
 def _write(path: Path, data: dict) -> None:
@@ -47,6 +41,7 @@ def validate(cases: list[str] | None, repeats: int) -> None:
     from bench.capacity.experiment import cases as all_cases
     from bench.capacity.experiment import pace_for
     from bench.capacity.service import ServiceModel
+    from bench.capacity.validate import kept, load
     from bench.capacity.validate import validate as run
 
     measure()  # the engine's speed now, just before the cluster runs
@@ -55,7 +50,7 @@ def validate(cases: list[str] | None, repeats: int) -> None:
     print(f"[capacity] the traces at x{pace} their rates (the engine's speed now)", flush=True)
     selected = [case for case in all_cases(pace) if not cases or case.name in cases]
     data = run(selected, service, repeats, pace)
-    _write(VALIDATION, data)
+    _write(VALIDATION, kept(load(VALIDATION), data))
     chart(data, CHART)
     print(f"wrote {CHART}")
     print(validation_table(data))
@@ -63,12 +58,13 @@ def validate(cases: list[str] | None, repeats: int) -> None:
 
 
 def refit() -> None:
-    """The speed-fit diagnostic of the stored validation again (no cluster)."""
-    from bench.capacity.validate import speed_fit
+    """The speed-fit diagnostic of the latest stored validation again (no cluster)."""
+    from bench.capacity.validate import load, speed_fit
 
-    data = json.loads(VALIDATION.read_text())
+    stored = load(VALIDATION)
+    data = stored["validations"][-1]
     data["speed_fit"] = speed_fit(data)
-    _write(VALIDATION, data)
+    _write(VALIDATION, stored)
     print(speed_fit_table(data["speed_fit"]))
 
 
@@ -83,8 +79,12 @@ def extrapolate() -> None:
 def show() -> int:
     missing = [p for p in (VALIDATION, EXTRAPOLATION) if not p.exists()]
     if VALIDATION.exists():
-        data = json.loads(VALIDATION.read_text())
-        print(f"Validation: simulation against the real cluster ({data['nodes']}).")
+        from bench.capacity.validate import load, model_digest, pooled
+
+        stored = load(VALIDATION)
+        validations = stored["validations"]
+        data = validations[-1]
+        print(f"The latest validation: simulation against the real cluster ({data['nodes']}).")
         print(f"The traces at x{data.get('pace', 1.0)} their rates (the engine's speed then).")
         print(
             f"Replica start {data['start_times_s']} s, request overhead "
@@ -108,13 +108,14 @@ def show() -> int:
             )
         print()
         print(validation_table(data))
-        from bench.capacity.validate import model_digest, pooled
-
         if data.get("model") != model_digest():
             print("\n(The simulation's code has changed since this validation.)")
-        pool = pooled(kept_validations())
+        pool = pooled(validations)
         if pool is not None:
-            print(f"\nPooled: the {pool['pooled']} validations of this model and these cases.\n")
+            print(f"\nPooled: the {pool['pooled']} validations of this model and these cases.")
+            if "model_note" in stored:
+                print(f"(Their model: {stored['model_note']}.)")
+            print()
             print(validation_table(pool))
         speeds = call_speed_table(data)
         if speeds:

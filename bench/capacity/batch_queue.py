@@ -33,7 +33,10 @@ class Batch(Generic[J]):
     images: int = 0
 
 
-class BatchQueue(Generic[J]):
+class SimulatedBatchQueue(Generic[J]):
+    """The simulation's stand-in for the service's `BatchQueue`: which batch starts when, in
+    simulated time."""
+
     def __init__(self, max_wait_s: float, capacity: Callable[[RequestKind], int]) -> None:
         self.max_wait_s = max_wait_s
         self._capacity = capacity  # most images a batch of a kind holds

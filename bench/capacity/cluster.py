@@ -291,7 +291,7 @@ def run_cluster(
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from bench.harness.serve_run import free_port
+    from tests.harness import free_port
 
     cluster = Cluster(
         initialize_head=True,

@@ -25,8 +25,8 @@ BATCHES = [1, 2, 4]
 # Short delays so that a 75 s trace sees the autoscaler act; the same fields as production.
 # The downscale delay is 30 s, not 10: at 10 the steady and ramp traces hold the ongoing
 # requests near the one-replica threshold, and whether a 10 s lull scales the second replica
-# down is a coin flip of the run (runs 4 to 6: the ramp scaled down in one real run of three
-# and in every simulation), which no model can be within 20% of.
+# down is a coin flip of the run (the ramp scaled down in one real run of three and in every
+# simulation), which no model can be within 20% of.
 SETTINGS = AutoscalingSettings(
     min_replicas=1,
     max_replicas=2,
@@ -60,17 +60,17 @@ class Case:
     settings: AutoscalingSettings
 
 
-# A request of MIX's standalone seconds on the engine when the traces' rates were chosen
-# (run 10's measure: 0.115 s for SMALL, 0.45 s for LARGE).
+# A request of MIX's standalone seconds on the engine the traces' rates were chosen for
+# (`measure`: 0.115 s for SMALL, 0.45 s for LARGE).
 REFERENCE_REQUEST_S = 0.2
 
 
 def pace_for(service: ServiceModel) -> float:
     """How many times the traces' rates a validation sends: the reference request's seconds
     over MIX's now, so that the replicas carry the same load in any minute of the machine.
-    At fixed rates a slow minute (run 16: the engine 70% slower than in run 14) put the
-    ramp's first seconds at the autoscaler's threshold, where one replica more or less is
-    a coin flip of the run."""
+    At fixed rates a slow minute (the engine 70% slower than in a fast one) puts the ramp's
+    first seconds at the autoscaler's threshold, where one replica more or less is a coin
+    flip of the run."""
     weights = sum(weight for _, weight in MIX)
     mean_s = sum(weight * service.call_s(k.size, k.steps, k.images) for k, weight in MIX)
     return round(REFERENCE_REQUEST_S / (mean_s / weights), 3)

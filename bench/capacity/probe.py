@@ -21,9 +21,9 @@ from bench.capacity.service import ServiceModel
 
 PROBE_S = 20.0
 # The share of the replica's time the probe's calls take, standalone: arrivals land during
-# calls, and the replica stays far below the autoscaler's target. A fixed rate did not: 1.2
-# requests/s, a third busy in the machine's fast minutes, ran it half busy in a slow one
-# (run 15), and Serve scaled the application up before its trace began.
+# calls, and the replica stays far below the autoscaler's target. A fixed rate would not: 1.2
+# requests/s, a third busy in the machine's fast minutes, runs it half busy in a slow one,
+# and Serve then scales the application up before its trace begins.
 PROBE_BUSY = 1 / 3
 PROBE_SEED = 7
 PROBE_WARM_CALLS = 2
@@ -88,16 +88,15 @@ def probe(
       queued on the replica and its call's, what the simulation adds to every request.
 
     Why before every trace: this machine's speed drifts by a third and more between minutes
-    (the engine measured alone: 0.124 s, 0.216 s and 0.138 s for one 64x64 x 20 call at
-    13:01, 14:47 and 15:12), so a factor measured minutes before a trace does not hold for
+    (the engine measured alone on an idle machine, three times: 0.124 s, 0.216 s and 0.138 s
+    for one 64x64 x 20 call), so a factor measured minutes before a trace does not hold for
     it. Why open-loop: a closed-loop client's next request only comes once the call is
-    done, and runs 11 and 12's trace calls ran 5% to 29% slower than their closed-loop
-    probes (the ingress's logs), where the simulation had 0% to 13%. Why from the ingress's
-    timings: a request's latency holds, beyond its call, the proxy's and the ingress's work,
-    which grows when others arrive during it (runs 13 and 14: about 0.03 to 0.04 s, where
-    the closed-loop calibration fitted 0.01 to 0.02 s); fitted as one factor on the call,
-    as runs 13 and 14 did, it made every call of their simulations 5% to 14% too slow (their
-    probes' factors over the calls' logged ones)."""
+    done, and the traces' calls ran 5% to 29% slower than closed-loop probes' (the ingress's
+    logs), where the simulation had 0% to 13%. Why from the ingress's timings: a request's
+    latency holds, beyond its call, the proxy's and the ingress's work, which grows when
+    others arrive during it (about 0.03 to 0.04 s, where the closed-loop calibration fitted
+    0.01 to 0.02 s); fitted to latencies as one factor on the call, it makes every simulated
+    call 5% to 14% too slow (such factors over the calls' logged ones)."""
     rate = probe_rate(service, kinds)
     sent = asyncio.run(_open_loop(url, kinds, rate))[PROBE_WARM_CALLS:]
     calls = logged([request_id for request_id, _ in sent])

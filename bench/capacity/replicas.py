@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass, field
 
 from bench.capacity.autoscaler import PushedSeries
-from bench.capacity.batch_queue import BatchQueue
+from bench.capacity.batch_queue import SimulatedBatchQueue
 from bench.capacity.traces import Arrival, RequestKind
 
 
@@ -117,7 +117,7 @@ class Replica:
     state: str  # "starting", "running", "stopping", "gone"
     created: float
     ongoing: list[Job] = field(default_factory=list)
-    batches: BatchQueue[Job] | None = None  # its jobs waiting for a worker
+    batches: SimulatedBatchQueue[Job] | None = None  # its jobs waiting for a worker
     timer: int = 0  # the batch queue's wake-up armed last (older ones are void)
     busy_workers: int = 0
     served: int = 0  # calls it has begun

@@ -40,7 +40,7 @@ from typing import Any
 import simpy
 
 from bench.capacity.autoscaler import AutoscalingSettings
-from bench.capacity.batch_queue import BatchQueue
+from bench.capacity.batch_queue import SimulatedBatchQueue
 from bench.capacity.contention import NONE, Contention
 from bench.capacity.controller import ServeController
 from bench.capacity.figures import summarize
@@ -121,7 +121,9 @@ class Simulation:
             state="running" if running else "starting",
             created=self.env.now,
             initial=running and self.env.now == 0,
-            batches=BatchQueue(self.replica.max_wait_ms / 1000, self.replica.images_per_batch),
+            batches=SimulatedBatchQueue(
+                self.replica.max_wait_ms / 1000, self.replica.images_per_batch
+            ),
         )
         self.replicas.append(replica)
         self._update_room(replica)

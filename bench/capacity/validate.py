@@ -4,11 +4,15 @@ service times measured on this machine's engine and the request overhead, conten
 replica start times measured on the cluster; the medians compared.
 
     python -m bench.capacity validate    # writes bench/results/capacity-validation.json
+
+That file keeps the latest validation and, before it, the earlier ones it pools with (`kept`):
+`{"model_note": "..." (optional), "validations": [oldest, ..., latest]}`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -168,18 +172,38 @@ def call_speed(
     }
 
 
+def pools_with(data: dict[str, Any], last: dict[str, Any]) -> bool:
+    """Whether validation `data` pools with `last`: the same model (a known one) and cases."""
+    cases_of = [row["case"] for row in data["cases"]]
+    return (
+        last.get("model") is not None
+        and data.get("model") == last.get("model")
+        and cases_of == [row["case"] for row in last["cases"]]
+    )
+
+
+def load(path: Path) -> dict[str, Any]:
+    """The stored validations (`{"validations": [...]}`, the latest last; none if no file)."""
+    if not path.exists():
+        return {"validations": []}
+    return json.loads(path.read_text())
+
+
+def kept(stored: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """What the file keeps once validation `data` is made: the stored validations it pools
+    with, then it. The others are dropped (git keeps them), and the note with them."""
+    same = [old for old in stored.get("validations", []) if pools_with(old, data)]
+    note = {"model_note": stored["model_note"]} if same and "model_note" in stored else {}
+    return {**note, "validations": [*same, data]}
+
+
 def pooled(validations: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The validations of the same model and cases as the last of them, as one: every real
     run with its own simulation, the medians over all of them; None if only the last one
     is of that model."""
     last = validations[-1]
-    same = [
-        data
-        for data in validations
-        if data.get("model") == last.get("model")
-        and [row["case"] for row in data["cases"]] == [row["case"] for row in last["cases"]]
-    ]
-    if last.get("model") is None or len(same) < 2:
+    same = [data for data in validations if pools_with(data, last)]
+    if len(same) < 2:
         return None
     rows = [
         {**row, **judged([run for data in same for run in data["cases"][index]["real_runs"]])}

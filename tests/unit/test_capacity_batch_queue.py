@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.capacity.batch_queue import BatchQueue
+from bench.capacity.batch_queue import SimulatedBatchQueue
 from bench.capacity.traces import RequestKind
 
 SMALL = RequestKind("small", 32, 32, 2)
@@ -15,8 +15,8 @@ LARGE = RequestKind("large", 256, 256, 16)
 WAIT = 0.025
 
 
-def queue() -> BatchQueue[str]:
-    return BatchQueue(WAIT, lambda kind: 4 if kind is SMALL else 2)
+def queue() -> SimulatedBatchQueue[str]:
+    return SimulatedBatchQueue(WAIT, lambda kind: 4 if kind is SMALL else 2)
 
 
 def test_jobs_batch_by_kind_in_arrival_order_and_a_full_batch_goes_first():

@@ -5,6 +5,8 @@ here: this is about the arithmetic, `python -m bench.capacity validate` about th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import bench.capacity.cluster as cluster
@@ -15,7 +17,7 @@ from bench.capacity.experiment import Case
 from bench.capacity.report import call_speed_table, validation_table
 from bench.capacity.service import CallCost, ServiceModel
 from bench.capacity.traces import RequestKind, steady
-from bench.capacity.validate import medians, pooled, validate
+from bench.capacity.validate import ROOT, kept, load, medians, pooled, pools_with, validate
 
 KIND = RequestKind("small", 32, 32, 2)
 SERVICE = ServiceModel(costs={("32x32", 1): CallCost(0.05, 0.01)}, source="test")
@@ -107,6 +109,37 @@ def test_validations_of_one_model_pool_their_runs_and_others_stay_apart(three_ru
     assert pool["cases"][0]["error"]["p95_s"] is not None
     assert pooled([{**first, "model": "another"}, second]) is None
     assert pooled([second]) is None
+
+
+def test_the_results_file_keeps_the_latest_validation_and_those_it_pools_with(three_runs, tmp_path):
+    """One file, no run numbers: a validation joins the stored ones of its model and cases,
+    and replaces the others (and the note about them)."""
+    path = tmp_path / "capacity-validation.json"
+    assert load(path) == {"validations": []}
+    first = validate([CASE], SERVICE, repeats=3)
+    second = validate([CASE], SERVICE, repeats=3)
+    older = {**first, "model": "another"}
+
+    def stored_after(data, note=None):
+        stored = kept({**load(path), **({"model_note": note} if note else {})}, data)
+        path.write_text(json.dumps(stored))
+        return load(path)
+
+    assert stored_after(older)["validations"][0]["model"] == "another"
+    replaced = stored_after(first, note="about another")
+    assert "model_note" not in replaced and len(replaced["validations"]) == 1
+    assert replaced["validations"][0]["model"] == first["model"]
+    both = stored_after(second, note="about first")
+    assert both["model_note"] == "about first" and len(both["validations"]) == 2
+    assert pooled(both["validations"])["pooled"] == 2
+    renamed = {**second, "cases": [{**second["cases"][0], "case": "other"}]}
+    assert len(stored_after(renamed)["validations"]) == 1  # other cases do not pool
+
+
+def test_the_stored_results_file_holds_only_validations_that_pool():
+    stored = load(ROOT / "bench" / "results" / "capacity-validation.json")
+    validations = stored["validations"]
+    assert validations and all(pools_with(data, validations[-1]) for data in validations)
 
 
 def test_the_trace_s_call_speed_is_read_against_its_probe_s_on_both_sides(monkeypatch):
