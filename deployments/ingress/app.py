@@ -13,6 +13,7 @@ leave in the API's one shape (`deployments/ingress/errors.py`), counted by the o
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -59,15 +60,34 @@ RATE_LIMIT_HEADERS = [
     for unit in ("requests", "tokens")
 ]
 
+# What a client's `x-request-id` may be: UUIDs, ULIDs and trace ids fit.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
 # The image routes answer JSON, or server-sent events with `stream`.
 _STREAM_RESPONSE = {"200": {"content": {"text/event-stream": {"description": "With `stream`."}}}}
 
 
 def request_id_of(request: Request) -> str:
-    """The request's id: Ray Serve's proxy always sets `x-request-id`; otherwise make one."""
+    """The request's id: the `x-request-id` it came with (Ray Serve's proxy sets one where the
+    client did not) if that is a well-formed id, otherwise a fresh one. Never a client's
+    unbounded text: the id is copied into every log line of its request."""
     if not hasattr(request.state, "request_id"):
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        given = request.headers.get("x-request-id")
+        well_formed = given is not None and REQUEST_ID.fullmatch(given) is not None
+        request.state.request_id = given if well_formed else uuid.uuid4().hex
     return request.state.request_id
+
+
+def _refuse_malformed_request_id(request: Request) -> None:
+    """400 for an `x-request-id` that is not an id: longer than 128 characters, or of other
+    characters than an id's (letters, digits, `.`, `_`, `:`, `-`)."""
+    given = request.headers.get("x-request-id")
+    if given is not None and REQUEST_ID.fullmatch(given) is None:
+        raise invalid_request(
+            "Invalid 'x-request-id' header: at most 128 letters, digits, '.', '_', ':' or '-'.",
+            param="x-request-id",
+            code="invalid_value",
+        )
 
 
 def create_api(
@@ -122,6 +142,7 @@ def create_api(
     )
     async def generate_images(request: Request) -> Response:
         async with service.scope(request_id_of(request), "generations") as scope:
+            _refuse_malformed_request_id(request)
             _refuse_foreign_origin(request, args.cors)
             _require_json(request)
             body = await json_body(request, args.limits.max_body_bytes)
@@ -137,6 +158,7 @@ def create_api(
     )
     async def edit_images(request: Request) -> Response:
         async with service.scope(request_id_of(request), "edits") as scope:
+            _refuse_malformed_request_id(request)
             _refuse_foreign_origin(request, args.cors)
             form = await edit_form(request, args.limits.max_upload_bytes)
             try:
