@@ -116,9 +116,7 @@ def _mapped_paths(block: str) -> set[str]:
 
 
 def test_the_module_map_lists_every_module_and_nothing_else():
-    mapped = {
-        path for path in _mapped_paths(_module_map()) if path.split("/")[0] == "deployments"
-    }
+    mapped = {path for path in _mapped_paths(_module_map()) if path.split("/")[0] == "deployments"}
     actual = set()
     for module in (ROOT / "deployments").rglob("*.py"):
         relative = module.relative_to(ROOT)
