@@ -14,7 +14,12 @@ from contextlib import contextmanager
 
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    TaskCancelledError,
+)
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -114,6 +119,13 @@ def generator_errors_as_api_errors(request_id: str) -> Iterator[None]:
         raise service_unavailable(
             "The replica generating this request failed. Retry the request.", retry_after_s=1
         ) from None
+    except TaskCancelledError:
+        # Only this request's own cancellation cancels its generator call (its client went
+        # away: Serve cancels the call with the request; or it timed out). Ray may hand the
+        # ingress the cancelled call's error before it cancels the ingress's own task: that
+        # is still the client leaving (a 499 in the request's log line), not a server error
+        # to log with a traceback and count as a 500.
+        raise asyncio.CancelledError() from None
     except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
         logger.warning("request %s: generator replica unavailable", request_id, exc_info=True)
         raise service_unavailable(

@@ -3,9 +3,11 @@ exception arrives as a `RayTaskError` that is also an instance of the original c
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayTaskError, TaskCancelledError
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from deployments.ingress.deployment import generator_errors_as_api_errors
 from deployments.ingress.errors import APIError
@@ -50,3 +52,12 @@ def test_an_adapter_that_cannot_load_is_a_400_naming_it_and_not_retryable():
     assert not answer.retryable
     assert "'ink'" in answer.message and "do not fit" in answer.message
     assert "traceback" not in answer.message
+
+
+@pytest.mark.parametrize("cancelled", [TaskCancelledError(), RequestCancelledError("req-1")])
+def test_a_cancelled_generator_call_is_the_client_leaving_not_a_server_error(cancelled):
+    """A client that leaves mid-stream cancels its generator call; Ray may raise that call's
+    cancellation in the ingress before the ingress's own task is cancelled. It must end as a
+    cancellation (the request's 499), never reach the 500 handler."""
+    with pytest.raises(asyncio.CancelledError), generator_errors_as_api_errors("req-1"):
+        raise cancelled
