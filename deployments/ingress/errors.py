@@ -142,23 +142,32 @@ def from_validation_error(exc: ValidationError) -> APIError:
     )
 
 
-def storage_unavailable(*, retry_after_s: int = 1, reading: bool = False) -> APIError:
-    # The images were made, but a `url` needs them stored: a full or read-only volume, or a
-    # bucket out of reach, is the service's trouble and passing (an eviction or a sweep frees
-    # room, a store comes back), so a retry can help. `reading`: fetching a stored image.
-    message = (
-        "The image store cannot be reached. Try again shortly."
-        if reading
-        else "The images could not be stored for their URLs. Try again shortly, or ask for "
-        "'response_format': 'b64_json'."
-    )
+def storage_unavailable(
+    *, retry_after_s: int = 1, reading: bool = False, lasting: bool = False
+) -> APIError:
+    # The images were made, but a `url` needs them stored. A bucket out of reach or a
+    # passing write error is the service's trouble and passing, so a retry can help; a
+    # full or read-only volume (`lasting`) is not mended in seconds, and a client told to
+    # retry would regenerate its images into it. `reading`: fetching a stored image.
+    if reading:
+        message = "The image store cannot be reached. Try again shortly."
+    elif lasting:
+        message = (
+            "The images could not be stored for their URLs: the image store is full. Ask "
+            "for 'response_format': 'b64_json', or try again later."
+        )
+    else:
+        message = (
+            "The images could not be stored for their URLs. Try again shortly, or ask for "
+            "'response_format': 'b64_json'."
+        )
     return APIError(
         503,
         message,
         type="server_error",
         code="storage_unavailable",
-        retryable=True,
-        retry_after_s=retry_after_s,
+        retryable=not lasting,
+        retry_after_s=None if lasting else retry_after_s,
     )
 
 

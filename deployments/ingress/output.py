@@ -32,24 +32,33 @@ class ImagePackager:
     def encode(self, pixels: np.ndarray) -> bytes:
         return encode_image(pixels, self._params.output_format, self._params.output_compression)
 
-    def image(self, pixels: np.ndarray, seed: int, inline: bool) -> Image:
-        """One final image: base64 in the answer when `inline`, else stored and linked."""
-        data = self.encode(pixels)
-        if inline:
-            return Image(b64_json=to_base64(data), seed=seed)
-        try:
-            name = self._store.save(data, self._params.output_format)
-        except StorageUnavailable as error:
-            # The cause (a path, an errno) goes to the log, never to the client.
-            logger.error("storing an image failed: %s", error)
-            raise storage_unavailable() from None
-        return Image(url=f"{self._base_url}{IMAGE_FILES_PATH}/{name}", seed=seed)
-
-    def images(self, images: list[np.ndarray], seeds: tuple[int, ...]) -> list[Image]:
-        inline = self._params.response_format == "b64_json"
-        return [
-            self.image(pixels, seed, inline) for pixels, seed in zip(images, seeds, strict=True)
-        ]
+    def images(
+        self, images: list[np.ndarray], seeds: tuple[int, ...], inline: bool | None = None
+    ) -> list[Image]:
+        """A request's final images: base64 in the answer when `inline` (by default, when it
+        asked for `b64_json`), else stored and linked. If one cannot be stored, those stored
+        before it are discarded (no file is left that no answer names) and the request
+        fails with `storage_unavailable`."""
+        if inline is None:
+            inline = self._params.response_format == "b64_json"
+        answered: list[Image] = []
+        stored: list[str] = []
+        for pixels, seed in zip(images, seeds, strict=True):
+            data = self.encode(pixels)
+            if inline:
+                answered.append(Image(b64_json=to_base64(data), seed=seed))
+                continue
+            try:
+                name = self._store.save(data, self._params.output_format)
+            except StorageUnavailable as error:
+                # The cause (a path, an errno) goes to the log, never to the client.
+                logger.error("storing an image failed: %s", error)
+                for earlier in stored:
+                    self._store.discard(earlier)
+                raise storage_unavailable(lasting=error.lasting) from None
+            stored.append(name)
+            answered.append(Image(url=f"{self._base_url}{IMAGE_FILES_PATH}/{name}", seed=seed))
+        return answered
 
     def preview(self, pixels: np.ndarray, width: int, height: int) -> str:
         """A preview, scaled up to the image's size, as base64 in the requested format."""

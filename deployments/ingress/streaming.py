@@ -136,8 +136,9 @@ class EventEncoder:
         if isinstance(event, GeneratedImages):
             frames = []
             usage = self._cost.usage(event.text_tokens)
-            for index, (pixels, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
-                image = self._packager.image(pixels, seed, self._inline)
+            # All stored before any is sent: a failure sends none, and leaves none stored.
+            images = self._packager.images(event.images, event.seeds, self._inline)
+            for index, (image, seed) in enumerate(zip(images, event.seeds, strict=True)):
                 completed = ImageGenerationCompletedEvent(
                     **common,
                     type=f"{self._prefix}.completed",

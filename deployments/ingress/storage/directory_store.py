@@ -12,6 +12,7 @@ raises `StorageUnavailable`, which the API answers as a retryable 503.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -31,6 +32,9 @@ from deployments.ingress.storage.stored_images import (
 logger = logging.getLogger("ray.serve")
 
 _MAX_SWEEP_INTERVAL_S = 60.0
+# Write failures that a retry within seconds does not mend: a full disk or quota (the sweep
+# frees room only as images expire), a read-only volume.
+_LASTING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class ImageStore:
@@ -80,11 +84,17 @@ class ImageStore:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
             raise StorageUnavailable(
-                f"could not write an image to {self._directory}: {error.strerror or error}"
+                f"could not write an image to {self._directory}: {error.strerror or error}",
+                lasting=error.errno in _LASTING_ERRNOS,
             ) from error
         if self._max_bytes is not None:
             self._evict_over(self._max_bytes, keep=name)
         return name
+
+    def discard(self, name: str) -> None:
+        if is_image_name(name):
+            with contextlib.suppress(OSError):
+                (self._directory / name).unlink(missing_ok=True)
 
     def path_of(self, name: str) -> Path | None:
         """The file of a stored, unexpired image, or None for any other name."""

@@ -18,7 +18,13 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{43}\.(png|jpeg|webp)$")
 
 
 class StorageUnavailable(RuntimeError):
-    """An image could not be written or read; the message says why, for the logs only."""
+    """An image could not be written or read; the message says why, for the logs only.
+    `lasting`: a retry within seconds cannot help (a full or read-only volume), so the
+    client is told not to regenerate its images into it."""
+
+    def __init__(self, message: str, *, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
 class StorageMisconfigured(RuntimeError):
@@ -55,6 +61,11 @@ class ImageStorage(Protocol):
         """The bytes of a stored, unexpired image; None for any other name (expired, never
         stored, or not of a stored image's shape). `StorageUnavailable` if the store cannot
         be reached."""
+        ...
+
+    def discard(self, name: str) -> None:
+        """Drop an image stored for an answer that failed, so that no file is left with no
+        URL to it; best effort (never raises)."""
         ...
 
     def media_type(self, name: str) -> str: ...
