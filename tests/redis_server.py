@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from bench.harness.serve_run import free_port
+from tests.harness import free_port
 
 START_TIMEOUT_S = 15.0
 

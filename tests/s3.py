@@ -15,8 +15,8 @@ from moto import settings as moto_settings
 from moto.core.authorization import ActionAuthenticatorMixin
 from moto.server import ThreadedMotoServer
 
-from bench.harness.serve_run import free_port
 from deployments.config.app_config import S3Config
+from tests.harness import free_port
 
 # What the ingress's boto3 finds in its environment; moto accepts any key while it does not
 # check credentials (see `S3Server.checking_credentials`).

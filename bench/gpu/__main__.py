@@ -39,7 +39,7 @@ from bench.gpu.plan import (
     levers,
 )
 from bench.harness.results import RESULTS
-from bench.harness.serve_run import REPO
+from tests.harness import REPO
 
 NO_GPU_EXIT = 2
 DEFAULT_PEAK_TFLOPS = 790.0

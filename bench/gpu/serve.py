@@ -5,7 +5,7 @@ Requests go over HTTP to Serve's proxy on 127.0.0.1, with the benchmarks' one lo
 (`bench.harness.load`); the generator's `counters()` (through a handle) report the replica's
 peak GPU memory.
 
-Not `bench.harness.serve_run.ServeRun` (a `serve run` subprocess with a Ray of its own), for
+Not `tests.harness.ServeRun` (a `serve run` subprocess with a Ray of its own), for
 two reasons: the peak GPU memory of each point is reset and read through a deployment
 handle, which needs this process to be a driver of the cluster the replica runs in; and
 every lever is a redeploy on the one Ray and Serve started here, where a `serve run` per
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu.plan import Profile
-from bench.harness.serve_run import REPO, free_port, load_config
 from deployments.config.app_config import AppArgs
 from deployments.config.model_config import generator_deployment_name
 from serve_app import build_application, parse_args
+from tests.harness import REPO, free_port, load_config
 
 APP_NAME = "images"
 MODEL_ID = "sd3.5-medium-random"

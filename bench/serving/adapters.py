@@ -25,14 +25,8 @@ from pathlib import Path
 
 from bench.harness.load import Workload, closed_loop
 from bench.harness.results import RESULTS, machine, write_json
-from bench.harness.serve_run import (
-    REPO,
-    ServeRun,
-    free_port,
-    load_config,
-    serving_options,
-    with_overrides,
-)
+from bench.harness.serve_run import serving_options
+from tests.harness import REPO, ServeRun, free_port, load_config, with_overrides
 
 ADAPTERS = [
     {"id": "ink", "source": "embedded:tiny-sd3/ink"},

@@ -29,21 +29,17 @@ import torch
 from bench.harness.load import Workload, closed_loop
 from bench.harness.results import RESULTS, machine, write_json
 from bench.harness.serve_run import (
-    REPO,
     SAME_PRIORITY,
-    ServeRun,
     add_throughput_option,
     direct_ingress_url,
-    free_port,
-    load_config,
     serving_options,
     throughput_mode,
-    with_overrides,
 )
 from bench.serving.bare import measure_bare
 from bench.serving.seed_server import SeedServer
 from deployments.generator.model.pipelines import load_pipeline
 from serve_app import parse_args
+from tests.harness import REPO, ServeRun, free_port, load_config, with_overrides
 
 WORKLOADS = {
     "small": Workload("small", size="64x64", steps=8),

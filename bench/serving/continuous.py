@@ -35,15 +35,9 @@ from pathlib import Path
 
 from bench.harness.load import PROMPTS, Workload, closed_loop, open_loop
 from bench.harness.results import RESULTS, machine, write_json
-from bench.harness.serve_run import (
-    LOCAL_CONFIG,
-    SAME_PRIORITY,
-    ServeRun,
-    free_port,
-    load_config,
-    with_overrides,
-)
+from bench.harness.serve_run import LOCAL_CONFIG, SAME_PRIORITY
 from bench.serving.adapters import ADAPTERS
+from tests.harness import ServeRun, free_port, load_config, with_overrides
 
 CONTINUOUS, REQUEST_LEVEL = "tiny-sd3", "tiny-sd3-request"
 STEPS = (4, 8, 12, 20)

@@ -20,16 +20,10 @@ from typing import Any
 
 from bench.harness.load import Workload
 from bench.harness.results import RESULTS, write_json
-from bench.harness.serve_run import (
-    SAME_PRIORITY,
-    ServeRun,
-    free_port,
-    load_config,
-    serving_options,
-    with_overrides,
-)
+from bench.harness.serve_run import SAME_PRIORITY, serving_options
 from bench.serving.compare import WORKLOADS, served
 from serve_app import parse_args
+from tests.harness import ServeRun, free_port, load_config, with_overrides
 
 # name: (worker threads, CPUs per replica, replicas); torch threads = CPUs // worker threads.
 LAYOUTS = {

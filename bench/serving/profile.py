@@ -27,14 +27,10 @@ import psutil
 from bench.harness.load import Workload, closed_loop
 from bench.harness.results import RESULTS, write_json
 from bench.harness.serve_run import (
-    ServeRun,
     add_throughput_option,
     direct_ingress_url,
-    free_port,
-    load_config,
     serving_options,
     throughput_mode,
-    with_overrides,
 )
 from bench.serving.stacks import (
     INGRESS_RULES,
@@ -45,6 +41,7 @@ from bench.serving.stacks import (
     per_request_ms,
 )
 from deployments.config.model_config import generator_deployment_name
+from tests.harness import ServeRun, free_port, load_config, with_overrides
 
 WORKLOADS = [Workload("small", size="64x64", steps=8), Workload("large", size="256x256", steps=8)]
 RULES = {"proxy": PROXY_RULES, "ingress": INGRESS_RULES, "replica": REPLICA_RULES}

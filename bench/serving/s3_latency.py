@@ -25,10 +25,10 @@ import boto3
 import numpy as np
 from PIL import Image
 
-from bench.harness.serve_run import free_port
 from deployments.config.app_config import S3Config
 from deployments.ingress.storage import ImageStore
 from deployments.ingress.storage.object_store import S3ImageStore
+from tests.harness import free_port
 
 
 def image_png(side: int) -> bytes:

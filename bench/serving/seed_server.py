@@ -34,9 +34,9 @@ import torch
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from bench.harness.serve_run import REPO, poll_for_image
 from deployments.config.model_config import ModelConfig
 from deployments.generator.model.pipelines import load_pipeline
+from tests.harness import REPO, poll_for_image
 
 
 class TextToImageInput(BaseModel):

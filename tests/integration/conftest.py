@@ -15,7 +15,7 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from bench.harness.serve_run import free_port
+from tests.harness import free_port
 
 HEAD_RESOURCE = "head"
 ACCELERATOR_RESOURCE = "accelerator"

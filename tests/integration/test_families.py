@@ -17,6 +17,7 @@ from ray import serve
 from deployments.config.model_config import generator_deployment_name
 from deployments.jobs import GenerationJob
 from serve_app import build_app
+from tests.jobs import make_job
 
 from .helpers import decode_png
 
@@ -185,14 +186,13 @@ def test_two_models_of_one_application_batch_differently(client):
 
 
 def sdxl_job(seed: int, prompt: str) -> GenerationJob:
-    return GenerationJob(
+    return make_job(
+        seed,
         prompt=prompt,
-        negative_prompt=None,
         width=32,
         height=32,
         num_inference_steps=20,
         guidance_scale=5.0,
-        seeds=(seed,),
         request_id=f"poison-test-{seed}",
     )
 

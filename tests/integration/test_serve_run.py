@@ -1,15 +1,15 @@
 """The README's way to run the service: `serve run config/local.yaml`, as a user would.
 
-It runs it with the benchmarks' harness (`bench.harness.serve_run`), the one place that runs
-the app as a user does: what this test checks is also what every served benchmark relies on.
+It runs it with the tests' harness (`tests.harness`), the one place that runs the app as a user
+does, for the served benchmarks too: what this test checks is also what each of them relies on.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.harness.serve_run import REPO, ServeRun, free_port, load_config, with_overrides
 from deployments.config.model_config import generator_deployment_name
+from tests.harness import REPO, ServeRun, free_port, load_config, with_overrides
 
 from .helpers import decode_png
 

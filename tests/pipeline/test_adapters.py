@@ -28,6 +28,7 @@ from deployments.generator.adapters.embedded_adapters import WEIGHT_NAME, resolv
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model.pipelines import load_pipeline
 from deployments.jobs import AdapterUnavailable, GenerationJob
+from tests.jobs import make_job
 
 FAMILIES = ("tiny-sd3", "tiny-sdxl", "tiny-flux")
 BATCHING = BatchingConfig(max_batch_images=4, max_wait_ms=20)
@@ -47,17 +48,8 @@ def adapter_configs(family: str) -> list[AdapterConfig]:
 
 
 def job(seed: int, adapters: tuple = (), **fields) -> GenerationJob:
-    values = {
-        "prompt": f"a lighthouse, take {seed}",
-        "negative_prompt": None,
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "guidance_scale": 5.0,
-        "seeds": (seed,),
-        "adapters": adapters,
-    }
-    return GenerationJob(**{**values, **fields})
+    values = {"prompt": f"a lighthouse, take {seed}", "guidance_scale": 5.0, "adapters": adapters}
+    return make_job(seed, **{**values, **fields})
 
 
 def base_weights(pipeline) -> dict[str, tuple[int, torch.Tensor]]:

@@ -24,6 +24,7 @@ from deployments.generator.model.cache_hooks import CacheUnsupported, apply_cach
 from deployments.generator.model.components import denoiser_of
 from deployments.generator.model.pipelines import load_pipeline
 from deployments.jobs import GeneratedImages, GenerationJob
+from tests.jobs import make_job
 
 STEPS = 8
 # A setting of each kind that skips on the embedded models (their random weights change a
@@ -75,15 +76,7 @@ def model(name: str, cache: CacheConfig | None) -> ModelConfig:
 
 
 def job(seed: int, prompt: str = "a lighthouse at dusk", width: int = 64) -> GenerationJob:
-    return GenerationJob(
-        prompt=prompt,
-        negative_prompt=None,
-        width=width,
-        height=64,
-        num_inference_steps=STEPS,
-        guidance_scale=5.0,
-        seeds=(seed,),
-    )
+    return make_job(seed, prompt=prompt, width=width, num_inference_steps=STEPS, guidance_scale=5.0)
 
 
 # Different prompts, seeds and sizes: concurrent calls whose cached states would differ.

@@ -12,6 +12,8 @@ at most 0.1% of the values, the float noise of other batch neighbours in a matri
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -30,6 +32,7 @@ from deployments.jobs import (
     ReplicaBroken,
     StepProgress,
 )
+from tests.jobs import make_job
 
 # A lone UTF-16 surrogate: the tokenizer rejects the prompt (TypeError).
 POISONED_PROMPT = "a lighthouse \ud800"
@@ -43,16 +46,12 @@ ADAPTERS = [
 def job(seed: int, steps: int = 4, guidance: float = 4.5, **fields) -> GenerationJob:
     values = {
         "prompt": f"a lighthouse, take {seed}",
-        "negative_prompt": None,
-        "width": 64,
-        "height": 64,
         "num_inference_steps": steps,
         "guidance_scale": guidance,
-        "seeds": (seed,),
         "request_id": f"request-{seed}",
         **fields,
     }
-    return GenerationJob(**values)
+    return make_job(seed, **values)
 
 
 def assert_nearly_equal(a: np.ndarray, b: np.ndarray) -> None:
@@ -74,10 +73,18 @@ def sd3():
 
 
 def loop_engine(
-    pipeline, adapters: AdapterStore | None = None, batching: BatchingConfig = CONTINUOUS
+    pipeline,
+    adapters: AdapterStore | None = None,
+    batching: BatchingConfig = CONTINUOUS,
+    pool: ThreadPoolExecutor | None = None,
 ) -> ImageEngine:
     engine = ImageEngine(
-        pipeline, worker_threads=1, batching=batching, adapters=adapters, continuous=True
+        pipeline,
+        worker_threads=1,
+        batching=batching,
+        adapters=adapters,
+        pool=pool,
+        continuous=True,
     )
     assert engine.continuous
     return engine
@@ -161,11 +168,19 @@ def test_different_adapters_share_one_forward_and_each_image_is_its_own():
     ]
     # Pipelines of their own: adapters stay loaded in a pipeline's modules.
     shared, reference = (load_pipeline(ModelConfig(device="cpu")) for _ in range(2))
-    loop = loop_engine(shared, AdapterStore(shared, ADAPTERS, max_loaded=4))
+    # The loop's one thread is held until every job is in its lane, so that all five join
+    # its first step however slowly the machine submits them (not by luck of timing).
+    pool, all_in = ThreadPoolExecutor(1), threading.Event()
+    pool.submit(all_in.wait, 120)
+    loop = loop_engine(shared, AdapterStore(shared, ADAPTERS, max_loaded=4), pool=pool)
     alone = ImageEngine(reference, worker_threads=1, adapters=AdapterStore(reference, ADAPTERS, 4))
 
     async def together_then_alone():
-        mixed = await asyncio.gather(*(loop.generate(each) for each in jobs))
+        tasks = [asyncio.ensure_future(loop.generate(each)) for each in jobs]
+        while loop.work.held().jobs < len(jobs):
+            await asyncio.sleep(0.005)
+        all_in.set()
+        mixed = await asyncio.gather(*tasks)
         return mixed, [await alone.generate(each) for each in jobs]
 
     try:

@@ -16,6 +16,7 @@ from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import GenerationJob, ReplicaBroken
+from tests.jobs import make_job
 
 
 def job(
@@ -29,14 +30,15 @@ def job(
     guidance: float = 7.0,
     negative: str | None = None,
 ) -> GenerationJob:
-    return GenerationJob(
+    return make_job(
+        seed,
+        n=n,
         prompt=prompt,
         negative_prompt=negative,
         width=width,
         height=height,
         num_inference_steps=steps,
         guidance_scale=guidance,
-        seeds=tuple(seed + i for i in range(n)),
     )
 
 

@@ -16,6 +16,7 @@ from deployments.generator.engine import ImageEngine
 from deployments.generator.model.pipelines import load_pipeline
 from deployments.generator.progress.previews import LatentPreviewer
 from deployments.jobs import GeneratedImages, GenerationJob, PartialImage, StepProgress
+from tests.jobs import make_job
 
 
 class RecordedMetrics:
@@ -31,14 +32,12 @@ class RecordedMetrics:
 
 
 def streamed_job(seed: int, *, steps: int, n: int = 1, partial_images: int = 0) -> GenerationJob:
-    return GenerationJob(
+    return make_job(
+        seed,
+        n=n,
         prompt="a lighthouse",
-        negative_prompt=None,
-        width=64,
         height=32,
         num_inference_steps=steps,
-        guidance_scale=7.0,
-        seeds=tuple(seed + i for i in range(n)),
         partial_images=partial_images,
     )
 

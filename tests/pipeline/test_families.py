@@ -16,6 +16,7 @@ from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import GeneratedImages, GenerationJob, PartialImage, StepProgress
+from tests.jobs import make_job
 
 FAMILIES = {
     "tiny-sd3": "StableDiffusion3Pipeline",
@@ -43,16 +44,8 @@ def bfloat16_pipeline(request):
 
 
 def job(seed: int = 0, **fields) -> GenerationJob:
-    values = {
-        "prompt": "a lighthouse at dusk",
-        "negative_prompt": None,
-        "width": 64,
-        "height": 32,
-        "num_inference_steps": 3,
-        "guidance_scale": 5.0,
-        "seeds": (seed,),
-    }
-    return GenerationJob(**{**values, **fields})
+    values = {"height": 32, "num_inference_steps": 3, "guidance_scale": 5.0}
+    return make_job(seed, **{**values, **fields})
 
 
 def storage_of(modules: dict) -> dict[str, list[tuple[torch.dtype, int]]]:

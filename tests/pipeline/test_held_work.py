@@ -14,18 +14,11 @@ from deployments.generator.engine import UNBATCHED, ImageEngine
 from deployments.generator.model.pipelines import load_pipeline
 from deployments.generator.progress.work_meter import HeldWork
 from deployments.jobs import GenerationEvent, GenerationJob, StepProgress
+from tests.jobs import make_job
 
 
 def job(width: int, steps: int, n: int) -> GenerationJob:
-    return GenerationJob(
-        prompt="a lighthouse at dusk",
-        negative_prompt=None,
-        width=width,
-        height=width,
-        num_inference_steps=steps,
-        guidance_scale=7.0,
-        seeds=tuple(range(n)),
-    )
+    return make_job(n=n, width=width, height=width, num_inference_steps=steps)
 
 
 @pytest.fixture(scope="module")

@@ -20,20 +20,17 @@ from deployments.jobs import (
     PartialImage,
     StepProgress,
 )
+from tests.jobs import make_job
 
 # A lone UTF-16 surrogate: the tokenizer rejects the prompt (TypeError), failing its call.
 POISONED_PROMPT = "a lighthouse \ud800"
 
 
 def job(seed: int, *, prompt: str = "", n: int = 1, partial_images: int = 0) -> GenerationJob:
-    return GenerationJob(
+    return make_job(
+        seed,
+        n=n,
         prompt=prompt or f"a lighthouse, take {seed}",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=7.0,
-        seeds=tuple(seed + i for i in range(n)),
         request_id=f"request-{seed}",
         partial_images=partial_images,
     )

@@ -30,6 +30,7 @@ from deployments.generator.model.optimizations import (
 )
 from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import GenerationJob
+from tests.jobs import make_job
 
 
 def model(family: str = "tiny-sd3", **optimizations) -> ModelConfig:
@@ -39,15 +40,7 @@ def model(family: str = "tiny-sd3", **optimizations) -> ModelConfig:
 
 
 def job(seed: int = 0, *, side: int = 64, n: int = 1, steps: int = 2) -> GenerationJob:
-    return GenerationJob(
-        prompt="a lighthouse at dusk",
-        negative_prompt=None,
-        width=side,
-        height=side,
-        num_inference_steps=steps,
-        guidance_scale=7.0,
-        seeds=tuple(seed + i for i in range(n)),
-    )
+    return make_job(seed, n=n, width=side, height=side, num_inference_steps=steps)
 
 
 def serve(pipeline, *jobs: GenerationJob, batching: BatchingConfig | None = None):

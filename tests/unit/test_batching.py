@@ -15,6 +15,7 @@ from deployments.config.model_config import BatchingConfig
 from deployments.generator.calls import batching
 from deployments.generator.calls.batching import BatchQueue, QueuedJob, batch_key
 from deployments.jobs import GeneratedImages, GenerationJob
+from tests.jobs import make_job
 
 
 def job(
@@ -26,14 +27,14 @@ def job(
     negative: str | None = None,
     steps: int = 4,
 ) -> GenerationJob:
-    return GenerationJob(
+    return make_job(
+        seed,
+        n=n,
         prompt=prompt,
         negative_prompt=negative,
         width=size,
         height=size,
         num_inference_steps=steps,
-        guidance_scale=7.0,
-        seeds=tuple(range(seed, seed + n)),
     )
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from bench.harness.serve_run import REPO, load_config
 from bench.serving.adapters import ADAPTERS, AdapterWorkload, adapter_config
 from serve_app import parse_args
+from tests.harness import REPO, load_config
 
 
 def test_requests_name_one_of_the_adapters_or_none():

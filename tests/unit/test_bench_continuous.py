@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from bench.harness.serve_run import REPO, load_config
 from bench.serving.continuous import (
     CONTINUOUS,
     GUIDANCE,
@@ -18,6 +17,7 @@ from bench.serving.continuous import (
     workload,
 )
 from serve_app import parse_args
+from tests.harness import REPO, load_config
 
 
 def test_the_mix_draws_every_steps_guidance_and_size_a_third_with_negatives_and_adapters():

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from bench.harness.serve_run import REPO, load_config, with_overrides
 from bench.serving.layouts import LAYOUTS, layout_models
 from serve_app import parse_args
+from tests.harness import REPO, load_config, with_overrides
 
 
 def test_each_layout_is_the_default_model_with_its_threads_cpus_and_replicas():

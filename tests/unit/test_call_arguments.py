@@ -12,6 +12,7 @@ from deployments.generator.calls.call_arguments import pipeline_arguments
 from deployments.generator.calls.call_timing import CallTimer
 from deployments.generator.model.pipelines import call_parameters
 from deployments.jobs import GenerationJob
+from tests.jobs import make_job
 
 EVERYTHING = frozenset(
     {
@@ -36,14 +37,8 @@ def on_step_end(pipeline, step, timestep, callback_kwargs):
 
 
 def job(seeds: tuple[int, ...], prompt: str = "p", **fields) -> GenerationJob:
-    values = {
-        "negative_prompt": None,
-        "width": 64,
-        "height": 32,
-        "num_inference_steps": 4,
-        "guidance_scale": 5.0,
-    }
-    return GenerationJob(prompt=prompt, seeds=seeds, **{**values, **fields})
+    values = {"height": 32, "num_inference_steps": 4, "guidance_scale": 5.0}
+    return make_job(prompt=prompt, seeds=seeds, **{**values, **fields})
 
 
 def edit_job(seeds: tuple[int, ...], grey: int, *, masked: bool = False) -> GenerationJob:

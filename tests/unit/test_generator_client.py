@@ -7,6 +7,7 @@ import asyncio
 
 from deployments.ingress.deployment import GeneratorClient
 from deployments.jobs import GenerationJob
+from tests.jobs import make_job
 
 
 class FakeHandle:
@@ -31,7 +32,7 @@ class FakeHandle:
 
 
 def job(adapters=()) -> GenerationJob:
-    return GenerationJob("a cat", None, 64, 64, 2, 5.0, (1,), adapters=adapters)
+    return make_job(1, prompt="a cat", guidance_scale=5.0, adapters=adapters)
 
 
 def test_a_job_with_adapters_is_routed_by_its_adapter_set_and_one_without_is_not():
