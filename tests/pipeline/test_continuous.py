@@ -121,8 +121,10 @@ def run(coroutine):
 
 def test_images_joining_at_different_steps_equal_each_request_alone(pipeline):
     """Four requests with different steps, guidance, negative prompts and image counts join
-    one loop two steps apart; each equals the diffusers pipeline run on it alone."""
-    negatives = [None, "blurry", "", None]
+    one loop two steps apart; each equals the diffusers pipeline run on it alone. The guided
+    rows have negative prompts of their own (two different texts, and none), so a loop that
+    gave every row the same negative, or none, would differ from the pipeline alone."""
+    negatives = ["blurry, low contrast", "", "a watercolour", None]
     if type(pipeline).__name__ == "FluxPipeline":
         negatives = [None] * 4  # FLUX takes none (the ingress refuses it, see pipelines.py)
     jobs = [
