@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -20,6 +22,7 @@ from ray.exceptions import (
     RayActorError,
     TaskCancelledError,
 )
+from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -39,6 +42,12 @@ from deployments.jobs import (
 from deployments.metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
+
+# How long the ingress waits for every model's first replica before it stops waiting to say
+# that the service is ready (a model that never starts is Serve's status to report), and how
+# long one replica is asked at a time.
+READY_WAIT_S = 1800.0
+READY_POLL_S = 10.0
 
 INGRESS_DEPLOYMENT = "ImageIngress"
 
@@ -134,6 +143,48 @@ def generator_errors_as_api_errors(request_id: str) -> Iterator[None]:
         ) from None
 
 
+def announce_when_ready(
+    generators: dict[str, DeploymentHandle], timeout_s: float = READY_WAIT_S
+) -> bool:
+    """Log one line, with the URL to send requests to, once every model has a replica that
+    answers: before it, a `serve run` console shows only start-up logs, and nothing says
+    when the first request can be sent. Runs in a thread of its own (handles' blocking
+    `result` must not run on the replica's event loop); gives up after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    waiting = dict(generators)
+    while waiting and time.monotonic() < deadline:
+        for model_id, handle in list(waiting.items()):
+            try:
+                handle.capabilities.remote().result(timeout_s=READY_POLL_S)
+            except Exception:  # still starting (or failing: Serve's status says which)
+                continue
+            del waiting[model_id]
+        if waiting:
+            time.sleep(1.0)
+    if waiting:
+        return False
+    logger.info(
+        "image service ready: POST %sv1/images/generations (models: %s)",
+        serve_url(),
+        ", ".join(generators),
+    )
+    return True
+
+
+def serve_url() -> str:
+    """The URL Serve's proxy answers this application at, as far as the replica can tell."""
+    route = "/"
+    try:
+        client = _get_global_client()
+        app = client.get_serve_details()["applications"][serve.get_replica_context().app_name]
+        route = app.get("route_prefix") or "/"
+        http = client.http_config
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+        return f"http://{host}:{http.port}{http.root_path}{route.rstrip('/')}/"
+    except Exception:  # outside a replica, or Serve's internals moved: the path alone
+        return route.rstrip("/") + "/"
+
+
 @serve.deployment(
     name=INGRESS_DEPLOYMENT,
     # The ingress only awaits the generator and encodes, so it holds many requests at once.
@@ -151,6 +202,9 @@ class ImageIngress:
         """`generators`: each model's generator deployment, by model id."""
         self._args = args
         self._generators = generators
+        threading.Thread(
+            target=announce_when_ready, args=(generators,), name="ready-line", daemon=True
+        ).start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         backends = {

@@ -6,6 +6,8 @@ does, for the served benchmarks too: what this test checks is also what each of 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from deployments.config.model_config import generator_deployment_name
@@ -27,3 +29,12 @@ def test_serve_run_local_config_serves_images():
         # Each of the config's two models has its own generator replica.
         for model_id in ("tiny-sd3", "tiny-flux"):
             assert len(server.replica_processes(generator_deployment_name(model_id))) == 1
+        # The console says when the service is ready, and where to send requests.
+        ready = (
+            f"image service ready: POST http://127.0.0.1:{config['http_options']['port']}"
+            "/v1/images/generations (models: tiny-sd3, tiny-flux)"
+        )
+        deadline = time.monotonic() + 60
+        while ready not in server.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ready in server.log_path.read_text()
