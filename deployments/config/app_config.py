@@ -331,6 +331,13 @@ class AppArgs(Strict):
                 f"{name}: default_steps ({model.default_steps}) exceeds limits.max_steps "
                 f"({self.limits.max_steps})"
             )
+        for quality in ("low", "medium", "high"):
+            steps = model.quality_steps.steps(quality, model.default_steps)
+            if steps > self.limits.max_steps:
+                raise ValueError(
+                    f"{name}: quality_steps.{quality} ({steps}) exceeds limits.max_steps "
+                    f"({self.limits.max_steps})"
+                )
         if model.default_guidance_scale > self.limits.max_guidance_scale:
             raise ValueError(
                 f"{name}: default_guidance_scale ({model.default_guidance_scale}) exceeds "

@@ -138,6 +138,40 @@ class AdapterConfig(Strict):
     )
 
 
+class QualitySteps(Strict):
+    """Denoising steps for OpenAI's `quality`, used when a request gives no
+    `num_inference_steps` (which always wins). `standard` is `medium` and `hd` is `high`,
+    as OpenAI's older models name them; `auto` is `default_steps`."""
+
+    low: int | None = Field(
+        default=None,
+        ge=1,
+        description="Steps for `quality: low`; half of `default_steps` (at least 1) when unset.",
+    )
+    medium: int | None = Field(
+        default=None,
+        ge=1,
+        description="Steps for `quality: medium` and `standard`; `default_steps` when unset.",
+    )
+    high: int | None = Field(
+        default=None,
+        ge=1,
+        description="Steps for `quality: high` and `hd`; `default_steps` when unset (a model's "
+        "default is its quality; set more here where more steps pay).",
+    )
+
+    def steps(self, quality: str | None, default_steps: int) -> int:
+        """The steps of `quality` (None or `auto`: `default_steps`)."""
+        preset = {"standard": "medium", "hd": "high"}.get(quality or "", quality)
+        if preset == "low":
+            return self.low or max(1, default_steps // 2)
+        if preset == "medium":
+            return self.medium or default_steps
+        if preset == "high":
+            return self.high or default_steps
+        return default_steps
+
+
 class ModelConfig(Strict):
     """A model the service serves: what its generator replicas load, the defaults of its
     requests, and the Ray Serve options of its own generator deployment."""
@@ -193,6 +227,11 @@ class ModelConfig(Strict):
         "factor times the transformer's patch size (16 for SD3).",
     )
     default_steps: int = Field(default=4, ge=1, description="Denoising steps when not given.")
+    quality_steps: QualitySteps = Field(
+        default_factory=QualitySteps,
+        description="Denoising steps for OpenAI's `quality` (`low`, `medium`, `high`) when a "
+        "request gives no `num_inference_steps`.",
+    )
     default_guidance_scale: float = Field(
         default=7.0, ge=0, description="Classifier-free guidance scale when not given."
     )

@@ -92,7 +92,10 @@ class ImageRequest(BaseModel):
         "generated (0-3). Fewer come when the model runs too few steps.",
     )
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
-        default=None, description="Accepted for compatibility and ignored."
+        default=None,
+        description="The model's step preset (`models[].quality_steps`): `low` fewer steps, "
+        "`medium`/`standard` and `auto` its default, `high`/`hd` as configured. "
+        "`num_inference_steps`, when given, wins.",
     )
     response_format: Literal["url", "b64_json"] = Field(
         default="url",
@@ -191,8 +194,11 @@ class ImageRequest(BaseModel):
         )
 
     def steps(self, model: ModelConfig) -> int:
-        """The denoising steps asked for: `num_inference_steps`, else the model's default."""
-        return self.num_inference_steps or model.default_steps
+        """The denoising steps asked for: `num_inference_steps`, else the model's preset for
+        `quality`, else its default."""
+        if self.num_inference_steps:
+            return self.num_inference_steps
+        return model.quality_steps.steps(self.quality, model.default_steps)
 
     def edit_strength(self, model: ModelConfig) -> float | None:
         """How much of an input image an edit redraws (edits only)."""
