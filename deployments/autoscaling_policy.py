@@ -25,7 +25,8 @@ to `min_replicas`/`max_replicas`. So this module reimplements none of it
 (tests/unit/test_autoscaling_policy.py pins that wrapping).
 
 Serve's controller loads this module (it cloudpickles the class by value, and imports what
-it refers to): it imports nothing but Ray, and no torch (checked by the tests).
+it refers to): it imports Ray and `deployments.jobs` (for the edits' one step rule), and no
+torch (checked by the tests).
 """
 
 from __future__ import annotations

@@ -46,8 +46,8 @@ PROXY_RULES: Rules = [
 REPLICA_RULES: Rules = [
     ("pipeline call", ("diffusers/",)),
     ("pixels to uint8", ("to_uint8",)),
-    ("view, arguments, batch plan", ("generator/pipelines.py", "call_arguments", "call_plan")),
-    ("batch queue", ("generator/batching.py",)),
+    ("view, arguments, batch plan", ("model/pipelines.py", "call_arguments", "call_plan")),
+    ("batch queue", ("calls/batching.py",)),
     ("result pickling", ("serializ", "pickle")),
     ("request logs", ("logging/",)),
     ("metrics", ("metrics", "prometheus", "opentelemetry")),

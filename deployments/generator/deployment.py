@@ -1,7 +1,7 @@
 """The generator deployment: a replica that loads ONE pipeline at start and keeps it.
 
 It does the model's work only: it receives `GenerationJob`s from the ingress, runs them on
-per-request pipeline views in its worker threads (see `deployments/generator/engine.py`) and
+per-request pipeline views in its worker threads (see `engine.py`, its front) and
 returns raw pixels. Each served model has its own deployment of this class, named
 `ImageGenerator:<model id>`, so each scales on its own. Resources (`num_gpus`), replica counts
 and queue limits come from the model's `deployment:` options in `args`; the defaults below

@@ -11,8 +11,11 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
@@ -22,12 +25,13 @@ from ray.exceptions import (
     RayActorError,
     TaskCancelledError,
 )
-from ray.serve.context import _get_global_client
+from ray.serve import context as serve_context
+from ray.serve.context import _get_global_client, _get_internal_replica_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config.app_config import AppArgs
-from deployments.ingress.app import create_api
+from deployments.ingress.app import REQUEST_ID, create_api
 from deployments.ingress.errors import invalid_request, service_unavailable
 from deployments.jobs import (
     AdapterUnavailable,
@@ -43,11 +47,11 @@ from deployments.metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
 
-# How long the ingress waits for every model's first replica before it stops waiting to say
-# that the service is ready (a model that never starts is Serve's status to report), and how
-# long one replica is asked at a time.
+# How long the ingress waits for its application to be RUNNING before it stops waiting to
+# say that the service is ready (a model that never starts is Serve's status to report), and
+# how often it asks.
 READY_WAIT_S = 1800.0
-READY_POLL_S = 10.0
+READY_POLL_S = 1.0
 
 INGRESS_DEPLOYMENT = "ImageIngress"
 
@@ -144,45 +148,73 @@ def generator_errors_as_api_errors(request_id: str) -> Iterator[None]:
 
 
 def announce_when_ready(
-    generators: dict[str, DeploymentHandle], timeout_s: float = READY_WAIT_S
+    app_name: str,
+    models: list[str],
+    timeout_s: float = READY_WAIT_S,
+    status: Callable[[], Any] = serve.status,
 ) -> bool:
-    """Log one line, with the URL to send requests to, once every model has a replica that
-    answers: before it, a `serve run` console shows only start-up logs, and nothing says
-    when the first request can be sent. Runs in a thread of its own (handles' blocking
-    `result` must not run on the replica's event loop); gives up after `timeout_s`."""
+    """Log one line, with the URL to send requests to, once the application is RUNNING
+    (every deployment has its replicas, as `serve status` says): before it, a `serve run`
+    console shows only start-up logs, and nothing says when the first request can be sent.
+    It asks Serve's controller, never a generator, so a model scaled to zero stays at zero
+    and no probe waits in a queue. Runs in a thread of its own; gives up after
+    `timeout_s`, saying so."""
     deadline = time.monotonic() + timeout_s
-    waiting = dict(generators)
-    while waiting and time.monotonic() < deadline:
-        for model_id, handle in list(waiting.items()):
-            try:
-                handle.capabilities.remote().result(timeout_s=READY_POLL_S)
-            except Exception:  # still starting (or failing: Serve's status says which)
-                continue
-            del waiting[model_id]
-        if waiting:
-            time.sleep(1.0)
-    if waiting:
-        return False
-    logger.info(
-        "image service ready: POST %sv1/images/generations (models: %s)",
-        serve_url(),
-        ", ".join(generators),
-    )
-    return True
+    while time.monotonic() < deadline:
+        try:
+            application = status().applications.get(app_name)
+        except Exception:  # the controller is busy or restarting: ask again
+            application = None
+        if application is not None and application.status == "RUNNING":
+            logger.info(
+                "image service ready: POST %sv1/images/generations (models: %s)",
+                serve_url(),
+                ", ".join(models),
+            )
+            return True
+        time.sleep(READY_POLL_S)
+    logger.warning("image service not ready after %.0f s: `serve status` says why", timeout_s)
+    return False
 
 
 def serve_url() -> str:
     """The URL Serve's proxy answers this application at, as far as the replica can tell."""
     route = "/"
+    if _get_internal_replica_context() is None:
+        return route
     try:
         client = _get_global_client()
         app = client.get_serve_details()["applications"][serve.get_replica_context().app_name]
         route = app.get("route_prefix") or "/"
         http = client.http_config
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address
         return f"http://{host}:{http.port}{http.root_path}{route.rstrip('/')}/"
     except Exception:  # outside a replica, or Serve's internals moved: the path alone
         return route.rstrip("/") + "/"
+
+
+class BoundedRequestIds:
+    """ASGI middleware: a request whose `x-request-id` is not an id (`app.REQUEST_ID`) gets a
+    fresh one in Serve's request context too. Ray's proxy copies the header into that
+    context, and Serve's log formatter writes it into every log line of the request, the
+    ingress's and its generator calls' alike; the app refuses the request with a 400 under
+    the same fresh id. (Serve's access lines of the request, the proxy's and the replica's,
+    are written outside the app and still show what the client sent.)"""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or ()).get(b"x-request-id")
+            if given is not None and REQUEST_ID.fullmatch(given.decode("latin-1")) is None:
+                fresh = uuid.uuid4().hex
+                context = serve_context._serve_request_context.get()
+                if context is not None:
+                    serve_context._serve_request_context.set(replace(context, request_id=fresh))
+                scope.setdefault("state", {})["request_id"] = fresh  # the app's `request.state`
+        await self._app(scope, receive, send)
 
 
 @serve.deployment(
@@ -202,13 +234,20 @@ class ImageIngress:
         """`generators`: each model's generator deployment, by model id."""
         self._args = args
         self._generators = generators
-        threading.Thread(
-            target=announce_when_ready, args=(generators,), name="ready-line", daemon=True
-        ).start()
+        context = _get_internal_replica_context()
+        if context is not None:  # a Serve replica (tests build the app without one)
+            threading.Thread(
+                target=announce_when_ready,
+                args=(context.app_name, [model.id for model in args.models]),
+                name="ready-line",
+                daemon=True,
+            ).start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         backends = {
             model_id: GeneratorClient(handle) for model_id, handle in self._generators.items()
         }
         metrics = IngressMetrics()
-        return create_api(self._args, backends, metrics=metrics, quota_metrics=metrics)
+        app = create_api(self._args, backends, metrics=metrics, quota_metrics=metrics)
+        app.add_middleware(BoundedRequestIds)
+        return app

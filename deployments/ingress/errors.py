@@ -153,7 +153,8 @@ def storage_unavailable(
         message = "The image store cannot be reached. Try again shortly."
     elif lasting:
         message = (
-            "The images could not be stored for their URLs: the image store is full. Ask "
+            "The images could not be stored for their URLs: the image store is full or "
+            "read-only. Ask "
             "for 'response_format': 'b64_json', or try again later."
         )
     else:

@@ -1,8 +1,9 @@
 """Turning generated pixels into what a client receives: encoded images, inline or linked.
 
 Runs on the ingress, in worker threads (encoding a large PNG takes tens of milliseconds).
-An image that cannot be stored is the API's retryable 503 (`storage_unavailable`), in a
-plain answer and in a stream's `error` event alike.
+An image that cannot be stored is the API's 503 (`storage_unavailable`: retryable unless the
+volume is full or read-only), in a plain answer and in a stream's `error` event alike, and
+none of the request's images stays stored.
 """
 
 from __future__ import annotations
@@ -43,22 +44,30 @@ class ImagePackager:
             inline = self._params.response_format == "b64_json"
         answered: list[Image] = []
         stored: list[str] = []
-        for pixels, seed in zip(images, seeds, strict=True):
-            data = self.encode(pixels)
-            if inline:
-                answered.append(Image(b64_json=to_base64(data), seed=seed))
-                continue
-            try:
-                name = self._store.save(data, self._params.output_format)
-            except StorageUnavailable as error:
-                # The cause (a path, an errno) goes to the log, never to the client.
-                logger.error("storing an image failed: %s", error)
-                for earlier in stored:
-                    self._store.discard(earlier)
-                raise storage_unavailable(lasting=error.lasting) from None
-            stored.append(name)
-            answered.append(Image(url=f"{self._base_url}{IMAGE_FILES_PATH}/{name}", seed=seed))
+        try:
+            for pixels, seed in zip(images, seeds, strict=True):
+                data = self.encode(pixels)
+                if inline:
+                    answered.append(Image(b64_json=to_base64(data), seed=seed))
+                    continue
+                name = self._save(data)
+                stored.append(name)
+                url = f"{self._base_url}{IMAGE_FILES_PATH}/{name}"
+                answered.append(Image(url=url, seed=seed))
+        except BaseException:
+            # A failed answer names none of the images it stored: none of them stays.
+            for name in stored:
+                self._store.discard(name)
+            raise
         return answered
+
+    def _save(self, data: bytes) -> str:
+        try:
+            return self._store.save(data, self._params.output_format)
+        except StorageUnavailable as error:
+            # The cause (a path, an errno) goes to the log, never to the client.
+            logger.error("storing an image failed: %s", error)
+            raise storage_unavailable(lasting=error.lasting) from None
 
     def preview(self, pixels: np.ndarray, width: int, height: int) -> str:
         """A preview, scaled up to the image's size, as base64 in the requested format."""

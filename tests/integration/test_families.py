@@ -217,3 +217,26 @@ def test_a_poisoned_job_fails_alone_and_its_batch_neighbours_succeed(base_url):
         difference = np.abs(result.images[0].astype(int) - alone.images[0].astype(int))
         assert difference.max() <= 1 and (difference > 0).mean() <= 0.001
     assert handle.check_health.remote().result() is None
+
+
+def test_an_edit_class_named_as_a_model_fails_the_deploy_naming_the_key(serve_url):
+    """What `serve status` shows an operator: the generator's refusal, naming the key (it
+    would otherwise load, then answer every request with an error)."""
+    app = "notservable"
+    model = {
+        **ARGS["models"][0],
+        "id": "img2img",
+        "pipeline_class": "StableDiffusion3Img2ImgPipeline",
+        "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+    }
+    try:
+        with pytest.raises(RuntimeError, match="failed"):
+            serve.run(build_app({**ARGS, "models": [model]}), name=app, route_prefix=f"/{app}")
+        status = serve.status().applications[app]
+        generator = status.deployments[generator_deployment_name("img2img")]
+        assert generator.status == "DEPLOY_FAILED"
+        assert "models[].pipeline_class StableDiffusion3Img2ImgPipeline needs an input image" in (
+            generator.message
+        )
+    finally:
+        serve.delete(app)

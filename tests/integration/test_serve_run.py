@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
 from deployments.config.model_config import generator_deployment_name
@@ -38,3 +39,19 @@ def test_serve_run_local_config_serves_images():
         while ready not in server.log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert ready in server.log_path.read_text()
+        # An id that is no id: a 400, and none of the request's log lines carries it.
+        malformed = "x" * 2000
+        refused = httpx.post(
+            f"{server.base_url}/v1/images/generations",
+            json={"prompt": "a fox"},
+            headers={"x-request-id": malformed},
+            timeout=60,
+        )
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "x-request-id"
+        time.sleep(2)  # the replica's log lines reach the console
+        lines = server.log_path.read_text().splitlines()
+        assert any("status=400" in line and "x-request-id" not in line for line in lines)
+        # Only Serve's own access line, written outside the app, still shows what was sent.
+        carrying = [line for line in lines if malformed in line]
+        assert all("POST /v1/images/generations 400" in line for line in carrying), carrying

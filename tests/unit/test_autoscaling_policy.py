@@ -141,6 +141,9 @@ def test_no_running_replica_leaves_the_target_to_serve():
 def test_an_edit_costs_the_steps_its_strength_runs():
     assert job_work(64, 64, 2, 10, 0.55) == 64 * 64 * 2 * 6
     assert job_work(64, 64, 2, 10, None) == 64 * 64 * 2 * 10
+    # steps x strength just above a whole number in floats (25 x 0.28 = 7.000000000000001):
+    # diffusers' SD3 and FLUX edits run 7 steps, and so does the work counted.
+    assert job_work(64, 64, 1, 25, 0.28) == 64 * 64 * 7
 
 
 def test_the_target_must_be_positive():

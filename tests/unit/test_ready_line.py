@@ -1,5 +1,6 @@
-"""The ingress says once, in the log a `serve run` console shows, when every model has a
-replica that answers and where to send requests; never before."""
+"""The ingress says once, in the log a `serve run` console shows, when its application is
+RUNNING and where to send requests; never before, and it asks only Serve's controller (a
+probe of each generator would wake models scaled to zero and wait in their queues)."""
 
 from __future__ import annotations
 
@@ -9,46 +10,41 @@ from types import SimpleNamespace
 from deployments.ingress.deployment import announce_when_ready, serve_url
 
 
-class StartingHandle:
-    """A generator handle whose replica answers after `starting` failed asks."""
+class Statuses:
+    """`serve.status()` as the controller answers it: `states` in turn, then the last."""
 
-    def __init__(self, starting: int) -> None:
+    def __init__(self, *states: str | Exception) -> None:
+        self.states = list(states)
         self.asked = 0
-        self.starting = starting
-        self.capabilities = SimpleNamespace(remote=self._remote)
 
-    def _remote(self):
+    def __call__(self):
+        state = self.states[min(self.asked, len(self.states) - 1)]
         self.asked += 1
-        return SimpleNamespace(result=self._result)
-
-    def _result(self, timeout_s: float):
-        if self.asked <= self.starting:
-            raise TimeoutError("no replica yet")
-        return object()
+        if isinstance(state, Exception):
+            raise state
+        return SimpleNamespace(applications={"images": SimpleNamespace(status=state)})
 
 
 def ready_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "image service ready" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if "image service" in r.getMessage()]
 
 
-def test_one_line_once_every_model_answers(caplog, monkeypatch):
+def test_one_line_once_the_application_runs(caplog, monkeypatch):
     monkeypatch.setattr("deployments.ingress.deployment.time.sleep", lambda _: None)
     caplog.set_level(logging.INFO, logger="ray.serve")
-    handles = {"tiny-sd3": StartingHandle(starting=0), "tiny-flux": StartingHandle(starting=3)}
-    assert announce_when_ready(handles, timeout_s=60)
+    status = Statuses("DEPLOYING", RuntimeError("controller busy"), "DEPLOYING", "RUNNING")
+    assert announce_when_ready("images", ["tiny-sd3", "tiny-flux"], 60, status)
     assert ready_lines(caplog) == [
         "image service ready: POST /v1/images/generations (models: tiny-sd3, tiny-flux)"
     ]
-    assert handles["tiny-sd3"].asked == 1  # an answered model is not asked again
-    assert handles["tiny-flux"].asked == 4
+    assert status.asked == 4
 
 
-def test_no_line_while_a_model_has_no_replica(caplog, monkeypatch):
+def test_no_ready_line_while_it_is_not_running(caplog, monkeypatch):
     monkeypatch.setattr("deployments.ingress.deployment.time.sleep", lambda _: None)
     caplog.set_level(logging.INFO, logger="ray.serve")
-    handles = {"tiny-sd3": StartingHandle(starting=0), "never": StartingHandle(starting=10**9)}
-    assert not announce_when_ready(handles, timeout_s=0.05)
-    assert ready_lines(caplog) == []
+    assert not announce_when_ready("images", ["tiny-sd3"], 0.05, Statuses("DEPLOY_FAILED"))
+    assert ready_lines(caplog) == ["image service not ready after 0 s: `serve status` says why"]
 
 
 def test_outside_a_replica_the_url_is_the_path_alone():

@@ -3,7 +3,7 @@
 Everything a batch's jobs share (size, steps, guidance, strength, whether a negative prompt is
 given) is taken from its first job: `deployments/generator/calls/batching.py` only groups jobs on
 which it is equal. Everything else is per image, in job order and, within a job, in seed
-order: the pipeline returns its images in that order, and the engine splits them back into
+order: the pipeline returns its images in that order, and the call plan splits them back into
 jobs the same way.
 """
 

@@ -11,7 +11,8 @@ alone with its own exception and its neighbours get exactly the images they woul
 after running out of memory, down to single images, and a single image that still does not
 fit fails its job with `GenerationOutOfMemory`. Neither changes a pixel: each image has its
 own generator, seeded from its own seed (`deployments/generator/calls/call_arguments.py`).
-What fails every job at once (cancellation, a broken device) is the engine's to raise.
+What fails every job at once (cancellation, a broken device) is the call runner's to raise
+(`call_runner.py`).
 """
 
 from __future__ import annotations

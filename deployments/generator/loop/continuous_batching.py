@@ -3,7 +3,7 @@ the job's answer back on the event loop.
 
 `ContinuousBatching` takes text-to-image jobs of a flow-matching transformer family (SD3,
 FLUX) whose images fit one step's budget; everything else (edits, SDXL, a job larger than
-the budget) stays on the request-level path (`batching.py`). Each job goes to the lane
+the budget) stays on the request-level path (`calls/batching.py`). Each job goes to the lane
 (`denoise_loop.Lane`, one per worker thread) holding the fewest images, which starts in a
 worker thread if it was idle. Its caller's cancellation (the client went away, the request
 timed out) marks the job, and its images leave the loop at the next step boundary.

@@ -16,7 +16,7 @@ unless the options say).
 Why per-call state, and how. Each hook keeps what it caches (the last step's residuals, the
 Taylor factors, a step counter, the last attention output) inside the hook objects on the
 SHARED denoiser, and diffusers resets it when a pipeline call ends. A replica runs several
-calls at once on that one denoiser (`deployments/generator/engine.py`): unchanged, call A
+calls at once on that one denoiser (`deployments/generator/calls/call_runner.py`): unchanged, call A
 would skip on B's residuals, advance B's step counter and reset B's state in the middle of
 B's run (design note 9). Two fixes were possible: serialize cached calls (one
 at a time per replica, state reset at each start), or give each call its own state. A call
@@ -24,7 +24,7 @@ runs from start to end in one worker thread, and a thread runs one call at a tim
 per-call state is just per-thread state bracketed by the call: `apply_cache` swaps each
 hook's state holder (diffusers' `StateManager`, PAB's state object) for one that looks its
 state up in a thread-local slot, and `call_scope` (wrapped around every pipeline call by the
-engine) gives the slot a fresh dict at the call's start and drops it at its end. That keeps
+call runner) gives the slot a fresh dict at the call's start and drops it at its end. That keeps
 the replica's concurrency (serializing would give back much of what the cache saves: on a
 GPU the concurrent calls' text encoding, VAE decoding and Python overhead overlap the
 denoiser's kernels), costs no lock, and leaves the hooks' own code untouched. The price is

@@ -65,7 +65,7 @@ def size_limits(pipeline: Any) -> SizeLimits:
 
 def edit_step_rounding(pipeline_class: type) -> str | None:
     """How the edit pipeline `pipeline_class` rounds `steps x strength` to the steps it runs:
-    "floor" or "ceil" (as `ModelCapabilities.steps_run` computes them), or None if its
+    "floor" or "ceil" (as `deployments.jobs.edit_steps_run` computes them), or None if its
     `get_timesteps` cannot be probed or follows neither rule."""
     get_timesteps = getattr(pipeline_class, "get_timesteps", None)
     if get_timesteps is None:

@@ -41,6 +41,7 @@ from deployments.generator.model.components import DTYPES
 from deployments.generator.model.embedded_model import ensure_embedded_model, is_embedded
 from deployments.generator.model.model_limits import edit_step_rounding, size_limits
 from deployments.generator.model.optimizations import apply_at_load, quantization_config
+from deployments.generator.model.servability import check_servable, not_matching
 from deployments.generator.model.shared_modules import pin_upcast_vae
 from deployments.jobs import OPTIONAL_PARAMETERS, ModelCapabilities, Task
 
@@ -84,12 +85,18 @@ def load_pipeline(model: ModelConfig) -> DiffusionPipeline:
         pipeline_class.__name__,
     )
     quantization = quantization_config(model.optimizations, source, model.revision, device)
-    pipeline = pipeline_class.from_pretrained(
-        source,
-        revision=model.revision,
-        dtype=dtype,
-        **({"quantization_config": quantization} if quantization is not None else {}),
-    )
+    try:
+        pipeline = pipeline_class.from_pretrained(
+            source,
+            revision=model.revision,
+            dtype=dtype,
+            **({"quantization_config": quantization} if quantization is not None else {}),
+        )
+    except ValueError as error:
+        if model.pipeline_class is None or "expected" not in str(error):
+            raise
+        raise not_matching(model, error) from None
+    check_servable(model, pipeline)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     # Now, while no call runs: what the shared modules are after loading is what they stay.

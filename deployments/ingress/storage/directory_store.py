@@ -5,8 +5,9 @@ swept) and by a daemon thread that sweeps every min(TTL, 60 s) whether or not im
 being saved. With `max_bytes`, the oldest images also go once the directory's images add up
 to more.
 
-A write that fails (a full disk, a read-only volume) leaves no partial file behind and
-raises `StorageUnavailable`, which the API answers as a retryable 503.
+A write that fails leaves no partial file behind and raises `StorageUnavailable`, which the
+API answers as a 503: retryable, except for a full disk or quota or a read-only volume
+(`lasting`), which a retry within seconds does not mend.
 """
 
 from __future__ import annotations

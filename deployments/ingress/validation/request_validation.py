@@ -1,7 +1,7 @@
-"""A request's validation, in the order it runs: the one place a route's request is checked.
+"""A request's validation, in the order it runs.
 
-1. `unicode_text.py`: text that is not text, anywhere in the body (before the body is read
-   for its `model`);
+1. `unicode_text.py`: text that is not text, anywhere in the body, refused by the service
+   before it reads the body's `model` (so before this module's checks);
 2. the schema (`deployments/ingress/protocol.py`): every field's type and bounds, against
    the config's limits and the model's own (`validation_context.py`); a streaming option
    without `stream`;
