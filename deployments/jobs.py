@@ -121,6 +121,9 @@ class ModelCapabilities:
     max_height: int | None = None
     size_multiple: int = 1
     edit_step_rounding: dict[str, str] = field(default_factory=dict)
+    # Whether the model's VAE could be fitted for previews: without, `partial_images` > 0
+    # is refused rather than silently sending none.
+    previews: bool = True
 
     def edit_steps(self, task: str, steps: int, strength: float) -> int:
         """The denoising steps an edit of `task` runs; 0 means its pipeline would fail. A

@@ -22,6 +22,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from diffusers import DiffusionPipeline
 
@@ -82,7 +83,7 @@ class ImageEngine:
         self._prompt_tokens = PromptTokens(pipeline)
         self._pool = pool or worker_pool(worker_threads)
         self._executor = CountingExecutor(self._pool)
-        previewer = fit_previewer(pipeline)
+        previewer = self._previewer = fit_previewer(pipeline)
         self._runner = CallRunner(self._pipelines, previewer, batching, adapters, self._progress)
         self._queue = BatchQueue(
             self._runner.run_batch,
@@ -139,7 +140,7 @@ class ImageEngine:
         )
 
     def capabilities(self) -> ModelCapabilities:
-        return self._pipelines.capabilities()
+        return replace(self._pipelines.capabilities(), previews=self._previewer is not None)
 
     def check_health(self) -> None:
         """Raise if the replica can no longer generate, so that Serve replaces it."""

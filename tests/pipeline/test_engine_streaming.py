@@ -174,3 +174,79 @@ def test_the_preview_map_is_fitted_to_the_vae():
     expected = ((colours.permute(0, 2, 3, 1) + 1) * 127.5).numpy()
     assert [p.shape for p in previews] == [(4, 4, 3)] * 2
     assert np.abs(np.stack(previews).astype(float) - expected).max() <= 1.0
+
+
+class VideoStyleVAE(LinearVAE):
+    """Qwen-Image's and Wan's shape: frames in (B, 3, T, H, W), latents out (B, C, T, h, w),
+    normalised per channel (`latents_mean`, `latents_std`) rather than by one factor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mean, std = torch.linspace(-1, 1, 16), torch.linspace(0.5, 2.0, 16)
+        self.config = SimpleNamespace(latents_mean=mean.tolist(), latents_std=std.tolist())
+
+    def encode(self, frames: torch.Tensor):
+        if frames.ndim != 5:
+            raise ValueError("not enough values to unpack (expected 5, got 4)")
+        mean = super().encode(frames[:, :, 0]).latent_dist.mean.unsqueeze(2)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean))
+
+
+class DeterministicVAE(LinearVAE):
+    """Sana's DC-AE: no distribution, the latents themselves (`.latent`)."""
+
+    def encode(self, images: torch.Tensor):
+        return SimpleNamespace(latent=super().encode(images).latent_dist.mean)
+
+
+def assert_previews_match(previewer: LatentPreviewer, latents: torch.Tensor, colours) -> None:
+    previews = previewer.to_rgb(latents)
+    expected = ((colours.permute(0, 2, 3, 1) + 1) * 127.5).numpy()
+    assert [p.shape for p in previews] == [(4, 4, 3)] * len(colours)
+    assert np.abs(np.stack(previews).astype(float) - expected).max() <= 1.0
+
+
+def test_a_video_style_vae_gets_previews_of_its_one_frame():
+    vae = VideoStyleVAE()
+    previewer = LatentPreviewer.fit(vae, downsampling=8)
+    colours = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    images = torch.nn.functional.interpolate(colours, size=(32, 32), mode="nearest")
+    mean = torch.tensor(vae.config.latents_mean).reshape(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).reshape(1, -1, 1, 1, 1)
+    with torch.no_grad():  # as the pipeline has them: (z - mean) / std, 5-D
+        latents = (vae.encode(images.unsqueeze(2)).latent_dist.mean - mean) / std
+    assert_previews_match(previewer, latents, colours)
+
+
+def test_a_deterministic_vae_gets_previews():
+    vae = DeterministicVAE()
+    previewer = LatentPreviewer.fit(vae, downsampling=8)
+    colours = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    images = torch.nn.functional.interpolate(colours, size=(32, 32), mode="nearest")
+    with torch.no_grad():
+        latents = (vae.encode(images).latent - 0.1) * 1.5
+    assert_previews_match(previewer, latents, colours)
+
+
+def test_a_preview_that_fails_never_fails_the_images(pipeline, monkeypatch):
+    """A family whose latents cannot be laid out for a preview: the job still gets its
+    images (the same as without previews) and its progress; previews just stop."""
+
+    def cannot_lay_out(*args, **kwargs):
+        raise ValueError("no (B, C, h, w) view of these latents")
+
+    monkeypatch.setattr("deployments.generator.calls.call_runner.spatial_latents", cannot_lay_out)
+    engine = ImageEngine(pipeline, worker_threads=1)
+    try:
+        events = asyncio.run(collect(engine, streamed_job(3, steps=4, partial_images=2)))
+        plain = asyncio.run(engine.generate(streamed_job(3, steps=4)))
+    finally:
+        engine.shutdown()
+    assert not [event for event in events if isinstance(event, PartialImage)]
+    assert [e.step for e in events if isinstance(e, StepProgress)][-1] == 4
+    (result,) = [event for event in events if isinstance(event, GeneratedImages)]
+    np.testing.assert_array_equal(result.images[0], plain.images[0])
+
+
+def test_the_embedded_models_say_they_preview(engine):
+    assert engine.capabilities().previews

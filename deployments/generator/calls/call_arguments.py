@@ -52,8 +52,13 @@ def pipeline_arguments(
         arguments["mask_image"] = _per_image(jobs, [_pil(job.mask) for job in jobs])
     # The ingress rejected what a client asked for that this pipeline does not take; what is
     # left out here are the service's own defaults (say, `width` for a pipeline that takes
-    # its size from the input image).
-    return {name: value for name, value in arguments.items() if name in takes}
+    # its size from the input image), and what the request did not set: the pipeline's own
+    # default stands (Sana's `negative_prompt` is "", and None fails its text cleaning).
+    return {
+        name: value
+        for name, value in arguments.items()
+        if name in takes and value is not None
+    }
 
 
 def _pil(pixels: np.ndarray) -> PIL.Image.Image:

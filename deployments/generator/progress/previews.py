@@ -11,6 +11,7 @@ images, regress their colours on the latents), so it suits whatever VAE the mode
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -42,15 +43,21 @@ _FIT_LATENT_SIDE = 8
 
 
 class LatentPreviewer:
-    """Maps the pipeline's (scaled) latents of shape (B, C, h, w) to RGB uint8 (h, w, 3)."""
+    """Maps the pipeline's (scaled) latents of shape (B, C, h, w), or a video-style VAE's
+    (B, C, 1, h, w), to RGB uint8 (h, w, 3)."""
 
     def __init__(
-        self, weights: torch.Tensor, bias: torch.Tensor, scaling_factor: float, shift_factor: float
+        self,
+        weights: torch.Tensor,
+        bias: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
     ) -> None:
         self._weights = weights  # (C, 3)
         self._bias = bias  # (3,)
-        self._scaling_factor = scaling_factor
-        self._shift_factor = shift_factor
+        # Per channel: the VAE's latent = the pipeline's latent x scale + shift.
+        self._scale = scale.reshape(1, -1, 1, 1)
+        self._shift = shift.reshape(1, -1, 1, 1)
 
     @classmethod
     def fit(cls, vae: torch.nn.Module, downsampling: int) -> LatentPreviewer:
@@ -62,30 +69,62 @@ class LatentPreviewer:
         images = torch.nn.functional.interpolate(
             coarse, size=(side, side), mode="bilinear", align_corners=False
         )
-        parameter = next(vae.parameters())
-        with torch.no_grad():
-            latents = vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist.mean
-        latents = latents.float().cpu()  # (N, C, 8, 8), unscaled
+        latents = _encoded(vae, images)  # (N, C, 8, 8), unscaled
         targets = torch.nn.functional.adaptive_avg_pool2d(images, latents.shape[-2:])
         channels = latents.shape[1]
         inputs = latents.permute(0, 2, 3, 1).reshape(-1, channels)
         inputs = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1)
         outputs = targets.permute(0, 2, 3, 1).reshape(-1, 3)
         solution = torch.linalg.lstsq(inputs, outputs).solution  # (C + 1, 3)
-        config = vae.config
-        return cls(
-            weights=solution[:channels],
-            bias=solution[channels],
-            scaling_factor=float(getattr(config, "scaling_factor", None) or 1.0),
-            shift_factor=float(getattr(config, "shift_factor", None) or 0.0),
-        )
+        scale, shift = _unscaling(vae.config, channels)
+        return cls(weights=solution[:channels], bias=solution[channels], scale=scale, shift=shift)
 
     def to_rgb(self, latents: torch.Tensor) -> list[np.ndarray]:
         """One preview per latent in the batch."""
-        unscaled = latents.detach().float().cpu() / self._scaling_factor + self._shift_factor
+        if latents.ndim == 5:  # a video-style VAE's: its one frame
+            latents = latents[:, :, 0]
+        unscaled = latents.detach().float().cpu() * self._scale + self._shift
         rgb = torch.einsum("bchw,cd->bhwd", unscaled, self._weights) + self._bias
         pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
         return list(pixels)
+
+
+def _encoded(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """`images` (N, 3, H, W) through the VAE's encoder: its latents' mean, (N, C, h, w).
+    Image VAEs take 4-D input; video-style ones (Qwen-Image's, Wan's) take frames, 5-D. A
+    KL VAE answers a distribution, a deterministic one (Sana's DC-AE) the latents."""
+    parameter = next(vae.parameters())
+    images = images.to(parameter.device, parameter.dtype)
+    with torch.no_grad():
+        try:
+            encoded = vae.encode(images)
+        except (ValueError, RuntimeError):
+            encoded = vae.encode(images.unsqueeze(2))  # one frame
+    distribution = getattr(encoded, "latent_dist", None)
+    if distribution is not None:
+        latents = distribution.mean
+    else:
+        latents = getattr(encoded, "latent", None)
+        if latents is None:
+            latents = encoded[0]
+    if latents.ndim == 5:
+        latents = latents[:, :, 0]
+    return latents.float().cpu()
+
+
+def _unscaling(config: Any, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, how the pipeline's latents become the VAE's: per-channel statistics
+    (`latents_mean`, `latents_std`: Qwen-Image, Wan) or one `scaling_factor` and
+    `shift_factor` (SD3, FLUX, SDXL, Sana)."""
+    factor = float(getattr(config, "scaling_factor", None) or 1.0)
+    mean = getattr(config, "latents_mean", None)
+    std = getattr(config, "latents_std", None)
+    if mean is not None and std is not None and len(mean) == len(std) == channels:
+        # As their pipelines decode: latents x std / scaling_factor + mean.
+        std_t = torch.tensor(std, dtype=torch.float32)
+        return std_t / factor, torch.tensor(mean, dtype=torch.float32)
+    shift = float(getattr(config, "shift_factor", None) or 0.0)
+    return torch.full((channels,), 1.0 / factor), torch.full((channels,), shift)
 
 
 def fit_previewer(pipeline) -> LatentPreviewer | None:
@@ -139,12 +178,30 @@ class StepReporter:
             job = part.job
             steps = preview_steps(job.partial_images, total) if self._previewer else ()
             if step in steps:
-                index = steps.index(step)
-                own = self._spatial(latents[offset : offset + job.num_images])
-                for image_index, pixels in enumerate(self._previewer.to_rgb(own), part.first):
-                    sink(PartialImage(image_index, index, pixels))
+                own = latents[offset : offset + job.num_images]
+                previews = _previews(self._previewer, self._spatial, own, job.request_id)
+                if previews is None:
+                    self._previewer = None  # none more in this call; its images go on
+                for image_index, pixels in enumerate(previews or (), part.first):
+                    sink(PartialImage(image_index, steps.index(step), pixels))
             if send_progress:
                 sink(StepProgress(step=step, total_steps=total))
+
+
+def _previews(
+    previewer: LatentPreviewer,
+    spatial: Callable[[torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    request_id: str,
+) -> list[np.ndarray] | None:
+    """Previews of `latents`, or None if they cannot be made (a family whose latents this
+    service cannot lay out, say): a preview is a courtesy, and its failure must never fail
+    the images being denoised."""
+    try:
+        return previewer.to_rgb(spatial(latents))
+    except Exception:
+        logger.warning("request %s: no more previews: making one failed", request_id, exc_info=True)
+        return None
 
 
 def spatial_latents(
@@ -153,7 +210,11 @@ def spatial_latents(
     """Latents as (B, C, h, w). FLUX-style pipelines denoise 2x2 patches packed into a
     sequence, (B, h/2 * w/2, 4C), and say how to unpack them."""
     if latents.ndim == 3 and hasattr(pipeline, "_unpack_latents"):
-        return pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+        latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+    if latents.ndim == 5:  # a video-style VAE's (B, C, 1, h, w): Qwen-Image's
+        latents = latents[:, :, 0]
+    if latents.ndim != 4:
+        raise ValueError(f"no (B, C, h, w) view of latents shaped {tuple(latents.shape)}")
     return latents
 
 
@@ -187,8 +248,12 @@ class JobReporter:
         step = images[0].step
         if step in self._previews:
             latents = torch.cat([image.latents for image in images])
-            own = self._spatial(latents, self._job.width, self._job.height)
-            for image_index, pixels in enumerate(self._previewer.to_rgb(own)):
+            job = self._job
+            spatial = functools.partial(self._spatial, width=job.width, height=job.height)
+            previews = _previews(self._previewer, spatial, latents, job.request_id)
+            if previews is None:
+                self._previews = ()  # none more for this job; its images go on
+            for image_index, pixels in enumerate(previews or ()):
                 self._sink(PartialImage(image_index, self._previews.index(step), pixels))
         now = time.monotonic()
         if step == self._total or now - self._last_progress >= PROGRESS_INTERVAL_S:

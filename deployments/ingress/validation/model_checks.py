@@ -51,3 +51,10 @@ def check_supported(
                 param=name,
                 code="unsupported_parameter",
             )
+    if getattr(params, "partial_images", 0) and not capabilities.previews:
+        raise invalid_request(
+            f"The model '{model.id}' ({pipeline}) cannot preview its images; ask for "
+            "'partial_images': 0.",
+            param="partial_images",
+            code="unsupported_parameter",
+        )
