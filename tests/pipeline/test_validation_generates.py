@@ -30,7 +30,7 @@ from tests.http.fakes import FakeGenerator
 
 from .engine_api import engine_client
 
-FAMILIES = {"tiny-sd3": 16, "tiny-sdxl": 8, "tiny-flux": 16}  # id: size multiple
+FAMILIES = {"tiny-sd3": 16, "tiny-sdxl": 8, "tiny-flux": 16, "tiny-chroma": 16}  # size multiple
 # Past tiny-sd3's largest side (1024: its positional embedding), at any aspect ratio.
 MAX_PIXELS = 32 * 1040
 ADAPTERS = {
@@ -41,6 +41,7 @@ ADAPTERS = {
     ],
     "tiny-sdxl": [{"id": "sdxl-ink", "source": "embedded:tiny-sdxl/ink"}],
     "tiny-flux": [{"id": "flux-ink", "source": "embedded:tiny-flux/ink"}],
+    "tiny-chroma": [],
 }
 ADAPTER_IDS = [adapter["id"] for adapters in ADAPTERS.values() for adapter in adapters]
 ARGS = AppArgs.model_validate(
@@ -114,7 +115,7 @@ def generation_requests(draw) -> dict:
     # model's, a repeat, or the one that does not fit), at any scale in range.
     if draw(st.booleans()):
         own = [adapter["id"] for adapter in ADAPTERS[model]]
-        names = draw(st.lists(st.sampled_from(own), unique=True, max_size=2))
+        names = draw(st.lists(st.sampled_from(own), unique=True, max_size=2)) if own else []
         if draw(st.integers(0, 4)) == 0:
             names.append(draw(st.sampled_from(ADAPTER_IDS)))
         request["lora"] = [{"name": name, "scale": draw(st.floats(-2.0, 2.0))} for name in names]

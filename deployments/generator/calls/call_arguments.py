@@ -54,11 +54,7 @@ def pipeline_arguments(
     # left out here are the service's own defaults (say, `width` for a pipeline that takes
     # its size from the input image), and what the request did not set: the pipeline's own
     # default stands (Sana's `negative_prompt` is "", and None fails its text cleaning).
-    return {
-        name: value
-        for name, value in arguments.items()
-        if name in takes and value is not None
-    }
+    return {name: value for name, value in arguments.items() if name in takes and value is not None}
 
 
 def _pil(pixels: np.ndarray) -> PIL.Image.Image:

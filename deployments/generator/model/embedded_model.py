@@ -1,11 +1,13 @@
 """The embedded models: tiny diffusers pipelines built from configs, with no download.
 
 No machine that builds or tests this project can reach a model hub, so the service ships
-recipes for miniature pipelines of three families instead, each the real architecture at toy
+recipes for miniature pipelines of four families instead, each the real architecture at toy
 sizes with random weights from a fixed seed:
 - `tiny-sd3`: `StableDiffusion3Pipeline` (MMDiT transformer, two CLIP encoders and T5);
 - `tiny-sdxl`: `StableDiffusionXLPipeline` (UNet, two CLIP encoders);
-- `tiny-flux`: `FluxPipeline` (flow-matching transformer with packed latents, CLIP and T5).
+- `tiny-flux`: `FluxPipeline` (flow-matching transformer with packed latents, CLIP and T5);
+- `tiny-chroma`: `ChromaPipeline` (FLUX's layout without CLIP or guidance embedding: T5
+  alone, real classifier-free guidance with a negative prompt).
 Each is saved with `save_pretrained` and loaded back through the same `from_pretrained` path
 as a real checkpoint, so every code path the service runs on a GPU is exercised on a laptop
 CPU. Their images are noise.
@@ -21,7 +23,7 @@ from pathlib import Path
 from deployments.config.base import default_cache_dir
 
 EMBEDDED_SCHEME = "embedded:"
-EMBEDDED_MODELS = ("tiny-sd3", "tiny-sdxl", "tiny-flux")
+EMBEDDED_MODELS = ("tiny-sd3", "tiny-sdxl", "tiny-flux", "tiny-chroma")
 # Bump when a recipe changes, so caches built by an older version are not reused.
 RECIPE_VERSION = 2
 
@@ -72,6 +74,7 @@ def build_embedded_pipeline(name: str):
         "tiny-sd3": build_tiny_sd3_pipeline,
         "tiny-sdxl": build_tiny_sdxl_pipeline,
         "tiny-flux": build_tiny_flux_pipeline,
+        "tiny-chroma": build_tiny_chroma_pipeline,
     }
     return builders[name]()
 
@@ -205,6 +208,41 @@ def build_tiny_flux_pipeline():
         tokenizer=_clip_tokenizer(),
         text_encoder_2=_t5_encoder(d_model=32),
         tokenizer_2=_t5_tokenizer(),
+        transformer=transformer,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_tiny_chroma_pipeline():
+    """A tiny Chroma: FLUX's packed-latent transformer with a modulation approximator instead
+    of a guidance embedding, T5 alone, and classifier-free guidance with negative prompts."""
+    import torch
+    from diffusers import (
+        ChromaPipeline,
+        ChromaTransformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
+
+    torch.manual_seed(_SEED)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * 4,  # the VAE's 4 latent channels, packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's width
+        axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=8,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+    pipeline = ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(latent_channels=4, scaling_factor=1.5035, shift_factor=0.0609),
+        text_encoder=_t5_encoder(d_model=32),
+        tokenizer=_t5_tokenizer(),
         transformer=transformer,
     )
     pipeline.set_progress_bar_config(disable=True)

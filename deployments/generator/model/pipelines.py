@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.auto_pipeline import (
@@ -105,9 +106,11 @@ def load_pipeline(model: ModelConfig) -> DiffusionPipeline:
     return pipeline
 
 
-def task_classes(text_to_image: type) -> dict[Task, type]:
-    """The pipeline classes of each task of the family of `text_to_image` (by diffusers' own
-    auto-pipeline tables); a family without an image-to-image or inpainting class lacks it."""
+def task_classes(text_to_image: type, by_name: bool = True) -> dict[Task, type]:
+    """The pipeline classes of each task of the family of `text_to_image`: by diffusers' own
+    auto-pipeline tables, else by diffusers' naming of a family's classes (`ChromaPipeline`,
+    `ChromaImg2ImgPipeline`, `ChromaInpaintPipeline`; some families are in no table). A
+    family without an image-to-image or inpainting class lacks the task."""
     classes: dict[Task, type] = {"text-to-image": text_to_image}
     for family, cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.items():
         if cls is text_to_image:
@@ -118,10 +121,16 @@ def task_classes(text_to_image: type) -> dict[Task, type]:
                 if family in mapping:
                     classes[task] = mapping[family]
             break
+    if not by_name:
+        return classes
+    stem = text_to_image.__name__.removesuffix("Pipeline")
+    for task, suffix in (("image-to-image", "Img2ImgPipeline"), ("inpaint", "InpaintPipeline")):
+        named = getattr(diffusers, stem + suffix, None)
+        if task not in classes and isinstance(named, type) and issubclass(named, DiffusionPipeline):
+            classes[task] = named
     return classes
 
 
-@functools.cache
 def pipeline_class_named(name: str | None) -> type[DiffusionPipeline]:
     """diffusers' pipeline class called `name`; without a name, `DiffusionPipeline`, which
     reads the class from the checkpoint's model_index.json. Raises ValueError naming
@@ -154,6 +163,14 @@ class RequestPipelines:
         self._classes = task_classes(type(shared))
         # A no-op for a pipeline from `load_pipeline`; for any other, it runs before any view.
         pin_upcast_vae(shared, self._classes.values())
+        # Edit classes found only by their names are in no table of diffusers' own, and one may
+        # not run with its family's components (Chroma's inpainting reads a config key that
+        # Chroma's transformer lacks): what passes validation must generate, so such a class
+        # serves its task only once a one-step call of it has run.
+        tabled = task_classes(type(shared), by_name=False)
+        for task in [task for task in self._classes if task not in tabled]:
+            if not self._runs(task):
+                del self._classes[task]
 
     def capabilities(self) -> ModelCapabilities:
         tasks = {}
@@ -182,6 +199,30 @@ class RequestPipelines:
             size_multiple=sizes.size_multiple,
             edit_step_rounding=rounding,
         )
+
+    def _runs(self, task: Task) -> bool:
+        """Whether a one-step call of `task`'s class runs on the shared components (its
+        latents only, at the smallest size the model takes)."""
+        side = 2 * size_limits(self.shared).size_multiple
+        image = PIL.Image.new("RGB", (side, side), (127, 127, 127))
+        arguments: dict[str, Any] = {"prompt": "", "image": image, "strength": 1.0}
+        if task == "inpaint":
+            arguments["mask_image"] = PIL.Image.new("L", (side, side), 255)
+        takes = call_parameters(self._classes[task])
+        sized = {"height": side, "width": side} if "height" in takes else {}
+        try:
+            self.view(task)(**arguments, **sized, num_inference_steps=1, output_type="latent")
+        except Exception as error:
+            logger.warning(
+                "%s runs no %s: a one-step call of %s failed (%s: %s)",
+                type(self.shared).__name__,
+                task,
+                self._classes[task].__name__,
+                type(error).__name__,
+                error,
+            )
+            return False
+        return True
 
     def view(self, task: Task = "text-to-image") -> DiffusionPipeline:
         """A pipeline for `task` over the shared weights with its own scheduler, safe to run
