@@ -50,11 +50,12 @@ class BatchingConfig(Strict):
 
     continuous: bool = Field(
         default=False,
-        description="Step-level continuous batching for text-to-image on SD3 and FLUX: each "
-        "worker thread runs one denoising loop that jobs join at the next step and leave "
-        "when their own steps are done, mixing steps, guidance, negative prompts and adapters "
-        "in one forward. Edits, other families, and models with `optimizations.compile` or "
-        "`optimizations.cache` keep the request-level batches (docs/continuous-batching.md).",
+        description="Step-level continuous batching for text-to-image on SD3, FLUX and "
+        "Chroma: each worker thread runs one denoising loop that jobs join at the next "
+        "step and leave when their own steps are done, mixing steps, guidance, negative "
+        "prompts and adapters in one forward. Edits, other families, and models with "
+        "`optimizations.compile` or `optimizations.cache` keep the request-level batches "
+        "(docs/continuous-batching.md).",
     )
 
     def images_per_call(self, width: int, height: int) -> int:

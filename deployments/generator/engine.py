@@ -75,7 +75,7 @@ class ImageEngine:
     ) -> None:
         """`pool`, if given, is the executor of `worker_threads` threads that loaded the
         pipeline (see `model/torch_threads.py`); otherwise one is made. `continuous`:
-        text-to-image jobs of SD3 and FLUX run in the continuous loop, the rest in calls."""
+        text-to-image jobs of SD3, FLUX and Chroma run in the continuous loop, the rest in calls."""
         self._pipelines = RequestPipelines(pipeline)
         self.device = pipeline.device
         self.adapters = adapters

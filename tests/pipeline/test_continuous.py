@@ -60,7 +60,7 @@ def assert_nearly_equal(a: np.ndarray, b: np.ndarray) -> None:
     assert (difference > 0).mean() <= 0.001
 
 
-@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-flux"])
+@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-flux", "tiny-chroma"])
 def pipeline(request):
     return load_pipeline(
         ModelConfig(id=request.param, source=f"embedded:{request.param}", device="cpu")

@@ -1,5 +1,6 @@
 """One denoising step over images that each run their own request: the arithmetic of the
-flow-matching transformer families (SD3, FLUX), taken apart from their pipelines' `__call__`.
+flow-matching transformer families (SD3, FLUX, Chroma), taken apart from their pipelines'
+`__call__`.
 
 A diffusers pipeline call runs every image of its batch with one number of steps, one
 guidance scale and one timestep per step. The continuous loop (`denoise_loop.py`) runs images
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import ChromaPipeline, DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 
@@ -33,9 +34,12 @@ class ImagePrompt:
     negative prompt's (each with a batch dimension of 1)."""
 
     embeds: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     negative_embeds: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
+    # Chroma: which of the padded text tokens are the prompt's (its attention mask).
+    mask: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -270,6 +274,75 @@ class FluxFamily(FlowFamily):
         return self._vae_decode(unpacked)
 
 
+class ChromaFamily(FluxFamily):
+    """`ChromaPipeline`: FLUX's packed latents, schedule and decode, with T5 alone (its
+    padding masked in attention) and real classifier-free guidance: an image with guidance
+    > 1 adds its negative prompt's row to the forward (the pipeline runs a second forward;
+    one forward over both rows is the same arithmetic)."""
+
+    def encode(
+        self, prompts: list[str], negatives: list[str | None], guided: list[bool]
+    ) -> list[ImagePrompt]:
+        any_guided = any(guided)
+        embeds, _ids, mask, negative, _negative_ids, negative_mask = self.view.encode_prompt(
+            prompt=prompts,
+            # The pipeline turns a missing negative prompt into "" (`negative_prompt or ""`).
+            negative_prompt=[text or "" for text in negatives] if any_guided else None,
+            do_classifier_free_guidance=any_guided,
+            device=self.device,
+        )
+        return [
+            ImagePrompt(
+                embeds=embeds[i : i + 1],
+                pooled=None,
+                mask=mask[i : i + 1],
+                negative_embeds=negative[i : i + 1] if guided[i] else None,
+                negative_mask=negative_mask[i : i + 1] if guided[i] else None,
+            )
+            for i in range(len(prompts))
+        ]
+
+    def rows(self, images: list[ImageState]) -> list[ImageState]:
+        return images + [image for image in images if image.guided]
+
+    def forward(self, images: list[ImageState]) -> list[torch.Tensor]:
+        view = self.view
+        guided = [image for image in images if image.guided]
+        rows = self.rows(images)
+        first = images[0]
+        latents = torch.cat([image.latents for image in rows])
+        image_tokens = latents.shape[1]
+        masks = [i.prompt.mask for i in images] + [i.prompt.negative_mask for i in guided]
+        attention_mask = torch.cat(
+            [view._prepare_attention_mask(1, image_tokens, latents.dtype, mask) for mask in masks]
+        )
+        sequence = first.prompt.embeds.shape[1]
+        text_ids = torch.zeros(sequence, 3).to(device=self.device, dtype=first.prompt.embeds.dtype)
+        timestep = torch.stack([image.timesteps[image.step] for image in rows])
+        output = view.transformer(
+            hidden_states=latents,
+            timestep=timestep.to(latents.dtype) / 1000,
+            encoder_hidden_states=torch.cat(
+                [i.prompt.embeds for i in images] + [i.prompt.negative_embeds for i in guided]
+            ),
+            txt_ids=text_ids,
+            img_ids=first.positions,  # the same for every image of a size
+            attention_mask=attention_mask,
+            joint_attention_kwargs={},
+            return_dict=False,
+        )[0]
+        noise: list[torch.Tensor] = []
+        unconditional = iter(range(len(images), len(rows)))
+        for index, image in enumerate(images):
+            text = output[index : index + 1]
+            if image.guided:
+                k = next(unconditional)
+                uncond = output[k : k + 1]
+                text = uncond + image.guidance_scale * (text - uncond)
+            noise.append(text)
+        return noise
+
+
 def _shift(scheduler: Any, image_seq_len: int, max_shift: float) -> float:
     """The timestep shift for an image of this many patches, with the family pipeline's
     defaults (SD3's `max_shift` is 1.16, FLUX's 1.15)."""
@@ -290,4 +363,6 @@ def family_of(view: DiffusionPipeline) -> FlowFamily | None:
         return SD3Family(view)
     if type(view) is FluxPipeline:
         return FluxFamily(view)
+    if type(view) is ChromaPipeline:
+        return ChromaFamily(view)
     return None
