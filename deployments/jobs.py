@@ -124,6 +124,9 @@ class ModelCapabilities:
     # Whether the model's VAE could be fitted for previews: without, `partial_images` > 0
     # is refused rather than silently sending none.
     previews: bool = True
+    # What `guidance_scale` does: "classifier-free" (a negative prompt's row per image, SD3,
+    # SDXL, Chroma), "distilled" (an input of the denoiser, FLUX.1-dev), or "none".
+    guidance: str = "classifier-free"
 
     def edit_steps(self, task: str, steps: int, strength: float) -> int:
         """The denoising steps an edit of `task` runs; 0 means its pipeline would fail. A

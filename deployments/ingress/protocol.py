@@ -31,7 +31,7 @@ from deployments.ingress.validation.validation_context import (
     context_of,
     resolve_size_in,
 )
-from deployments.jobs import AdapterWeight, GenerationJob
+from deployments.jobs import AdapterWeight, GenerationJob, ModelCapabilities
 
 MAX_SEED = 2**32 - 1
 # Longest `lora` list as an edit form's JSON text (a few adapters fit in far less).
@@ -347,6 +347,36 @@ class ImagesResponse(BaseModel):
     usage: Usage
 
 
+class ModelCapabilitiesCard(BaseModel):
+    """Extension: what a model takes, as its loaded pipeline reported it."""
+
+    tasks: list[str] = Field(description="`text-to-image`, `image-to-image`, `inpaint`.")
+    parameters: dict[str, list[str]] = Field(
+        description="For each task, the optional request parameters the model takes (others "
+        "are refused naming them)."
+    )
+    guidance: str = Field(
+        description="What `guidance_scale` does: `classifier-free` (with `negative_prompt` "
+        "where taken), `distilled` (an input of the model), or `none`."
+    )
+    size_multiple: int
+    max_width: int | None
+    max_height: int | None
+    previews: bool = Field(description="Whether `partial_images` can be asked for.")
+
+    @classmethod
+    def of(cls, capabilities: ModelCapabilities) -> ModelCapabilitiesCard:
+        return cls(
+            tasks=sorted(capabilities.tasks),
+            parameters={task: sorted(taken) for task, taken in capabilities.tasks.items()},
+            guidance=capabilities.guidance,
+            size_multiple=capabilities.size_multiple,
+            max_width=capabilities.max_width,
+            max_height=capabilities.max_height,
+            previews=capabilities.previews,
+        )
+
+
 class Model(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -354,6 +384,8 @@ class Model(BaseModel):
     owned_by: str
     # Extension (vLLM's convention): for a LoRA adapter, the model it applies to.
     parent: str | None = None
+    # Extension: a model's capabilities, once one of its replicas has reported them.
+    capabilities: ModelCapabilitiesCard | None = None
 
 
 class ModelList(BaseModel):

@@ -35,6 +35,7 @@ from deployments.ingress.protocol import (
     ImageRequest,
     ImagesResponse,
     Model,
+    ModelCapabilitiesCard,
     ModelList,
 )
 from deployments.ingress.request_log import RequestLog
@@ -53,6 +54,10 @@ from deployments.jobs import (
 )
 
 logger = logging.getLogger("ray.serve")
+
+# How long `GET /v1/models` waits for a model's replicas to say what it takes: a listing
+# must not wait for a model still starting (its card then has no capabilities).
+CARD_WAIT_S = 2.0
 
 
 class ImageBackend(Protocol):
@@ -119,10 +124,23 @@ class ImageService:
     # --- models ---
 
     async def list_models(self) -> ModelList:
-        return await self.models.list_models()
+        listed = await self.models.list_models()
+        return ModelList(
+            data=list(await asyncio.gather(*map(self._with_capabilities, listed.data)))
+        )
 
     async def get_model(self, model_id: str) -> Model:
-        return await self.models.get_model(model_id)
+        return await self._with_capabilities(await self.models.get_model(model_id))
+
+    async def _with_capabilities(self, card: Model) -> Model:
+        """A model's card with what its replicas reported (an adapter's card is its own)."""
+        backend = self._backends.get(card.id)
+        if backend is None:
+            return card
+        reported = await self.validator.reported(card.id, backend.capabilities, CARD_WAIT_S)
+        if reported is None:
+            return card
+        return card.model_copy(update={"capabilities": ModelCapabilitiesCard.of(reported)})
 
     async def target_of(self, requested: object) -> Target:
         return await self.models.target_of(requested)

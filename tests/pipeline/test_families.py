@@ -30,12 +30,13 @@ class Family:
     pipeline_class: str
     tasks: frozenset[str] = ALL_TASKS
     negative_prompt: bool = True  # FLUX's needs true CFG, which the service does not run
+    guidance: str = "classifier-free"
 
 
 FAMILIES = {
     "tiny-sd3": Family("StableDiffusion3Pipeline"),
     "tiny-sdxl": Family("StableDiffusionXLPipeline"),
-    "tiny-flux": Family("FluxPipeline", negative_prompt=False),
+    "tiny-flux": Family("FluxPipeline", negative_prompt=False, guidance="distilled"),
     # diffusers' Chroma inpainting reads FLUX's `guidance_embeds`, which Chroma lacks: the
     # replica finds it does not run, and serves no inpainting.
     "tiny-chroma": Family("ChromaPipeline", tasks=ALL_TASKS - {"inpaint"}),
@@ -113,6 +114,7 @@ def test_the_configured_class_is_loaded_and_takes_what_its_row_says(pipeline):
     assert "mask" in capabilities.tasks.get("inpaint", {"mask"})
     negative = "negative_prompt" in capabilities.tasks["text-to-image"]
     assert negative == family.negative_prompt
+    assert capabilities.guidance == family.guidance
 
 
 def test_concurrent_batched_jobs_succeed_on_shared_unchanged_weights(bfloat16_pipeline):

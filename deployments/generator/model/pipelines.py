@@ -191,6 +191,12 @@ class RequestPipelines:
             if "strength" in tasks[task] and (rule := edit_step_rounding(cls)) is not None
         }
         sizes = size_limits(self.shared)
+        denoiser = getattr(self.shared, "transformer", None) or getattr(self.shared, "unet", None)
+        guidance = "classifier-free"
+        if "guidance_scale" not in tasks["text-to-image"]:
+            guidance = "none"
+        elif getattr(getattr(denoiser, "config", None), "guidance_embeds", False):
+            guidance = "distilled"
         return ModelCapabilities(
             pipeline_class=type(self.shared).__name__,
             tasks=tasks,
@@ -198,6 +204,7 @@ class RequestPipelines:
             max_height=sizes.max_height,
             size_multiple=sizes.size_multiple,
             edit_step_rounding=rounding,
+            guidance=guidance,
         )
 
     def _runs(self, task: Task) -> bool:

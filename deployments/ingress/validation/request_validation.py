@@ -16,6 +16,7 @@ replica.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -42,6 +43,19 @@ class RequestValidator:
         self._limits = limits
         # What each model's replicas reported: the same for the model's whole life.
         self._capabilities: dict[str, ModelCapabilities] = {}
+
+    async def reported(
+        self, model_id: str, capabilities_of: CapabilitiesOf, timeout_s: float
+    ) -> ModelCapabilities | None:
+        """What the model's replicas reported, asking them if not yet known, or None if none
+        answers within `timeout_s` (a model still starting, or scaled to zero)."""
+        if model_id not in self._capabilities:
+            try:
+                reported = await asyncio.wait_for(capabilities_of(), timeout_s)
+            except Exception:  # starting, unreachable, or slower than a listing may wait
+                return None
+            self._capabilities[model_id] = reported
+        return self._capabilities[model_id]
 
     async def generation(
         self, body: object, model: ModelConfig, capabilities: CapabilitiesOf, deadline: Deadline
