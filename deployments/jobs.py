@@ -124,8 +124,8 @@ class ModelCapabilities:
     # Whether the model's VAE could be fitted for previews: without, `partial_images` > 0
     # is refused rather than silently sending none.
     previews: bool = True
-    # What `guidance_scale` does: "classifier-free" (a negative prompt's row per image, SD3,
-    # SDXL, Chroma), "distilled" (an input of the denoiser, FLUX.1-dev), or "none".
+    # What `guidance_scale` does (`pipelines.guidance_of`): "classifier-free", "true-cfg",
+    # "distilled" or "none".
     guidance: str = "classifier-free"
 
     def edit_steps(self, task: str, steps: int, strength: float) -> int:

@@ -357,7 +357,8 @@ class ModelCapabilitiesCard(BaseModel):
     )
     guidance: str = Field(
         description="What `guidance_scale` does: `classifier-free` (with `negative_prompt` "
-        "where taken), `distilled` (an input of the model), or `none`."
+        "where taken), `true-cfg` (the pipeline's `true_cfg_scale`, with `negative_prompt`), "
+        "`distilled` (an input of the model), or `none`."
     )
     size_multiple: int
     max_width: int | None

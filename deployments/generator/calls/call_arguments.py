@@ -23,10 +23,14 @@ StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 
 def pipeline_arguments(
-    jobs: list[GenerationJob], takes: frozenset[str], on_step_end: StepCallback
+    jobs: list[GenerationJob],
+    takes: frozenset[str],
+    on_step_end: StepCallback,
+    true_cfg: bool = False,
 ) -> dict[str, Any]:
     """The keyword arguments of the pipeline call that runs `jobs` as one batch, limited to
-    those in `takes` (the view's `call_parameters`)."""
+    those in `takes` (the view's `call_parameters`). `true_cfg`: the model's guidance is the
+    pipeline's `true_cfg_scale` with a negative prompt (`pipelines.guidance_of`)."""
     first = jobs[0]
     negative_prompts = None
     if first.negative_prompt is not None:  # the same for all jobs of a batch
@@ -50,6 +54,12 @@ def pipeline_arguments(
         arguments["strength"] = first.strength
     if first.mask is not None:
         arguments["mask_image"] = _per_image(jobs, [_pil(job.mask) for job in jobs])
+    if true_cfg:
+        # The request's guidance is the pipeline's "true" guidance, which runs only with a
+        # negative prompt: none given is "" (what SD3 and Chroma make of none).
+        arguments["true_cfg_scale"] = first.guidance_scale
+        if negative_prompts is None and first.guidance_scale > 1:
+            arguments["negative_prompt"] = _per_image(jobs, ["" for _ in jobs])
     # The ingress rejected what a client asked for that this pipeline does not take; what is
     # left out here are the service's own defaults (say, `width` for a pipeline that takes
     # its size from the input image), and what the request did not set: the pipeline's own

@@ -179,7 +179,8 @@ class CallRunner:
         )
         on_step_end = self._step_callback(timer, reporter, cancelled, parts)
         view.encode_prompt = timer.timed_encode_prompt(view.encode_prompt)
-        arguments = pipeline_arguments(jobs, call_parameters(type(view)), on_step_end)
+        true_cfg = self._pipelines.guidance == "true-cfg"
+        arguments = pipeline_arguments(jobs, call_parameters(type(view)), on_step_end, true_cfg)
         # A cached denoiser keeps this call's cache state apart from concurrent calls'.
         with call_scope(view):
             pixels = list(to_uint8(view(**arguments).images))

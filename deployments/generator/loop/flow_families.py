@@ -361,7 +361,9 @@ def family_of(view: DiffusionPipeline) -> FlowFamily | None:
     does not run it (SDXL and other UNet families, edits: their requests run per call)."""
     if type(view) is StableDiffusion3Pipeline:
         return SD3Family(view)
-    if type(view) is FluxPipeline:
+    if type(view) is FluxPipeline and view.transformer.config.guidance_embeds:
+        # A FLUX without a guidance embedding is guided by "true" CFG (`true_cfg_scale`, its
+        # negative prompt in a second forward), which the loop does not run: it runs per call.
         return FluxFamily(view)
     if type(view) is ChromaPipeline:
         return ChromaFamily(view)

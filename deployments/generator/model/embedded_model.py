@@ -181,9 +181,10 @@ def build_tiny_sdxl_pipeline():
     return pipeline
 
 
-def build_tiny_flux_pipeline():
+def build_tiny_flux_pipeline(guidance_embeds: bool = True):
     """A tiny FLUX: a flow-matching transformer over 2x2-packed latents, with guidance
-    embedding (like FLUX.1-dev), a CLIP encoder for the pooled prompt and T5 for the rest."""
+    embedding (like FLUX.1-dev; without, guided by "true" CFG, as the tests build one), a
+    CLIP encoder for the pooled prompt and T5 for the rest."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
@@ -198,7 +199,7 @@ def build_tiny_flux_pipeline():
         num_attention_heads=2,
         joint_attention_dim=32,  # T5's width
         pooled_projection_dim=16,  # CLIP's width
-        guidance_embeds=True,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 4, 8),
     )
     pipeline = FluxPipeline(

@@ -154,6 +154,20 @@ def init_parameters(pipeline_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(pipeline_class.__init__).parameters)
 
 
+def guidance_of(pipeline: DiffusionPipeline) -> str:
+    """What a request's `guidance_scale` does on this pipeline: "distilled" (an input of a
+    guidance-distilled denoiser, FLUX.1-dev), "true-cfg" (the pipeline's `true_cfg_scale`
+    with a negative prompt: a non-distilled FLUX-style model, Qwen-Image, FLUX.2, whose
+    `guidance_scale` would be ignored), "classifier-free" (SD3, SDXL, Chroma), or "none"."""
+    takes = call_parameters(type(pipeline))
+    denoiser = getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
+    if getattr(getattr(denoiser, "config", None), "guidance_embeds", False):
+        return "distilled"
+    if "true_cfg_scale" in takes:
+        return "true-cfg"
+    return "classifier-free" if "guidance_scale" in takes else "none"
+
+
 class RequestPipelines:
     """Makes per-request views of one shared pipeline, for each task its family has."""
 
@@ -161,6 +175,7 @@ class RequestPipelines:
         self.shared = shared
         self._encode_lock = threading.Lock()
         self._classes = task_classes(type(shared))
+        self.guidance = guidance_of(shared)
         # A no-op for a pipeline from `load_pipeline`; for any other, it runs before any view.
         pin_upcast_vae(shared, self._classes.values())
         # Edit classes found only by their names are in no table of diffusers' own, and one may
@@ -179,10 +194,10 @@ class RequestPipelines:
             supported = {
                 name for name, argument in OPTIONAL_PARAMETERS.items() if argument in takes
             }
-            if "true_cfg_scale" in takes:
-                # FLUX-style pipelines use a negative prompt only with "true" classifier-free
-                # guidance (`true_cfg_scale` > 1, twice the compute), which this service does
-                # not run: the negative prompt would be silently ignored.
+            if "true_cfg_scale" in takes and self.guidance == "distilled":
+                # A guidance-distilled FLUX uses a negative prompt only with "true" guidance
+                # on top (`true_cfg_scale` > 1, twice the compute), which this service does not
+                # run: the negative prompt would be silently ignored.
                 supported.discard("negative_prompt")
             tasks[task] = frozenset(supported)
         rounding = {
@@ -191,12 +206,6 @@ class RequestPipelines:
             if "strength" in tasks[task] and (rule := edit_step_rounding(cls)) is not None
         }
         sizes = size_limits(self.shared)
-        denoiser = getattr(self.shared, "transformer", None) or getattr(self.shared, "unet", None)
-        guidance = "classifier-free"
-        if "guidance_scale" not in tasks["text-to-image"]:
-            guidance = "none"
-        elif getattr(getattr(denoiser, "config", None), "guidance_embeds", False):
-            guidance = "distilled"
         return ModelCapabilities(
             pipeline_class=type(self.shared).__name__,
             tasks=tasks,
@@ -204,7 +213,7 @@ class RequestPipelines:
             max_height=sizes.max_height,
             size_multiple=sizes.size_multiple,
             edit_step_rounding=rounding,
-            guidance=guidance,
+            guidance=self.guidance,
         )
 
     def _runs(self, task: Task) -> bool:
