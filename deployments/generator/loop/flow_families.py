@@ -190,16 +190,7 @@ class SD3Family(FlowFamily):
             ),
             return_dict=False,
         )[0]
-        noise: list[torch.Tensor] = []
-        unconditional = iter(range(len(images), len(rows)))
-        for index, image in enumerate(images):
-            text = output[index : index + 1]
-            if image.guided:
-                k = next(unconditional)
-                uncond = output[k : k + 1]
-                text = uncond + image.guidance_scale * (text - uncond)
-            noise.append(text)
-        return noise
+        return _guided(images, output)
 
     def decode(self, latents: list[torch.Tensor], width: int, height: int) -> np.ndarray:
         return self._vae_decode(torch.cat(latents))
@@ -331,16 +322,23 @@ class ChromaFamily(FluxFamily):
             joint_attention_kwargs={},
             return_dict=False,
         )[0]
-        noise: list[torch.Tensor] = []
-        unconditional = iter(range(len(images), len(rows)))
-        for index, image in enumerate(images):
-            text = output[index : index + 1]
-            if image.guided:
-                k = next(unconditional)
-                uncond = output[k : k + 1]
-                text = uncond + image.guidance_scale * (text - uncond)
-            noise.append(text)
-        return noise
+        return _guided(images, output)
+
+
+def _guided(images: list[ImageState], output: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's noise from a forward over `rows(images)`: its own row, and for a guided
+    image its unconditional row (they follow all the conditional ones, in the same order)
+    combined by the pipelines' classifier-free guidance formula."""
+    noise: list[torch.Tensor] = []
+    unconditional = iter(range(len(images), len(output)))
+    for index, image in enumerate(images):
+        text = output[index : index + 1]
+        if image.guided:
+            k = next(unconditional)
+            uncond = output[k : k + 1]
+            text = uncond + image.guidance_scale * (text - uncond)
+        noise.append(text)
+    return noise
 
 
 def _shift(scheduler: Any, image_seq_len: int, max_shift: float) -> float:
