@@ -40,6 +40,8 @@ FAMILIES = {
     # diffusers' Chroma inpainting reads FLUX's `guidance_embeds`, which Chroma lacks: the
     # replica finds it does not run, and serves no inpainting.
     "tiny-chroma": Family("ChromaPipeline", tasks=ALL_TASKS - {"inpaint"}),
+    # A 5-D (video-style) VAE, and "true" CFG with a negative prompt.
+    "tiny-qwen-image": Family("QwenImagePipeline", guidance="true-cfg"),
 }
 
 

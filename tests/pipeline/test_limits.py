@@ -26,6 +26,8 @@ EXPECTED = {
     "tiny-sdxl": (None, None, 8, "floor"),
     "tiny-flux": (None, None, 16, "ceil"),
     "tiny-chroma": (None, None, 16, "ceil"),  # FLUX's layout; no inpainting that runs
+    # Its image processor's 16-pixel cell already holds the 2x2 patches (not 32).
+    "tiny-qwen-image": (None, None, 16, "ceil"),
 }
 
 

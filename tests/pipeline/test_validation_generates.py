@@ -30,7 +30,13 @@ from tests.http.fakes import FakeGenerator
 
 from .engine_api import engine_client
 
-FAMILIES = {"tiny-sd3": 16, "tiny-sdxl": 8, "tiny-flux": 16, "tiny-chroma": 16}  # size multiple
+FAMILIES = {
+    "tiny-sd3": 16,
+    "tiny-sdxl": 8,
+    "tiny-flux": 16,
+    "tiny-chroma": 16,
+    "tiny-qwen-image": 16,
+}  # id: size multiple
 # Past tiny-sd3's largest side (1024: its positional embedding), at any aspect ratio.
 MAX_PIXELS = 32 * 1040
 ADAPTERS = {
@@ -42,6 +48,7 @@ ADAPTERS = {
     "tiny-sdxl": [{"id": "sdxl-ink", "source": "embedded:tiny-sdxl/ink"}],
     "tiny-flux": [{"id": "flux-ink", "source": "embedded:tiny-flux/ink"}],
     "tiny-chroma": [],
+    "tiny-qwen-image": [],
 }
 ADAPTER_IDS = [adapter["id"] for adapters in ADAPTERS.values() for adapter in adapters]
 ARGS = AppArgs.model_validate(

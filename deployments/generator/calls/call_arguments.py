@@ -58,6 +58,8 @@ def pipeline_arguments(
         # The request's guidance is the pipeline's "true" guidance, which runs only with a
         # negative prompt: none given is "" (what SD3 and Chroma make of none).
         arguments["true_cfg_scale"] = first.guidance_scale
+        # Its `guidance_scale` would be for a guidance-distilled model: none is.
+        del arguments["guidance_scale"]
         if negative_prompts is None and first.guidance_scale > 1:
             arguments["negative_prompt"] = _per_image(jobs, ["" for _ in jobs])
     # The ingress rejected what a client asked for that this pipeline does not take; what is

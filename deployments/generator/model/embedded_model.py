@@ -1,13 +1,15 @@
 """The embedded models: tiny diffusers pipelines built from configs, with no download.
 
 No machine that builds or tests this project can reach a model hub, so the service ships
-recipes for miniature pipelines of four families instead, each the real architecture at toy
+recipes for miniature pipelines of five families instead, each the real architecture at toy
 sizes with random weights from a fixed seed:
 - `tiny-sd3`: `StableDiffusion3Pipeline` (MMDiT transformer, two CLIP encoders and T5);
 - `tiny-sdxl`: `StableDiffusionXLPipeline` (UNet, two CLIP encoders);
 - `tiny-flux`: `FluxPipeline` (flow-matching transformer with packed latents, CLIP and T5);
 - `tiny-chroma`: `ChromaPipeline` (FLUX's layout without CLIP or guidance embedding: T5
-  alone, real classifier-free guidance with a negative prompt).
+  alone, real classifier-free guidance with a negative prompt);
+- `tiny-qwen-image`: `QwenImagePipeline` (a Qwen2.5-VL text encoder with a byte-level BPE
+  tokenizer, a video-style 5-D VAE normalised per channel, "true" CFG).
 Each is saved with `save_pretrained` and loaded back through the same `from_pretrained` path
 as a real checkpoint, so every code path the service runs on a GPU is exercised on a laptop
 CPU. Their images are noise.
@@ -23,7 +25,7 @@ from pathlib import Path
 from deployments.config.base import default_cache_dir
 
 EMBEDDED_SCHEME = "embedded:"
-EMBEDDED_MODELS = ("tiny-sd3", "tiny-sdxl", "tiny-flux", "tiny-chroma")
+EMBEDDED_MODELS = ("tiny-sd3", "tiny-sdxl", "tiny-flux", "tiny-chroma", "tiny-qwen-image")
 # Bump when a recipe changes, so caches built by an older version are not reused.
 RECIPE_VERSION = 2
 
@@ -75,6 +77,7 @@ def build_embedded_pipeline(name: str):
         "tiny-sdxl": build_tiny_sdxl_pipeline,
         "tiny-flux": build_tiny_flux_pipeline,
         "tiny-chroma": build_tiny_chroma_pipeline,
+        "tiny-qwen-image": build_tiny_qwen_image_pipeline,
     }
     return builders[name]()
 
@@ -248,6 +251,98 @@ def build_tiny_chroma_pipeline():
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def build_tiny_qwen_image_pipeline():
+    """A tiny Qwen-Image: a transformer over 2x2 patches of a 5-D (video-style) VAE's latents,
+    conditioned on a Qwen2.5-VL's last hidden states, guided by "true" CFG."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(_SEED)
+    tokenizer = _qwen_tokenizer()
+    vocab = len(tokenizer)
+    width = 16  # the text encoder's, which the transformer attends to
+    text_config = {
+        "hidden_size": width,
+        "intermediate_size": width,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        "rope_theta": 1000000.0,
+        "vocab_size": vocab,
+        "bos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    vision_config = {
+        "depth": 1, "hidden_size": width, "intermediate_size": width, "num_heads": 2,
+        "out_hidden_size": width,
+    }  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        hidden_size=width,
+        vocab_size=vocab,
+        # The image tokens of its vision tower (unused: prompts are text), within the vocabulary.
+        vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 2,
+        vision_token_id=vocab - 1,
+    )
+    pipeline = QwenImagePipeline(
+        transformer=QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4 * 4,  # the VAE's 4 latent channels, 2x2 patches
+            out_channels=4,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=width,
+            guidance_embeds=False,
+            axes_dims_rope=(8, 4, 4),
+        ),
+        vae=AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=4,
+            dim_mult=[1, 2, 4, 4],  # three halvings: the real 8x downsampling
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.1, -0.2, 0.3, 0.0],
+            latents_std=[1.5, 2.0, 0.8, 1.2],
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+        tokenizer=tokenizer,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _qwen_tokenizer():
+    """A Qwen2 byte-level BPE tokenizer with no merges, and the chat template's markers as
+    special tokens: every string tokenizes."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {symbol: i for i, symbol in enumerate(_byte_level_alphabet())}
+    markers = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab.update({marker: len(vocab) + i for i, marker in enumerate(markers)})
+    # Room for the vision tower's three token ids at the end of the vocabulary.
+    vocab.update({f"<|vision_{i}|>": len(vocab) + i for i in range(3)})
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=markers[1:],
+        model_max_length=1024,
+    )
 
 
 def build_tiny_sd3_pipeline():

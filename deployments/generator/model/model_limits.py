@@ -60,7 +60,11 @@ def size_limits(pipeline: Any) -> SizeLimits:
     # PatchEmbed crops a table of `pos_embed_max_size` x `pos_embed_max_size` patches.
     max_patches = getattr(config, "pos_embed_max_size", None)
     max_side = int(max_patches) * patch * latent_scale if max_patches else None
-    return SizeLimits(max_width=max_side, max_height=max_side, size_multiple=cell * patch)
+    # A pipeline that packs its latents into patches itself (FLUX, Chroma, Qwen-Image) rounds
+    # sizes to a cell that already holds the packing: Qwen-Image's transformer says
+    # `patch_size` 2 for the same 2x2 packing, which must not count twice.
+    multiple = cell if hasattr(pipeline, "_pack_latents") else cell * patch
+    return SizeLimits(max_width=max_side, max_height=max_side, size_multiple=multiple)
 
 
 def edit_step_rounding(pipeline_class: type) -> str | None:
