@@ -42,6 +42,7 @@ FAMILIES = {
     "tiny-chroma": Family("ChromaPipeline", tasks=ALL_TASKS - {"inpaint"}),
     # A 5-D (video-style) VAE, and "true" CFG with a negative prompt.
     "tiny-qwen-image": Family("QwenImagePipeline", guidance="true-cfg"),
+    "tiny-z-image": Family("ZImagePipeline"),
 }
 
 

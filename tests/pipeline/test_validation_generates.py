@@ -36,6 +36,7 @@ FAMILIES = {
     "tiny-flux": 16,
     "tiny-chroma": 16,
     "tiny-qwen-image": 16,
+    "tiny-z-image": 16,
 }  # id: size multiple
 # Past tiny-sd3's largest side (1024: its positional embedding), at any aspect ratio.
 MAX_PIXELS = 32 * 1040
@@ -49,6 +50,7 @@ ADAPTERS = {
     "tiny-flux": [{"id": "flux-ink", "source": "embedded:tiny-flux/ink"}],
     "tiny-chroma": [],
     "tiny-qwen-image": [],
+    "tiny-z-image": [],
 }
 ADAPTER_IDS = [adapter["id"] for adapters in ADAPTERS.values() for adapter in adapters]
 ARGS = AppArgs.model_validate(

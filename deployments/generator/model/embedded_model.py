@@ -1,7 +1,7 @@
 """The embedded models: tiny diffusers pipelines built from configs, with no download.
 
 No machine that builds or tests this project can reach a model hub, so the service ships
-recipes for miniature pipelines of five families instead, each the real architecture at toy
+recipes for miniature pipelines of six families instead, each the real architecture at toy
 sizes with random weights from a fixed seed:
 - `tiny-sd3`: `StableDiffusion3Pipeline` (MMDiT transformer, two CLIP encoders and T5);
 - `tiny-sdxl`: `StableDiffusionXLPipeline` (UNet, two CLIP encoders);
@@ -9,7 +9,9 @@ sizes with random weights from a fixed seed:
 - `tiny-chroma`: `ChromaPipeline` (FLUX's layout without CLIP or guidance embedding: T5
   alone, real classifier-free guidance with a negative prompt);
 - `tiny-qwen-image`: `QwenImagePipeline` (a Qwen2.5-VL text encoder with a byte-level BPE
-  tokenizer, a video-style 5-D VAE normalised per channel, "true" CFG).
+  tokenizer, a video-style 5-D VAE normalised per channel, "true" CFG);
+- `tiny-z-image`: `ZImagePipeline` (a single-stream transformer on a Qwen3 encoder's
+  chat-templated prompt, classifier-free guidance).
 Each is saved with `save_pretrained` and loaded back through the same `from_pretrained` path
 as a real checkpoint, so every code path the service runs on a GPU is exercised on a laptop
 CPU. Their images are noise.
@@ -25,7 +27,14 @@ from pathlib import Path
 from deployments.config.base import default_cache_dir
 
 EMBEDDED_SCHEME = "embedded:"
-EMBEDDED_MODELS = ("tiny-sd3", "tiny-sdxl", "tiny-flux", "tiny-chroma", "tiny-qwen-image")
+EMBEDDED_MODELS = (
+    "tiny-sd3",
+    "tiny-sdxl",
+    "tiny-flux",
+    "tiny-chroma",
+    "tiny-qwen-image",
+    "tiny-z-image",
+)
 # Bump when a recipe changes, so caches built by an older version are not reused.
 RECIPE_VERSION = 2
 
@@ -78,6 +87,7 @@ def build_embedded_pipeline(name: str):
         "tiny-flux": build_tiny_flux_pipeline,
         "tiny-chroma": build_tiny_chroma_pipeline,
         "tiny-qwen-image": build_tiny_qwen_image_pipeline,
+        "tiny-z-image": build_tiny_z_image_pipeline,
     }
     return builders[name]()
 
@@ -318,6 +328,63 @@ def build_tiny_qwen_image_pipeline():
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(),
         text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+        tokenizer=tokenizer,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_tiny_z_image_pipeline():
+    """A tiny Z-Image: a single-stream transformer over 2x2 patches, conditioned on a Qwen3
+    encoder's hidden states of the chat-templated prompt; classifier-free guidance."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(_SEED)
+    tokenizer = _qwen_tokenizer()
+    # The pipeline renders each prompt as a chat turn before tokenizing it.
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,  # the VAE's latent channels
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        qk_norm=True,
+        cap_feat_dim=16,  # the text encoder's width
+        axes_dims=[8, 4, 4],
+        axes_lens=[1024, 64, 64],
+    )
+    # Its padding tokens start as `torch.empty`: fixed values, so a build is the same twice.
+    with torch.no_grad():
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    pipeline = ZImagePipeline(
+        transformer=transformer,
+        vae=_tiny_vae(latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
     )
     pipeline.set_progress_bar_config(disable=True)

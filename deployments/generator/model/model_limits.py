@@ -60,11 +60,17 @@ def size_limits(pipeline: Any) -> SizeLimits:
     # PatchEmbed crops a table of `pos_embed_max_size` x `pos_embed_max_size` patches.
     max_patches = getattr(config, "pos_embed_max_size", None)
     max_side = int(max_patches) * patch * latent_scale if max_patches else None
+    max_width = max_height = max_side
+    # Rotary tables of (text or frames, height, width) positions, one a patch, each as long as
+    # `axes_lens` says (Z-Image's): one position more fails with an IndexError.
+    lengths = getattr(config, "axes_lens", None)
+    if lengths is not None and len(lengths) == 3:
+        max_height, max_width = int(lengths[1]) * cell, int(lengths[2]) * cell
     # A pipeline that packs its latents into patches itself (FLUX, Chroma, Qwen-Image) rounds
     # sizes to a cell that already holds the packing: Qwen-Image's transformer says
     # `patch_size` 2 for the same 2x2 packing, which must not count twice.
     multiple = cell if hasattr(pipeline, "_pack_latents") else cell * patch
-    return SizeLimits(max_width=max_side, max_height=max_side, size_multiple=multiple)
+    return SizeLimits(max_width=max_width, max_height=max_height, size_multiple=multiple)
 
 
 def edit_step_rounding(pipeline_class: type) -> str | None:
