@@ -194,6 +194,19 @@ def build_tiny_sdxl_pipeline():
     return pipeline
 
 
+# The transformer of tiny FLUX and tiny Chroma (Chroma is FLUX's layout).
+_FLUX_LAYOUT = {
+    "patch_size": 1,
+    "in_channels": 4 * 4,  # the VAE's 4 latent channels, packed 2x2
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,  # T5's width
+    "axes_dims_rope": (4, 4, 8),
+}
+
+
 def build_tiny_flux_pipeline(guidance_embeds: bool = True):
     """A tiny FLUX: a flow-matching transformer over 2x2-packed latents, with guidance
     embedding (like FLUX.1-dev; without, guided by "true" CFG, as the tests build one), a
@@ -204,16 +217,9 @@ def build_tiny_flux_pipeline(guidance_embeds: bool = True):
 
     torch.manual_seed(_SEED)
     transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * 4,  # the VAE's 4 latent channels, packed 2x2
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,  # T5's width
+        **_FLUX_LAYOUT,
         pooled_projection_dim=16,  # CLIP's width
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 4, 8),
     )
     pipeline = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -240,14 +246,7 @@ def build_tiny_chroma_pipeline():
 
     torch.manual_seed(_SEED)
     transformer = ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * 4,  # the VAE's 4 latent channels, packed 2x2
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,  # T5's width
-        axes_dims_rope=(4, 4, 8),
+        **_FLUX_LAYOUT,
         approximator_num_channels=8,
         approximator_hidden_dim=32,
         approximator_layers=1,
