@@ -32,7 +32,7 @@ from deployments.generator.calls.batching import BatchQueue
 from deployments.generator.calls.call_runner import CallRunner
 from deployments.generator.loop.continuous_batching import ContinuousBatching
 from deployments.generator.loop.denoise_loop import LaneHooks
-from deployments.generator.loop.flow_families import family_of
+from deployments.generator.loop.families import family_of
 from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.model.components import denoiser_of
 from deployments.generator.model.pipelines import RequestPipelines

@@ -1,4 +1,4 @@
-"""The continuous loop (`batching.continuous`) on the real embedded SD3 and FLUX pipelines:
+"""The continuous loop (`batching.continuous`) on the real embedded SD3, FLUX, Chroma and Z-Image
 images that join one denoising loop at different steps, with their own steps, guidance,
 negative prompts and adapters, each come out as the same request alone through the diffusers
 pipeline would make it; a job that leaves (cancelled) or fails (a poisoned prompt, out of
@@ -60,7 +60,7 @@ def assert_nearly_equal(a: np.ndarray, b: np.ndarray) -> None:
     assert (difference > 0).mean() <= 0.001
 
 
-@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-flux", "tiny-chroma"])
+@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-flux", "tiny-chroma", "tiny-z-image"])
 def pipeline(request):
     return load_pipeline(
         ModelConfig(id=request.param, source=f"embedded:{request.param}", device="cpu")

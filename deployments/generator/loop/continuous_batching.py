@@ -22,7 +22,7 @@ from typing import Any
 from deployments.config.model_config import BatchingConfig
 from deployments.generator.calls.batching import QueuedJob
 from deployments.generator.loop.denoise_loop import Lane, LaneHooks, LoopJob
-from deployments.generator.loop.flow_families import FlowFamily
+from deployments.generator.loop.families import FlowFamily
 from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.progress.previews import LatentPreviewer
 from deployments.generator.progress.work_meter import WorkMeter

@@ -5,7 +5,7 @@ are grouped by size; each turn of the loop, for every size it holds:
 1. jobs that arrived join at the step boundary, as many images as the group's budget allows
    (`BatchingConfig.images_per_batch`: `max_batch_images` and `max_batch_pixels`): their
    prompts are encoded in one text-encoder call, each image gets its latents from its own
-   seed and its own scheduler for its own steps (`flow_families.py`);
+   seed and its own scheduler for its own steps (`families/`);
 2. images whose callers have gone (cancelled, timed out) leave;
 3. one denoising step runs over all of the group's images, in one transformer forward, each
    at its own timestep with its own guidance and adapters (`mixed_lora.py`);
@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 from deployments.generator.calls.batching import adapter_key
-from deployments.generator.loop.flow_families import FlowFamily
+from deployments.generator.loop.families import FlowFamily
 from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.loop.loop_jobs import LaneHooks, LoopJob, Size
 from deployments.generator.model.components import to_uint8
@@ -208,7 +208,7 @@ class Lane:
             prompts = family.encode(
                 [job.job.prompt for job, _ in images],
                 [job.job.negative_prompt for job, _ in images],
-                [job.job.guidance_scale > 1 for job, _ in images],
+                [family.guided(job.job.guidance_scale) for job, _ in images],
             )
             states = [
                 family.start(

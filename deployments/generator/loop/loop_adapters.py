@@ -20,7 +20,7 @@ import torch
 
 from deployments.generator.adapters.adapter_store import LOOP_STEP, AdapterStore, LoadForLoop
 from deployments.generator.adapters.mixed_lora import install, routed
-from deployments.generator.loop.flow_families import FlowFamily, ImageState
+from deployments.generator.loop.families import FlowFamily, ImageState
 from deployments.jobs import AdapterWeight
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from deployments.generator.calls.batching import QueuedJob
 from deployments.generator.calls.call_plan import is_out_of_memory
-from deployments.generator.loop.flow_families import ImageState
+from deployments.generator.loop.families import ImageState
 from deployments.generator.progress.previews import JobReporter
 from deployments.jobs import GeneratedImages, GenerationJob, GenerationOutOfMemory
 

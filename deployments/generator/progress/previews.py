@@ -242,7 +242,7 @@ class JobReporter:
         self._last_progress = 0.0
 
     def step_done(self, images: Sequence[Any]) -> None:
-        """After a step of the job's `images` (`flow_families.ImageState`s)."""
+        """After a step of the job's `images` (`families.ImageState`s)."""
         if self._sink is None:
             return
         step = images[0].step
