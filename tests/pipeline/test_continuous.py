@@ -1,7 +1,8 @@
-"""The continuous loop (`batching.continuous`) on the real embedded SD3, FLUX, Chroma and Z-Image
-images that join one denoising loop at different steps, with their own steps, guidance,
-negative prompts and adapters, each come out as the same request alone through the diffusers
-pipeline would make it; a job that leaves (cancelled) or fails (a poisoned prompt, out of
+"""The continuous loop (`batching.continuous`) on the real embedded SD3, FLUX, Chroma and
+Z-Image pipelines: images that join one denoising loop at different steps, with their own
+steps, guidance, negative prompts and adapters, each come out as the same request alone
+through the diffusers pipeline would make it; a job that leaves (cancelled) or fails (a
+poisoned prompt, out of
 memory) changes nothing for the others.
 
 Each engine here has ONE worker thread, so one lane: every job shares its loop. The
