@@ -2,8 +2,7 @@
 Z-Image pipelines: images that join one denoising loop at different steps, with their own
 steps, guidance, negative prompts and adapters, each come out as the same request alone
 through the diffusers pipeline would make it; a job that leaves (cancelled) or fails (a
-poisoned prompt, out of
-memory) changes nothing for the others.
+poisoned prompt, out of memory) changes nothing for the others.
 
 Each engine here has ONE worker thread, so one lane: every job shares its loop. The
 tolerance is the project's for batched float32 (design note 8): at most one level of 255 in
