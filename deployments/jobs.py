@@ -37,7 +37,10 @@ def adapter_set_id(adapters: tuple[AdapterWeight, ...]) -> str:
 class GenerationJob:
     """One request's images: all share the prompt and parameters, each has its own seed.
 
-    An edit also carries its input image (and mask), already at the output size.
+    An edit carries its input: either `image` (and `mask`), already at the output size,
+    which each of its images starts from (image-to-image, inpainting); or `references`,
+    the images a reference-conditioned model (FLUX.2, Qwen-Image-Edit-Plus) conditions
+    every one of its images on, each at its own size (`ModelCapabilities.reference_images`).
     """
 
     prompt: str
@@ -54,6 +57,8 @@ class GenerationJob:
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
+    # Reference-conditioned edits: RGB uint8 (h, w, 3) each, in upload order.
+    references: tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)
     # LoRA adapters and their scales, sorted by id; none with scale 0 (that is the base).
     adapters: tuple[AdapterWeight, ...] = ()
 
@@ -68,9 +73,15 @@ class GenerationJob:
 
     @property
     def task(self) -> Task:
+        if self.references:
+            return "image-to-image"
         if self.image is None:
             return "text-to-image"
         return "image-to-image" if self.mask is None else "inpaint"
+
+
+# The most input images one edit takes (OpenAI's limit for `image[]`).
+MAX_INPUT_IMAGES = 16
 
 
 def preview_steps(partial_images: int, total_steps: int) -> tuple[int, ...]:
@@ -127,6 +138,15 @@ class ModelCapabilities:
     # What `guidance_scale` does (`pipelines.guidance_of`): "classifier-free", "true-cfg",
     # "distilled" or "none".
     guidance: str = "classifier-free"
+    # How many images an image-to-image edit takes as references, for a model conditioned
+    # on input images (its edit class takes `image` and no `strength`): 1, or up to
+    # `MAX_INPUT_IMAGES` where a probe at start showed it uses a second one. 0: its edits
+    # start from their one input image (`strength`), as SD3's and SDXL's do.
+    reference_images: int = 0
+    # What each reference must be, from the pipeline's own check of its inputs (FLUX.2's
+    # image processor: sides of at least 64 pixels, at most 8:1).
+    reference_min_side: int = 1
+    reference_max_aspect: float | None = None
 
     def edit_steps(self, task: str, steps: int, strength: float) -> int:
         """The denoising steps an edit of `task` runs; 0 means its pipeline would fail. A

@@ -22,31 +22,34 @@ from starlette.types import Message, Receive
 
 from deployments.ingress.errors import APIError, body_too_large, invalid_request
 from deployments.ingress.protocol import ImageEditRequest
+from deployments.jobs import MAX_INPUT_IMAGES
 
 # The edit form's file fields: OpenAI's clients send `image` (one file) or `image[]` (several).
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELD = "mask"
-# Bounds on what the parser keeps while it reads: three files (an image, a mask, and a second
-# image, which gets its own 400 below), and no text field longer than any prompt could be.
-MAX_FORM_FILES = 3
+# Bounds on what the parser keeps while it reads: the most images an edit takes, a mask, and
+# one file more (which gets its own 400 naming it), and no text field longer than any prompt
+# could be.
+MAX_FORM_FILES = MAX_INPUT_IMAGES + 2
 MAX_FORM_FIELDS = 4 * len(ImageEditRequest.model_fields)
 MAX_FIELD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class EditForm:
-    """An edit request as sent: its text fields, its image and its optional mask.
+    """An edit request as sent: its text fields, its images (one, or several for a model
+    that takes references; at most `MAX_INPUT_IMAGES`) and its optional mask.
 
     The uploads are the parser's spooled files (or `bytes`, for callers that have them),
     read in place by `deployments.ingress.uploads`; `close` releases them.
     """
 
     fields: dict[str, object]
-    image: bytes | BinaryIO
+    images: tuple[bytes | BinaryIO, ...]
     mask: bytes | BinaryIO | None
 
     def close(self) -> None:
-        for upload in (self.image, self.mask):
+        for upload in (*self.images, self.mask):
             if upload is not None and not isinstance(upload, bytes):
                 upload.close()
 
@@ -136,6 +139,8 @@ async def _form_body(request: Request, max_bytes: int) -> FormData:
     except APIError:
         raise  # the 413 of `_bounded_receive`
     except HTTPException as error:  # starlette's own words on what is wrong with the form
+        if "files" in str(error.detail):  # more files than any edit takes
+            raise _too_many_images() from None
         raise invalid_request(
             f"We could not parse the multipart form of your request: {error.detail}",
             code="invalid_body",
@@ -147,7 +152,7 @@ async def _form_body(request: Request, max_bytes: int) -> FormData:
 
 
 def _edit_form_parts(form: FormData) -> EditForm:
-    """The form's text fields, and the files of its one image and its optional mask."""
+    """The form's text fields, and the files of its images and its optional mask."""
     fields: dict[str, object] = {}
     images: list[UploadFile] = []
     masks: list[UploadFile] = []
@@ -175,18 +180,26 @@ def _edit_form_parts(form: FormData) -> EditForm:
         raise invalid_request(
             "Missing required parameter: 'image'.", param="image", code="missing_required_parameter"
         )
-    if len(images) > 1:
-        raise invalid_request(
-            "Invalid value for 'image': these models edit one image at a time.",
-            param="image",
-            code="invalid_value",
-        )
+    if len(images) > MAX_INPUT_IMAGES:
+        raise _too_many_images()
     if len(masks) > 1:
         raise invalid_request(
             "Invalid value for 'mask': give one mask.", param="mask", code="invalid_value"
         )
     # The spooled files themselves, not their contents: the decoder reads them in place.
-    return EditForm(fields=fields, image=images[0].file, mask=masks[0].file if masks else None)
+    return EditForm(
+        fields=fields,
+        images=tuple(image.file for image in images),
+        mask=masks[0].file if masks else None,
+    )
+
+
+def _too_many_images() -> APIError:
+    return invalid_request(
+        f"Invalid value for 'image': an edit takes at most {MAX_INPUT_IMAGES} images.",
+        param="image",
+        code="invalid_value",
+    )
 
 
 def _form_value(value: str) -> object:
@@ -202,7 +215,9 @@ def edit_form_schema() -> dict[str, Any]:
     schema["properties"] = {
         "image": {
             **file,
-            "description": "The image to edit (or several as `image[]`; one is accepted).",
+            "description": "The image to edit, or as `image[]` several (at most "
+            f"{MAX_INPUT_IMAGES}) for a model that takes reference images "
+            "(`capabilities.reference_images` in `GET /v1/models`).",
         },
         "mask": {
             **file,

@@ -163,11 +163,13 @@ class ImageRequest(BaseModel):
         *,
         image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        references: tuple[np.ndarray, ...] = (),
         input_size: tuple[int, int] | None = None,
         adapters: tuple[AdapterWeight, ...] = (),
     ) -> GenerationJob:
         """The generator's job for this validated request, with the model's defaults filled
-        in. An edit's `image` and `mask` must already be at `output_size(context, input_size)`;
+        in. An edit's `image` and `mask` must already be at `output_size(context, input_size)`
+        (a reference-conditioned model's edit has `references` instead, and no strength);
         `adapters` are its LoRA adapters as the service resolved them (`resolve_adapters`).
         """
         model = context.model
@@ -190,6 +192,7 @@ class ImageRequest(BaseModel):
             image=image,
             mask=mask,
             strength=self.edit_strength(model) if image is not None else None,
+            references=references,
             adapters=adapters,
         )
 
@@ -364,6 +367,14 @@ class ModelCapabilitiesCard(BaseModel):
     max_width: int | None
     max_height: int | None
     previews: bool = Field(description="Whether `partial_images` can be asked for.")
+    reference_images: int = Field(
+        description="How many images (`image[]`) an edit without a mask takes as references, "
+        "for a model conditioned on input images (no `strength`); 0: an edit starts from its "
+        "one image."
+    )
+    reference_max_aspect: float | None = Field(
+        description="The most oblong reference it takes (`w:h` or `h:w`); null: any."
+    )
 
     @classmethod
     def of(cls, capabilities: ModelCapabilities) -> ModelCapabilitiesCard:
@@ -375,6 +386,8 @@ class ModelCapabilitiesCard(BaseModel):
             max_width=capabilities.max_width,
             max_height=capabilities.max_height,
             previews=capabilities.previews,
+            reference_images=capabilities.reference_images,
+            reference_max_aspect=capabilities.reference_max_aspect,
         )
 
 

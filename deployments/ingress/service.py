@@ -41,7 +41,7 @@ from deployments.ingress.protocol import (
 from deployments.ingress.request_log import RequestLog
 from deployments.ingress.storage import ImageStorage, StorageUnavailable, open_store
 from deployments.ingress.streaming import EventEncoder, first_event, sse_body, timings_of
-from deployments.ingress.uploads import UploadError, read_edit_inputs
+from deployments.ingress.uploads import ReferenceRules, UploadError, read_edit_inputs
 from deployments.ingress.usage import JobCost, job_cost
 from deployments.ingress.validation.request_validation import RequestValidator
 from deployments.ingress.validation.unicode_text import refuse_unencodable
@@ -189,16 +189,18 @@ class ImageService:
         task: Task = "image-to-image" if form.mask is None else "inpaint"
         # Refused before any image is decoded if the model cannot do this edit.
         params, context = await self.validator.edit(
-            form.fields, task, model, backend.capabilities, scope.deadline
+            form.fields, task, model, backend.capabilities, scope.deadline, len(form.images)
         )
         adapters = self.models.adapters.resolve(model, target.adapter, params.lora)
+        capabilities = context.capabilities
         try:
             inputs = await run_in_threadpool(
                 read_edit_inputs,
-                form.image,
+                form.images,
                 form.mask,
                 self.args.limits.max_input_pixels,
                 lambda input_size: params.output_size(context, input_size),
+                ReferenceRules.of(capabilities),
             )
         except UploadError as error:
             raise invalid_request(error.message, param=error.param, code="invalid_image") from None
@@ -207,6 +209,7 @@ class ImageService:
             scope.request_id,
             image=inputs.image,
             mask=inputs.mask,
+            references=inputs.references,
             input_size=inputs.input_size,
             adapters=adapters,
         )

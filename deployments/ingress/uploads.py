@@ -2,8 +2,12 @@
 
 An edit redraws an input image (image-to-image) or the masked part of it (inpainting). The
 input is scaled to the output size here, on the ingress, so the generator receives pixels
-that its pipeline takes as they are. Masks follow OpenAI's convention when they have an
-alpha channel (fully transparent = redraw) and diffusers' otherwise (white = redraw).
+that its pipeline takes as they are. A model conditioned on reference images (FLUX.2) takes
+one or several instead, each keeping its own shape: scaled down to at most the output's
+area, its sides cut to the model's size multiple, as its pipeline would cut them.
+
+Masks follow OpenAI's convention when they have an alpha channel (fully transparent =
+redraw) and diffusers' otherwise (white = redraw).
 
 Only PNG, JPEG and WebP are decoded: every other format Pillow knows is code that parses
 untrusted bytes for no user's benefit. An upload is read from the form parser's spooled file
@@ -13,12 +17,14 @@ untrusted bytes for no user's benefit. An upload is read from the form parser's 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from deployments.jobs import ModelCapabilities
 
 # The formats OpenAI's edits accept, as Pillow names them (its JPEG plugin also opens MPO,
 # the multi-picture JPEG of some cameras).
@@ -97,44 +103,99 @@ def mask_pixels(mask: Image.Image, width: int, height: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class EditInputs:
-    """An edit's uploads, decoded and scaled to the output size."""
+class ReferenceRules:
+    """What a model takes as a reference image (`ModelCapabilities`): sides that are
+    multiples of `multiple` and at least `min_side`, at most `max_aspect`:1 (None: any)."""
 
-    image: np.ndarray
+    multiple: int
+    min_side: int = 1
+    max_aspect: float | None = None
+
+    @classmethod
+    def of(cls, capabilities: ModelCapabilities) -> ReferenceRules | None:
+        """The model's rules, or None for a model whose edits take no references."""
+        if not capabilities.reference_images:
+            return None
+        return cls(
+            capabilities.size_multiple,
+            capabilities.reference_min_side,
+            capabilities.reference_max_aspect,
+        )
+
+
+def reference_pixels(image: Image.Image, max_area: int, rules: ReferenceRules) -> np.ndarray:
+    """A reference image as RGB uint8 (h, w, 3): its own shape, scaled down to at most
+    `max_area` pixels (up only as far as the model's smallest side), each side cut down to
+    a multiple of `rules.multiple`. One more oblong than the model takes is an
+    `UploadError`: cropping it would drop what the client sent it for."""
+    rgb = image.convert("RGB")
+    width, height = rgb.size
+    if rules.max_aspect is not None and max(width, height) > rules.max_aspect * min(width, height):
+        raise UploadError(
+            "image",
+            f"A {width}x{height} image is more oblong than this model takes as a reference "
+            f"(at most {rules.max_aspect:g}:1).",
+        )
+    multiple = rules.multiple
+    smallest = -(-max(rules.min_side, multiple) // multiple) * multiple  # rounded up
+    scale = min(1.0, (max_area / (width * height)) ** 0.5)
+    scale = max(scale, smallest / min(width, height))
+    size = [max(smallest, int(side * scale) // multiple * multiple) for side in (width, height)]
+    if rules.max_aspect is not None:  # rounding may have stretched it past the bound
+        short = min(size)
+        size = [min(side, int(short * rules.max_aspect) // multiple * multiple) for side in size]
+    if tuple(size) != rgb.size:
+        rgb = rgb.resize(tuple(size), Image.Resampling.LANCZOS)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """An edit's uploads, decoded: its image (and mask) scaled to the output size, or its
+    references (`reference_pixels`)."""
+
+    image: np.ndarray | None
     mask: np.ndarray | None
-    # The uploaded image's own size, which `size: auto` follows.
+    # The (first) uploaded image's own size, which `size: auto` follows.
     input_size: tuple[int, int]
+    references: tuple[np.ndarray, ...] = ()
 
 
 def read_edit_inputs(
-    image_file: bytes | BinaryIO,
+    image_files: Sequence[bytes | BinaryIO],
     mask_file: bytes | BinaryIO | None,
     max_input_pixels: int,
     output_size: Callable[[tuple[int, int]], tuple[int, int]],
+    references: ReferenceRules | None = None,
 ) -> EditInputs:
-    """Decode the uploads and scale them to `output_size(input size)` (in a worker thread:
-    decoding and scaling a large photo takes a while). Sizes are those of the upright
-    images, so a phone photo taken in portrait is edited in portrait.
+    """Decode the uploads and scale them to `output_size(first image's size)` (in a worker
+    thread: decoding and scaling a large photo takes a while). Sizes are those of the
+    upright images, so a phone photo taken in portrait is edited in portrait. With
+    `references` (the model's rules for them), the images are references instead.
 
     Upload files are closed once decoded: a spooled upload can hold many megabytes of disk
     (or of memory, where /tmp is a tmpfs) that the generation that follows does not need.
     """
     try:
-        image = decode_image(image_file, "image", max_input_pixels)
+        images = [decode_image(file, "image", max_input_pixels) for file in image_files]
         mask = None
         if mask_file is not None:
             mask = decode_image(mask_file, "mask", max_input_pixels)
     finally:
-        for upload in (image_file, mask_file):
+        for upload in (*image_files, mask_file):
             if upload is not None and not isinstance(upload, bytes):
                 upload.close()
+    image = images[0]
+    width, height = output_size(image.size)
+    if references is not None:
+        pixels = tuple(reference_pixels(each, width * height, references) for each in images)
+        return EditInputs(image=None, mask=None, input_size=image.size, references=pixels)
     if mask is not None and mask.size != image.size:
         raise UploadError(
             "mask",
             f"The mask is {mask.size[0]}x{mask.size[1]}; it must be the image's size, "
             f"{image.size[0]}x{image.size[1]}.",
         )
-    width, height = output_size(image.size)
     return EditInputs(
         image=image_pixels(image, width, height),
         mask=mask_pixels(mask, width, height) if mask is not None else None,

@@ -4,7 +4,7 @@
   `num_inference_steps x strength` of them, rounded as its pipeline rounds), so n images of
   s steps are n x s. The ingress knows them before the job runs, which lets a key's
   `image_steps` budget charge a request when it is admitted, the same number its usage shows;
-- image tokens (edits) are the uploads: 1 for the image, 1 more for a mask;
+- image tokens (edits) are the uploads: 1 for each input image, 1 more for a mask;
 - text tokens are counted by the generator replica, which has the model's tokenizer (the
   ingress has none): they come back with the images (`GeneratedImages.text_tokens`).
 """
@@ -40,5 +40,5 @@ def job_cost(job: GenerationJob, capabilities: ModelCapabilities) -> JobCost:
     steps = job.num_inference_steps
     if job.strength is not None:
         steps = capabilities.edit_steps(job.task, steps, job.strength)
-    uploads = (job.image is not None) + (job.mask is not None)
+    uploads = (job.image is not None) + (job.mask is not None) + len(job.references)
     return JobCost(image_steps=job.num_images * steps, image_tokens=uploads)

@@ -86,9 +86,10 @@ def test_an_upload_larger_than_the_in_memory_spool_is_edited(client, generator):
 
 
 def test_forms_past_the_parsers_bounds_are_a_400(client, generator):
-    files = [("image[]", as_file(png(8, 8))) for _ in range(4)]
-    error = assert_openai_error(edit(client, files=files), 400)
-    assert error["code"] == "invalid_body" and "Too many files" in error["message"]
+    # More files than the most images an edit takes (16), and a mask, and one more.
+    files = [("image[]", as_file(png(8, 8))) for _ in range(19)]
+    error = assert_openai_error(edit(client, files=files), 400, "image")
+    assert "at most 16 images" in error["message"]
     error = assert_openai_error(edit(client, user="u" * (1024 * 1024 + 1)), 400)
     assert error["code"] == "invalid_body"
     assert generator.jobs == []
@@ -187,8 +188,9 @@ def test_parsing_a_large_form_holds_little_of_it_in_memory():
         tracemalloc.stop()
     try:
         assert sender.pulled >= size
-        form.image.seek(0, io.SEEK_END)
-        assert form.image.tell() == size  # all of it, spooled to a temporary file
+        (image,) = form.images
+        image.seek(0, io.SEEK_END)
+        assert image.tell() == size  # all of it, spooled to a temporary file
         # Reading it whole into memory, even once, would take 8 MiB.
         assert peak < 3 * 1024 * 1024, f"peak {peak} bytes"
     finally:

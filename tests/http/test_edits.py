@@ -198,6 +198,89 @@ def test_openai_client_edits_unchanged(client, generator):
     assert (job.task, job.strength, job.seeds) == ("inpaint", 0.5, (3,))
 
 
+# A model conditioned on reference images (FLUX.2): its edits take several and no strength.
+REFERENCES = ModelCapabilities(
+    pipeline_class="Flux2KleinPipeline",
+    tasks={
+        "text-to-image": frozenset({"guidance_scale"}),
+        "image-to-image": frozenset({"guidance_scale"}),
+    },
+    size_multiple=16,
+    reference_images=16,
+    reference_min_side=64,
+    reference_max_aspect=8,
+)
+
+
+@pytest.fixture
+def references(args, store) -> tuple[TestClient, FakeGenerator]:
+    generator = FakeGenerator(REFERENCES)
+    return TestClient(create_api(args, {"tiny-sd3": generator}, store)), generator
+
+
+def test_a_reference_model_takes_several_images_each_keeping_its_shape(references):
+    client, generator = references
+    files = [
+        ("image[]", ("a.png", png(128, 80, color=(10, 20, 30)), "image/png")),
+        ("image[]", ("b.png", png(40, 100, color=(200, 0, 0)), "image/png")),
+        ("image[]", ("c.png", png(600, 300), "image/png")),
+        ("image[]", ("d.png", png(100, 90), "image/png")),
+    ]
+    response = edit(client, files=files, size="96x96")
+    assert response.status_code == 200, response.text
+    (job,) = generator.jobs
+    assert job.task == "image-to-image" and job.image is None and job.strength is None
+    # Upload order; each its own shape, sides cut to multiples of 16: scaled down to at
+    # most the output's area (96x96), and up only to the model's smallest side (64).
+    assert [r.shape for r in job.references] == [
+        (64, 112, 3),  # 10240 pixels scaled into the area: 121x75, then cut
+        (160, 64, 3),  # 40 wide: scaled up to 64 wide
+        (64, 128, 3),  # 600x300 scaled into the area: 135x67, then cut
+        (80, 96, 3),  # within the area: cut only
+    ]
+    assert tuple(job.references[0][0, 0]) == (10, 20, 30)
+    assert tuple(job.references[1][0, 0]) == (200, 0, 0)
+    # Each is an input of the request's usage.
+    assert response.json()["usage"]["input_tokens_details"]["image_tokens"] == 4
+
+
+def test_a_reference_model_refuses_a_mask_with_several_images_and_a_strength(references):
+    client, generator = references
+    oblong = [
+        ("image[]", ("a.png", png(64, 64), "image/png")),
+        ("image[]", ("b.png", png(900, 100), "image/png")),
+    ]
+    error = assert_openai_error(edit(client, files=oblong), 400, "image")
+    assert "at most 8:1" in error["message"]
+    two = [("image[]", ("a.png", png(64, 32), "image/png"))] * 2
+    assert_openai_error(edit(client, files=two, strength=0.5), 400, "strength")
+    masked = [*two, ("mask", ("m.png", png(64, 32), "image/png"))]
+    assert_openai_error(edit(client, files=masked), 400, "mask")  # no inpainting here
+    assert generator.jobs == []
+
+
+def test_the_openai_client_sends_several_images_unchanged(references):
+    client, generator = references
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    result = api.images.edit(
+        model="tiny-sd3",
+        image=[("a.png", png(32, 32), "image/png"), ("b.png", png(48, 32), "image/png")],
+        prompt="the two together",
+        size="32x32",
+        response_format="b64_json",
+    )
+    assert decode(result.data[0].b64_json).shape == (32, 32, 3)
+    (job,) = generator.jobs
+    assert [r.shape for r in job.references] == [(64, 64, 3), (64, 96, 3)]
+
+
+def test_a_model_that_edits_one_image_refuses_several_naming_image(client, generator):
+    files = [("image[]", ("a.png", png(64, 32), "image/png"))] * 2
+    error = assert_openai_error(edit(client, files=files), 400, "image")
+    assert "one image at a time" in error["message"]
+    assert generator.jobs == []
+
+
 def test_requests_are_routed_by_model_with_a_default(args, store):
     two = AppArgs.model_validate(
         {**args.model_dump(), "models": [*args.model_dump()["models"], {"id": "tiny-flux"}]}

@@ -30,6 +30,8 @@ def test_each_model_card_carries_its_capabilities(client):
         "max_width": None,
         "max_height": None,
         "previews": True,
+        "reference_images": 0,
+        "reference_max_aspect": None,
     }
     assert client.get("/v1/models/tiny-sd3").json() == card
 

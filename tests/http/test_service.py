@@ -78,7 +78,7 @@ def test_an_edit_with_size_auto_follows_its_input_image(service, generator):
     async def edit() -> RequestScope:
         async with service.scope("req-2", "edits") as scope:
             form = EditForm(
-                fields={"prompt": "a fox", "size": "auto"}, image=_png(96, 48), mask=None
+                fields={"prompt": "a fox", "size": "auto"}, images=(_png(96, 48),), mask=None
             )
             prepared = await service.prepare_edit(form, scope)
             await service.run(prepared, "http://testserver/", scope)

@@ -83,6 +83,9 @@ class BatchKey:
     strength: float | None = None
     # A call runs with one adapter set at one set of scales (`adapter_gate.py`).
     adapters: tuple[AdapterWeight, ...] = ()
+    # A reference-conditioned edit's references are the whole call's (the pipeline takes one
+    # list of them for all its images): such a job shares its calls with no other job.
+    alone: int | None = None
 
 
 def adapter_key(adapters: tuple[AdapterWeight, ...]) -> tuple[AdapterWeight, ...]:
@@ -100,6 +103,7 @@ def batch_key(job: GenerationJob) -> BatchKey:
         task=job.task,
         strength=job.strength,
         adapters=adapter_key(job.adapters),
+        alone=id(job) if job.references else None,
     )
 
 

@@ -52,6 +52,8 @@ def pipeline_arguments(
     if first.image is not None:  # an edit: each image of each job starts from its input
         arguments["image"] = _per_image(jobs, [_pil(job.image) for job in jobs])
         arguments["strength"] = first.strength
+    if first.references:  # the batch is this one job (`batching.batch_key`)
+        arguments["image"] = [_pil(reference) for reference in first.references]
     if first.mask is not None:
         arguments["mask_image"] = _per_image(jobs, [_pil(job.mask) for job in jobs])
     if true_cfg:

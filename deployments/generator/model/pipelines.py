@@ -39,12 +39,12 @@ from diffusers.pipelines.auto_pipeline import (
 
 from deployments.config.model_config import ModelConfig
 from deployments.generator.model.components import DTYPES
-from deployments.generator.model.embedded_model import ensure_embedded_model, is_embedded
+from deployments.generator.model.embedded import ensure_embedded_model, is_embedded
 from deployments.generator.model.model_limits import edit_step_rounding, size_limits
 from deployments.generator.model.optimizations import apply_at_load, quantization_config
 from deployments.generator.model.servability import check_servable, not_matching
 from deployments.generator.model.shared_modules import pin_upcast_vae
-from deployments.jobs import OPTIONAL_PARAMETERS, ModelCapabilities, Task
+from deployments.jobs import MAX_INPUT_IMAGES, OPTIONAL_PARAMETERS, ModelCapabilities, Task
 
 logger = logging.getLogger("ray.serve")
 
@@ -128,6 +128,9 @@ def task_classes(text_to_image: type, by_name: bool = True) -> dict[Task, type]:
         named = getattr(diffusers, stem + suffix, None)
         if task not in classes and isinstance(named, type) and issubclass(named, DiffusionPipeline):
             classes[task] = named
+    if "image-to-image" not in classes and "image" in call_parameters(text_to_image):
+        # A model conditioned on input images (FLUX.2): its own class edits, given `image`.
+        classes["image-to-image"] = text_to_image
     return classes
 
 
@@ -186,6 +189,7 @@ class RequestPipelines:
         for task in [task for task in self._classes if task not in tabled]:
             if not self._runs(task):
                 del self._classes[task]
+        self.reference_images = self._references()
 
     def capabilities(self) -> ModelCapabilities:
         tasks = {}
@@ -206,6 +210,7 @@ class RequestPipelines:
             if "strength" in tasks[task] and (rule := edit_step_rounding(cls)) is not None
         }
         sizes = size_limits(self.shared)
+        smallest, widest = self.reference_rules()
         return ModelCapabilities(
             pipeline_class=type(self.shared).__name__,
             tasks=tasks,
@@ -214,20 +219,21 @@ class RequestPipelines:
             size_multiple=sizes.size_multiple,
             edit_step_rounding=rounding,
             guidance=self.guidance,
+            reference_images=self.reference_images,
+            reference_min_side=smallest,
+            reference_max_aspect=widest,
         )
 
     def _runs(self, task: Task) -> bool:
         """Whether a one-step call of `task`'s class runs on the shared components (its
         latents only, at the smallest size the model takes)."""
-        side = 2 * size_limits(self.shared).size_multiple
+        side = self._probe_side()
         image = PIL.Image.new("RGB", (side, side), (127, 127, 127))
         arguments: dict[str, Any] = {"prompt": "", "image": image, "strength": 1.0}
         if task == "inpaint":
             arguments["mask_image"] = PIL.Image.new("L", (side, side), 255)
-        takes = call_parameters(self._classes[task])
-        sized = {"height": side, "width": side} if "height" in takes else {}
         try:
-            self.view(task)(**arguments, **sized, num_inference_steps=1, output_type="latent")
+            self._probe(task, arguments)
         except Exception as error:
             logger.warning(
                 "%s runs no %s: a one-step call of %s failed (%s: %s)",
@@ -239,6 +245,67 @@ class RequestPipelines:
             )
             return False
         return True
+
+    def _references(self) -> int:
+        """How many reference images the model's edits take (`ModelCapabilities`): 0 where
+        its image-to-image class starts from the image (`strength`); else whether a
+        one-step call with two references uses the second (one output, which changes with
+        it): a class whose `image` list is a batch of inputs instead (FLUX.1 Kontext,
+        Qwen-Image-Edit) makes two outputs, or fails, and takes one."""
+        cls = self._classes.get("image-to-image")
+        if cls is None or "strength" in call_parameters(cls):
+            return 0
+        multiple = size_limits(self.shared).size_multiple
+        smallest, _ = self.reference_rules()
+        side = max(self._probe_side(), -(-smallest // multiple) * multiple)
+        first = PIL.Image.new("RGB", (side, side), (127, 127, 127))
+        outputs = []
+        try:
+            for colour in ((0, 0, 0), (255, 255, 255)):
+                second = PIL.Image.new("RGB", (side, side), colour)
+                outputs.append(
+                    self._probe("image-to-image", {"prompt": "", "image": [first, second]})
+                )
+        except Exception as error:
+            logger.info("%s takes one reference image (two failed: %s)", cls.__name__, error)
+            return 1
+        if all(len(out) == 1 for out in outputs) and not torch.equal(*outputs):
+            return MAX_INPUT_IMAGES
+        return 1
+
+    def reference_rules(self) -> tuple[int, float | None]:
+        """The smallest side and the largest aspect ratio a reference image may have: the
+        defaults of the pipeline's own check of its inputs where it has one (FLUX.2's
+        image processor's `check_image_input`), else any."""
+        check = getattr(getattr(self.shared, "image_processor", None), "check_image_input", None)
+        if check is None:
+            return 1, None
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(check).parameters.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
+        return int(defaults.get("min_side_length", 1)), defaults.get("max_aspect_ratio")
+
+    def _probe_side(self) -> int:
+        """The side of the probes' images: the smallest the model takes, twice."""
+        return 2 * size_limits(self.shared).size_multiple
+
+    def _probe(self, task: Task, arguments: dict[str, Any]) -> torch.Tensor:
+        """A one-step call of `task`'s class with those of `arguments` it takes, at the
+        probes' size, from a fixed seed: its latents."""
+        takes = call_parameters(self._classes[task])
+        side = self._probe_side()
+        sized = {"height": side, "width": side} if "height" in takes else {}
+        given = {name: value for name, value in arguments.items() if name in takes}
+        with torch.no_grad():
+            return self.view(task)(
+                **given,
+                **sized,
+                num_inference_steps=1,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="latent",
+            ).images
 
     def view(self, task: Task = "text-to-image") -> DiffusionPipeline:
         """A pipeline for `task` over the shared weights with its own scheduler, safe to run

@@ -30,6 +30,29 @@ def check_edit_steps(
     )
 
 
+def check_input_images(
+    count: int, capabilities: ModelCapabilities, model: ModelConfig, task: Task
+) -> None:
+    """400 naming `image` for an edit of more images than the model takes: one, unless it
+    is conditioned on references (`ModelCapabilities.reference_images`); a masked edit
+    (inpainting) redraws one image."""
+    most = max(1, capabilities.reference_images) if task == "image-to-image" else 1
+    if count <= most:
+        return
+    pipeline = capabilities.pipeline_class
+    if task == "inpaint":
+        why = "an edit with a mask takes one image"
+    elif most == 1:
+        why = f"the model '{model.id}' ({pipeline}) edits one image at a time"
+    else:
+        why = f"the model '{model.id}' ({pipeline}) takes at most {most} reference images"
+    raise invalid_request(
+        f"Invalid value for 'image': {count} images were sent; {why}.",
+        param="image",
+        code="invalid_value",
+    )
+
+
 def check_supported(
     params: ImageRequest, capabilities: ModelCapabilities, model: ModelConfig, task: Task
 ) -> None:

@@ -27,7 +27,11 @@ from deployments.config.model_config import ModelConfig
 from deployments.ingress.deadline import Deadline
 from deployments.ingress.errors import from_validation_error, invalid_request
 from deployments.ingress.protocol import ImageEditRequest, ImageGenerationRequest, ImageRequest
-from deployments.ingress.validation.model_checks import check_edit_steps, check_supported
+from deployments.ingress.validation.model_checks import (
+    check_edit_steps,
+    check_input_images,
+    check_supported,
+)
 from deployments.ingress.validation.validation_context import ValidationContext
 from deployments.jobs import ModelCapabilities, Task
 
@@ -75,12 +79,15 @@ class RequestValidator:
         model: ModelConfig,
         capabilities: CapabilitiesOf,
         deadline: Deadline,
+        images: int = 1,
     ) -> tuple[ImageEditRequest, ValidationContext]:
-        """An edit's form fields (text, so converted), before any upload is decoded."""
+        """An edit's form fields (text, so converted) and how many images it sends, before
+        any upload is decoded."""
         params, context = await self._validated(
             ImageEditRequest, fields, model, capabilities, deadline, strict=False
         )
         check_supported(params, context.capabilities, model, task)
+        check_input_images(images, context.capabilities, model, task)
         check_edit_steps(params, context.capabilities, model, task)
         return params, context
 
