@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config.base import default_cache_dir
-from deployments.generator.model.embedded_model import (
-    _CLIP_VOCAB_SIZE,
-    _T5_VOCAB_SIZE,
-    _clip_tokenizer,
-    _t5_tokenizer,
+from deployments.generator.model.embedded.tiny_tokenizers import (
+    CLIP_VOCAB_SIZE,
+    T5_VOCAB_SIZE,
+    clip_tokenizer,
+    t5_tokenizer,
 )
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json.
@@ -113,7 +113,7 @@ def _clip(width: dict[str, int]):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=_CLIP_VOCAB_SIZE,
+        vocab_size=CLIP_VOCAB_SIZE,
         num_hidden_layers=1,
         max_position_embeddings=77,
         projection_dim=width["hidden_size"],  # 768 and 1280: 2048 pooled together
@@ -130,7 +130,7 @@ def _t5():
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=_T5_VOCAB_SIZE,
+        vocab_size=T5_VOCAB_SIZE,
         feed_forward_proj="gated-gelu",
         decoder_start_token_id=0,
         pad_token_id=0,
@@ -158,9 +158,9 @@ def build_pipeline(toy: bool, device: str, dtype: str):
             text_encoder=_clip(CLIP_L),
             text_encoder_2=_clip(CLIP_G),
             text_encoder_3=_t5(),
-            tokenizer=_clip_tokenizer(),
-            tokenizer_2=_clip_tokenizer(),
-            tokenizer_3=_t5_tokenizer(),
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(),
+            tokenizer_3=t5_tokenizer(),
             scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
         )
     return pipeline.to(dtype=getattr(torch, dtype))

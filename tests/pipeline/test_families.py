@@ -1,4 +1,5 @@
-"""Every supported family (SD3, SDXL, FLUX, Chroma) through the same engine, on its embedded model.
+"""Every supported family (SD3, SDXL, FLUX, Chroma, Qwen-Image, Z-Image, FLUX.2 Klein)
+through the same engine, on its embedded model.
 
 Nothing on the request path is specific to one family: views, batching, seeds, cancellation,
 previews and edits are checked here for each.
@@ -16,6 +17,7 @@ import torch
 from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
+from deployments.generator.progress.previews import fit_previewer, spatial_latents
 from deployments.jobs import GeneratedImages, GenerationJob, PartialImage, StepProgress
 from tests.jobs import make_job
 
@@ -25,12 +27,15 @@ ALL_TASKS = frozenset({"text-to-image", "image-to-image", "inpaint"})
 @dataclass(frozen=True)
 class Family:
     """A row of the suite: what the family's embedded model is and takes. Adding a family is
-    adding its builder (`embedded_model.py`) and a row here."""
+    adding its builder (`deployments/generator/model/embedded/`) and a row here."""
 
     pipeline_class: str
     tasks: frozenset[str] = ALL_TASKS
     negative_prompt: bool = True  # FLUX's needs true CFG, which the service does not run
     guidance: str = "classifier-free"
+    # Its image-to-image is its own class conditioned on reference images (FLUX.2): no
+    # strength, every step runs, and a job's references are its call's alone.
+    references: bool = False
 
 
 FAMILIES = {
@@ -43,6 +48,9 @@ FAMILIES = {
     # A 5-D (video-style) VAE, and "true" CFG with a negative prompt.
     "tiny-qwen-image": Family("QwenImagePipeline", guidance="true-cfg"),
     "tiny-z-image": Family("ZImagePipeline"),
+    # Its CFG's negative is always "" (it takes no negative prompt); it edits by conditioning
+    # on reference images, and inpaints with its own class (found by name).
+    "tiny-flux2-klein": Family("Flux2KleinPipeline", negative_prompt=False, references=True),
 }
 
 
@@ -54,6 +62,19 @@ def family_of(pipeline) -> Family:
 def needs(pipeline, task: str) -> None:
     if task not in family_of(pipeline).tasks:
         pytest.skip(f"{type(pipeline).__name__} has no {task} pipeline that runs")
+
+
+# FLUX.2's image processor takes no reference under 64 pixels a side.
+REFERENCE = np.random.default_rng(1).integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+
+
+def image_edit(pipeline, seed: int, image: np.ndarray, runs: int, **fields) -> GenerationJob:
+    """An image-to-image job of `runs` denoising steps as the ingress makes one for the
+    family: from `image` at strength 0.5 of twice the steps, or for a family conditioned on
+    references, with a reference (its edits run every step)."""
+    if family_of(pipeline).references:
+        return job(seed, references=(REFERENCE,), num_inference_steps=runs, **fields)
+    return job(seed, image=image, strength=0.5, num_inference_steps=2 * runs, **fields)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -113,7 +134,11 @@ def test_the_configured_class_is_loaded_and_takes_what_its_row_says(pipeline):
     assert capabilities.pipeline_class == family.pipeline_class
     assert set(capabilities.tasks) == family.tasks
     assert "guidance_scale" in capabilities.tasks["text-to-image"]
-    assert all("strength" in capabilities.tasks[task] for task in family.tasks - {"text-to-image"})
+    from_an_image = family.tasks - {"text-to-image"}
+    if family.references:
+        from_an_image -= {"image-to-image"}
+    assert all("strength" in capabilities.tasks[task] for task in from_an_image)
+    assert bool(capabilities.reference_images) == family.references
     assert "mask" in capabilities.tasks.get("inpaint", {"mask"})
     negative = "negative_prompt" in capabilities.tasks["text-to-image"]
     assert negative == family.negative_prompt
@@ -136,7 +161,7 @@ def test_concurrent_batched_jobs_succeed_on_shared_unchanged_weights(bfloat16_pi
     ] + [job(10, width=32, height=48, num_inference_steps=2, seeds=(10, 11))]
     if "image-to-image" in family_of(pipeline).tasks:
         # An edit among them: SDXL's edits are what moved a shared VAE (design note 9).
-        jobs.append(job(12, width=32, height=48, num_inference_steps=4, image=image, strength=0.5))
+        jobs.append(image_edit(pipeline, 12, image, runs=2, width=32, height=48))
     try:
         results = run_all(engine, jobs)
     finally:
@@ -211,6 +236,45 @@ def test_streamed_previews_come_at_the_latents_resolution(pipeline):
     assert isinstance(events[-1], GeneratedImages)
 
 
+def test_previews_map_the_very_latents_the_vae_decodes(pipeline):
+    """What a preview maps to RGB, the (B, C, h, w) view of a step's latents unscaled as the
+    previewer unscales them, is at the last step exactly what the pipeline hands its VAE to
+    decode: FLUX's latents unpacked, FLUX.2's scattered by their position ids and
+    de-normalised by the VAE's batch norm, Qwen-Image's per channel."""
+    previewer = fit_previewer(pipeline)
+    seen = {}
+
+    def last_step(_pipeline, _step, _timestep, callback_kwargs: dict) -> dict:
+        seen["latents"] = callback_kwargs["latents"]
+        return callback_kwargs
+
+    vae = pipeline.vae
+    decode = vae.decode
+
+    def recorded(latents, *args, **kwargs):
+        seen["decoded"] = latents
+        return decode(latents, *args, **kwargs)
+
+    vae.decode = recorded  # the shared VAE's, on this instance only
+    try:
+        RequestPipelines(pipeline).view()(
+            prompt="a lighthouse",
+            width=64,
+            height=32,
+            num_inference_steps=2,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="np",
+            callback_on_step_end=last_step,
+        )
+    finally:
+        del vae.decode
+    spatial = spatial_latents(pipeline, 64, 32, seen["latents"]).float()
+    decoded = seen["decoded"].float()
+    if decoded.ndim == 5:  # a video-style VAE's one frame
+        decoded = decoded[:, :, 0]
+    torch.testing.assert_close(spatial * previewer._scale + previewer._shift, decoded)
+
+
 def test_edits_run_on_views_over_the_same_weights(bfloat16_pipeline):
     pipeline = bfloat16_pipeline
     needs(pipeline, "image-to-image")
@@ -219,7 +283,9 @@ def test_edits_run_on_views_over_the_same_weights(bfloat16_pipeline):
     shared = storage_of(pipeline.components)
     for task in ("image-to-image", "inpaint"):
         view = views.view(task)
-        assert type(view) is not type(pipeline)
+        # A family conditioned on references edits with its own class.
+        own_class = task == "image-to-image" and family_of(pipeline).references
+        assert (type(view) is type(pipeline)) == own_class
         assert storage_of(view.components) == {
             name: storage for name, storage in shared.items() if name in view.components
         }
@@ -233,8 +299,8 @@ def test_edits_run_on_views_over_the_same_weights(bfloat16_pipeline):
         pipeline, worker_threads=1, batching=BatchingConfig(max_batch_images=4, max_wait_ms=20)
     )
     edits = [
-        job(1, image=image, strength=0.5, num_inference_steps=4),
-        job(2, image=image, strength=0.5, num_inference_steps=4),
+        image_edit(pipeline, 1, image, runs=2),
+        image_edit(pipeline, 2, image, runs=2),
         job(3, image=image, mask=mask, strength=1.0, num_inference_steps=2, seeds=(3, 4)),
     ]
     try:
@@ -244,7 +310,8 @@ def test_edits_run_on_views_over_the_same_weights(bfloat16_pipeline):
     for result, sent in zip(results, edits, strict=True):
         assert [i.shape for i in result.images] == [(32, 64, 3)] * sent.num_images
     # The first edit starts alone on the idle replica; the second forms the next batch (the
-    # inpainting job cannot join it). Strength 0.5 of 4 steps runs 2; 1.0 of 2 runs 2.
+    # inpainting job cannot join it, nor one reference edit another). Each edit runs 2 steps
+    # (strength 1.0 of 2 for the inpainting).
     assert engine.batch_sizes == [1, 1, 2]
     assert engine.steps_run == 2 + 2 + 2
     assert storage_of(pipeline.components) == shared
@@ -253,10 +320,9 @@ def test_edits_run_on_views_over_the_same_weights(bfloat16_pipeline):
 def test_a_streamed_edit_reports_the_steps_it_really_runs(pipeline):
     needs(pipeline, "image-to-image")
     image = np.full((32, 64, 3), 90, dtype=np.uint8)
-    edit = job(8, image=image, strength=0.5, num_inference_steps=8, partial_images=1)
-    events = stream_alone(pipeline, edit)
+    events = stream_alone(pipeline, image_edit(pipeline, 8, image, runs=4, partial_images=1))
     progress = [event for event in events if isinstance(event, StepProgress)]
-    assert progress[-1] == StepProgress(step=4, total_steps=4)  # 8 steps x strength 0.5
+    assert progress[-1] == StepProgress(step=4, total_steps=4)  # 8 steps x strength 0.5, or 4
     assert [type(event) for event in events].count(PartialImage) == 1
 
 

@@ -30,6 +30,9 @@ EXPECTED = {
     "tiny-qwen-image": (None, None, 16, "ceil"),
     # Its rotary tables hold 64 positions a side, a patch of 16 pixels each.
     "tiny-z-image": (1024, 1024, 16, "ceil"),
+    # FLUX.2's rotary embeddings have no table either; its 16-pixel cell holds the 2x2
+    # patches. Its image-to-image takes references and no strength (only inpainting rounds).
+    "tiny-flux2-klein": (None, None, 16, "ceil"),
 }
 
 
@@ -54,11 +57,14 @@ def generate(
     height: int,
     steps: int = 1,
     strength: float = 1.0,
+    reference: tuple[int, int] = (64, 64),
 ) -> tuple[tuple[int, ...], int]:
     """The shape of the one image that `task` makes at `width` x `height`, and the denoising
     steps it ran; raises what the pipeline raises. Arguments as the engine passes them (an
-    edit's input image is already at the output size)."""
+    edit's input image is already at the output size; a reference keeps its own,
+    `reference`, by default one that FLUX.2's image processor takes)."""
     view = views.view(task)
+    takes = call_parameters(type(view))
     ran: list[int] = []
 
     def count(_pipeline, step: int, _timestep, callback_kwargs: dict) -> dict:
@@ -75,14 +81,15 @@ def generate(
         "output_type": "np",
         "callback_on_step_end": count,
     }
-    if task != "text-to-image":
+    if task != "text-to-image" and "strength" not in takes:  # conditioned on a reference
+        arguments["image"] = [PIL.Image.new("RGB", reference, (120, 120, 120))]
+    elif task != "text-to-image":
         image = np.full((height, width, 3), 120, dtype=np.uint8)
         arguments.update(image=[PIL.Image.fromarray(image)], strength=strength)
     if task == "inpaint":
         mask = np.zeros((height, width), dtype=np.uint8)
         mask[:, : width // 2] = 255
         arguments["mask_image"] = [PIL.Image.fromarray(mask)]
-    takes = call_parameters(type(view))
     images = view(**{name: value for name, value in arguments.items() if name in takes}).images
     return images[0].shape, len(ran)
 
@@ -101,7 +108,9 @@ def test_the_capabilities_carry_the_models_own_limits(family):
     max_width, max_height, multiple, rounding = EXPECTED[name]
     assert (capabilities.max_width, capabilities.max_height) == (max_width, max_height)
     assert capabilities.size_multiple == multiple
-    edits = [task for task in capabilities.tasks if task != "text-to-image"]
+    # Every edit that takes a strength has its rule (a reference-conditioned one runs every
+    # step).
+    edits = [task for task, takes in capabilities.tasks.items() if "strength" in takes]
     assert capabilities.edit_step_rounding == dict.fromkeys(edits, rounding)
 
 
@@ -139,6 +148,19 @@ def test_the_smallest_side_is_the_size_multiple(family, task):
         assert not makes(views, task, height, width)
 
 
+def test_references_inside_the_reported_limits_generate_and_past_them_fail(family):
+    _, views, capabilities = family
+    if not capabilities.reference_images:
+        pytest.skip(f"{capabilities.pipeline_class}'s edits start from their image")
+    side = capabilities.reference_min_side
+    widest = int(side * capabilities.reference_max_aspect)
+    for reference in [(side, side), (widest, side), (side, widest)]:
+        assert generate(views, "image-to-image", 32, 32, reference=reference)[0] == (32, 32, 3)
+    for reference in [(side - 1, side), (side, side - 1), (widest + 1, side), (side, widest + 1)]:
+        with pytest.raises(ValueError, match=r"too small|too extreme"):
+            generate(views, "image-to-image", 32, 32, reference=reference)
+
+
 # (num_inference_steps, strength): the issue's two failing SDXL edits first.
 EDITS = [(1, 0.8), (4, 0.1), (4, 0.3), (3, 0.25), (1, 0.05), (10, 0.7), (2, 1.0)]
 
@@ -147,6 +169,12 @@ EDITS = [(1, 0.8), (4, 0.1), (4, 0.3), (3, 0.25), (1, 0.05), (10, 0.7), (2, 1.0)
 def test_edits_run_the_steps_the_capabilities_predict(family, task):
     name, views, capabilities = family
     served(capabilities, task)
+    if "strength" not in capabilities.tasks[task]:
+        # Conditioned on references (FLUX.2): every step runs, whatever strength is sent
+        # (the ingress refuses one).
+        for steps, strength in EDITS:
+            assert generate(views, task, 32, 32, steps=steps, strength=strength)[1] == steps
+        return
     for steps, strength in EDITS:
         predicted = capabilities.edit_steps(task, steps, strength)
         if predicted == 0:

@@ -14,7 +14,7 @@ import torch
 from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model.components import to_uint8
-from deployments.generator.model.embedded_model import build_tiny_flux_pipeline
+from deployments.generator.model.embedded.tiny_flux import build_tiny_flux_pipeline
 from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 from tests.jobs import make_job
 

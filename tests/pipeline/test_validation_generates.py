@@ -1,8 +1,8 @@
 """The rule that matters for a public service: every request that passes validation
 generates. Hypothesis sends requests across the whole allowed range (sizes of any aspect
 ratio up to the pixel limit, steps, strength, `n`, edits of odd-sized images with
-`size: auto`) through the real HTTP app into the real engines of the three embedded
-families. Each request is either refused by validation, before any model call, with a 400
+`size: auto`) through the real HTTP app into the real engines of every embedded
+family. Each request is either refused by validation, before any model call, with a 400
 that names a parameter, or it passed validation and must generate: a 200 with its images
 (the one exception: a configured adapter whose weights do not fit its model, refused when
 the replica loads it, a 400 `adapter_unavailable` naming `model`). Never a 500, and a real
@@ -37,6 +37,7 @@ FAMILIES = {
     "tiny-chroma": 16,
     "tiny-qwen-image": 16,
     "tiny-z-image": 16,
+    "tiny-flux2-klein": 16,
 }  # id: size multiple
 # Past tiny-sd3's largest side (1024: its positional embedding), at any aspect ratio.
 MAX_PIXELS = 32 * 1040
@@ -51,6 +52,7 @@ ADAPTERS = {
     "tiny-chroma": [],
     "tiny-qwen-image": [],
     "tiny-z-image": [],
+    "tiny-flux2-klein": [],
 }
 ADAPTER_IDS = [adapter["id"] for adapters in ADAPTERS.values() for adapter in adapters]
 ARGS = AppArgs.model_validate(

@@ -1,6 +1,6 @@
 """The embedded LoRA adapters: tiny adapters of the embedded models, built offline with peft.
 
-Like the embedded models (`deployments/generator/model/embedded_model.py`), they let anyone try
+Like the embedded models (`deployments/generator/model/embedded/`), they let anyone try
 adapters with no download: `embedded:<model>/<style>` names one (`embedded:tiny-sd3/ink`).
 Each is a real peft LoRA (rank 4 on the denoiser's attention, or on its attention and
 feed-forward), with weights drawn from a fixed seed, saved the way diffusers saves a trained
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from deployments.config.base import default_cache_dir
 from deployments.config.model_config import AdapterConfig
-from deployments.generator.model.embedded_model import (
+from deployments.generator.model.embedded import (
     EMBEDDED_SCHEME,
     RECIPE_VERSION,
     ensure_embedded_model,

@@ -208,14 +208,37 @@ def spatial_latents(
     pipeline: DiffusionPipeline, width: int, height: int, latents: torch.Tensor
 ) -> torch.Tensor:
     """Latents as (B, C, h, w). FLUX-style pipelines denoise 2x2 patches packed into a
-    sequence, (B, h/2 * w/2, 4C), and say how to unpack them."""
+    sequence, (B, h/2 * w/2, 4C), and say how to unpack them; FLUX.2's place each token by
+    its position ids and normalise the patches by the VAE's batch-norm statistics, which
+    `_flux2_spatial` undoes as their pipelines do before decoding."""
     if latents.ndim == 3 and hasattr(pipeline, "_unpack_latents"):
         latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+    elif latents.ndim == 3 and hasattr(pipeline, "_unpack_latents_with_ids"):
+        latents = _flux2_spatial(pipeline, width, height, latents)
     if latents.ndim == 5:  # a video-style VAE's (B, C, 1, h, w): Qwen-Image's
         latents = latents[:, :, 0]
     if latents.ndim != 4:
         raise ValueError(f"no (B, C, h, w) view of latents shaped {tuple(latents.shape)}")
     return latents
+
+
+def _flux2_spatial(
+    pipeline: DiffusionPipeline, width: int, height: int, latents: torch.Tensor
+) -> torch.Tensor:
+    """FLUX.2's packed latents (B, rows x cols, 4C) as the VAE's (B, C, 2 rows, 2 cols): the
+    tokens scattered to the grid their position ids give (`_prepare_latent_ids`, row by
+    row), the batch-norm normalisation undone, the 2x2 patches unfolded."""
+    cell = pipeline.vae_scale_factor * 2  # a token holds 2x2 latent pixels
+    rows, cols = height // cell, width // cell
+    # The ids depend on the grid's shape alone: a tensor of that shape with no storage.
+    grid = torch.empty(latents.shape[0], latents.shape[2], rows, cols, device="meta")
+    ids = pipeline._prepare_latent_ids(grid).to(latents.device)
+    patches = pipeline._unpack_latents_with_ids(latents, ids)
+    norm = pipeline.vae.bn
+    std = torch.sqrt(norm.running_var + pipeline.vae.config.batch_norm_eps)
+    std = std.view(1, -1, 1, 1).to(patches.device, patches.dtype)
+    mean = norm.running_mean.view(1, -1, 1, 1).to(patches.device, patches.dtype)
+    return pipeline._unpatchify_latents(patches * std + mean)
 
 
 class JobReporter:
