@@ -92,3 +92,17 @@ def test_different_reference_edits_at_once_each_equal_the_edit_alone(klein):
         for got, expected in zip(result.images, alone(klein, job), strict=True):
             difference = np.abs(got.astype(np.int16) - expected.astype(np.int16))
             assert difference.max() <= 1 and (difference > 0).mean() <= 0.001
+
+
+def test_a_step_distilled_klein_keeps_its_option_in_every_view_and_takes_no_guidance(klein):
+    """FLUX.2 Klein 4B/9B are step-distilled (`is_distilled`): their pipeline ignores
+    `guidance_scale`. A view must keep the option (it is config, not a component), and the
+    request's `guidance_scale` is refused rather than ignored."""
+    distilled = type(klein)(**klein.components, is_distilled=True)
+    pipelines = RequestPipelines(distilled)
+    assert pipelines.view().config.is_distilled
+    assert pipelines.view("image-to-image").config.is_distilled
+    capabilities = pipelines.capabilities()
+    assert capabilities.guidance == "none"
+    assert "guidance_scale" not in capabilities.tasks["text-to-image"]
+    assert not RequestPipelines(klein).view().config.is_distilled

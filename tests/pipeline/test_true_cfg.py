@@ -1,5 +1,5 @@
 """A model whose guidance is its pipeline's "true" CFG (`true_cfg_scale` with a negative
-prompt: a FLUX without guidance embedding, as Qwen-Image and FLUX.2 are guided) gets the
+prompt: a FLUX without guidance embedding, as Qwen-Image is guided) gets the
 request's `guidance_scale` and `negative_prompt` there, instead of a `guidance_scale` the
 pipeline would silently ignore; each image equals the diffusers pipeline run alone so."""
 

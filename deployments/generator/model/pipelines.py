@@ -160,12 +160,15 @@ def init_parameters(pipeline_class: type) -> frozenset[str]:
 def guidance_of(pipeline: DiffusionPipeline) -> str:
     """What a request's `guidance_scale` does on this pipeline: "distilled" (an input of a
     guidance-distilled denoiser, FLUX.1-dev), "true-cfg" (the pipeline's `true_cfg_scale`
-    with a negative prompt: a non-distilled FLUX-style model, Qwen-Image, FLUX.2, whose
-    `guidance_scale` would be ignored), "classifier-free" (SD3, SDXL, Chroma), or "none"."""
+    with a negative prompt: a non-distilled FLUX-style model, Qwen-Image, whose
+    `guidance_scale` would be ignored), "classifier-free" (SD3, SDXL, Chroma, Z-Image, an
+    undistilled FLUX.2 Klein), or "none" (a step-distilled FLUX.2 Klein, which ignores it)."""
     takes = call_parameters(type(pipeline))
     denoiser = getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
     if getattr(getattr(denoiser, "config", None), "guidance_embeds", False):
         return "distilled"
+    if pipeline.config.get("is_distilled", False):
+        return "none"  # step-distilled (FLUX.2 Klein 4B/9B): its pipeline ignores the scale
     if "true_cfg_scale" in takes:
         return "true-cfg"
     return "classifier-free" if "guidance_scale" in takes else "none"
@@ -198,6 +201,8 @@ class RequestPipelines:
             supported = {
                 name for name, argument in OPTIONAL_PARAMETERS.items() if argument in takes
             }
+            if self.guidance == "none":
+                supported.discard("guidance_scale")  # it would be silently ignored
             if "true_cfg_scale" in takes and self.guidance == "distilled":
                 # A guidance-distilled FLUX uses a negative prompt only with "true" guidance
                 # on top (`true_cfg_scale` > 1, twice the compute), which this service does not
@@ -317,7 +322,17 @@ class RequestPipelines:
             "scheduler": type(scheduler).from_config(scheduler.config),
         }
         accepted = init_parameters(cls)
-        view = cls(**{name: value for name, value in components.items() if name in accepted})
+        # The pipeline's own options beside its components (FLUX.2 Klein's `is_distilled`),
+        # as the shared pipeline was loaded with them: a view without them would run its
+        # class's defaults.
+        options = {
+            name: self.shared.config[name]
+            for name in accepted
+            if name in self.shared.config and name not in components and name != "self"
+        }
+        view = cls(
+            **{name: value for name, value in components.items() if name in accepted}, **options
+        )
         view.set_progress_bar_config(disable=True)
         # An instance attribute shadows the method, so the pipeline's own call to
         # `self.encode_prompt(...)` goes through the lock.
