@@ -61,6 +61,8 @@ class GenerationJob:
     references: tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)
     # LoRA adapters and their scales, sorted by id; none with scale 0 (that is the base).
     adapters: tuple[AdapterWeight, ...] = ()
+    # OpenAI's `moderation`: "auto", or "low" (the model's relaxed safety thresholds).
+    moderation: Literal["auto", "low"] = "auto"
 
     @property
     def size(self) -> str:
@@ -96,6 +98,8 @@ OPTIONAL_PARAMETERS = {
     "negative_prompt": "negative_prompt",
     "guidance_scale": "guidance_scale",
     "strength": "strength",
+    # OpenAI's `input_fidelity` sets the strength: taken where `strength` is.
+    "input_fidelity": "strength",
     "mask": "mask_image",
 }
 
@@ -195,6 +199,9 @@ GenerationEvent = StepProgress | PartialImage | GeneratedImages
 # Where a streamed job's progress and previews go, on the generator side; called from a
 # worker thread.
 EventSink = Callable[[GenerationEvent], None]
+# A job's finished result as it leaves the generator replica (the safety gate's): the same
+# result, or the exception the job fails with instead.
+Screen = Callable[[GenerationJob, "GeneratedImages | Exception"], "GeneratedImages | Exception"]
 
 
 class GenerationOutOfMemory(Exception):
@@ -219,6 +226,22 @@ class AdapterUnavailable(Exception):
 
     def __str__(self) -> str:
         return f"adapter {self.adapter_id!r} could not be loaded: {self.reason}"
+
+
+class ImagesBlocked(Exception):
+    """The model's safety checker blocked `blocked` of the request's `total` images (in the
+    categories named), so none of its images leaves the replica: a 400
+    `moderation_blocked`, not retried (the same request makes the same images). Plain data,
+    without the images or the prompt, so it crosses Ray pickled to the ingress."""
+
+    def __init__(self, blocked: int, total: int, categories: tuple[str, ...]) -> None:
+        super().__init__(blocked, total, categories)
+        self.blocked = blocked
+        self.total = total
+        self.categories = categories
+
+    def __str__(self) -> str:
+        return f"{self.blocked} of {self.total} images blocked ({', '.join(self.categories)})"
 
 
 class ReplicaBroken(RuntimeError):

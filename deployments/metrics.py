@@ -122,6 +122,13 @@ class IngressMetrics:
             description="Image-steps (usage.output_tokens) of each API key's admitted requests.",
             tag_keys=("key",),
         )
+        self._blocked = Counter(
+            "image_generation_moderation_blocked",
+            description="Requests refused by moderation (`moderation_blocked`), by model, API "
+            "key and what was blocked: `prompt` (the blocklist) or `image` (the model's "
+            "safety checker).",
+            tag_keys=("model", "key", "what"),
+        )
         self._store_errors = Counter(
             "image_generation_quota_store_errors",
             description="Quota decisions or slot releases that failed because Redis did not "
@@ -136,6 +143,9 @@ class IngressMetrics:
         self._key_requests.inc(1, tags={"key": key, "outcome": outcome})
         if image_steps:
             self._key_image_steps.inc(image_steps, tags={"key": key})
+
+    def moderation_blocked(self, model: str, key: str, what: str) -> None:
+        self._blocked.inc(1, tags={"model": model or "none", "key": key, "what": what})
 
     def quota_store_error(self, operation: str) -> None:
         self._store_errors.inc(1, tags={"operation": operation})

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from deployments.config.base import Strict, default_cache_dir
 from deployments.config.model_config import BatchingConfig, ModelConfig, generator_deployment_name
 from deployments.config.quota_config import QuotaConfig
+from deployments.config.safety_config import PromptModerationConfig
 from deployments.sizes import parse_size
 
 
@@ -270,6 +271,11 @@ class AppArgs(Strict):
         "no `batching` of its own.",
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off by default).")
+    prompt_moderation: PromptModerationConfig | None = Field(
+        default=None,
+        description="A blocklist every prompt is checked against before any compute; off by "
+        "default.",
+    )
     cors: CORSConfig = Field(default_factory=CORSConfig, description="CORS (off by default).")
     request_logs: RequestLogConfig = Field(
         default_factory=RequestLogConfig, description="Per-request log lines."

@@ -19,6 +19,7 @@ from ray.serve.schema import DeploymentSchema
 from deployments.autoscaling_policy import POLICY_FUNCTION
 from deployments.config.base import Strict
 from deployments.config.optimizations_config import OptimizationsConfig
+from deployments.config.safety_config import SafetyConfig
 
 
 class BatchingConfig(Strict):
@@ -242,6 +243,13 @@ class ModelConfig(Strict):
         le=1,
         description="For edits: how much of the input image is redrawn when not given.",
     )
+    high_fidelity_strength: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="An edit's `strength` when it asks for `input_fidelity: high` (keep "
+        "more of the input) without a `strength`.",
+    )
     batching: BatchingConfig | None = Field(
         default=None,
         description="How this model's replicas batch requests; `args.batching` when unset "
@@ -287,6 +295,11 @@ class ModelConfig(Strict):
         "`deployments:` entry (`num_replicas` or `autoscaling_config`, `ray_actor_options` "
         "with `num_gpus`, `max_ongoing_requests`, `max_queued_requests`, ...). Unset options "
         "keep the defaults of `deployments/generator/deployment.py`.",
+    )
+    safety: SafetyConfig | None = Field(
+        default=None,
+        description="An image classifier every image of this model passes before it leaves "
+        "the replica (previews too); unset: none.",
     )
     autoscaling_policy: AutoscalingPolicyConfig | None = Field(
         default=None,

@@ -39,6 +39,8 @@ from deployments.generator.model.cache_hooks import apply_cache
 from deployments.generator.model.model_limits import check_default_size
 from deployments.generator.model.pipelines import load_pipeline, resolve_device
 from deployments.generator.model.torch_threads import cpu_threads_per_call, run_in_pool, worker_pool
+from deployments.generator.safety.image_checker import load_image_checker
+from deployments.generator.safety.safety_gate import SafetyGate
 from deployments.jobs import (
     GeneratedImages,
     GenerationEvent,
@@ -209,7 +211,15 @@ def start_engine(
         adapters=adapter_store(pipeline, model, metrics),
         pool=pool,
         continuous=runs_continuous(model, batching),
+        safety=safety_gate(model, pipeline.device),
     )
+
+
+def safety_gate(model: ModelConfig, device: torch.device) -> SafetyGate | None:
+    """The model's image checker (`models[].safety`), loaded on the pipeline's device."""
+    if model.safety is None:
+        return None
+    return SafetyGate(load_image_checker(model.safety, device), model.safety)
 
 
 def runs_continuous(model: ModelConfig, batching: BatchingConfig) -> bool:

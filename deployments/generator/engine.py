@@ -41,6 +41,7 @@ from deployments.generator.progress.previews import fit_previewer
 from deployments.generator.progress.prompt_tokens import PromptTokens
 from deployments.generator.progress.replica_progress import EngineMetrics, ReplicaProgress
 from deployments.generator.progress.work_meter import WorkMeter
+from deployments.generator.safety.safety_gate import SafetyGate
 from deployments.jobs import (
     AdapterUnavailable,
     EventSink,
@@ -72,10 +73,12 @@ class ImageEngine:
         adapters: AdapterStore | None = None,
         pool: ThreadPoolExecutor | None = None,
         continuous: bool = False,
+        safety: SafetyGate | None = None,
     ) -> None:
         """`pool`, if given, is the executor of `worker_threads` threads that loaded the
         pipeline (see `model/torch_threads.py`); otherwise one is made. `continuous`:
-        text-to-image jobs of SD3, FLUX and Chroma run in the continuous loop, the rest in calls."""
+        text-to-image jobs of the flow families the loop has run in it, the rest in calls.
+        `safety`: every image and preview passes the model's checker before it leaves."""
         self._pipelines = RequestPipelines(pipeline)
         self.device = pipeline.device
         self.adapters = adapters
@@ -84,7 +87,11 @@ class ImageEngine:
         self._pool = pool or worker_pool(worker_threads)
         self._executor = CountingExecutor(self._pool)
         previewer = self._previewer = fit_previewer(pipeline)
-        self._runner = CallRunner(self._pipelines, previewer, batching, adapters, self._progress)
+        self._safety = safety
+        screen = safety.screen if safety is not None else None
+        self._runner = CallRunner(
+            self._pipelines, previewer, batching, adapters, self._progress, screen
+        )
         self._queue = BatchQueue(
             self._runner.run_batch,
             self._executor,
@@ -135,6 +142,8 @@ class ImageEngine:
             broken=self._runner.device_failed,
             others_waiting=self._executor.has_waiting,
         )
+        if self._safety is not None:
+            hooks = replace(hooks, screen=self._safety.screen)
         return ContinuousBatching(
             family, self._pool, lanes, batching, hooks, self.work, previewer, adapters
         )
@@ -151,6 +160,8 @@ class ImageEngine:
         progress and previews."""
         self._progress.check_health()  # until Serve's health check replaces the replica
         await self._stage_adapters(job)
+        if sink is not None and self._safety is not None:
+            sink = self._safety.screened(job, sink)
         runs = self._queue
         if self._continuous is not None and self._continuous.accepts(job):
             runs = self._continuous

@@ -141,7 +141,7 @@ def create_api(
         openapi_extra=_body_schema("application/json", ImageGenerationRequest.model_json_schema()),
     )
     async def generate_images(request: Request) -> Response:
-        async with service.scope(request_id_of(request), "generations") as scope:
+        async with service.scope(request_id_of(request), "generations", _key(request)) as scope:
             _refuse_malformed_request_id(request)
             _refuse_foreign_origin(request, args.cors)
             _require_json(request)
@@ -157,7 +157,7 @@ def create_api(
         openapi_extra=_body_schema("multipart/form-data", edit_form_schema()),
     )
     async def edit_images(request: Request) -> Response:
-        async with service.scope(request_id_of(request), "edits") as scope:
+        async with service.scope(request_id_of(request), "edits", _key(request)) as scope:
             _refuse_malformed_request_id(request)
             _refuse_foreign_origin(request, args.cors)
             form = await edit_form(request, args.limits.max_upload_bytes)
@@ -170,6 +170,11 @@ def create_api(
 
     _add_image_files(app, service)
     return app
+
+
+def _key(request: Request) -> bytes | None:
+    """The digest of the request's API key, once authenticated (None without keys)."""
+    return getattr(request.state, "api_key_digest", None)
 
 
 def _refuse_foreign_origin(request: Request, cors: CORSConfig) -> None:

@@ -33,12 +33,14 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config.app_config import AppArgs
 from deployments.ingress.app import REQUEST_ID, create_api
 from deployments.ingress.errors import invalid_request, service_unavailable
+from deployments.ingress.moderation import moderation_blocked
 from deployments.jobs import (
     AdapterUnavailable,
     GeneratedImages,
     GenerationEvent,
     GenerationJob,
     GenerationOutOfMemory,
+    ImagesBlocked,
     ModelCapabilities,
     ReplicaBroken,
     adapter_set_id,
@@ -125,6 +127,12 @@ def generator_errors_as_api_errors(request_id: str) -> Iterator[None]:
             f"The adapter '{error.adapter_id}' cannot be used: {error.reason}",
             param="model",
             code="adapter_unavailable",
+        ) from None
+    except ImagesBlocked as error:
+        raise moderation_blocked(
+            "Your request was rejected by the safety system: "
+            f"{error.blocked} of its {error.total} images did not pass the model's safety "
+            "checker, so none is returned."
         ) from None
     except ReplicaBroken:
         # Its health check fails, and Serve replaces it; the request may succeed elsewhere.

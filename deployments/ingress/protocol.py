@@ -70,6 +70,11 @@ class ImageRequest(BaseModel):
 
     # --- OpenAI fields ---
     prompt: str = Field(description="What to draw. Required, non-empty.")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        default=None,
+        description="`opaque` and `auto` are served (the models make opaque images); "
+        "`transparent` is a 400 naming it.",
+    )
     model: str | None = Field(
         default=None, description="Which model; the service's default model when omitted."
     )
@@ -115,6 +120,12 @@ class ImageRequest(BaseModel):
     )
     user: str | None = Field(
         default=None, max_length=256, description="An end-user id, logged for tracing."
+    )
+    safety_identifier: str | None = Field(
+        default=None,
+        max_length=256,
+        description="OpenAI's successor of `user`: an end-user id (hashed by the client), "
+        "logged for tracing.",
     )
 
     # --- Extensions of this service ---
@@ -194,7 +205,13 @@ class ImageRequest(BaseModel):
             strength=self.edit_strength(model) if image is not None else None,
             references=references,
             adapters=adapters,
+            moderation=self.moderation_level,
         )
+
+    @property
+    def moderation_level(self) -> Literal["auto", "low"]:
+        """The safety thresholds the request's images are checked with (edits: `auto`)."""
+        return "auto"
 
     def steps(self, model: ModelConfig) -> int:
         """The denoising steps asked for: `num_inference_steps`, else the model's preset for
@@ -285,10 +302,21 @@ class ImageRequest(BaseModel):
 class ImageGenerationRequest(ImageRequest):
     """Body of `POST /v1/images/generations` (JSON)."""
 
-    # --- OpenAI field ---
-    style: Literal["vivid", "natural"] | None = Field(
-        default=None, description="Accepted for compatibility and ignored."
+    # --- OpenAI fields, in OpenAI's order among those above ---
+    moderation: Literal["auto", "low"] | None = Field(
+        default=None,
+        description="`auto` (the default): the model's safety thresholds. `low`: its relaxed "
+        "ones, where its `safety.low_thresholds` are set and the API key may ask "
+        "(`safety.low_key_sha256`); otherwise a 400 naming it.",
     )
+    style: Literal["vivid", "natural"] | None = Field(
+        default=None,
+        description="DALL-E 3's style; these models have none, so it is a 400 naming it.",
+    )
+
+    @property
+    def moderation_level(self) -> Literal["auto", "low"]:
+        return self.moderation or "auto"
 
 
 class ImageEditRequest(ImageRequest):
@@ -306,8 +334,19 @@ class ImageEditRequest(ImageRequest):
         "`default_strength` when omitted.",
     )
 
+    input_fidelity: Literal["high", "low"] | None = Field(
+        default=None,
+        description="How closely to keep the input image: `high` redraws less (the model's "
+        "`high_fidelity_strength`, 0.5 by default), `low` its `default_strength`. With "
+        "`strength` it is a 400 (give one); on a model without `strength`, a 400 naming it.",
+    )
+
     def edit_strength(self, model: ModelConfig) -> float | None:
-        return self.strength if self.strength is not None else model.default_strength
+        if self.strength is not None:
+            return self.strength
+        if self.input_fidelity == "high":
+            return model.high_fidelity_strength
+        return model.default_strength
 
 
 class Image(BaseModel):

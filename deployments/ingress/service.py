@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 from starlette.concurrency import run_in_threadpool
 
 from deployments.config.app_config import AppArgs
+from deployments.config.model_config import ModelConfig
 from deployments.ingress.adapter_catalog import describe_adapters
 from deployments.ingress.bodies import EditForm
 from deployments.ingress.deadline import Deadline
@@ -30,6 +31,7 @@ from deployments.ingress.errors import (
     storage_unavailable,
 )
 from deployments.ingress.model_catalog import ModelCatalog, Target
+from deployments.ingress.moderation import PromptBlocklist, check_moderation_level
 from deployments.ingress.output import ImagePackager
 from deployments.ingress.protocol import (
     ImageRequest,
@@ -78,14 +80,24 @@ class ImageBackend(Protocol):
 class ErrorMetrics(Protocol):
     def error(self, error_type: str, code: str | None) -> None: ...
 
+    def moderation_blocked(self, model: str, key: str, what: str) -> None: ...
 
-@dataclass(frozen=True)
+
+@dataclass
 class RequestScope:
-    """One request's id, log line, and the deadline of everything it waits for."""
+    """One request's id, log line, and the deadline of everything it waits for; its API
+    key's digest (None without keys), and its model once it is known."""
 
     request_id: str
     log: RequestLog
     deadline: Deadline
+    key_digest: bytes | None = None
+    model_id: str = ""
+
+    @property
+    def key_label(self) -> str:
+        """The key in the metrics: a short hash of it, never the key itself."""
+        return f"key-{self.key_digest.hex()[:8]}" if self.key_digest else "none"
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,9 @@ class ImageService:
             raise ValueError(f"backends for {sorted(backends)}, models {model_ids}")
         self._backends = dict(backends)
         self.validator = RequestValidator(args.limits)
+        self._blocklist = None
+        if args.prompt_moderation is not None:
+            self._blocklist = PromptBlocklist(args.prompt_moderation)
         # Opening a bucket checks that it is reachable: a wrong one fails the ingress's start.
         self.store = store or open_store(args.storage)
         self._metrics = metrics
@@ -148,14 +163,18 @@ class ImageService:
     # --- requests ---
 
     @contextlib.asynccontextmanager
-    async def scope(self, request_id: str, endpoint: str) -> AsyncIterator[RequestScope]:
+    async def scope(
+        self, request_id: str, endpoint: str, key_digest: bytes | None = None
+    ) -> AsyncIterator[RequestScope]:
         """A request's scope; its one log line is written however the request ends (a
         successful answer writes it when its images are sent)."""
         log = RequestLog(request_id, endpoint)
+        scope = RequestScope(request_id, log, Deadline(self.args.request_timeout_s), key_digest)
         try:
-            yield RequestScope(request_id, log, Deadline(self.args.request_timeout_s))
+            yield scope
         except APIError as error:
             log.finish(error.status_code, error.code)
+            self._count_blocked(scope, error)
             raise
         except asyncio.CancelledError:
             log.finish(499, "client_closed_request")
@@ -170,9 +189,11 @@ class ImageService:
         target = await self.target_of(body.get("model") if isinstance(body, dict) else None)
         model = target.model
         backend = self._backends[model.id]
+        scope.model_id = model.id
         params, context = await self.validator.generation(
             body, model, backend.capabilities, scope.deadline
         )
+        self._moderate(params, model, scope)
         adapters = self.models.adapters.resolve(model, target.adapter, params.lora)
         job = params.to_job(context, scope.request_id, adapters=adapters)
         scope.log.add(**self._logged_parameters(params, job, model.id))
@@ -188,9 +209,11 @@ class ImageService:
         backend = self._backends[model.id]
         task: Task = "image-to-image" if form.mask is None else "inpaint"
         # Refused before any image is decoded if the model cannot do this edit.
+        scope.model_id = model.id
         params, context = await self.validator.edit(
             form.fields, task, model, backend.capabilities, scope.deadline, len(form.images)
         )
+        self._moderate(params, model, scope)
         adapters = self.models.adapters.resolve(model, target.adapter, params.lora)
         capabilities = context.capabilities
         try:
@@ -226,7 +249,12 @@ class ImageService:
             events = backend.stream(job)
             first = await first_event(events, scope.deadline)
             encoder = EventEncoder(params, job, packager, prepared.event_prefix, prepared.cost)
-            return sse_body(first, events, encoder, scope.deadline, scope.log, self.report_error)
+
+            def report_error(error: APIError) -> None:
+                self.report_error(error)
+                self._count_blocked(scope, error)
+
+            return sse_body(first, events, encoder, scope.deadline, scope.log, report_error)
         # On timeout the wait is cancelled; the backend passes that on to the replica, where
         # a waiting job leaves its batch and a running one stops at its next step.
         generated = await scope.deadline.wait(backend.generate(job))
@@ -265,6 +293,20 @@ class ImageService:
             self._metrics.error(error.type, error.code)
 
     # --- helpers ---
+
+    def _moderate(self, params: ImageRequest, model: ModelConfig, scope: RequestScope) -> None:
+        """Before any compute: the prompt blocklist, and whether the request may ask for its
+        `moderation` level (`deployments/ingress/moderation.py`)."""
+        if self._blocklist is not None:
+            self._blocklist.check(scope.request_id, params.prompt, params.negative_prompt)
+        check_moderation_level(params.moderation_level, model, scope.key_digest)
+
+    def _count_blocked(self, scope: RequestScope, error: APIError) -> None:
+        """Blocked prompts and images, per model and key (never what was blocked)."""
+        if error.code != "moderation_blocked" or self._metrics is None:
+            return
+        what = "prompt" if error.param == "prompt" else "image"
+        self._metrics.moderation_blocked(scope.model_id, scope.key_label, what)
 
     def _logged_parameters(
         self, params: ImageRequest, job: GenerationJob, model_id: str

@@ -22,8 +22,12 @@ EVERYTHING = ModelCapabilities(
     pipeline_class="FakePipeline",
     tasks={
         "text-to-image": frozenset({"negative_prompt", "guidance_scale"}),
-        "image-to-image": frozenset({"negative_prompt", "guidance_scale", "strength"}),
-        "inpaint": frozenset({"negative_prompt", "guidance_scale", "strength", "mask"}),
+        "image-to-image": frozenset(
+            {"negative_prompt", "guidance_scale", "strength", "input_fidelity"}
+        ),
+        "inpaint": frozenset(
+            {"negative_prompt", "guidance_scale", "strength", "input_fidelity", "mask"}
+        ),
     },
 )
 

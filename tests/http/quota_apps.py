@@ -47,6 +47,9 @@ class QuotaCounts:
     def error(self, error_type: str, code: str | None) -> None:
         pass
 
+    def moderation_blocked(self, model: str, key: str, what: str) -> None:
+        pass
+
 
 def quota_args(args: AppArgs, monkeypatch, redis_url: str | None, **quotas) -> AppArgs:
     """`args` with the three keys on, alice named, and `quotas` over Redis at `redis_url`."""

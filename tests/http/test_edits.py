@@ -254,6 +254,7 @@ def test_a_reference_model_refuses_a_mask_with_several_images_and_a_strength(ref
     assert "at most 8:1" in error["message"]
     two = [("image[]", ("a.png", png(64, 32), "image/png"))] * 2
     assert_openai_error(edit(client, files=two, strength=0.5), 400, "strength")
+    assert_openai_error(edit(client, files=two, input_fidelity="high"), 400, "input_fidelity")
     masked = [*two, ("mask", ("m.png", png(64, 32), "image/png"))]
     assert_openai_error(edit(client, files=masked), 400, "mask")  # no inpainting here
     assert generator.jobs == []

@@ -22,8 +22,8 @@ def test_each_model_card_carries_its_capabilities(client):
         "tasks": ["image-to-image", "inpaint", "text-to-image"],
         "parameters": {
             "text-to-image": ["guidance_scale", "negative_prompt"],
-            "image-to-image": ["guidance_scale", "negative_prompt", "strength"],
-            "inpaint": ["guidance_scale", "mask", "negative_prompt", "strength"],
+            "image-to-image": ["guidance_scale", "input_fidelity", "negative_prompt", "strength"],
+            "inpaint": ["guidance_scale", "input_fidelity", "mask", "negative_prompt", "strength"],
         },
         "guidance": "classifier-free",
         "size_multiple": 1,

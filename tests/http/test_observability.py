@@ -22,6 +22,9 @@ class ErrorCounts:
     def error(self, error_type: str, code: str | None) -> None:
         self.counts[(error_type, code)] = self.counts.get((error_type, code), 0) + 1
 
+    def moderation_blocked(self, model: str, key: str, what: str) -> None:
+        self.counts[("blocked", f"{model}/{key}/{what}")] = 1
+
 
 def request_lines(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if hasattr(r, "image_request")]

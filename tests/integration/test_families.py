@@ -1,5 +1,7 @@
-"""Three model families in one application, through real Ray Serve and real HTTP: SD3, SDXL and
-FLUX embedded models, each on its own generator deployment, generating and editing."""
+"""Model families in one application, through real Ray Serve and real HTTP: SD3, SDXL and
+FLUX embedded models, each on its own generator deployment, generating and editing; FLUX.2
+Klein's edits of several reference images, and an SD3 whose safety checker blocks every
+image, both through the official client."""
 
 from __future__ import annotations
 
@@ -24,22 +26,34 @@ from .helpers import decode_png
 pytestmark = pytest.mark.integration
 
 FAMILIES = ("tiny-sd3", "tiny-sdxl", "tiny-flux")
+# Served beside them, outside the per-family tests: (model id, source, its own args).
+OTHERS = (
+    ("tiny-flux2-klein", "embedded:tiny-flux2-klein", {}),
+    (
+        "tiny-sd3-checked",
+        "embedded:tiny-sd3",
+        {"safety": {"checker": "embedded:tiny-safety-checker", "thresholds": {"nsfw": 0.0}}},
+    ),
+)
 ARGS = {
     "models": [
         {
             "id": name,
-            "source": f"embedded:{name}",
+            "source": source,
             "device": "cpu",
             "default_size": "32x32",
             "default_steps": 3,
             "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+            **own,
         }
-        for name in FAMILIES
+        for name, source, own in [*((name, f"embedded:{name}", {}) for name in FAMILIES), *OTHERS]
     ],
     "limits": {"max_pixels": 64 * 64, "max_steps": 20},
+    # Five replicas share two cores here: jobs sent together may arrive tens of ms apart.
+    "batching": {"max_wait_ms": 100},
 }
 # Engine settings per model: tiny-sd3 never batches, tiny-flux batches in one worker thread,
-# and tiny-sdxl keeps the application's defaults.
+# and tiny-sdxl keeps the application's batching.
 ENGINES = {
     "tiny-sd3": {"batching": {"max_batch_images": 1}},
     "tiny-flux": {"batching": {"max_batch_images": 8, "max_wait_ms": 200}, "worker_threads": 1},
@@ -73,9 +87,53 @@ def generate(client: openai.OpenAI, **request) -> list[bytes]:
 
 def test_each_model_has_its_own_deployment_and_is_listed(client):
     deployments = serve.status().applications["families"].deployments
-    for name in FAMILIES:
+    served = [*FAMILIES, *(name for name, _, _ in OTHERS)]
+    for name in served:
         assert deployments[generator_deployment_name(name)].status == "HEALTHY"
-    assert [model.id for model in client.models.list().data] == list(FAMILIES)
+    assert [model.id for model in client.models.list().data] == served
+
+
+def test_a_model_of_references_edits_several_images_from_the_official_client(client):
+    card = client.models.retrieve("tiny-flux2-klein").model_extra["capabilities"]
+    assert card["reference_images"] == 16
+    first = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    second = np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+
+    def edit(*references: np.ndarray) -> np.ndarray:
+        result = client.images.edit(
+            model="tiny-flux2-klein",
+            image=[(f"{i}.png", png(r), "image/png") for i, r in enumerate(references)],
+            prompt="the two together",
+            size="32x32",
+            response_format="b64_json",
+            extra_body={"seed": 3},
+        )
+        return decode_png(result.data[0].b64_json)
+
+    one, two = edit(first), edit(first, second)
+    assert one.shape == two.shape == (32, 32, 3)
+    assert not np.array_equal(one, two)  # the second reference reached the model
+    with pytest.raises(openai.BadRequestError) as raised:  # one that edits one image
+        client.images.edit(
+            model="tiny-sd3",
+            image=[("a.png", png(first), "image/png"), ("b.png", png(first), "image/png")],
+            prompt="x",
+        )
+    assert raised.value.body["param"] == "image"
+
+
+def test_a_blocked_image_is_a_moderation_error_through_serve(client, base_url):
+    with pytest.raises(openai.BadRequestError) as raised:
+        generate(client, model="tiny-sd3-checked")
+    assert raised.value.code == "moderation_blocked"
+    response = httpx.post(
+        f"{base_url}/v1/images/generations",
+        json={"model": "tiny-sd3-checked", "prompt": "x", "stream": True, "partial_images": 1},
+        timeout=60,
+    )
+    # An HTTP 400 if it failed before the stream's first event, else its `error` event.
+    assert "moderation_blocked" in response.text
+    assert "b64_json" not in response.text
 
 
 @pytest.mark.parametrize("model", FAMILIES)

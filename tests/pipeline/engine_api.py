@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from deployments.config.app_config import AppArgs
 from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.adapters.adapter_store import AdapterStore
+from deployments.generator.deployment import safety_gate
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model.pipelines import load_pipeline
 from deployments.ingress.app import create_api
@@ -72,4 +73,5 @@ def _engine(model: ModelConfig, batching: BatchingConfig) -> ImageEngine:
         batching=batching,
         adapters=adapters,
         continuous=batching.continuous,
+        safety=safety_gate(model, pipeline.device),  # as the replica makes it
     )

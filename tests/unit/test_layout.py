@@ -23,7 +23,9 @@ MAX_FUNCTION_LINES = 80
 # The generator's front: admission, routing, streaming, health. Everything else in
 # deployments/generator/ lives in a sub-package that never imports these.
 GENERATOR_FRONT = ("deployments.generator.engine", "deployments.generator.deployment")
-MAX_GENERATOR_ENTRIES = 8
+# The front's two modules and its face, and a sub-package a capability: model, calls, loop,
+# adapters, progress, safety. A new capability is a room; past this, rooms should merge.
+MAX_GENERATOR_ENTRIES = 9
 
 
 def _imports(path: Path, runtime_only: bool = False) -> set[str]:

@@ -192,12 +192,12 @@ def test_exif_orientation_is_applied_before_sizes_are_known():
 
 def test_a_mask_of_the_displayed_size_fits_a_sideways_photo():
     mask = encoded(Image.new("L", (32, 64), 255))
-    inputs = read_edit_inputs(sideways_photo(), mask, 100_000, lambda size: size)
+    inputs = read_edit_inputs([sideways_photo()], mask, 100_000, lambda size: size)
     assert inputs.input_size == (32, 64)
     assert inputs.image.shape == (64, 32, 3) and inputs.mask.shape == (64, 32)
     stored_size = encoded(Image.new("L", (64, 32), 255))
     with pytest.raises(UploadError, match="must be the image's size") as caught:
-        read_edit_inputs(sideways_photo(), stored_size, 100_000, lambda size: size)
+        read_edit_inputs([sideways_photo()], stored_size, 100_000, lambda size: size)
     assert caught.value.param == "mask"
 
 
@@ -219,10 +219,10 @@ def test_upload_files_are_released_once_decoded():
     ):
         for file in (image, mask):
             file.write(encoded(Image.new("RGB", (8, 4), RED)))
-        inputs = read_edit_inputs(image, mask, 100, lambda size: (16, 8))
+        inputs = read_edit_inputs([image], mask, 100, lambda size: (16, 8))
         assert inputs.image.shape == (8, 16, 3)
         assert image.closed and mask.closed  # not held through the generation
         broken.write(b"not an image")
         with pytest.raises(UploadError):
-            read_edit_inputs(broken, None, 100, lambda size: size)
+            read_edit_inputs([broken], None, 100, lambda size: size)
         assert broken.closed

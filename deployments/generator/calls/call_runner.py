@@ -42,7 +42,7 @@ from deployments.generator.progress.previews import (
     spatial_latents,
 )
 from deployments.generator.progress.replica_progress import ReplicaProgress
-from deployments.jobs import GeneratedImages, ReplicaBroken
+from deployments.jobs import GeneratedImages, ReplicaBroken, Screen
 
 
 class GenerationCancelled(Exception):
@@ -75,8 +75,11 @@ class CallRunner:
         batching: BatchingConfig,
         adapters: AdapterStore | None,
         progress: ReplicaProgress,
+        screen: Screen | None = None,
     ) -> None:
+        """`screen`, if given, passes on each job's result as it leaves (the safety gate)."""
         self._pipelines = pipelines
+        self._screen = screen
         self._previewer = previewer
         self._batching = batching
         self._adapters = adapters
@@ -112,7 +115,11 @@ class CallRunner:
                     self._run_call(parts, cancelled, batch)
         except CallAbandoned:
             raise GenerationCancelled() from None
-        return batch.results()
+        results = batch.results()
+        if self._screen is None:
+            return results
+        pairs = zip(queued, results, strict=True)
+        return [self._screen(entry.job, result) for entry, result in pairs]
 
     def _run_call(self, parts: list[CallPart], cancelled: threading.Event, batch: BatchRun) -> None:
         """One pipeline call over `parts`, recorded in `batch`; if it fails for a reason of

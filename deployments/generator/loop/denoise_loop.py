@@ -273,8 +273,8 @@ class Lane:
         self._together_or_alone(done, self._decode, self._fail)
         for job in done:
             if job.result_ready is not None:  # decoded (the others failed, answered)
-                self._hooks.job_done(job, job.result_ready)
-                self._answer(job, job.result_ready)
+                self._hooks.job_done(job, job.result_ready)  # its work is done, either way
+                self._answer(job, self._hooks.screen(job.job, job.result_ready))
 
     def _decode(self, done: list[LoopJob]) -> None:
         """The jobs' images in one VAE call, kept on each job until all are decoded."""

@@ -14,7 +14,7 @@ from deployments.generator.calls.batching import QueuedJob
 from deployments.generator.calls.call_plan import is_out_of_memory
 from deployments.generator.loop.families import ImageState
 from deployments.generator.progress.previews import JobReporter
-from deployments.jobs import GeneratedImages, GenerationJob, GenerationOutOfMemory
+from deployments.jobs import GeneratedImages, GenerationJob, GenerationOutOfMemory, Screen
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,3 +84,5 @@ class LaneHooks:
     job_done: Callable[[LoopJob, GeneratedImages], None]
     broken: Callable[[BaseException], bool]  # True: a device failure (the replica is done)
     others_waiting: Callable[[], bool]  # request-level work waits for a thread
+    # A done job's result as it is answered (the safety gate's `screen`: it may block it).
+    screen: Screen = field(default=lambda _job, result: result)

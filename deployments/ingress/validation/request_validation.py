@@ -32,6 +32,7 @@ from deployments.ingress.validation.model_checks import (
     check_input_images,
     check_supported,
 )
+from deployments.ingress.validation.openai_fields import check_openai_fields
 from deployments.ingress.validation.validation_context import ValidationContext
 from deployments.jobs import ModelCapabilities, Task
 
@@ -69,6 +70,7 @@ class RequestValidator:
         params, context = await self._validated(
             ImageGenerationRequest, body, model, capabilities, deadline, strict=True
         )
+        check_openai_fields(params)
         check_supported(params, context.capabilities, model, "text-to-image")
         return params, context
 
@@ -86,6 +88,7 @@ class RequestValidator:
         params, context = await self._validated(
             ImageEditRequest, fields, model, capabilities, deadline, strict=False
         )
+        check_openai_fields(params)
         check_supported(params, context.capabilities, model, task)
         check_input_images(images, context.capabilities, model, task)
         check_edit_steps(params, context.capabilities, model, task)
