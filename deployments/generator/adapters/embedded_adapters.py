@@ -12,8 +12,6 @@ change the images, at a strength that keeps them finite and unsaturated.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from deployments.config.model_config import AdapterConfig
 from deployments.generator.model.embedded import (
     EMBEDDED_SCHEME,
     RECIPE_VERSION,
+    build_once,
     ensure_embedded_model,
     is_embedded,
 )
@@ -74,33 +73,20 @@ def ensure_embedded_adapter(source: str, cache_dir: Path | None = None) -> Path:
         )
     root = (cache_dir or default_cache_dir()) / "adapters"
     model, style = name.split("/")
-    target = root / f"{model}-v{RECIPE_VERSION}-{style}-v{ADAPTER_RECIPE_VERSION}"
-    if (target / WEIGHT_NAME).is_file():
-        return target
+    directory = f"{model}-v{RECIPE_VERSION}-{style}-v{ADAPTER_RECIPE_VERSION}"
+    if (root / directory / WEIGHT_NAME).is_file():
+        return root / directory  # built: no wait behind another adapter's build
     # One build at a time in a process: loading the denoiser to build on patches torch's
     # module construction process-wide (accelerate's empty weights), and two threads doing
     # it at once (two requests prefetching adapters) left it patched: every later load made
     # meta tensors.
     with _BUILDING:
-        if not (target / WEIGHT_NAME).is_file():
-            _build_into(target, root, model, name, cache_dir)
-    return target
-
-
-def _build_into(target: Path, root: Path, model: str, name: str, cache_dir: Path | None) -> None:
-    style = name.split("/")[1]
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{model}-{style}-", dir=root))
-    try:
-        _build(model, EMBEDDED_ADAPTERS[name], staging, cache_dir)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process finished first; its copy is identical (same seed and recipe).
-            if not (target / WEIGHT_NAME).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        return build_once(
+            directory,
+            lambda staging: _build(model, EMBEDDED_ADAPTERS[name], staging, cache_dir),
+            WEIGHT_NAME,
+            root,
+        )
 
 
 def _build(model: str, recipe: AdapterRecipe, directory: Path, cache_dir: Path | None) -> None:

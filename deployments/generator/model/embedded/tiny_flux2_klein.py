@@ -5,7 +5,7 @@ embedding; classifier-free guidance against an empty prompt (Klein takes no nega
 
 from __future__ import annotations
 
-from deployments.generator.model.embedded.tiny_parts import SEED
+from deployments.generator.model.embedded.tiny_parts import SEED, VAE_LAYOUT
 from deployments.generator.model.embedded.tiny_tokenizers import QWEN3_CHAT_TEMPLATE, qwen_tokenizer
 
 # The pipeline reads the hidden states of layers 9, 18 and 27 (`text_encoder_out_layers`),
@@ -69,25 +69,13 @@ def build_tiny_flux2_klein_pipeline():
 
 
 def _tiny_flux2_vae():
-    """FLUX.2's VAE with four blocks (the real 8x downsampling). Its batch norm's running
+    """FLUX.2's VAE in `VAE_LAYOUT` (the real 8x downsampling). Its batch norm's running
     statistics, by which the pipeline normalises patchified latents, get fixed values away
     from the identity's (0 and 1), so decoding visibly depends on them."""
     import torch
     from diffusers import AutoencoderKLFlux2
 
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=_LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=256,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = AutoencoderKLFlux2(**VAE_LAYOUT, latent_channels=_LATENT_CHANNELS)
     channels = vae.bn.num_features  # the latent channels x the 2x2 patch
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.linspace(-0.4, 0.4, channels))

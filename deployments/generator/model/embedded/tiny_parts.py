@@ -9,24 +9,30 @@ from deployments.generator.model.embedded.tiny_tokenizers import CLIP_VOCAB_SIZE
 SEED = 0
 
 
+# A VAE with four blocks, for the real 8x downsampling (so sizes follow the real rules).
+VAE_LAYOUT = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (8, 8, 16, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 256,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
 def tiny_vae(latent_channels: int, scaling_factor: float, shift_factor: float | None):
-    """A VAE with four blocks, for the real 8x downsampling (so sizes follow the real rules)."""
+    """`AutoencoderKL` in `VAE_LAYOUT`."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
+        **VAE_LAYOUT,
         latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=256,
         shift_factor=shift_factor,
         scaling_factor=scaling_factor,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
     )
 
 
