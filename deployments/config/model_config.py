@@ -19,7 +19,7 @@ from ray.serve.schema import DeploymentSchema
 from deployments.autoscaling_policy import POLICY_FUNCTION
 from deployments.config.base import Strict
 from deployments.config.optimizations_config import OptimizationsConfig
-from deployments.config.safety_config import SafetyConfig
+from deployments.config.safety_config import PromptModerationConfig, SafetyConfig
 
 
 class BatchingConfig(Strict):
@@ -295,6 +295,11 @@ class ModelConfig(Strict):
         "`deployments:` entry (`num_replicas` or `autoscaling_config`, `ray_actor_options` "
         "with `num_gpus`, `max_ongoing_requests`, `max_queued_requests`, ...). Unset options "
         "keep the defaults of `deployments/generator/deployment.py`.",
+    )
+    prompt_moderation: PromptModerationConfig | None = Field(
+        default=None,
+        description="This model's own prompt blocklist, in place of the application's "
+        "`prompt_moderation`; unset: the application's.",
     )
     safety: SafetyConfig | None = Field(
         default=None,

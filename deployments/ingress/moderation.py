@@ -1,5 +1,6 @@
 """Moderation on the ingress, before any compute: the prompt blocklist
-(`args.prompt_moderation`), and who may ask for `moderation: low` (`models[].safety`).
+(`args.prompt_moderation`, or a model's own), and who may ask for `moderation: low`
+(`models[].safety`).
 
 The blocklist is a file of regular expressions, read again whenever it changes (its
 signature: mtime, ctime, size, inode), so an operator edits it, or swaps a Kubernetes
@@ -15,6 +16,7 @@ import re
 import threading
 from pathlib import Path
 
+from deployments.config.app_config import AppArgs
 from deployments.config.model_config import ModelConfig
 from deployments.config.safety_config import PromptModerationConfig
 from deployments.ingress.auth import FileSignature, file_signature
@@ -36,6 +38,8 @@ class PromptBlocklist:
         self._path = Path(config.blocklist_file)
         self._lock = threading.Lock()
         self._signature: FileSignature | None = None
+        # A version that failed to load: not read again (nor logged again) until it changes.
+        self._rejected: FileSignature | None = None
         self._patterns: list[tuple[int, re.Pattern[str]]] = []
         if not self._reload():
             # At start there is no last good list to keep: a deploy with an unreadable or
@@ -63,7 +67,7 @@ class PromptBlocklist:
 
     def _reload_if_changed(self) -> None:
         try:
-            if file_signature(self._path) == self._signature:
+            if file_signature(self._path) in (self._signature, self._rejected):
                 return
         except OSError:
             return  # keep the last good list while the file is being swapped
@@ -72,6 +76,7 @@ class PromptBlocklist:
 
     def _reload(self) -> bool:
         """Read and compile the file; True if its patterns are now in force."""
+        before = None
         try:
             before = file_signature(self._path)
             text = self._path.read_text(encoding="utf-8")
@@ -86,11 +91,26 @@ class PromptBlocklist:
                 self._path,
                 error,
             )
+            self._rejected = before
             return False
         self._patterns = patterns
         self._signature = before
         logger.info("prompt blocklist %s: %d patterns", self._path, len(patterns))
         return True
+
+
+def prompt_blocklists(args: AppArgs) -> dict[str, PromptBlocklist]:
+    """Each model's blocklist: its own `prompt_moderation`, else the application's; one
+    `PromptBlocklist` a file, shared by the models that name it."""
+    by_file: dict[str, PromptBlocklist] = {}
+    lists = {}
+    for model in args.models:
+        config = model.prompt_moderation or args.prompt_moderation
+        if config is not None:
+            if config.blocklist_file not in by_file:
+                by_file[config.blocklist_file] = PromptBlocklist(config)
+            lists[model.id] = by_file[config.blocklist_file]
+    return lists
 
 
 def check_moderation_level(level: str, model: ModelConfig, key_digest: bytes | None) -> None:

@@ -31,7 +31,7 @@ from deployments.ingress.errors import (
     storage_unavailable,
 )
 from deployments.ingress.model_catalog import ModelCatalog, Target
-from deployments.ingress.moderation import PromptBlocklist, check_moderation_level
+from deployments.ingress.moderation import check_moderation_level, prompt_blocklists
 from deployments.ingress.output import ImagePackager
 from deployments.ingress.protocol import (
     ImageRequest,
@@ -129,9 +129,7 @@ class ImageService:
             raise ValueError(f"backends for {sorted(backends)}, models {model_ids}")
         self._backends = dict(backends)
         self.validator = RequestValidator(args.limits)
-        self._blocklist = None
-        if args.prompt_moderation is not None:
-            self._blocklist = PromptBlocklist(args.prompt_moderation)
+        self._blocklists = prompt_blocklists(args)
         # Opening a bucket checks that it is reachable: a wrong one fails the ingress's start.
         self.store = store or open_store(args.storage)
         self._metrics = metrics
@@ -223,7 +221,8 @@ class ImageService:
                 form.mask,
                 self.args.limits.max_input_pixels,
                 lambda input_size: params.output_size(context, input_size),
-                ReferenceRules.of(capabilities),
+                # A mask makes it an inpaint, which starts from its one image.
+                ReferenceRules.of(capabilities) if form.mask is None else None,
             )
         except UploadError as error:
             raise invalid_request(error.message, param=error.param, code="invalid_image") from None
@@ -297,8 +296,9 @@ class ImageService:
     def _moderate(self, params: ImageRequest, model: ModelConfig, scope: RequestScope) -> None:
         """Before any compute: the prompt blocklist, and whether the request may ask for its
         `moderation` level (`deployments/ingress/moderation.py`)."""
-        if self._blocklist is not None:
-            self._blocklist.check(scope.request_id, params.prompt, params.negative_prompt)
+        blocklist = self._blocklists.get(model.id)
+        if blocklist is not None:
+            blocklist.check(scope.request_id, params.prompt, params.negative_prompt)
         check_moderation_level(params.moderation_level, model, scope.key_digest)
 
     def _count_blocked(self, scope: RequestScope, error: APIError) -> None:
@@ -317,6 +317,7 @@ class ImageService:
             "model": model_id,
             "adapters": describe_adapters(job.adapters),
             "user": params.user,
+            "safety_identifier": params.safety_identifier,
             "n": job.num_images,
             "size": job.size,
             "steps": job.num_inference_steps,

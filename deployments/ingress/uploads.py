@@ -176,8 +176,21 @@ def read_edit_inputs(
     Upload files are closed once decoded: a spooled upload can hold many megabytes of disk
     (or of memory, where /tmp is a tmpfs) that the generation that follows does not need.
     """
+    if references is not None and mask_file is not None:
+        raise ValueError("a reference edit has no mask (inpainting is its own task)")
     try:
-        images = [decode_image(file, "image", max_input_pixels) for file in image_files]
+        image = decode_image(image_files[0], "image", max_input_pixels)
+        width, height = output_size(image.size)
+        if references is not None:
+            # One at a time, each shrunk before the next is decoded: sixteen photos held
+            # decoded at once would take a gigabyte.
+            pixels = [reference_pixels(image, width * height, references)]
+            for file in image_files[1:]:
+                decoded = decode_image(file, "image", max_input_pixels)
+                pixels.append(reference_pixels(decoded, width * height, references))
+            return EditInputs(
+                image=None, mask=None, input_size=image.size, references=tuple(pixels)
+            )
         mask = None
         if mask_file is not None:
             mask = decode_image(mask_file, "mask", max_input_pixels)
@@ -185,11 +198,6 @@ def read_edit_inputs(
         for upload in (*image_files, mask_file):
             if upload is not None and not isinstance(upload, bytes):
                 upload.close()
-    image = images[0]
-    width, height = output_size(image.size)
-    if references is not None:
-        pixels = tuple(reference_pixels(each, width * height, references) for each in images)
-        return EditInputs(image=None, mask=None, input_size=image.size, references=pixels)
     if mask is not None and mask.size != image.size:
         raise UploadError(
             "mask",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import replace
 
 import numpy as np
 import openai
@@ -258,6 +259,26 @@ def test_a_reference_model_refuses_a_mask_with_several_images_and_a_strength(ref
     masked = [*two, ("mask", ("m.png", png(64, 32), "image/png"))]
     assert_openai_error(edit(client, files=masked), 400, "mask")  # no inpainting here
     assert generator.jobs == []
+
+
+def test_a_masked_edit_on_a_reference_model_is_an_inpaint_of_its_one_image(args, store):
+    inpaints = replace(
+        REFERENCES,
+        tasks={
+            **REFERENCES.tasks,
+            "inpaint": frozenset({"guidance_scale", "strength", "input_fidelity", "mask"}),
+        },
+    )
+    generator = FakeGenerator(inpaints)
+    client = TestClient(create_api(args, {"tiny-sd3": generator}, store))
+    files = [
+        ("image", ("a.png", png(64, 32), "image/png")),
+        ("mask", ("m.png", png(64, 32, "L", 255), "image/png")),
+    ]
+    assert edit(client, files=files, strength=0.5).status_code == 200
+    (job,) = generator.jobs
+    assert (job.task, job.strength, job.references) == ("inpaint", 0.5, ())
+    assert job.image.shape == (32, 64, 3) and job.mask.shape == (32, 64)
 
 
 def test_the_openai_client_sends_several_images_unchanged(references):

@@ -77,6 +77,31 @@ def test_the_blocklist_is_read_again_when_it_changes_and_a_bad_one_keeps_the_las
     assert_openai_error(client.post(GENERATIONS, json={"prompt": "a red apple"}), 400, "prompt")
 
 
+def test_a_model_may_have_its_own_blocklist_in_place_of_the_applications(
+    args, store, blocklist, tmp_path
+):
+    own = tmp_path / "own.txt"
+    own.write_text("lighthouse\n")
+    two = with_args(
+        args,
+        prompt_moderation={"blocklist_file": str(blocklist)},
+        models=[
+            args.model_dump()["models"][0],
+            {"id": "strict", "prompt_moderation": {"blocklist_file": str(own)}},
+        ],
+    )
+    default, strict = FakeGenerator(), FakeGenerator()
+    client = TestClient(create_api(two, {"tiny-sd3": default, "strict": strict}, store))
+    lighthouse = {"prompt": "a lighthouse"}
+    assert client.post(GENERATIONS, json=lighthouse).status_code == 200
+    assert_openai_error(
+        client.post(GENERATIONS, json={**lighthouse, "model": "strict"}), 400, "prompt"
+    )
+    fruit = {"prompt": "forbidden fruit"}
+    assert_openai_error(client.post(GENERATIONS, json=fruit), 400, "prompt")
+    assert client.post(GENERATIONS, json={**fruit, "model": "strict"}).status_code == 200
+
+
 def test_a_blocklist_that_cannot_be_read_fails_the_start_naming_the_key(args, tmp_path):
     broken = with_args(args, prompt_moderation={"blocklist_file": str(tmp_path / "missing")})
     with pytest.raises(ValueError, match=r"prompt_moderation\.blocklist_file"):

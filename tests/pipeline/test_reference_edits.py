@@ -12,7 +12,11 @@ import pytest
 
 from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.generator.engine import ImageEngine
-from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
+from deployments.generator.model.pipelines import (
+    DEFAULT_REFERENCE_ASPECT,
+    RequestPipelines,
+    load_pipeline,
+)
 from deployments.jobs import MAX_INPUT_IMAGES, GeneratedImages, GenerationJob
 from tests.jobs import make_job
 
@@ -106,3 +110,10 @@ def test_a_step_distilled_klein_keeps_its_option_in_every_view_and_takes_no_guid
     assert capabilities.guidance == "none"
     assert "guidance_scale" not in capabilities.tasks["text-to-image"]
     assert not RequestPipelines(klein).view().config.is_distilled
+
+
+def test_a_pipeline_that_says_nothing_of_references_gets_the_default_bounds():
+    """No input check of its own (SD3's image processor has none): any side, at most 8:1."""
+    sd3 = load_pipeline(ModelConfig(device="cpu"))
+    assert RequestPipelines(sd3).reference_rules() == (1, DEFAULT_REFERENCE_ASPECT)
+    assert DEFAULT_REFERENCE_ASPECT == 8

@@ -9,6 +9,7 @@ The embedded checker's scores are noise, so thresholds decide: 0 blocks every im
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -23,9 +24,13 @@ import torch
 from PIL import Image
 
 from deployments.config.app_config import AppArgs
-from deployments.config.model_config import BatchingConfig
+from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.config.safety_config import SafetyConfig
+from deployments.generator.engine import ImageEngine
+from deployments.generator.model.pipelines import load_pipeline
 from deployments.generator.safety.image_checker import load_image_checker
+from deployments.generator.safety.safety_gate import SafetyGate
+from tests.jobs import make_job
 
 from .engine_api import engine_client
 
@@ -155,3 +160,37 @@ def test_the_checkers_cost_per_image_is_printed():
     per_image = (time.perf_counter() - started) / len(images)
     assert len(scores) == 8 and all(set(score) == {"normal", "nsfw"} for score in scores)
     print(f"embedded checker: {per_image * 1000:.2f} ms per 512x512 image (batch of 8, CPU)")
+
+
+class FailingForOne(SafetyGate):
+    """A gate whose check fails (as a checker out of memory would) for one request."""
+
+    def screen(self, job, result):
+        if job.request_id == "poison":
+            raise RuntimeError("the checker failed")
+        return super().screen(job, result)
+
+
+@pytest.mark.parametrize("mode", list(BATCHING))
+def test_a_failing_check_fails_its_own_request_only(mode):
+    """In one batch (calls) or one loop: the others are answered, the replica stays well."""
+    pipeline = load_pipeline(ModelConfig(device="cpu"))
+    config = SafetyConfig(checker=CHECKER, thresholds={"nsfw": 1.0})  # blocks nothing
+    gate = FailingForOne(load_image_checker(config, torch.device("cpu")), config)
+    batching = BATCHING[mode]
+    engine = ImageEngine(
+        pipeline, 1, batching=batching, continuous=batching.continuous, safety=gate
+    )
+    jobs = [make_job(seed, width=32, height=32, request_id=f"r{seed}") for seed in range(3)]
+    jobs.append(make_job(9, width=32, height=32, request_id="poison"))
+
+    async def run_all():
+        return await asyncio.gather(*(engine.generate(job) for job in jobs), return_exceptions=True)
+
+    try:
+        results = asyncio.run(run_all())
+    finally:
+        engine.shutdown()
+    assert all(len(result.images) == 1 for result in results[:3])
+    assert isinstance(results[3], RuntimeError)
+    engine.check_health()  # no device failure: still healthy

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import time
 from typing import Any
@@ -42,7 +43,15 @@ from deployments.generator.progress.previews import (
     spatial_latents,
 )
 from deployments.generator.progress.replica_progress import ReplicaProgress
-from deployments.jobs import GeneratedImages, ReplicaBroken, Screen
+from deployments.jobs import (
+    GeneratedImages,
+    GenerationJob,
+    GenerationOutOfMemory,
+    ReplicaBroken,
+    Screen,
+)
+
+logger = logging.getLogger("ray.serve")
 
 
 class GenerationCancelled(Exception):
@@ -119,7 +128,23 @@ class CallRunner:
         if self._screen is None:
             return results
         pairs = zip(queued, results, strict=True)
-        return [self._screen(entry.job, result) for entry, result in pairs]
+        return [self._screened(entry.job, result) for entry, result in pairs]
+
+    def _screened(
+        self, job: GenerationJob, result: GeneratedImages | Exception
+    ) -> GeneratedImages | Exception:
+        """The job's result through the safety gate; a gate that fails fails this job alone
+        (out of memory: the retryable `GenerationOutOfMemory`), or every job of the batch
+        and the replica if it broke the device."""
+        try:
+            return self._screen(job, result)
+        except Exception as error:
+            if self.device_failed(error):
+                raise ReplicaBroken(f"the device failed: {type(error).__name__}") from error
+            logger.warning("request %s: the safety check failed", job.request_id, exc_info=error)
+            if is_out_of_memory(error):
+                return GenerationOutOfMemory("the safety check ran out of device memory")
+            return error.with_traceback(None)
 
     def _run_call(self, parts: list[CallPart], cancelled: threading.Event, batch: BatchRun) -> None:
         """One pipeline call over `parts`, recorded in `batch`; if it fails for a reason of

@@ -274,7 +274,18 @@ class Lane:
         for job in done:
             if job.result_ready is not None:  # decoded (the others failed, answered)
                 self._hooks.job_done(job, job.result_ready)  # its work is done, either way
-                self._answer(job, self._hooks.screen(job.job, job.result_ready))
+                self._answer(job, self._screened(job))
+
+    def _screened(self, job: LoopJob) -> GeneratedImages | BaseException:
+        """The job's result through the safety gate; a gate that fails fails this job
+        alone, unless it broke the device (raised: the lane fails)."""
+        try:
+            return self._hooks.screen(job.job, job.result_ready)
+        except Exception as error:
+            if self._hooks.broken(error):
+                raise
+            logger.warning("request %s: the safety check failed", job.job.request_id)
+            return job.failure(error)
 
     def _decode(self, done: list[LoopJob]) -> None:
         """The jobs' images in one VAE call, kept on each job until all are decoded."""

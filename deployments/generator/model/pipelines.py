@@ -48,6 +48,9 @@ from deployments.jobs import MAX_INPUT_IMAGES, OPTIONAL_PARAMETERS, ModelCapabil
 
 logger = logging.getLogger("ray.serve")
 
+# The most oblong reference image a model that says nothing of it takes (w:h or h:w).
+DEFAULT_REFERENCE_ASPECT = 8.0
+
 
 def resolve_device(requested: str) -> torch.device:
     if requested != "auto":
@@ -281,10 +284,12 @@ class RequestPipelines:
     def reference_rules(self) -> tuple[int, float | None]:
         """The smallest side and the largest aspect ratio a reference image may have: the
         defaults of the pipeline's own check of its inputs where it has one (FLUX.2's
-        image processor's `check_image_input`), else any."""
+        image processor's `check_image_input`), else any side and at most 8:1."""
         check = getattr(getattr(self.shared, "image_processor", None), "check_image_input", None)
         if check is None:
-            return 1, None
+            # No rule of its own: FLUX.2's bound on the aspect, which keeps every side of a
+            # reference at least one size multiple wherever the pipeline resizes it.
+            return 1, DEFAULT_REFERENCE_ASPECT
         defaults = {
             name: parameter.default
             for name, parameter in inspect.signature(check).parameters.items()

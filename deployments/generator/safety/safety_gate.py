@@ -18,7 +18,6 @@ torch), with the job's thresholds (`moderation: low` takes the model's relaxed o
 from __future__ import annotations
 
 import logging
-import time
 
 from deployments.config.safety_config import SafetyConfig
 from deployments.generator.safety.image_checker import ImageChecker
@@ -38,8 +37,6 @@ class SafetyGate:
     def __init__(self, checker: ImageChecker, config: SafetyConfig) -> None:
         self._checker = checker
         self._config = config
-        self.images_checked = 0
-        self.check_seconds = 0.0
 
     def screen(
         self, job: GenerationJob, result: GeneratedImages | Exception
@@ -76,10 +73,7 @@ class SafetyGate:
     def _blocked_categories(self, job: GenerationJob, images: list) -> list[tuple[str, ...]]:
         """For each image, the categories in which it reaches its threshold."""
         thresholds = self._config.thresholds_for(job.moderation)
-        started = time.perf_counter()
         scores = self._checker.scores(images)
-        self.check_seconds += time.perf_counter() - started
-        self.images_checked += len(images)
         return [
             tuple(name for name, limit in thresholds.items() if score.get(name, 0.0) >= limit)
             for score in scores
