@@ -246,21 +246,25 @@ def test_a_poisoned_job_fails_alone_whether_it_joins_first_or_midway(sd3):
     engine.check_health()
 
 
-def test_a_step_out_of_memory_runs_each_job_alone_and_one_too_large_fails_alone(sd3, monkeypatch):
-    """A forward of more than 2 rows runs out of memory: each job's step runs alone; a job
-    whose own step has more rows (2 images with guidance: 4) fails with its own 503."""
+def test_a_step_out_of_memory_runs_in_halves_and_an_image_too_large_fails_alone(sd3, monkeypatch):
+    """A forward of more than 1 row runs out of memory: the step runs one image at a time
+    (a job of two images too, as the request-level path splits a call), and every image
+    equals the pipeline alone; an image whose own rows do not fit (guidance: its
+    unconditional row beside its own) fails its job with its own 503."""
     transformer = sd3.transformer
     original = type(transformer).forward
+    forwards = []
 
     def limited(self, hidden_states, *args, **kwargs):
-        if hidden_states.shape[0] > 2:
+        forwards.append(hidden_states.shape[0])
+        if hidden_states.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(self, hidden_states, *args, **kwargs)
 
     monkeypatch.setattr(type(transformer), "forward", limited)
     engine = loop_engine(sd3)
-    fits = [job(1), job(2, steps=6)]
-    too_large = job(3, seeds=(3, 4))
+    fits = [job(1, guidance=1.0), job(2, steps=6, guidance=1.0), job(3, seeds=(3, 4), guidance=1.0)]
+    too_large = job(5, guidance=4.5)
 
     async def together():
         return await asyncio.gather(
@@ -273,8 +277,10 @@ def test_a_step_out_of_memory_runs_each_job_alone_and_one_too_large_fails_alone(
         engine.shutdown()
     monkeypatch.undo()
     assert isinstance(failed, GenerationOutOfMemory)
+    assert max(forwards) > 1 and 1 in forwards  # it ran out, then ran in parts
     for each, result in zip(fits, results, strict=True):
-        assert_nearly_equal(result.images[0], alone_through_diffusers(sd3, each)[0])
+        for got, alone in zip(result.images, alone_through_diffusers(sd3, each), strict=True):
+            assert_nearly_equal(got, alone)
     engine.check_health()
 
 

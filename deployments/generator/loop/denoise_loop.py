@@ -16,10 +16,12 @@ short job leaves while long ones go on. A lane with nothing left ends; a lane yi
 thread at a step boundary, once its in-flight images are done, when request-level work (edits,
 and what the loop does not take) waits for a thread, so neither path starves the other.
 
-Failures stay with their job: a failed encode or step runs again one job at a time, and the
-job that fails alone leaves with its own exception (out of memory: `GenerationOutOfMemory`);
-the others go on from the same state (a step only advances images after its forward
-succeeded). A device failure fails every job of the lane and the replica (`on_broken`).
+Failures stay with their job: a step that runs out of memory runs its forward over halves of
+its images, down to one image; a failed encode or step runs again one job at a time, and the
+job that fails alone leaves with its own exception (out of memory, its one image not
+fitting: `GenerationOutOfMemory`); the others go on from the same state (a step only
+advances images after its forwards succeeded). A device failure fails every job of the lane
+and the replica (`on_broken`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from collections.abc import Callable
 import torch
 
 from deployments.generator.calls.batching import adapter_key
-from deployments.generator.loop.families import FlowFamily
+from deployments.generator.calls.call_plan import is_out_of_memory
+from deployments.generator.loop.families import FlowFamily, ImageState
 from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.loop.loop_jobs import LaneHooks, LoopJob, Size
 from deployments.generator.model.components import to_uint8
@@ -245,16 +248,30 @@ class Lane:
         started = time.perf_counter()
         images = [image for job in jobs for image in job.images]
         with torch.no_grad():
-            if self._adapters is None:
-                noise = self._family.forward(images)
-            else:
-                noise = self._adapters.forward(self._family, images)
+            noise = self._forward_in_parts(images)
             for image, prediction in zip(images, noise, strict=True):
                 self._family.advance(image, prediction)
         seconds = time.perf_counter() - started
         for job in jobs:
             job.denoise_s += seconds
             job.largest_step = max(job.largest_step, len(images))
+
+    def _forward_in_parts(self, images: list[ImageState]) -> list[torch.Tensor]:
+        """Each image's noise for its step: one forward over them all, or, where that runs
+        out of memory, forwards over halves of them, down to one image (whose rows, its
+        unconditional one too, stay together), as the request-level path splits a call.
+        No image advances until every forward has run."""
+        try:
+            if self._adapters is None:
+                return self._family.forward(images)
+            return self._adapters.forward(self._family, images)
+        except Exception as error:
+            if len(images) == 1 or not is_out_of_memory(error):
+                raise
+        # Only past the `except` block is the failed forward's memory freed (its traceback
+        # holds the tensors): the halves need it.
+        half = len(images) // 2
+        return self._forward_in_parts(images[:half]) + self._forward_in_parts(images[half:])
 
     def _fail_in_loop(self, job: LoopJob, error: Exception) -> None:
         self._groups[job.size].remove(job)
