@@ -23,7 +23,7 @@ class FluxFamily(FlowFamily):
     def encode(
         self, prompts: list[str], negatives: list[str | None], guided: list[bool]
     ) -> list[ImagePrompt]:
-        embeds, pooled, _text_ids = self.view.encode_prompt(
+        embeds, pooled, _ids = self.view.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device
         )
         return [
@@ -61,8 +61,7 @@ class FluxFamily(FlowFamily):
             guidance = torch.tensor(
                 [image.guidance_scale for image in images], device=self.device, dtype=torch.float32
             )
-        sequence = first.prompt.embeds.shape[1]
-        text_ids = torch.zeros(sequence, 3).to(device=self.device, dtype=first.prompt.embeds.dtype)
+        text_ids = self._text_ids(first)
         timestep = torch.stack([image.timesteps[image.step] for image in images])
         output = view.transformer(
             hidden_states=latents,
@@ -76,6 +75,11 @@ class FluxFamily(FlowFamily):
             return_dict=False,
         )[0]
         return [output[i : i + 1] for i in range(len(images))]
+
+    def _text_ids(self, first: ImageState) -> torch.Tensor:
+        """The text tokens' positions: all zero, one row a token of the (padded) prompt."""
+        sequence = first.prompt.embeds.shape[1]
+        return torch.zeros(sequence, 3).to(device=self.device, dtype=first.prompt.embeds.dtype)
 
     def spatial(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
         view = self.view
@@ -129,8 +133,7 @@ class ChromaFamily(FluxFamily):
         attention_mask = torch.cat(
             [view._prepare_attention_mask(1, image_tokens, latents.dtype, mask) for mask in masks]
         )
-        sequence = first.prompt.embeds.shape[1]
-        text_ids = torch.zeros(sequence, 3).to(device=self.device, dtype=first.prompt.embeds.dtype)
+        text_ids = self._text_ids(first)
         timestep = torch.stack([image.timesteps[image.step] for image in rows])
         output = view.transformer(
             hidden_states=latents,
