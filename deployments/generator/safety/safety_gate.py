@@ -34,6 +34,8 @@ logger = logging.getLogger("ray.serve")
 
 
 class SafetyGate:
+    """A model's checker and its thresholds, as every image of the replica meets them."""
+
     def __init__(self, checker: ImageChecker, config: SafetyConfig) -> None:
         self._checker = checker
         self._config = config
