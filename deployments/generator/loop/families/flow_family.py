@@ -95,6 +95,12 @@ class FlowFamily:
         negative prompt's row beside its own), as the family's pipeline decides it."""
         return guidance_scale > 1
 
+    @staticmethod
+    def negative_prompts(negatives: list[str | None], guided: list[bool]) -> list[str] | None:
+        """The negative prompts to encode: none when no image is guided, else one per image,
+        a missing one as "" (what SD3's, Chroma's and Z-Image's pipelines make of none)."""
+        return [text or "" for text in negatives] if any(guided) else None
+
     def rows(self, images: list[ImageState]) -> list[ImageState]:
         """The image of each row of `forward`'s transformer batch, in order."""
         return images

@@ -100,12 +100,10 @@ class ChromaFamily(FluxFamily):
     def encode(
         self, prompts: list[str], negatives: list[str | None], guided: list[bool]
     ) -> list[ImagePrompt]:
-        any_guided = any(guided)
         embeds, _ids, mask, negative, _negative_ids, negative_mask = self.view.encode_prompt(
             prompt=prompts,
-            # The pipeline turns a missing negative prompt into "" (`negative_prompt or ""`).
-            negative_prompt=[text or "" for text in negatives] if any_guided else None,
-            do_classifier_free_guidance=any_guided,
+            negative_prompt=self.negative_prompts(negatives, guided),
+            do_classifier_free_guidance=any(guided),
             device=self.device,
         )
         return [

@@ -22,14 +22,12 @@ class SD3Family(FlowFamily):
     def encode(
         self, prompts: list[str], negatives: list[str | None], guided: list[bool]
     ) -> list[ImagePrompt]:
-        any_guided = any(guided)
-        # The pipeline turns a missing negative prompt into "" (`negative_prompt or ""`).
         embeds, negative, pooled, negative_pooled = self.view.encode_prompt(
             prompt=prompts,
             prompt_2=None,
             prompt_3=None,
-            negative_prompt=[text or "" for text in negatives] if any_guided else None,
-            do_classifier_free_guidance=any_guided,
+            negative_prompt=self.negative_prompts(negatives, guided),
+            do_classifier_free_guidance=any(guided),
             device=self.device,
         )
         return [

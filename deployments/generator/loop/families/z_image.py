@@ -38,13 +38,12 @@ class ZImageFamily(FlowFamily):
     def encode(
         self, prompts: list[str], negatives: list[str | None], guided: list[bool]
     ) -> list[ImagePrompt]:
-        any_guided = any(guided)
         # The pipeline writes each prompt's chat-templated text back into the list it is
-        # given: it gets copies. A missing negative prompt is "" (the pipeline's default).
+        # given: it gets copies.
         embeds, negative = self.view.encode_prompt(
             prompt=list(prompts),
-            negative_prompt=[text or "" for text in negatives] if any_guided else None,
-            do_classifier_free_guidance=any_guided,
+            negative_prompt=self.negative_prompts(negatives, guided),
+            do_classifier_free_guidance=any(guided),
             device=self.device,
         )
         return [
