@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from deployments.config.app_config import S3Config
-from deployments.ingress.storage import ImageStore
-from deployments.ingress.storage.object_store import S3ImageStore
+from deployments.storage import ImageStore
+from deployments.storage.object_store import S3ImageStore
 from tests.harness import free_port
 
 

@@ -11,8 +11,6 @@ from PIL import Image
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
-MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-
 
 def encode_image(pixels: np.ndarray, output_format: OutputFormat, compression: int = 100) -> bytes:
     """Encode an RGB uint8 array of shape (H, W, 3).

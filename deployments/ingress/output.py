@@ -15,7 +15,7 @@ import numpy as np
 from deployments.ingress.encoding import encode_image, to_base64, upscale
 from deployments.ingress.errors import storage_unavailable
 from deployments.ingress.protocol import Image, ImageRequest
-from deployments.ingress.storage import ImageStorage, StorageUnavailable
+from deployments.storage import ImageStorage, StorageUnavailable
 
 logger = logging.getLogger("ray.serve")
 

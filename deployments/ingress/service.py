@@ -41,7 +41,6 @@ from deployments.ingress.protocol import (
     ModelList,
 )
 from deployments.ingress.request_log import RequestLog
-from deployments.ingress.storage import ImageStorage, StorageUnavailable, open_store
 from deployments.ingress.streaming import EventEncoder, first_event, sse_body, timings_of
 from deployments.ingress.uploads import ReferenceRules, UploadError, read_edit_inputs
 from deployments.ingress.usage import JobCost, job_cost
@@ -54,6 +53,7 @@ from deployments.jobs import (
     ModelCapabilities,
     Task,
 )
+from deployments.storage import ImageStorage, StorageUnavailable, open_store
 
 logger = logging.getLogger("ray.serve")
 

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
-from deployments.ingress.storage import ImageStore
+from deployments.storage import ImageStore
 from tests.redis_server import RedisServer
 
 from .fakes import FakeGenerator

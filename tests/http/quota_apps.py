@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
-from deployments.ingress.storage import ImageStore
+from deployments.storage import ImageStore
 
 from .fakes import FakeGenerator
 

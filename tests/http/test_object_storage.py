@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
-from deployments.ingress.storage import StorageMisconfigured, object_store
-from deployments.ingress.storage.object_store import S3ImageStore
+from deployments.storage import StorageMisconfigured, object_store
+from deployments.storage.object_store import S3ImageStore
 
 from .checks import assert_openai_error
 from .fakes import FakeGenerator

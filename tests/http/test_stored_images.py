@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from deployments.ingress.storage import directory_store as storage_module
+from deployments.storage import directory_store as storage_module
 
 from .checks import assert_openai_error
 from .test_edits import edit

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from deployments.config.app_config import S3Config, StorageConfig
-from deployments.ingress.storage import (
+from deployments.storage import (
     ImageStore,
     StorageMisconfigured,
     StorageUnavailable,
     object_store,
     open_store,
 )
-from deployments.ingress.storage.object_store import S3ImageStore, make_client
+from deployments.storage.object_store import S3ImageStore, make_client
 from serve_app import InvalidArgs, parse_args
 
 DOCS = Path(__file__).resolve().parents[2] / "docs/object-storage.md"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from deployments.config.app_config import StorageConfig
-from deployments.ingress.storage import ImageStore, StorageUnavailable
-from deployments.ingress.storage import directory_store as storage_module
+from deployments.storage import ImageStore, StorageUnavailable
+from deployments.storage import directory_store as storage_module
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ this face, so the package has no import cycle.
 from __future__ import annotations
 
 from deployments.config.app_config import StorageConfig
-from deployments.ingress.storage.directory_store import ImageStore
-from deployments.ingress.storage.stored_images import (
+from deployments.storage.directory_store import ImageStore
+from deployments.storage.stored_images import (
     ImageStorage,
     StorageMisconfigured,
     StorageUnavailable,
@@ -35,7 +35,7 @@ def open_store(config: StorageConfig) -> ImageStorage:
     """The store `args.storage` describes: its bucket if `s3` is set, else its directory."""
     if config.s3 is not None:
         # Imported here: boto3 is loaded only by ingresses that use a bucket.
-        from deployments.ingress.storage.object_store import S3ImageStore
+        from deployments.storage.object_store import S3ImageStore
 
         return S3ImageStore.from_config(config.s3, config.ttl_s)
     return ImageStore.from_config(config)

@@ -27,7 +27,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from deployments.config.app_config import S3Config
-from deployments.ingress.storage.stored_images import (
+from deployments.storage.stored_images import (
     StorageMisconfigured,
     StorageUnavailable,
     is_image_name,

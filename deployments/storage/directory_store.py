@@ -22,7 +22,7 @@ import weakref
 from pathlib import Path
 
 from deployments.config.app_config import StorageConfig
-from deployments.ingress.storage.stored_images import (
+from deployments.storage.stored_images import (
     NAME_PATTERN,
     StorageUnavailable,
     is_image_name,

@@ -1,5 +1,9 @@
-"""What every store of `response_format: url` images keeps to: the `ImageStorage` protocol,
-its two errors, and the names images are stored under.
+"""What every store of generated files keeps to: the `ImageStorage` protocol, its two
+errors, and the names files are stored under.
+
+The store keeps `response_format: url` images for the ingress, and video jobs' MP4 files and
+thumbnails for the video worker (which writes them) and the ingress (which serves them): it
+is shared by both sides, so either reads what the other wrote.
 
 A name is 256 random bits (URL-safe base64) plus the format's extension. Lookups accept only
 names of exactly that shape, so no path a client sends can leave a directory (or a bucket's
@@ -12,9 +16,14 @@ import re
 import secrets
 from typing import Protocol
 
-from deployments.ingress.encoding import MEDIA_TYPES
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{43}\.(png|jpeg|webp)$")
+# The formats a store keeps, by extension: the images' three and the videos' MP4.
+MEDIA_TYPES: dict[str, str] = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "mp4": "video/mp4",
+}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{43}\.(png|jpeg|webp|mp4)$")
 
 
 class StorageUnavailable(RuntimeError):
