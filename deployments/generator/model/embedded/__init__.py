@@ -1,7 +1,7 @@
 """The embedded models: tiny diffusers pipelines built from configs, with no download.
 
 No machine that builds or tests this project can reach a model hub, so the service ships
-recipes for miniature pipelines of seven families instead, each the real architecture at toy
+recipes for miniature pipelines of eight families instead, each the real architecture at toy
 sizes with random weights from a fixed seed:
 - `tiny-sd3`: `StableDiffusion3Pipeline` (MMDiT transformer, two CLIP encoders and T5);
 - `tiny-sdxl`: `StableDiffusionXLPipeline` (UNet, two CLIP encoders);
@@ -14,7 +14,11 @@ sizes with random weights from a fixed seed:
   chat-templated prompt, classifier-free guidance);
 - `tiny-flux2-klein`: `Flux2KleinPipeline` (FLUX.2's transformer on latents packed with
   position ids, a VAE normalised by batch-norm statistics, three layers of a Qwen3 causal
-  LM as the prompt; classifier-free guidance against an empty prompt).
+  LM as the prompt; classifier-free guidance against an empty prompt);
+- `tiny-wan` and `tiny-wan-i2v`: Wan 2.1's `WanPipeline` and `WanImageToVideoPipeline`, video
+  models (a causal 3-D VAE, 4x in time and 8x in space, a transformer over its latents, UMT5
+  for the prompt, classifier-free guidance; the image-to-video one also a CLIP vision
+  encoder of the first frame). They make frames, not images: the video workers serve them.
 Each is saved with `save_pretrained` and loaded back through the same `from_pretrained` path
 as a real checkpoint, so every code path the service runs on a GPU is exercised on a laptop
 CPU. Their images are noise.
@@ -41,6 +45,10 @@ from deployments.generator.model.embedded.tiny_stable_diffusion import (
     build_tiny_sd3_pipeline,
     build_tiny_sdxl_pipeline,
 )
+from deployments.generator.model.embedded.tiny_wan import (
+    build_tiny_wan_i2v_pipeline,
+    build_tiny_wan_pipeline,
+)
 from deployments.generator.model.embedded.tiny_z_image import build_tiny_z_image_pipeline
 
 EMBEDDED_SCHEME = "embedded:"
@@ -52,6 +60,8 @@ _BUILDERS = {
     "tiny-qwen-image": build_tiny_qwen_image_pipeline,
     "tiny-z-image": build_tiny_z_image_pipeline,
     "tiny-flux2-klein": build_tiny_flux2_klein_pipeline,
+    "tiny-wan": build_tiny_wan_pipeline,
+    "tiny-wan-i2v": build_tiny_wan_i2v_pipeline,
 }
 EMBEDDED_MODELS = tuple(_BUILDERS)
 # Bump when a recipe changes, so caches built by an older version are not reused.
