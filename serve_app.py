@@ -3,7 +3,8 @@
 `build_app(args)` turns the config's `args:` (validated by
 `deployments.config.app_config.AppArgs`) into an application: `ImageIngress` (HTTP, no
 model) in front of one `ImageGenerator:<model id>` deployment per model (that model's
-replicas, with the model's own deployment options).
+replicas, with the model's own deployment options), and one `VideoGenerator:<model id>`
+per video model of `args.videos` (each a consumer of its model's job queue).
 `serve_app:app` is the same with default args: the embedded tiny model on the CPU, for
 `serve run serve_app:app`.
 """
@@ -21,6 +22,7 @@ from deployments.config.model_config import generator_deployment_name
 from deployments.generator.deployment import ImageGenerator
 from deployments.generator.model.pipelines import pipeline_class_named
 from deployments.ingress.deployment import ImageIngress
+from deployments.video.deployment import video_deployment
 
 
 class InvalidArgs(ValueError):
@@ -62,9 +64,11 @@ def build_application(
     args: AppArgs,
     generator_options: Mapping[str, Any] | None = None,
     ingress_options: Mapping[str, Any] | None = None,
+    video_options: Mapping[str, Any] | None = None,
 ) -> Application:
-    """The application for validated args. The options override every generator's and the
-    ingress's options in code, as a config's `deployments:` entries do (tests use them)."""
+    """The application for validated args. The options override every generator's, the
+    ingress's and every video model's options in code, as a config's `deployments:`
+    entries do (tests use them)."""
     generators = {
         model.id: ImageGenerator.options(
             name=generator_deployment_name(model.id),
@@ -72,7 +76,16 @@ def build_application(
         ).bind(model, *args.engine_settings(model))
         for model in args.models
     }
-    return ImageIngress.options(**(ingress_options or {})).bind(args, generators)
+    video_generators = {}
+    if args.videos is not None:
+        redis_url = args.videos.resolved_redis_url()
+        video_generators = {
+            model.id: video_deployment(model, args.videos, redis_url, video_options).bind(
+                model, args.videos, args.storage, redis_url
+            )
+            for model in args.videos.models
+        }
+    return ImageIngress.options(**(ingress_options or {})).bind(args, generators, video_generators)
 
 
 app = build_app()

@@ -149,3 +149,55 @@ class IngressMetrics:
 
     def quota_store_error(self, operation: str) -> None:
         self._store_errors.inc(1, tags={"operation": operation})
+
+
+# Seconds a video job waits in its queue, or takes from creation to its end: from a tiny
+# model on a CPU to a long clip on a busy GPU.
+VIDEO_JOB_SECONDS_BOUNDARIES = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600]
+
+
+class VideoMetrics:
+    """Recorded by a video replica: its jobs' ends, waits and webhook deliveries."""
+
+    def __init__(self, model_id: str) -> None:
+        self._tags = {"model": model_id}
+        self._jobs = Counter(
+            "video_generation_jobs",
+            description="Video jobs ended, by outcome (completed, failed, cancelled).",
+            tag_keys=("model", "outcome"),
+        )
+        self._wait = Histogram(
+            "video_generation_queue_wait_seconds",
+            description="Seconds from a job's creation to the start of its (first) run.",
+            boundaries=VIDEO_JOB_SECONDS_BOUNDARIES,
+            tag_keys=("model",),
+        )
+        self._latency = Histogram(
+            "video_generation_job_seconds",
+            description="Seconds from a job's creation to its end.",
+            boundaries=VIDEO_JOB_SECONDS_BOUNDARIES,
+            tag_keys=("model",),
+        )
+        self._queued = Gauge(
+            "video_generation_queue_length",
+            description="Jobs waiting in the model's queue, as its replica last saw it.",
+            tag_keys=("model",),
+        )
+        self._webhooks = Counter(
+            "video_generation_webhook_deliveries",
+            description="Webhook delivery tries, by outcome (delivered, retrying, failed, "
+            "dropped).",
+            tag_keys=("model", "outcome"),
+        )
+
+    def job_started(self, waited_s: float, queue_length: int) -> None:
+        self._wait.observe(max(0.0, waited_s), tags=self._tags)
+        self._queued.set(queue_length, tags=self._tags)
+
+    def job_ended(self, outcome: str, seconds: float) -> None:
+        self._jobs.inc(tags={**self._tags, "outcome": outcome})
+        if outcome != "cancelled":
+            self._latency.observe(max(0.0, seconds), tags=self._tags)
+
+    def webhook_attempt(self, outcome: str) -> None:
+        self._webhooks.inc(tags={**self._tags, "outcome": outcome})

@@ -19,7 +19,11 @@ START_TIMEOUT_S = 15.0
 
 
 class RedisServer:
-    def __init__(self, directory: Path, password: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, password: str | None = None, persistent: bool = False
+    ) -> None:
+        """`persistent`: an append-only file, fsynced on every write, so a restart keeps
+        everything written before it (as the video jobs' Redis must be run)."""
         executable = shutil.which("redis-server")
         if executable is None:
             pytest.fail(
@@ -30,6 +34,7 @@ class RedisServer:
         self._executable = executable
         self._directory = directory
         self._password = password
+        self._persistent = persistent
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen | None = None
@@ -41,7 +46,11 @@ class RedisServer:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",
-                "--appendonly", "no",
+                *(
+                    ["--appendonly", "yes", "--appendfsync", "always"]
+                    if self._persistent
+                    else ["--appendonly", "no"]
+                ),
                 "--dir", str(self._directory),
                 *(["--requirepass", self._password] if self._password else []),
             ],
@@ -68,7 +77,8 @@ class RedisServer:
         self._process = None
 
     def restart(self, down_s: float = 0.0) -> None:
-        """Stop, stay down `down_s`, start again: empty, as `--save ''` keeps nothing."""
+        """Stop, stay down `down_s`, start again: empty, as `--save ''` keeps nothing, unless
+        `persistent`."""
         self.stop()
         time.sleep(down_s)
         self.start()

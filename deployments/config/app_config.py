@@ -19,6 +19,7 @@ from deployments.config.base import Strict, default_cache_dir
 from deployments.config.model_config import BatchingConfig, ModelConfig, generator_deployment_name
 from deployments.config.quota_config import QuotaConfig
 from deployments.config.safety_config import PromptModerationConfig
+from deployments.config.video_config import VideoConfig
 from deployments.sizes import parse_size
 
 
@@ -279,6 +280,11 @@ class AppArgs(Strict):
     cors: CORSConfig = Field(default_factory=CORSConfig, description="CORS (off by default).")
     request_logs: RequestLogConfig = Field(
         default_factory=RequestLogConfig, description="Per-request log lines."
+    )
+    videos: VideoConfig | None = Field(
+        default=None,
+        description="Video models, served as jobs by the Videos API (`/v1/videos`); unset: "
+        "no video.",
     )
     playground: bool = Field(
         default=True,

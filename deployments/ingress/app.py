@@ -46,8 +46,10 @@ from deployments.ingress.protocol import (
 )
 from deployments.ingress.quotas import KeyQuotas, QuotaMetrics, QuotaSlots
 from deployments.ingress.service import ErrorMetrics, ImageBackend, ImageService
-from deployments.ingress.storage import ImageStorage
 from deployments.ingress.streaming import SSE_HEADERS
+from deployments.ingress.videos.video_routes import video_router
+from deployments.ingress.videos.video_service import VideoService
+from deployments.storage import ImageStorage
 
 logger = logging.getLogger("ray.serve")
 
@@ -96,24 +98,14 @@ def create_api(
     store: ImageStorage | None = None,
     metrics: ErrorMetrics | None = None,
     quota_metrics: QuotaMetrics | None = None,
+    videos: VideoService | None = None,
 ) -> FastAPI:
-    """The app, with `backends` holding one backend per model id of `args.models`."""
+    """The app: `backends` holds a backend per model id of `args.models`; `videos`, if given,
+    serves the Videos API."""
     service = ImageService(args, backends, store, metrics)
     quotas = KeyQuotas(args, quota_metrics)
     protected = [Depends(_authenticator(APIKeys(args.auth)))]
-    # The API's description: with keys on, `/openapi.json` takes a key like the API, and the
-    # browsable `/docs` and `/redoc` are off (a browser cannot send the key with them).
-    open_docs = not args.auth.enabled
-    app = FastAPI(
-        title="Image generation service",
-        description="OpenAI-compatible image generation with diffusers on Ray Serve.",
-        version="0.1.0",
-        openapi_url="/openapi.json" if open_docs else None,
-        docs_url="/docs" if open_docs else None,
-        redoc_url="/redoc" if open_docs else None,
-    )
-    if not open_docs:
-        _add_protected_docs(app, protected)
+    app = _new_app(args, protected)
     if quotas.enabled:
         app.add_middleware(QuotaSlots, quotas=quotas)
     _add_cors(app, args.cors)
@@ -169,7 +161,37 @@ def create_api(
             return _respond(await service.run(prepared, str(request.base_url), scope))
 
     _add_image_files(app, service)
+    if videos is not None:
+        _add_videos(app, args, videos, protected)
     return app
+
+
+def _new_app(args: AppArgs, protected: list) -> FastAPI:
+    """The bare app and its API description: with keys on, `/openapi.json` takes a key like
+    the API, and the browsable `/docs` and `/redoc` are off (a browser cannot send the key)."""
+    open_docs = not args.auth.enabled
+    app = FastAPI(
+        title="Image generation service",
+        description="OpenAI-compatible image and video generation with diffusers on Ray Serve.",
+        version="0.1.0",
+        openapi_url="/openapi.json" if open_docs else None,
+        docs_url="/docs" if open_docs else None,
+        redoc_url="/redoc" if open_docs else None,
+    )
+    if not open_docs:
+        _add_protected_docs(app, protected)
+    return app
+
+
+def _add_videos(app: FastAPI, args: AppArgs, videos: VideoService, protected: list) -> None:
+    """The Videos API, behind the same keys and refusals as the image routes."""
+
+    def guard(request: Request) -> str:
+        _refuse_malformed_request_id(request)
+        _refuse_foreign_origin(request, args.cors)
+        return request_id_of(request)
+
+    app.include_router(video_router(videos, args.limits.max_upload_bytes, protected, guard))
 
 
 def _key(request: Request) -> bytes | None:

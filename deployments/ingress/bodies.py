@@ -96,7 +96,7 @@ def _reject_constant(name: str) -> Any:
 async def edit_form(request: Request, max_bytes: int) -> EditForm:
     """The edit's multipart form, from a body read no further than `max_bytes`. The caller
     owns the returned form's files (see `EditForm.close`)."""
-    form = await _form_body(request, max_bytes)
+    form = await form_body(request, max_bytes)
     try:
         return _edit_form_parts(form)
     except BaseException:
@@ -121,11 +121,13 @@ def _bounded_receive(receive: Receive, max_bytes: int) -> Receive:
     return bounded
 
 
-async def _form_body(request: Request, max_bytes: int) -> FormData:
+async def form_body(request: Request, max_bytes: int, what: str = "edit") -> FormData:
+    """A multipart (or urlencoded) form, read no further than `max_bytes`; the caller closes
+    it. `what` names the request in the error for a body of another type."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise invalid_request(
-            "Send the edit as 'multipart/form-data' with the image as a file field.",
+            f"Send the {what} as 'multipart/form-data' (files as file fields).",
             code="invalid_body",
         )
     _check_declared_length(request, max_bytes)
@@ -175,7 +177,7 @@ def _edit_form_parts(form: FormData) -> EditForm:
                 f"Invalid value for '{name}': it is given twice.", param=name, code="invalid_value"
             )
         else:
-            fields[name] = _form_value(value)
+            fields[name] = form_value(value)
     if not images:
         raise invalid_request(
             "Missing required parameter: 'image'.", param="image", code="missing_required_parameter"
@@ -202,7 +204,7 @@ def _too_many_images() -> APIError:
     )
 
 
-def _form_value(value: str) -> object:
+def form_value(value: str) -> object:
     # Form fields are text; the flags are JSON-like `true`/`false`, and everything else is
     # left to the schema's usual coercion (`"2"` is a valid `n`).
     return {"true": True, "false": False}.get(value, value)

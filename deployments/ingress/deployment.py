@@ -34,6 +34,7 @@ from deployments.config.app_config import AppArgs
 from deployments.ingress.app import REQUEST_ID, create_api
 from deployments.ingress.errors import invalid_request, service_unavailable
 from deployments.ingress.moderation import moderation_blocked
+from deployments.ingress.videos.video_service import VideoService
 from deployments.jobs import (
     AdapterUnavailable,
     GeneratedImages,
@@ -46,6 +47,9 @@ from deployments.jobs import (
     adapter_set_id,
 )
 from deployments.metrics import IngressMetrics
+from deployments.storage import ImageStorage, open_store
+from deployments.videos.video_jobs import VideoJobStore
+from deployments.videos.video_queue import VideoQueues
 
 logger = logging.getLogger("ray.serve")
 
@@ -202,6 +206,16 @@ def serve_url() -> str:
         return route.rstrip("/") + "/"
 
 
+def video_service(args: AppArgs, store: ImageStorage) -> VideoService | None:
+    """The Videos API's service, over the jobs' Redis and queues (None without videos)."""
+    if args.videos is None:
+        return None
+    redis_url = args.videos.resolved_redis_url()
+    jobs = VideoJobStore.connect(redis_url, args.videos.key_prefix, args.videos.lease_s)
+    queues = VideoQueues(args.videos, redis_url)
+    return VideoService(args.videos, args.limits, store, jobs, queues)
+
+
 class BoundedRequestIds:
     """ASGI middleware: a request whose `x-request-id` is not an id (`app.REQUEST_ID`) gets a
     fresh one in Serve's request context too. Ray's proxy copies the header into that
@@ -238,10 +252,18 @@ class BoundedRequestIds:
 )
 @serve.ingress()
 class ImageIngress:
-    def __init__(self, args: AppArgs, generators: dict[str, DeploymentHandle]) -> None:
-        """`generators`: each model's generator deployment, by model id."""
+    def __init__(
+        self,
+        args: AppArgs,
+        generators: dict[str, DeploymentHandle],
+        video_generators: dict[str, DeploymentHandle] | None = None,
+    ) -> None:
+        """`generators`: each model's generator deployment, by model id. `video_generators`:
+        each video model's deployment (bound here so that the application deploys them:
+        the ingress reaches them through their queues, never through these handles)."""
         self._args = args
         self._generators = generators
+        self._video_generators = video_generators or {}
         context = _get_internal_replica_context()
         if context is not None:  # a Serve replica (tests build the app without one)
             threading.Thread(
@@ -256,6 +278,14 @@ class ImageIngress:
             model_id: GeneratorClient(handle) for model_id, handle in self._generators.items()
         }
         metrics = IngressMetrics()
-        app = create_api(self._args, backends, metrics=metrics, quota_metrics=metrics)
+        store = open_store(self._args.storage)
+        app = create_api(
+            self._args,
+            backends,
+            store=store,
+            metrics=metrics,
+            quota_metrics=metrics,
+            videos=video_service(self._args, store),
+        )
         app.add_middleware(BoundedRequestIds)
         return app

@@ -1,0 +1,258 @@
+"""The Videos API through real Ray Serve, a real Redis and a real webhook receiver, with the
+official `openai` client: a job is created, polled, downloaded, listed and deleted; its
+webhook verifies with the client's own check; and the faults a durable job must survive
+(its replica killed mid-job, Redis restarted under load) end every job `completed` or
+`failed`, none lost and none finished twice."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import av
+import httpx
+import openai
+import psutil
+import pytest
+from ray import serve
+
+from deployments.config.video_config import video_deployment_name
+from deployments.videos.webhook_delivery import new_webhook_secret
+from serve_app import build_app
+from tests.harness import free_port
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+APP = "videos"
+SECRET = new_webhook_secret()
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers 500 to the first try of each event."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, dict[str, str]]] = []
+        self._seen: set[str] = set()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.requests.append((body, {k.lower(): v for k, v in self.headers.items()}))
+                event_id = self.headers["webhook-id"]
+                first = event_id not in receiver._seen
+                receiver._seen.add(event_id)
+                self.send_response(500 if first else 200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.port = free_port()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("video-redis"), persistent=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_url, redis_server, receiver, tmp_path_factory) -> Iterator[str]:
+    args = {
+        "models": [{"id": "tiny-sd3", "device": "cpu", "deployment": {"num_replicas": 1}}],
+        "storage": {"directory": str(tmp_path_factory.mktemp("files"))},
+        "videos": {
+            "redis_url": redis_server.url,
+            "models": [
+                {
+                    "id": "tiny-wan",
+                    "source": "embedded:tiny-wan",
+                    "seconds": [1, 2],
+                    "fps": 8,
+                    "default_steps": 3,
+                    "max_steps": 2000,
+                    "jobs_per_replica": 1,
+                    "deployment": {
+                        "num_replicas": 1,
+                        "ray_actor_options": {
+                            "num_cpus": 0.5,
+                            "runtime_env": {"env_vars": {"VIDEO_WEBHOOK_SECRET": SECRET}},
+                        },
+                    },
+                }
+            ],
+            # A killed replica's job goes to its replacement within seconds, not an hour.
+            "lease_s": 2,
+            "redelivery_s": 8,
+            "webhooks": [{"url": receiver.url, "secret_env": "VIDEO_WEBHOOK_SECRET"}],
+        },
+    }
+    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
+    yield f"{serve_url}/{APP}"
+    serve.delete(APP)
+
+
+@pytest.fixture
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", webhook_secret=SECRET)
+
+
+def create(client: openai.OpenAI, **extensions) -> str:
+    video = client.videos.create(
+        model="tiny-wan", prompt="a fox in the snow", seconds="1", size="32x32",
+        extra_body=extensions,
+    )  # fmt: skip
+    assert video.status == "queued" and video.progress == 0
+    return video.id
+
+
+def wait_for_end(client: openai.OpenAI, video_id: str, timeout_s: float = 120):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            video = client.videos.retrieve(video_id)
+        except openai.InternalServerError:  # 503 while Redis restarts: asked again
+            time.sleep(0.5)
+            continue
+        if video.status in ("completed", "failed"):
+            return video
+        time.sleep(0.2)
+    raise AssertionError(f"{video_id} still {video.status} after {timeout_s} s")
+
+
+def test_the_official_client_creates_polls_downloads_lists_and_deletes(client):
+    video = client.videos.create_and_poll(
+        model="tiny-wan", prompt="a fox in the snow", seconds="1", size="32x32",
+        extra_body={"seed": 3}, poll_interval_ms=200,
+    )  # fmt: skip
+    assert (video.status, video.progress, video.seconds, video.size) == (
+        "completed", 100, "1", "32x32",
+    )  # fmt: skip
+    assert video.expires_at > video.completed_at >= video.created_at
+    clip = client.videos.download_content(video.id).read()
+    with av.open(io.BytesIO(clip)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(video=0))
+        assert stream.codec_context.name == "h264" and stream.average_rate == 8
+    assert len(frames) == 9 and (frames[0].width, frames[0].height) == (32, 32)
+    thumbnail = client.videos.download_content(video.id, variant="thumbnail").read()
+    assert thumbnail[:4] == b"RIFF" and thumbnail[8:12] == b"WEBP"
+
+    newer = create(client, seed=4)
+    page = client.videos.list(limit=1)
+    assert [item.id for item in page.data] == [newer] and page.has_more
+    assert client.videos.list(limit=1, after=newer).data[0].id == video.id
+    wait_for_end(client, newer)
+
+    assert client.videos.delete(video.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+
+
+def test_bad_requests_are_refused_at_once_naming_the_parameter(client, base_url):
+    cases = [
+        ({"seconds": "3"}, "seconds"),
+        ({"size": "30x30"}, "size"),
+        ({"num_inference_steps": "0"}, "num_inference_steps"),
+        ({"num_frames": "6"}, "num_frames"),
+        ({"colour": "red"}, "colour"),
+    ]
+    for fields, param in cases:
+        answer = httpx.post(
+            f"{base_url}/v1/videos",
+            data={"prompt": "x", "model": "tiny-wan", **fields},
+        )
+        assert answer.status_code == 400, (fields, answer.text)
+        assert answer.json()["error"]["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        client.videos.create(model="no-such-model", prompt="x")
+    unfinished = create(client, num_inference_steps=200)
+    answer = httpx.get(f"{base_url}/v1/videos/{unfinished}/content")
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "video_not_ready"
+    client.videos.delete(unfinished)
+
+
+def test_the_webhook_is_signed_as_openai_signs_and_retried_until_delivered(client, receiver):
+    video_id = create(client)
+    assert wait_for_end(client, video_id).status == "completed"
+
+    def tries() -> list[tuple[bytes, dict[str, str]]]:
+        return [request for request in receiver.requests if video_id.encode() in request[0]]
+
+    deadline = time.monotonic() + 30
+    while len(tries()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # no third try follows the delivery
+    assert len(tries()) == 2  # the 500, then the delivery
+    (failed, delivered) = tries()
+    assert failed[1]["webhook-id"] == delivered[1]["webhook-id"]
+    event = client.webhooks.unwrap(delivered[0], delivered[1])
+    assert (event.type, event.data.id) == ("video.completed", video_id)
+
+
+def test_deleting_a_running_job_frees_its_replica_for_the_next(client):
+    long = create(client, num_inference_steps=2000)
+    deadline = time.monotonic() + 60
+    while client.videos.retrieve(long).status != "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client.videos.delete(long)
+    # One replica, one job at a time: the next job runs only once the deleted one stopped.
+    started = time.monotonic()
+    assert wait_for_end(client, create(client)).status == "completed"
+    assert time.monotonic() - started < 15
+
+
+def _video_replica_pids() -> list[int]:
+    name = f"ServeReplica:{APP}:{video_deployment_name('tiny-wan')}"
+    return [
+        process.pid
+        for process in psutil.process_iter(["cmdline"])
+        if any(name in part for part in (process.info["cmdline"] or []))
+    ]
+
+
+def test_a_job_whose_replica_is_killed_runs_again_and_completes_once(client):
+    video_id = create(client, num_inference_steps=150)
+    deadline = time.monotonic() + 60
+    while client.videos.retrieve(video_id).progress < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    (pid,) = _video_replica_pids()
+    os.kill(pid, signal.SIGKILL)
+    video = wait_for_end(client, video_id, timeout_s=180)
+    assert video.status == "completed", video.error
+    assert client.videos.download_content(video_id).read()[4:8] == b"ftyp"
+
+
+def test_no_accepted_job_is_lost_when_redis_restarts(client, redis_server):
+    ids = [create(client, seed=seed) for seed in range(4)]
+    redis_server.restart(down_s=1.0)
+    ended = [wait_for_end(client, video_id, timeout_s=180) for video_id in ids]
+    assert [video.status for video in ended] == ["completed"] * 4
