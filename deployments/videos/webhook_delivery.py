@@ -285,18 +285,7 @@ class _EndpointWorker:
                 delivery.attempts,
                 status,
             )
-        self._report(
-            DeliveryAttempt(
-                event_id=delivery.event_id,
-                event_type=delivery.event_type,
-                url=self.endpoint.url,
-                attempt=delivery.attempts,
-                status=status,
-                delivered=delivered,
-                final=final,
-                seconds=seconds,
-            )
-        )
+        self._report_try(delivery, status, delivered, final, seconds)
 
     def _post(self, delivery: _Delivery) -> tuple[int | None, float | None]:
         """One signed POST: its HTTP status (None if none came) and any Retry-After."""
@@ -348,17 +337,28 @@ class _EndpointWorker:
             delivery.attempts,
             why,
         )
+        self._report_try(delivery, None, False, True, 0.0, dropped=True)
+
+    def _report_try(
+        self,
+        delivery: _Delivery,
+        status: int | None,
+        delivered: bool,
+        final: bool,
+        seconds: float,
+        dropped: bool = False,
+    ) -> None:
         self._report(
             DeliveryAttempt(
                 event_id=delivery.event_id,
                 event_type=delivery.event_type,
                 url=self.endpoint.url,
                 attempt=delivery.attempts,
-                status=None,
-                delivered=False,
-                final=True,
-                seconds=0.0,
-                dropped=True,
+                status=status,
+                delivered=delivered,
+                final=final,
+                seconds=seconds,
+                dropped=dropped,
             )
         )
 
