@@ -31,7 +31,7 @@ from serve_app import InvalidArgs, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = [K8S / "base", K8S / "ha", K8S / "object-storage"]
+OVERLAYS = [K8S / "base", K8S / "ha", K8S / "object-storage", K8S / "videos"]
 CRD = Path(__file__).resolve().parents[1] / "data/kuberay/v1.7.0/ray.io_rayservices.yaml"
 # The release file unchanged (its digest, recorded in tests/data/kuberay/README.md).
 CRD_SHA256 = "0a8fc325e6e22b9231c1f282b309555e2ecf94227ca20a03df3d1d9a403907ab"
@@ -41,6 +41,7 @@ SERVE_CONFIGS = {
     "base": GPU_CONFIG,
     "ha": GPU_CONFIG,
     "object-storage": REPO / "config/sd3.5-medium-s3.yaml",
+    "videos": REPO / "config/sd3.5-medium-videos.yaml",
 }
 KUBERNETES_VERSION = "1.32"
 Doc = dict[str, Any]
@@ -294,6 +295,37 @@ def _containers(service: Doc) -> dict[str, tuple[Doc, Doc]]:
         (container,) = spec["containers"]
         pods[name] = (spec, container)
     return pods
+
+
+def test_video_variant_runs_video_replicas_on_their_own_workers_with_the_jobs_redis():
+    docs = _by_identity(render(K8S / "videos"))
+    service = docs[("RayService", "image-service")]
+    pods = _containers(service)
+    assert set(pods) == {"head", "gpu", "video"}
+    # Serve builds the application on any node, and every pod may run an ingress: each
+    # has the jobs' Redis URL, after the password it is made of.
+    for name, (_, container) in pods.items():
+        names = [variable["name"] for variable in container["env"]]
+        assert names.index("REDIS_PASSWORD") < names.index("IMAGE_SERVICE_VIDEO_REDIS_URL"), name
+        (url,) = [v["value"] for v in container["env"] if v["name"].endswith("VIDEO_REDIS_URL")]
+        host = url.split("@")[1].split(":")[0]
+        assert ("Service", host) in docs
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (video,) = parse_args(serve_config["applications"][0]["args"]).videos.models
+    actor = video.deployment["ray_actor_options"]
+    group = next(
+        group
+        for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        if group["groupName"] == "video"
+    )
+    # Only the video group offers the resource the video replicas ask for, one per pod.
+    (resource,) = actor["resources"]
+    assert yaml.safe_load(yaml.safe_load(group["rayStartParams"]["resources"])) == {resource: 1}
+    assert actor["num_gpus"] == 1
+    assert group["maxReplicas"] >= video.deployment["autoscaling_config"]["max_replicas"]
+    (_, container) = pods["video"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "shared", "mountPath": "/shared"} in container["volumeMounts"]
 
 
 def test_object_storage_variant_keeps_images_in_a_bucket_with_no_shared_volume():
