@@ -189,10 +189,12 @@ class VideoConfig(Strict):
         return f"{self.key_prefix}queue:{_safe(model_id)}"
 
     def deployment_options(
-        self, model: VideoModelConfig, redis_url: str, overrides: Mapping[str, Any] | None = None
+        self, model: VideoModelConfig, overrides: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """The model's Serve options: `deployment` then `overrides`, its concurrency, and the
-        queue-length policy in an `autoscaling_config` that names none."""
+        policy that scales on its queue and running jobs (`deployments/videos/queue_policy.py`)
+        in an `autoscaling_config` that names none. The policy is given `redis_url_env`, not
+        the URL in it, when the config names a variable: no password lands in Serve's config."""
         options = {**model.deployment, **(overrides or {})}
         options["max_ongoing_requests"] = model.jobs_per_replica
         autoscaling = options.get("autoscaling_config")
@@ -200,12 +202,11 @@ class VideoConfig(Strict):
             options["autoscaling_config"] = {
                 **autoscaling,
                 "policy": {
-                    "policy_function": "ray.serve.async_inference_autoscaling_policy:"
-                    "AsyncInferenceAutoscalingPolicy",
+                    "policy_function": "deployments.videos.queue_policy:VideoQueuePolicy",
                     "policy_kwargs": {
-                        "broker_url": redis_url,
                         "queue_name": self.queue_name(model.id),
-                        "poll_interval_s": 2.0,
+                        "redis_url": self.redis_url,
+                        "redis_url_env": self.redis_url_env,
                     },
                 },
             }

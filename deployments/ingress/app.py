@@ -162,7 +162,7 @@ def create_api(
 
     _add_image_files(app, service)
     if videos is not None:
-        _add_videos(app, args, videos, protected)
+        _add_videos(app, args, videos, protected, quotas)
     return app
 
 
@@ -183,15 +183,18 @@ def _new_app(args: AppArgs, protected: list) -> FastAPI:
     return app
 
 
-def _add_videos(app: FastAPI, args: AppArgs, videos: VideoService, protected: list) -> None:
-    """The Videos API, behind the same keys and refusals as the image routes."""
+def _add_videos(
+    app: FastAPI, args: AppArgs, videos: VideoService, protected: list, quotas: KeyQuotas
+) -> None:
+    """The Videos API, behind the same keys, quotas and refusals as the image routes."""
 
     def guard(request: Request) -> str:
         _refuse_malformed_request_id(request)
         _refuse_foreign_origin(request, args.cors)
         return request_id_of(request)
 
-    app.include_router(video_router(videos, args.limits.max_upload_bytes, protected, guard))
+    admit = quotas.admit if quotas.enabled else None
+    app.include_router(video_router(videos, args.limits.max_upload_bytes, protected, guard, admit))
 
 
 def _key(request: Request) -> bytes | None:

@@ -20,11 +20,17 @@ from ray import serve
 from ray.serve.task_consumer import task_consumer, task_handler
 
 from deployments.config.app_config import StorageConfig
-from deployments.config.video_config import VIDEO_TASK, VideoConfig, VideoModelConfig
+from deployments.config.video_config import (
+    VIDEO_TASK,
+    VideoConfig,
+    VideoModelConfig,
+    video_deployment_name,
+)
 from deployments.metrics import VideoMetrics
 from deployments.storage import open_store
 from deployments.video.job_runner import RunSettings, VideoJobRunner
 from deployments.video.video_model import VideoModel
+from deployments.videos.queue_policy import RUNNING_METRIC
 from deployments.videos.video_jobs import VideoJobStore
 from deployments.videos.video_queue import task_processor_config
 from deployments.videos.webhook_delivery import DeliveryAttempt, WebhookEndpoint, WebhookSender
@@ -67,6 +73,14 @@ class VideoGenerator:
     def generate_video(self, video_id: str) -> str:
         return self._runner.run(video_id)
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The jobs this replica runs, which the queue policy adds to the queue's length
+        (`deployments/videos/queue_policy.py`)."""
+        return {RUNNING_METRIC: float(self._runner.running)}
+
+    def stop_runs(self) -> None:
+        self._runner.stop()
+
     def check_health(self) -> None:
         # A replica that cannot reach the jobs' Redis takes no job: Serve restarts it.
         self._jobs.ping()
@@ -80,6 +94,7 @@ class VideoGenerator:
     def __del__(self) -> None:
         if getattr(self, "_webhooks", None) is not None:
             self._webhooks.close()
+        self._jobs.close()
 
 
 def _webhook_sender(videos: VideoConfig, metrics: VideoMetrics) -> WebhookSender | None:
@@ -113,12 +128,22 @@ def video_deployment(
     overrides: dict[str, Any] | None = None,
 ) -> serve.Deployment:
     """The model's deployment: `VideoGenerator` consuming the model's own queue."""
-    from deployments.config.video_config import video_deployment_name
-
     consumer = task_consumer(
         task_processor_config=task_processor_config(videos, model.id, redis_url)
     )(VideoGenerator)
-    return serve.deployment(consumer).options(
+
+    class StoppingConsumer(consumer):
+        """Serve's consumer tells Celery's worker to stop and waits 10 s for the jobs it
+        runs, then the replica is killed under them: first, each run stops at its next step
+        and hands its job back to the queue, so another replica takes it at once."""
+
+        def __del__(self) -> None:
+            if getattr(self, "_runner", None) is not None:
+                self.stop_runs()
+            super().__del__()
+
+    StoppingConsumer.__name__ = StoppingConsumer.__qualname__ = VideoGenerator.__name__
+    return serve.deployment(StoppingConsumer).options(
         name=video_deployment_name(model.id),
-        **videos.deployment_options(model, redis_url, overrides),
+        **videos.deployment_options(model, overrides),
     )

@@ -3,7 +3,7 @@
 The queue delivers a job at least once (again when the replica running it dies), and the
 record's scripts (`VideoJobStore`) turn that into one visible outcome:
 1. `claim` the job: gone (deleted) or already final, the delivery is acknowledged and ends;
-   held by another live run, it is retried later (`JobBusy`), so that it takes the job over
+   held by another live run, it is retried later (`DeliverLater`), so that it takes the job over
    if that run dies; past `max_attempts` runs, the job fails as `attempts_exhausted`;
 2. run the model, writing the progress and renewing the lease at each step; a deleted record
    stops the run at its next step (the thread and its slot are free at once);
@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from deployments.video.video_model import (
     VideoModel,
     VideoRequest,
 )
-from deployments.videos.video_jobs import VideoJobStore, VideoRecord, VideoSpec
-from deployments.videos.video_queue import JobBusy
+from deployments.videos.video_jobs import VideoJobStore, VideoRecord, VideoSpec, clip_frames
+from deployments.videos.video_queue import DeliverLater
 from deployments.videos.webhook_delivery import WebhookSender
 
 logger = logging.getLogger("ray.serve")
@@ -47,11 +48,8 @@ REDIS_PATIENCE_S = 60.0
 
 
 def frames_for(seconds: int, fps: int, limits: VideoLimits) -> int:
-    """The frames of a clip of `seconds` at `fps`, by the model's rule (`frame_multiple` x k
-    + 1, at least one group), at most the model's `max_frames`."""
-    groups = max(1, round(seconds * fps / limits.frame_multiple))
-    groups = min(groups, max(1, (limits.max_frames - 1) // limits.frame_multiple))
-    return groups * limits.frame_multiple + 1
+    """The frames of a clip of `seconds` at `fps` on a model of these limits."""
+    return clip_frames(seconds, fps, limits.frame_multiple, limits.max_frames)
 
 
 @dataclass(frozen=True)
@@ -81,17 +79,47 @@ class VideoJobRunner:
         self._webhooks = webhooks
         self._metrics = metrics
         self._queue_length = queue_length
+        self._stopping = threading.Event()
+        self._running = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        """Runs in progress now (the autoscaling policy counts them)."""
+        return self._running
+
+    def stop(self) -> None:
+        """The replica is going away: every run stops at its next step and hands its job
+        back to the queue, so that another replica takes it now rather than after
+        `redelivery_s`."""
+        self._stopping.set()
 
     def run(self, video_id: str) -> str:
-        """Deliver the job once; the outcome (for the logs and tests)."""
+        """Deliver the job once; the outcome (for the logs and tests). `DeliverLater` asks
+        the queue to deliver it again later."""
         token = secrets.token_hex(8)
-        claim, detail = self._jobs.claim(video_id, token, self._settings.max_attempts)
+        try:
+            claim, detail = self._jobs.claim(video_id, token, self._settings.max_attempts)
+        except redis.RedisError as error:
+            raise DeliverLater(f"video job {video_id}: record unreachable ({error!r})") from None
         if claim in ("gone", "final"):
             logger.info("video job %s: %s (%s), nothing to run", video_id, claim, detail)
             return claim
         if claim == "busy":
-            raise JobBusy(f"video job {video_id} is running elsewhere")
-        record = self._jobs.get(video_id)
+            raise DeliverLater(f"video job {video_id} is running elsewhere")
+        with self._count_lock:
+            self._running += 1
+        try:
+            return self._claimed(video_id, token, claim, detail)
+        except redis.RedisError as error:  # Redis away longer than `_patiently` waits
+            self._hand_back(video_id, token)
+            raise DeliverLater(f"video job {video_id}: record unreachable ({error!r})") from None
+        finally:
+            with self._count_lock:
+                self._running -= 1
+
+    def _claimed(self, video_id: str, token: str, claim: str, detail: str) -> str:
+        record = self._patiently(self._jobs.get, video_id)
         if record is None:
             return "gone"
         if claim == "exhausted":
@@ -102,8 +130,9 @@ class VideoJobRunner:
             )
             return "failed"
         if self._metrics is not None:
-            queued = self._queue_length() if self._queue_length else 0
-            self._metrics.job_started(time.time() - record.created_at, queued)
+            queued_at, _ = self._patiently(self._jobs.times, video_id)
+            waiting = self._queue_length() if self._queue_length else 0
+            self._metrics.job_started(time.time() - (queued_at or record.created_at), waiting)
         logger.info("video job %s: run %s starts", video_id, detail)
         return self._run(record, token)
 
@@ -111,11 +140,7 @@ class VideoJobRunner:
         try:
             frames = self._generate(record, token)
         except VideoCancelled:
-            self._patiently(self._jobs.release, record.id, token)
-            self._discard(record.spec.reference_name)
-            self._ended("cancelled", record)
-            logger.info("video job %s: deleted while running, stopped", record.id)
-            return "cancelled"
+            return self._stopped(record, token)
         except ValueError as error:
             # The spec passed the ingress's checks against the config, not the model's own
             # (a model replaced under the same id): the request, not the replica, is wrong.
@@ -126,6 +151,26 @@ class VideoJobRunner:
             self._fail(record, "generation_failed", "The video could not be generated.")
             return "failed"
         return self._complete(record, frames)
+
+    def _stopped(self, record: VideoRecord, token: str) -> str:
+        """A run stopped between steps: its job deleted, finished or taken over by another
+        run, or this replica stopping."""
+        if self._patiently(self._jobs.get, record.id) is None:
+            self._discard(record.spec.reference_name)
+            self._ended("cancelled", record)
+            logger.info("video job %s: deleted while running, stopped", record.id)
+            return "cancelled"
+        if self._stopping.is_set() and self._hand_back(record.id, token):
+            logger.info("video job %s: replica stopping, job handed back", record.id)
+            raise DeliverLater(f"video job {record.id}: handed back by a stopping replica")
+        logger.info("video job %s: finished or taken over elsewhere, stopped", record.id)
+        return "superseded"
+
+    def _hand_back(self, video_id: str, token: str) -> bool:
+        try:
+            return self._jobs.hand_back(video_id, token)
+        except redis.RedisError:  # the lease lapses by itself
+            return False
 
     def _generate(self, record: VideoRecord, token: str) -> np.ndarray:
         spec = record.spec
@@ -155,7 +200,9 @@ class VideoJobRunner:
             image=self._reference(spec.reference_name),
         )
         self._model.check(request)
-        return self._model.generate(request, on_step=on_step, cancelled=lambda: deleted)
+        return self._model.generate(
+            request, on_step=on_step, cancelled=lambda: deleted or self._stopping.is_set()
+        )
 
     def _fps(self, spec: VideoSpec) -> int:
         return spec.fps or self._model.limits.default_fps
@@ -171,10 +218,23 @@ class VideoJobRunner:
 
     def _complete(self, record: VideoRecord, frames: np.ndarray) -> str:
         try:
-            video = self._files.save(encode_mp4(frames, self._fps(record.spec)), "mp4")
-            thumbnail = self._files.save(encode_thumbnail(frames), "webp")
+            clip = encode_mp4(frames, self._fps(record.spec))
+            still = encode_thumbnail(frames)
+        except Exception:
+            logger.exception("video job %s: encoding failed", record.id)
+            self._fail(record, "generation_failed", "The video could not be encoded.")
+            return "failed"
+        try:
+            video = self._files.save(clip, "mp4")
         except StorageUnavailable as error:
             logger.error("video job %s: storing the video failed: %s", record.id, error)
+            self._fail(record, "storage_unavailable", "The video could not be stored.")
+            return "failed"
+        try:
+            thumbnail = self._files.save(still, "webp")
+        except StorageUnavailable as error:
+            self._discard(video)
+            logger.error("video job %s: storing the thumbnail failed: %s", record.id, error)
             self._fail(record, "storage_unavailable", "The video could not be stored.")
             return "failed"
         now = int(time.time())
@@ -210,6 +270,7 @@ class VideoJobRunner:
             self._settings.retention_s,
             status="failed",
             completed_at=now,
+            expires_at=now + int(self._settings.retention_s),
             error_code=code,
             error_message=message,
         )

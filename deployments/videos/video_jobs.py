@@ -37,15 +37,42 @@ if holder and holder ~= ARGV[1] then return {'busy'} end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts > tonumber(ARGV[3]) then return {'exhausted', tostring(attempts - 1)} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[4], 'progress', 0)
 return {'claimed', tostring(attempts)}
 """
-# KEYS[1] job, KEYS[2] lease; ARGV: token, lease ms, progress. -> 1 live, 0 deleted
+# KEYS[1] job, KEYS[2] lease; ARGV: token, lease ms, progress.
+# -> 1 go on; 0 stop: the job was deleted, finished, or taken over by another run (this
+# run's lease lapsed and another claimed it).
 _PROGRESS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'completed' or status == 'failed' then return 0 end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'progress', ARGV[3])
 return 1
+"""
+# KEYS[1] job, KEYS[2] lease; ARGV: token. A run that stops without an outcome (its replica
+# is shutting down) gives the job back: queued again, the attempt not counted. -> 1 | 0
+_HAND_BACK = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HSET', KEYS[1], 'status', 'queued', 'progress', 0)
+return 1
+"""
+# KEYS[1] job, KEYS[2] lease; ARGV: the owners' key prefix. Reads and removes the record in
+# one step, so a run finishing meanwhile cannot leave files the caller did not see.
+# -> the record's fields, flat; empty if there was none
+_DELETE = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return fields end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', ARGV[1] .. owner, ARGV[2])
+return fields
 """
 # KEYS[1] job, KEYS[2] lease; ARGV: ttl s, then field/value pairs. -> 1 written, 0 not
 _FINISH = """
@@ -57,6 +84,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 return 1
 """
+
+
+def clip_frames(seconds: int, fps: int, frame_multiple: int, max_frames: int) -> int:
+    """The frames of a clip of `seconds` at `fps` by a video model's rule (`frame_multiple`
+    x k + 1, at least one group), at most `max_frames`: the worker's count, and the
+    ingress's for a job's cost."""
+    groups = max(1, round(seconds * fps / frame_multiple))
+    groups = min(groups, max(1, (max_frames - 1) // frame_multiple))
+    return groups * frame_multiple + 1
+
+
+# The longest a job's record lives unfinished (queued, or held by runs that keep dying): a
+# record past it is dropped, and its id from its owner's list.
+UNFINISHED_TTL_S = 7 * 24 * 3600
 
 
 def new_video_id() -> str:
@@ -138,6 +179,8 @@ class VideoJobStore:
         self._claim = client.register_script(_CLAIM)
         self._progress = client.register_script(_PROGRESS)
         self._finish = client.register_script(_FINISH)
+        self._hand_back = client.register_script(_HAND_BACK)
+        self._delete = client.register_script(_DELETE)
 
     @classmethod
     def connect(cls, url: str, key_prefix: str, lease_s: float) -> VideoJobStore:
@@ -170,14 +213,26 @@ class VideoJobStore:
             "status": "queued",
             "progress": 0,
             "created_at": record.created_at,
+            # To the millisecond, for the queue-wait metric and benchmark (OpenAI's
+            # `created_at` is whole seconds).
+            "queued_at": f"{time.time():.3f}",
             "spec": json.dumps(asdict(spec)),
             "attempts": 0,
         }
         with self._redis.pipeline() as pipe:
             pipe.hset(self._job(record.id), mapping=fields)
+            pipe.expire(self._job(record.id), UNFINISHED_TTL_S)
             pipe.zadd(self._owned(owner), {record.id: time.time()})
+            # Ids older than any record can be: their records expired.
+            pipe.zremrangebyscore(self._owned(owner), 0, time.time() - UNFINISHED_TTL_S)
             pipe.execute()
         return record
+
+    def times(self, video_id: str) -> tuple[float | None, float | None]:
+        """When the job was queued, and when its latest run started (None if it has not),
+        in Unix seconds to the millisecond."""
+        queued, started = self._redis.hmget(self._job(video_id), ["queued_at", "started_at"])
+        return (float(queued) if queued else None, float(started) if started else None)
 
     def get(self, video_id: str) -> VideoRecord | None:
         fields = self._redis.hgetall(self._job(video_id))
@@ -190,15 +245,16 @@ class VideoJobStore:
 
     def list(
         self, owner: str, after: str | None, limit: int, newest_first: bool
-    ) -> tuple[list[VideoRecord], bool]:
+    ) -> tuple[list[VideoRecord], bool] | None:
         """A page of `owner`'s jobs after the job `after` (exclusive), and whether more
-        follow. Ids of expired or deleted records are dropped from the index as met."""
+        follow; None if `after` is none of `owner`'s jobs. Ids of expired or deleted
+        records are dropped from the index as met."""
         key = self._owned(owner)
         start = 0
         if after is not None:
             rank = (self._redis.zrevrank if newest_first else self._redis.zrank)(key, after)
             if rank is None:
-                return [], False
+                return None
             start = rank + 1
         records: list[VideoRecord] = []
         while len(records) <= limit:
@@ -218,26 +274,30 @@ class VideoJobStore:
         return records[:limit], len(records) > limit
 
     def delete(self, video_id: str) -> VideoRecord | None:
-        """Remove a job's record; its run (if any) stops at its next step."""
-        record = self.get(video_id)
-        if record is None:
+        """Remove a job's record, and return it as it was removed; its run (if any) stops
+        at its next step."""
+        keys = [self._job(video_id), self._lease(video_id)]
+        flat = self._delete(keys=keys, args=[f"{self._prefix}owner:", video_id])
+        if not flat:
             return None
-        with self._redis.pipeline() as pipe:
-            pipe.delete(self._job(video_id))
-            pipe.zrem(self._owned(record.owner), video_id)
-            pipe.execute()
-        return record
+        return VideoRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def hand_back(self, video_id: str, token: str) -> bool:
+        """Give a job this run holds back to the queue's next delivery, uncounted."""
+        keys = [self._job(video_id), self._lease(video_id)]
+        return bool(self._hand_back(keys=keys, args=[token]))
 
     def claim(self, video_id: str, token: str, max_attempts: int) -> tuple[Claim, str]:
         """Take the job for one run (see the module's docstring): the outcome, and the
         attempt number (claimed, exhausted) or the final status (final)."""
         keys = [self._job(video_id), self._lease(video_id)]
-        now = str(int(time.time()))
+        now = f"{time.time():.3f}"
         result = self._claim(keys=keys, args=[token, self._lease_ms, max_attempts, now])
         return result[0], (result[1] if len(result) > 1 else "")
 
     def progress(self, video_id: str, token: str, percent: int) -> bool:
-        """Write a running job's progress and renew its lease; False once it was deleted."""
+        """Write a running job's progress and renew its lease; False once the run must stop
+        (the job deleted, finished, or taken over by another run)."""
         keys = [self._job(video_id), self._lease(video_id)]
         return bool(self._progress(keys=keys, args=[token, self._lease_ms, percent]))
 
@@ -248,12 +308,6 @@ class VideoJobStore:
             pairs += [name, "" if value is None else value]
         keys = [self._job(video_id), self._lease(video_id)]
         return bool(self._finish(keys=keys, args=[max(1, int(ttl_s)), *pairs]))
-
-    def release(self, video_id: str, token: str) -> None:
-        """Give up a run's lease (the run ended without finishing, e.g. cancelled)."""
-        lease = self._lease(video_id)
-        if self._redis.get(lease) == token:
-            self._redis.delete(lease)
 
     def publish_limits(self, model_id: str, limits: dict[str, Any]) -> None:
         """A replica's model's limits, for the ingress to check requests against at once."""

@@ -6,8 +6,10 @@ follow-up PR"), so the queues use Celery's. Its settings here are what durabilit
 - late acknowledgement and requeue on a lost worker (Serve's adapter sets both): a job
   whose replica dies is not acknowledged, and Redis hands it out again after
   `videos.redelivery_s` (Celery's visibility timeout);
-- a prefetch of one: a replica reserves no more jobs than it runs, so an idle replica is
-  never left waiting while another holds a backlog;
+- a prefetch multiplier of one: a replica reserves one job per consumer thread
+  (`jobs_per_replica`), so an idle replica is not left waiting while another holds a backlog;
+- retries of `DeliverLater` only (a delivery that must wait), never of a run's own failure:
+  that is the job's, written to its record;
 - one queue per model, so only that model's replicas take its jobs.
 The message carries the job's id and nothing else: the record in Redis is the job.
 """
@@ -18,6 +20,13 @@ from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
 from ray.serve.task_consumer import instantiate_adapter_from_config
 
 from deployments.config.video_config import VIDEO_TASK, VideoConfig
+
+
+class DeliverLater(RuntimeError):
+    """A delivery that cannot run its job now: the job is held by another live run, its
+    record cannot be reached, or the replica is stopping. Celery delivers it again later
+    (backing off up to `lease_s`, without limit: the job ends by its record, which a run
+    finishes or which expires), so that a job is never dropped while it is unfinished."""
 
 
 def task_processor_config(
@@ -41,16 +50,15 @@ def task_processor_config(
                 "worker_hijack_root_logger": False,
                 "worker_redirect_stdouts": False,
             },
+            # A run's failures are the job's (the worker records them): Celery retries only
+            # `DeliverLater`, never an error Serve's adapter would otherwise retry blindly.
+            task_custom_config={
+                "autoretry_for": (DeliverLater,),
+                "retry_kwargs": {"max_retries": None},
+                "retry_backoff_max": max(1, int(videos.lease_s)),
+            },
         ),
-        # A run's failures are the job's (the worker records them): Celery retries only a
-        # delivery that found the job held by another live run (see `JobBusy`).
-        max_retries=videos.max_attempts,
     )
-
-
-class JobBusy(RuntimeError):
-    """A delivery of a job that another live run holds: Celery retries it later, so that if
-    that run dies, this delivery takes the job over rather than the job being dropped."""
 
 
 class VideoQueues:
@@ -65,5 +73,6 @@ class VideoQueues:
         }
 
     def enqueue(self, model_id: str, video_id: str) -> None:
-        """Blocking (a Redis write): call it from a thread."""
-        self._adapters[model_id].enqueue_task_sync(VIDEO_TASK, args=[video_id])
+        """Blocking (a Redis write): call it from a thread. No result is kept: the record
+        is the job's outcome."""
+        self._adapters[model_id].enqueue_task_sync(VIDEO_TASK, args=[video_id], ignore_result=True)

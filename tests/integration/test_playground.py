@@ -106,6 +106,7 @@ def test_type_a_prompt_generate_and_see_the_images(page):
     )
     assert sizes == [[128, 128], [128, 128]]
     assert "Done: 2 image(s)" in page.inner_text("#status")
+    assert page.is_hidden("#videos")  # this service serves no video
     assert page.is_hidden("#error")
     captions = page.eval_on_selector_all("figcaption", "c => c.map(e => e.textContent)")
     assert "seed 7" in captions[0] and "seed 8" in captions[1]

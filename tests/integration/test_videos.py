@@ -27,6 +27,8 @@ from serve_app import build_app
 from tests.harness import free_port
 from tests.redis_server import RedisServer
 
+from .helpers import scrape_until, total
+
 pytestmark = pytest.mark.integration
 
 APP = "videos"
@@ -82,13 +84,12 @@ def receiver() -> Iterator[Receiver]:
     receiver.close()
 
 
-@pytest.fixture(scope="module")
-def base_url(serve_url, redis_server, receiver, tmp_path_factory) -> Iterator[str]:
-    args = {
+def app_args(redis_url: str, receiver_url: str, files: str, num_cpus: float = 0.5) -> dict:
+    return {
         "models": [{"id": "tiny-sd3", "device": "cpu", "deployment": {"num_replicas": 1}}],
-        "storage": {"directory": str(tmp_path_factory.mktemp("files"))},
+        "storage": {"directory": files},
         "videos": {
-            "redis_url": redis_server.url,
+            "redis_url": redis_url,
             "models": [
                 {
                     "id": "tiny-wan",
@@ -101,7 +102,7 @@ def base_url(serve_url, redis_server, receiver, tmp_path_factory) -> Iterator[st
                     "deployment": {
                         "num_replicas": 1,
                         "ray_actor_options": {
-                            "num_cpus": 0.5,
+                            "num_cpus": num_cpus,
                             "runtime_env": {"env_vars": {"VIDEO_WEBHOOK_SECRET": SECRET}},
                         },
                     },
@@ -110,10 +111,23 @@ def base_url(serve_url, redis_server, receiver, tmp_path_factory) -> Iterator[st
             # A killed replica's job goes to its replacement within seconds, not an hour.
             "lease_s": 2,
             "redelivery_s": 8,
-            "webhooks": [{"url": receiver.url, "secret_env": "VIDEO_WEBHOOK_SECRET"}],
+            "webhooks": [{"url": receiver_url, "secret_env": "VIDEO_WEBHOOK_SECRET"}],
         },
     }
-    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("files"))
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_url, redis_server, receiver, files) -> Iterator[str]:
+    serve.run(
+        build_app(app_args(redis_server.url, receiver.url, files)),
+        name=APP,
+        route_prefix=f"/{APP}",
+    )
     yield f"{serve_url}/{APP}"
     serve.delete(APP)
 
@@ -238,7 +252,7 @@ def _video_replica_pids() -> list[int]:
     ]
 
 
-def test_a_job_whose_replica_is_killed_runs_again_and_completes_once(client):
+def test_a_job_whose_replica_is_killed_runs_again_and_completes_once(client, redis_server):
     video_id = create(client, num_inference_steps=150)
     deadline = time.monotonic() + 60
     while client.videos.retrieve(video_id).progress < 5:
@@ -249,6 +263,12 @@ def test_a_job_whose_replica_is_killed_runs_again_and_completes_once(client):
     video = wait_for_end(client, video_id, timeout_s=180)
     assert video.status == "completed", video.error
     assert client.videos.download_content(video_id).read()[4:8] == b"ftyp"
+    assert attempts(redis_server, video_id) == 2  # the killed run, and the one that finished
+
+
+def attempts(redis_server: RedisServer, video_id: str) -> int:
+    with redis_server.client() as plain:
+        return int(plain.hget(f"image-service:video:job:{video_id}", "attempts"))
 
 
 def test_no_accepted_job_is_lost_when_redis_restarts(client, redis_server):
@@ -256,3 +276,79 @@ def test_no_accepted_job_is_lost_when_redis_restarts(client, redis_server):
     redis_server.restart(down_s=1.0)
     ended = [wait_for_end(client, video_id, timeout_s=180) for video_id in ids]
     assert [video.status for video in ended] == ["completed"] * 4
+
+
+def test_a_replica_stopped_by_a_redeploy_hands_its_job_back(client, redis_server, receiver, files):
+    """Serve stops a replica gracefully (a redeploy, a scale-down): its run stops at the next
+    step and its job goes back to the queue, uncounted, and the new replica starts it at
+    once; it is not left to a kill and `redelivery_s`."""
+    video_id = create(client, num_inference_steps=2000)  # a minute or more: still running
+    deadline = time.monotonic() + 60
+    while client.videos.retrieve(video_id).progress < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    _, first_start = times(redis_server, video_id)
+    # New actor options: Serve replaces the replica (the new one first, then the old stops).
+    serve.run(
+        build_app(app_args(redis_server.url, receiver.url, files, num_cpus=0.4)),
+        name=APP,
+        route_prefix=f"/{APP}",
+    )
+    deadline = time.monotonic() + 90
+    while times(redis_server, video_id)[1] == first_start:
+        assert time.monotonic() < deadline, "the job was not started again"
+        time.sleep(0.2)
+    assert attempts(redis_server, video_id) == 1  # handed back: the stopped run not counted
+    client.videos.delete(video_id)
+
+
+def times(redis_server: RedisServer, video_id: str) -> tuple[str, str]:
+    with redis_server.client() as plain:
+        return tuple(plain.hmget(f"image-service:video:job:{video_id}", "queued_at", "started_at"))
+
+
+def test_jobs_and_webhook_deliveries_are_in_the_metrics(client):
+    """Earlier tests completed jobs and retried a webhook; Ray exports what the replicas
+    recorded on its Prometheus endpoint."""
+
+    def recorded(samples) -> bool:
+        return (
+            total(samples, "ray_video_generation_jobs_total", model="tiny-wan", outcome="completed")
+            >= 1
+            and total(samples, "ray_video_generation_queue_wait_seconds_count", model="tiny-wan")
+            >= 1
+            and total(samples, "ray_video_generation_job_seconds_count", model="tiny-wan") >= 1
+            and total(samples, "ray_video_generation_webhook_deliveries_total", outcome="delivered")
+            >= 1
+            and total(samples, "ray_video_generation_webhook_deliveries_total", outcome="retrying")
+            >= 1
+        )
+
+    assert recorded(scrape_until(recorded))
+
+
+def test_the_playground_makes_a_video_and_plays_it(base_url):
+    """In a real headless Chromium: the page shows its video form only where the service
+    serves videos, makes a job, follows its progress and plays the MP4 it fetched."""
+    from playwright.sync_api import sync_playwright
+
+    from .test_playground import CHROMIUM_ARGS, chromium_path
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(f"{base_url}/")
+        page.wait_for_selector("#videos:not([hidden])")
+        page.fill("#video_prompt", "a fox in the snow")
+        page.fill("#video_seconds", "1")
+        page.fill("#video_size", "32x32")
+        page.click("#make-video")
+        page.wait_for_function(
+            "(() => { const v = document.getElementById('video-player');"
+            " return !v.hidden && v.readyState >= 1; })()",
+            timeout=120_000,
+        )
+        assert page.evaluate("document.getElementById('video-player').videoWidth") == 32
+        assert "completed" in page.inner_text("#video-status")
+        assert page.is_hidden("#video-error")
+        browser.close()

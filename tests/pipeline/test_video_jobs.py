@@ -11,12 +11,13 @@ import time
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from deployments.storage import ImageStore
 from deployments.video.job_runner import RunSettings, VideoJobRunner, frames_for
 from deployments.video.video_model import VideoModel
 from deployments.videos.video_jobs import VideoJobStore, VideoSpec
-from deployments.videos.video_queue import JobBusy
+from deployments.videos.video_queue import DeliverLater
 from tests.redis_server import RedisServer
 
 PREFIX = "test:video:"
@@ -112,7 +113,7 @@ def test_the_clip_is_the_model_alone_whatever_runs_beside_it(model, jobs, files)
 def test_a_second_delivery_of_a_running_job_leaves_it_to_its_run(model, jobs, files):
     record = jobs.create("owner", spec())
     assert jobs.claim(record.id, "other-run", max_attempts=3) == ("claimed", "1")
-    with pytest.raises(JobBusy):
+    with pytest.raises(DeliverLater):
         runner(model, jobs, files).run(record.id)
     assert jobs.get(record.id).status == "in_progress"
 
@@ -158,17 +159,63 @@ def test_deleting_a_running_job_stops_it_at_its_next_step(model, jobs, files):
 
 def test_a_run_that_finishes_a_job_finished_meanwhile_keeps_no_files(model, jobs, files):
     record = jobs.create("owner", spec())
+    original = jobs.finish
+
+    def finish(video_id, ttl_s, **fields):
+        # Another run finished the job while this one encoded its clip.
+        original(video_id, ttl_s, status="completed", video_name="elsewhere.mp4")
+        return original(video_id, ttl_s, **fields)
+
+    jobs.finish = finish
+    assert runner(model, jobs, files).run(record.id) == "superseded"
+    assert jobs.get(record.id).video_name == "elsewhere.mp4"
+    assert not list(files.directory.glob("*.mp4")) and not list(files.directory.glob("*.webp"))
+
+
+def test_a_run_whose_job_was_taken_over_stops_and_leaves_it_to_the_other(
+    model, jobs, files, redis_server
+):
+    record = jobs.create("owner", spec(num_inference_steps=40))
     original = jobs.progress
 
     def progress(video_id, token, percent):
-        # Another run finishes the job while this one is still denoising.
-        jobs.finish(video_id, 600, status="completed", video_name="elsewhere.mp4")
+        # This run's lease lapsed (a long stall) and another delivery claimed the job.
+        with redis_server.client() as plain:
+            plain.set(f"{PREFIX}lease:{video_id}", "other-run")
         return original(video_id, token, percent)
 
     jobs.progress = progress
     assert runner(model, jobs, files).run(record.id) == "superseded"
-    assert jobs.get(record.id).video_name == "elsewhere.mp4"
-    assert not list(files.directory.glob("*.mp4"))
+    assert jobs.get(record.id).status == "in_progress"  # the other run's to finish
+
+
+def test_a_stopping_replica_hands_its_running_job_back_uncounted(model, jobs, files):
+    record = jobs.create("owner", spec(num_inference_steps=40))
+    worker = runner(model, jobs, files)
+    original = jobs.progress
+    steps = []
+
+    def progress(video_id, token, percent):
+        steps.append(percent)
+        if len(steps) == 2:
+            worker.stop()  # Serve stops the replica
+        return original(video_id, token, percent)
+
+    jobs.progress = progress
+    with pytest.raises(DeliverLater):  # Celery delivers it again, to a live replica
+        worker.run(record.id)
+    assert len(steps) <= 3
+    handed = jobs.get(record.id)
+    assert (handed.status, handed.attempts, handed.progress) == ("queued", 0, 0)
+    jobs.progress = original
+    assert runner(model, jobs, files).run(record.id) == "completed"
+    assert jobs.get(record.id).attempts == 1
+
+
+def test_a_record_out_of_reach_is_delivered_again_later(model, files, tmp_path):
+    down = VideoJobStore.connect("redis://127.0.0.1:1/0", PREFIX, lease_s=30)
+    with pytest.raises(DeliverLater):
+        runner(model, down, files).run("video_0")
 
 
 def test_a_request_the_model_refuses_fails_naming_it(model, jobs, files):
@@ -184,3 +231,29 @@ def test_seconds_become_frames_by_the_models_rule(model):
     assert (frames - 1) % limits.frame_multiple == 0
     assert abs((frames - 1) - 16) <= limits.frame_multiple
     assert frames_for(1000, 16, limits) <= limits.max_frames
+
+
+@pytest.fixture(scope="module")
+def i2v_model() -> VideoModel:
+    return VideoModel.load("embedded:tiny-wan-i2v")
+
+
+def png(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_to_video_job_starts_from_its_reference(i2v_model, jobs, files):
+    clips = []
+    for colour in ((250, 10, 10), (10, 10, 250)):
+        name = files.save(png(colour), "png")
+        record = jobs.create("owner", spec(model="tiny-wan-i2v", reference_name=name))
+        assert runner(i2v_model, jobs, files).run(record.id) == "completed"
+        assert files.read(name) is None  # the reference goes once the job is done
+        clips.append(files.read(jobs.get(record.id).video_name))
+    assert clips[0] != clips[1]
+    # Its reference expired before the job ran: the job fails, naming it.
+    record = jobs.create("owner", spec(model="tiny-wan-i2v", reference_name="gone.png"))
+    assert runner(i2v_model, jobs, files).run(record.id) == "failed"
+    assert "input_reference" in jobs.get(record.id).error_message

@@ -5,7 +5,7 @@ cursor page, newest first by default), `DELETE /v1/videos/{id}` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -38,9 +38,11 @@ def video_router(
     max_upload_bytes: int,
     dependencies: list[Any],
     guard: Callable[[Request], str],
+    admit: Callable[[Request, int], Awaitable[None]] | None = None,
 ) -> APIRouter:
     """The routes; `guard` refuses what every route of the API refuses (a malformed request
-    id, a foreign origin) and returns the request's id."""
+    id, a foreign origin) and returns the request's id; `admit` applies the key's quotas to
+    a new job's cost."""
     router = APIRouter(dependencies=dependencies)
 
     @router.post("/v1/videos", openapi_extra=_form_schema())
@@ -48,7 +50,12 @@ def video_router(
         request_id = guard(request)
         form = await form_body(request, max_upload_bytes, what="video request")
         try:
-            return await service.create(form, owner_of(request), request_id)
+            return await service.create(
+                form,
+                owner_of(request),
+                request_id,
+                admit=(lambda cost: admit(request, cost)) if admit is not None else None,
+            )
         finally:
             await form.close()
 

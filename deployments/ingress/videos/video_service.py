@@ -13,7 +13,7 @@ import asyncio
 import io
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis
@@ -23,7 +23,6 @@ from starlette.datastructures import FormData, UploadFile
 
 from deployments.config.app_config import RequestLimits
 from deployments.config.video_config import VideoConfig, VideoModelConfig
-from deployments.ingress.bodies import form_value
 from deployments.ingress.errors import (
     APIError,
     from_validation_error,
@@ -39,11 +38,13 @@ from deployments.ingress.videos.video_protocol import (
     VideoObject,
 )
 from deployments.storage import ImageStorage, StorageUnavailable
-from deployments.videos.video_jobs import VideoJobStore, VideoRecord, VideoSpec
+from deployments.videos.video_jobs import VideoJobStore, VideoRecord, VideoSpec, clip_frames
 from deployments.videos.video_queue import VideoQueues
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
+# Admits a job of this many image-steps under its key's quotas (or refuses it with a 429).
+Admit = Callable[[int], Awaitable[None]]
 REFERENCE_FIELD = "input_reference"
 
 
@@ -83,7 +84,11 @@ class VideoService:
                 "The video job store is unavailable. Retry shortly.", retry_after_s=2
             ) from None
 
-    async def create(self, form: FormData, owner: str, request_id: str) -> VideoObject:
+    async def create(
+        self, form: FormData, owner: str, request_id: str, admit: Admit | None = None
+    ) -> VideoObject:
+        """Validate, `admit` (the key's quotas, given the job's cost in image-steps: frames
+        x steps, each frame an image), store the reference, record and queue the job."""
         fields, reference = _form_parts(form)
         try:
             request = VideoCreateRequest.model_validate(fields)
@@ -92,21 +97,38 @@ class VideoService:
         model = self._model(request.model)
         limits = await self._redis(self._jobs.limits, model.id)
         spec = self._spec(request, model, limits or {})
+        if reference is None and (limits or {}).get("image_to_video"):
+            raise invalid_request(
+                "Missing required parameter: 'input_reference' (this model makes a video "
+                "from an image).",
+                param=REFERENCE_FIELD,
+                code="missing_required_parameter",
+            )
+        if admit is not None:
+            await admit(_frames(spec, limits or {}) * spec.num_inference_steps)
         if reference is not None:
             spec = await self._with_reference(spec, reference, limits)
+        # Shielded: a client that leaves now must not leave a record that is never queued.
+        record = await asyncio.shield(self._record_and_queue(owner, spec, request_id))
+        logger.info("request %s: video job %s queued on %s", request_id, record.id, spec.model)
+        return VideoObject.of(record)
+
+    async def _record_and_queue(self, owner: str, spec: VideoSpec, request_id: str) -> VideoRecord:
         record = await self._redis(self._jobs.create, owner, spec)
         try:
-            await asyncio.to_thread(self._queues.enqueue, model.id, record.id)
+            await asyncio.to_thread(self._queues.enqueue, spec.model, record.id)
         except Exception as error:  # the broker (the same Redis) refused the message
             logger.error("request %s: queueing video failed: %s", request_id, error)
-            await self._redis(self._jobs.delete, record.id)
+            try:
+                await asyncio.to_thread(self._jobs.delete, record.id)
+            except redis.RedisError:  # expires unfinished (`UNFINISHED_TTL_S`)
+                logger.error("request %s: an unqueued record is left: %s", request_id, record.id)
             if spec.reference_name is not None:
-                self._files.discard(spec.reference_name)
+                await asyncio.to_thread(self._files.discard, spec.reference_name)
             raise service_unavailable(
                 "The video queue is unavailable. Retry shortly.", retry_after_s=2
             ) from None
-        logger.info("request %s: video job %s queued on %s", request_id, record.id, model.id)
-        return VideoObject.of(record)
+        return record
 
     def _model(self, model_id: str | None) -> VideoModelConfig:
         if model_id is None:
@@ -120,10 +142,11 @@ class VideoService:
     ) -> VideoSpec:
         """The job, checked against the config and the limits the model's replicas published
         (when one has started: before, the worker checks them and fails the job)."""
-        if len(request.prompt) > self._limits.max_prompt_chars:
-            raise _invalid(
-                "prompt", f"it is longer than {self._limits.max_prompt_chars} characters"
-            )
+        most = self._limits.max_prompt_chars
+        texts = (("prompt", request.prompt), ("negative_prompt", request.negative_prompt))
+        for param, text in texts:
+            if text is not None and len(text) > most:
+                raise _invalid(param, f"it is longer than {most} characters")
         seconds = int(request.seconds) if request.seconds else model.seconds[0]
         if seconds not in model.seconds:
             served = ", ".join(f"'{second}'" for second in model.seconds)
@@ -168,10 +191,9 @@ class VideoService:
         except UploadError as error:
             raise invalid_request(error.message, param=error.param, code="invalid_image") from None
         # Stored at the clip's size, as PNG: the worker reads it back, whichever it is.
-        buffer = io.BytesIO()
-        Image.fromarray(image_pixels(image, spec.width, spec.height)).save(buffer, "PNG")
+        data = await asyncio.to_thread(_png_at, image, spec.width, spec.height)
         try:
-            name = await asyncio.to_thread(self._files.save, buffer.getvalue(), "png")
+            name = await asyncio.to_thread(self._files.save, data, "png")
         except StorageUnavailable as error:
             logger.error("storing an input_reference failed: %s", error)
             raise service_unavailable("The file store is unavailable. Retry shortly.") from None
@@ -187,7 +209,10 @@ class VideoService:
         return record
 
     async def list(self, owner: str, after: str | None, limit: int, order: str) -> VideoList:
-        records, has_more = await self._redis(self._jobs.list, owner, after, limit, order == "desc")
+        page = await self._redis(self._jobs.list, owner, after, limit, order == "desc")
+        if page is None:
+            raise _invalid("after", f"'{after[:64]}' is none of your videos")
+        records, has_more = page
         data = [VideoObject.of(record) for record in records]
         return VideoList(
             data=data,
@@ -198,12 +223,18 @@ class VideoService:
 
     async def delete(self, owner: str, video_id: str) -> VideoDeleted:
         """Delete a job in any state: a queued one never runs, a running one stops at its
-        next step, a finished one's files go with it."""
-        record = await self._owned(owner, video_id)
-        await self._redis(self._jobs.delete, video_id)
-        for name in (record.video_name, record.thumbnail_name, record.spec.reference_name):
-            if name is not None and record.status in ("completed", "failed", "queued"):
-                # A running job's reference is the worker's to drop (it may be reading it).
+        next step, a finished one's files go with it (from a directory at once; a bucket's
+        lifecycle rule removes them, see the store)."""
+        await self._owned(owner, video_id)
+        record = await self._redis(self._jobs.delete, video_id)
+        if record is None:  # deleted by a concurrent call
+            raise not_found(video_id)
+        names = [record.video_name, record.thumbnail_name]
+        if record.status != "in_progress":
+            # A running job's reference is its run's to drop (it may be reading it).
+            names.append(record.spec.reference_name)
+        for name in names:
+            if name is not None:
                 await asyncio.to_thread(self._files.discard, name)
         return VideoDeleted(id=video_id)
 
@@ -228,6 +259,22 @@ class VideoService:
         return data, ("video/mp4" if variant == "video" else "image/webp")
 
 
+def _png_at(image: Image.Image, width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image_pixels(image, width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _frames(spec: VideoSpec, limits: dict[str, Any]) -> int:
+    """The job's frames as its worker will count them; by Wan's rule (16 fps, 4k + 1, at
+    most 81) before a replica of its model has published the model's own."""
+    if spec.num_frames is not None:
+        return spec.num_frames
+    fps = spec.fps or int(limits.get("default_fps", 16))
+    multiple = int(limits.get("frame_multiple", 4))
+    return clip_frames(spec.seconds, fps, multiple, int(limits.get("max_frames", 81)))
+
+
 def _invalid(param: str, reason: str) -> APIError:
     return invalid_request(
         f"Invalid value for '{param}': {reason}.", param=param, code="invalid_value"
@@ -247,7 +294,7 @@ def _form_parts(form: FormData) -> tuple[dict[str, object], UploadFile | None]:
                 )
             reference = value
         else:
-            fields[name] = form_value(value)
+            fields[name] = value  # text; the schema converts the numbers
     return fields, reference
 
 
