@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from deployments.config.base import CACHE_ENV_VAR
+from tests.redis_server import RedisServer
 
 _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="image-service-tests-"))
 os.environ.setdefault(CACHE_ENV_VAR, str(_SESSION_CACHE))
@@ -57,3 +59,31 @@ def s3_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     for name, value in S3_ENV.items():
         monkeypatch.setenv(name, value)
+
+
+# --- a real Redis (`redis-server`), for the quotas and the video jobs ------------------------
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(shared_redis) -> RedisServer:
+    """The session's Redis, emptied for each test."""
+    with shared_redis.client() as client:
+        client.flushall()
+    return shared_redis
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[RedisServer]:
+    """A Redis of the test's own, for tests that stop or restart it."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from fastapi.testclient import TestClient
 
 from deployments.config.app_config import AppArgs
 from deployments.ingress.app import create_api
 from deployments.storage import ImageStore
-from tests.redis_server import RedisServer
 
 from .fakes import FakeGenerator
 
@@ -47,28 +44,3 @@ def client(args, generator, store) -> TestClient:
     return TestClient(
         create_api(args, {"tiny-sd3": generator}, store), raise_server_exceptions=False
     )
-
-
-@pytest.fixture(scope="session")
-def shared_redis(tmp_path_factory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def redis_server(shared_redis) -> RedisServer:
-    """The session's Redis, emptied for each test."""
-    with shared_redis.client() as client:
-        client.flushall()
-    return shared_redis
-
-
-@pytest.fixture
-def own_redis(tmp_path) -> Iterator[RedisServer]:
-    """A Redis of the test's own, for tests that stop or restart it."""
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()

@@ -18,17 +18,8 @@ from deployments.video.job_runner import RunSettings, VideoJobRunner, frames_for
 from deployments.video.video_model import VideoModel
 from deployments.videos.video_jobs import VideoJobStore, VideoSpec
 from deployments.videos.video_queue import DeliverLater
-from tests.redis_server import RedisServer
 
 PREFIX = "test:video:"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +29,6 @@ def model() -> VideoModel:
 
 @pytest.fixture
 def jobs(redis_server) -> VideoJobStore:
-    with redis_server.client() as client:
-        client.flushall()
     store = VideoJobStore.connect(redis_server.url, PREFIX, lease_s=30)
     yield store
     store.close()

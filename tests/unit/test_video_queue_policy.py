@@ -14,18 +14,9 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from deployments.config.video_config import VideoConfig
 from deployments.videos.queue_policy import RUNNING_METRIC, VideoQueuePolicy
-from tests.redis_server import RedisServer
 
 DEPLOYMENT = DeploymentID(name="VideoGenerator:tiny-wan", app_name="images")
 QUEUE = "image-service:video:queue:tiny-wan"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def context(running: dict[str, float], target: float = 1.0) -> AutoscalingContext:
