@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from ray.serve.schema import DeploymentSchema
@@ -21,6 +21,7 @@ from deployments.config.base import Strict
 from deployments.config.quota_config import check_redis_url
 
 VIDEO_DEPLOYMENT = "VideoGenerator"
+SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 # The name of the one task every video queue carries.
 VIDEO_TASK = "generate_video"
 
@@ -44,9 +45,11 @@ class VideoModelConfig(Strict):
     )
     device: str = Field(default="cpu", description="`cpu`, `cuda`, `cuda:1`, ...")
     default_size: str = Field(
-        default="32x32", description="`size` when a request gives none (`WIDTHxHEIGHT`)."
+        default="32x32",
+        pattern=SIZE_PATTERN,
+        description="`size` when a request gives none (`WIDTHxHEIGHT`).",
     )
-    sizes: list[str] = Field(
+    sizes: list[Annotated[str, Field(pattern=SIZE_PATTERN)]] = Field(
         default_factory=list,
         description="The sizes served (`WIDTHxHEIGHT` each); empty: any size that is a "
         "multiple of the model's own and at most `max_pixels`.",
@@ -95,6 +98,11 @@ class VideoModelConfig(Strict):
     def _defaults_fit(self) -> VideoModelConfig:
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps exceeds max_steps")
+        if self.sizes and self.default_size not in self.sizes:
+            raise ValueError(f"default_size {self.default_size} is not one of sizes")
+        width, height = (int(side) for side in self.default_size.split("x"))
+        if width * height > self.max_pixels:
+            raise ValueError(f"default_size {self.default_size} exceeds max_pixels")
         if any(second < 1 for second in self.seconds):
             raise ValueError("seconds: each must be at least 1")
         return self

@@ -149,6 +149,21 @@ def test_default_size_must_fit_the_models_rules():
         parse_args({"models": [{"default_size": "1024x1024"}], "limits": {"max_pixels": 4096}})
 
 
+def test_video_models_are_checked_by_name():
+    redis = {"redis_url": "redis://127.0.0.1:6379/0"}
+    with pytest.raises(InvalidArgs, match=r"args\.videos: .*exactly one of redis_url"):
+        parse_args({"videos": {}})
+    with pytest.raises(InvalidArgs, match=r"args\.videos\.models\.0\.default_size"):
+        parse_args({"videos": {**redis, "models": [{"default_size": "big"}]}})
+    with pytest.raises(InvalidArgs, match="exceeds max_pixels"):
+        parse_args({"videos": {**redis, "models": [{"default_size": "4000x4000"}]}})
+    with pytest.raises(InvalidArgs, match="max_ongoing_requests is set by jobs_per_replica"):
+        parse_args({"videos": {**redis, "models": [{"deployment": {"max_ongoing_requests": 4}}]}})
+    with pytest.raises(InvalidArgs, match="lease_s must be shorter"):
+        parse_args({"videos": {**redis, "lease_s": 10, "redelivery_s": 5}})
+    assert parse_args({"videos": redis}).videos.models[0].id == "tiny-wan"
+
+
 def test_defaults_must_be_within_the_limits():
     with pytest.raises(InvalidArgs, match="max_steps"):
         parse_args({"models": [{"default_steps": 30}], "limits": {"max_steps": 20}})
