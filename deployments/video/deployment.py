@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -36,6 +37,9 @@ from deployments.videos.video_queue import task_processor_config
 from deployments.videos.webhook_delivery import DeliveryAttempt, WebhookEndpoint, WebhookSender
 
 logger = logging.getLogger("ray.serve")
+# The longest a stopping replica waits for its runs to reach their next step and hand their
+# jobs back (a step of a large model on a busy GPU may take tens of seconds).
+STOP_WAIT_S = 600.0
 
 
 class VideoGenerator:
@@ -140,6 +144,11 @@ def video_deployment(
         def __del__(self) -> None:
             if getattr(self, "_runner", None) is not None:
                 self.stop_runs()
+                # A step may outlast the 10 s Serve's consumer gives Celery's worker; Serve
+                # kills the replica at its `graceful_shutdown_timeout_s` in any case.
+                deadline = time.monotonic() + STOP_WAIT_S
+                while self._runner.running and time.monotonic() < deadline:
+                    time.sleep(0.1)
             super().__del__()
 
     StoppingConsumer.__name__ = StoppingConsumer.__qualname__ = VideoGenerator.__name__

@@ -97,6 +97,8 @@ class VideoJobRunner:
     def run(self, video_id: str) -> str:
         """Deliver the job once; the outcome (for the logs and tests). `DeliverLater` asks
         the queue to deliver it again later."""
+        if self._stopping.is_set():  # Celery hands a stopping replica what it still holds
+            raise DeliverLater(f"video job {video_id}: replica stopping")
         token = secrets.token_hex(8)
         try:
             claim, detail = self._jobs.claim(video_id, token, self._settings.max_attempts)
@@ -160,11 +162,22 @@ class VideoJobRunner:
             self._ended("cancelled", record)
             logger.info("video job %s: deleted while running, stopped", record.id)
             return "cancelled"
-        if self._stopping.is_set() and self._hand_back(record.id, token):
-            logger.info("video job %s: replica stopping, job handed back", record.id)
-            raise DeliverLater(f"video job {record.id}: handed back by a stopping replica")
+        if self._stopping.is_set():
+            # Handed back, or (the lease lapsed, Redis away) left for the next claim to sort
+            # out: either way the message must stay, so the job is delivered again.
+            if self._hand_back(record.id, token):
+                logger.info("video job %s: replica stopping, job handed back", record.id)
+            elif self._record_gone(record.id):  # deleted meanwhile: its reference is ours
+                self._discard(record.spec.reference_name)
+            raise DeliverLater(f"video job {record.id}: stopped with its replica")
         logger.info("video job %s: finished or taken over elsewhere, stopped", record.id)
         return "superseded"
+
+    def _record_gone(self, video_id: str) -> bool:
+        try:
+            return self._jobs.get(video_id) is None
+        except redis.RedisError:
+            return False
 
     def _hand_back(self, video_id: str, token: str) -> bool:
         try:

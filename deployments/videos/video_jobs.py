@@ -26,7 +26,7 @@ import redis
 VideoStatus = Literal["queued", "in_progress", "completed", "failed"]
 FINAL_STATUSES = ("completed", "failed")
 
-# KEYS[1] job, KEYS[2] lease; ARGV: token, lease ms, max attempts.
+# KEYS[1] job, KEYS[2] lease; ARGV: token, lease ms, max attempts, now (started_at).
 # -> {"claimed", attempts} | {"busy"} | {"gone"} | {"final", status} | {"exhausted", attempts}
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end

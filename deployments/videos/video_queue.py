@@ -52,8 +52,12 @@ def task_processor_config(
             },
             # A run's failures are the job's (the worker records them): Celery retries only
             # `DeliverLater`, never an error Serve's adapter would otherwise retry blindly.
+            # `max_retries` both as the task's own (Celery falls back to it, 3 by default,
+            # when a retry names None) and in the retry's arguments (Serve's adapter puts
+            # its own there).
             task_custom_config={
                 "autoretry_for": (DeliverLater,),
+                "max_retries": None,
                 "retry_kwargs": {"max_retries": None},
                 "retry_backoff_max": max(1, int(videos.lease_s)),
             },

@@ -201,6 +201,17 @@ def test_a_stopping_replica_hands_its_running_job_back_uncounted(model, jobs, fi
     assert jobs.get(record.id).attempts == 1
 
 
+def test_a_stopping_replica_takes_no_new_job(model, jobs, files):
+    """Between its stop and Celery's, a replica may still be handed jobs: each goes back."""
+    record = jobs.create("owner", spec())
+    worker = runner(model, jobs, files)
+    worker.stop()
+    with pytest.raises(DeliverLater):
+        worker.run(record.id)
+    untouched = jobs.get(record.id)
+    assert (untouched.status, untouched.attempts) == ("queued", 0)
+
+
 def test_a_record_out_of_reach_is_delivered_again_later(model, files, tmp_path):
     down = VideoJobStore.connect("redis://127.0.0.1:1/0", PREFIX, lease_s=30)
     with pytest.raises(DeliverLater):
