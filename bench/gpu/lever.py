@@ -24,6 +24,7 @@ def run_lever(
     record: dict[str, Any] = {
         "lever": lever.name,
         "optimizations": lever.optimizations,
+        "batching": lever.batching,
         "note": lever.note,
         "points": [],
         "skipped_points": [],
@@ -34,10 +35,14 @@ def run_lever(
         print(f"[{lever.name}] skipped: {reason}", flush=True)
         return {**record, "status": "skipped", "reason": reason}
     note = f" ({lever.note})" if lever.note else ""
-    print(f"[{lever.name}] deploying with optimizations {lever.optimizations}{note}", flush=True)
+    print(
+        f"[{lever.name}] deploying with optimizations {lever.optimizations}, batching "
+        f"{lever.batching}{note}",
+        flush=True,
+    )
     start_estimate = budget.profile.start_s + lever.extra_start_s
     try:
-        args = app_args(budget.profile, source, lever.optimizations)
+        args = app_args(budget.profile, source, lever.optimizations, lever.batching)
         record["start_s"] = stack.deploy(args, timeout_s=min(left, 3 * start_estimate))
         at_start = stack.counters()["cuda_peak_allocated_bytes"]
         record["peak_gpu_gib_at_start"] = round(at_start / GIB, 2) if at_start else None

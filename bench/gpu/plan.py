@@ -85,6 +85,8 @@ class Lever:
     name: str
     optimizations: dict[str, Any]
     extra_start_s: float = 0.0
+    # The model's `batching` on top of the GPU config's (the continuous loop is one).
+    batching: dict[str, Any] = field(default_factory=dict)
     # "matrix": both sizes at every concurrency (the baseline); "key": the large size alone
     # and the small one at the highest concurrency; "large_alone": only the first.
     scope: str = "key"
@@ -135,7 +137,12 @@ def detect_environment() -> Environment:
 
 def levers(profile: Profile, env: Environment) -> tuple[list[Lever], list[tuple[str, str]]]:
     """The levers to measure, in priority order, and those skipped with the reason."""
-    chosen = [Lever("eager", {}, scope="matrix")]
+    # The continuous loop (step-level batches) against the GPU config's request-level ones:
+    # measured on CPUs (docs/benchmarks.md), off in the GPU configs until measured here.
+    chosen = [
+        Lever("eager", {}, scope="matrix"),
+        Lever("continuous", {}, batching={"continuous": True}),
+    ]
     skipped: list[tuple[str, str]] = []
 
     def offer(lever: Lever, missing: str | None) -> None:

@@ -35,9 +35,15 @@ class LeverFailed(RuntimeError):
     """The application did not come up with this lever (its message says why)."""
 
 
-def app_args(profile: Profile, source: Path, optimizations: dict[str, Any]) -> AppArgs:
-    """The GPU config's args, serving the model at `source` with `optimizations`: one
-    replica, no API keys, the profile's device, dtype, size and steps."""
+def app_args(
+    profile: Profile,
+    source: Path,
+    optimizations: dict[str, Any],
+    batching: dict[str, Any] | None = None,
+) -> AppArgs:
+    """The GPU config's args, serving the model at `source` with `optimizations` (and
+    `batching` over the model's own): one replica, no API keys, the profile's device,
+    dtype, size and steps."""
     args = copy.deepcopy(load_config(GPU_CONFIG)["applications"][0]["args"])
     args.pop("auth", None)  # keys would only add a header to every request
     model = args["models"][0]
@@ -50,6 +56,8 @@ def app_args(profile: Profile, source: Path, optimizations: dict[str, Any]) -> A
         default_steps=profile.steps,
         optimizations=optimizations,
     )
+    if batching:
+        model["batching"] = {**model.get("batching", {}), **batching}
     deployment = model["deployment"]
     deployment.pop("autoscaling_config", None)
     deployment["num_replicas"] = 1

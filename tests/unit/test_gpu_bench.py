@@ -99,7 +99,8 @@ def test_plan_only_needs_no_gpu(monkeypatch, capsys):
 
 def test_levers_it_cannot_run_are_skipped_with_a_reason():
     chosen, skipped = levers(GPU, NO_GPU)
-    assert [lever.name for lever in chosen] == ["eager"]
+    # The loop is a batching setting, not an optimization: every checkout runs it.
+    assert [lever.name for lever in chosen] == ["eager", "continuous"]
     reasons = dict(skipped)
     assert "compute capability" in reasons["float8_weight_only"]
     # The service refuses any backend but native for SD3 (its attention bypasses the
@@ -132,3 +133,6 @@ def test_app_args_serve_the_saved_model_with_the_lever(tmp_path):
     assert "autoscaling_config" not in model.deployment
     assert args.auth.api_keys_env is None
     assert transformer_config(True)["num_layers"] == 2
+    looped = app_args(CPU_SMOKE, tmp_path, {}, {"continuous": True}).models[0].batching
+    # The loop on top of the GPU config's own batching, which it keeps.
+    assert looped.continuous and looped.max_batch_images == 4
