@@ -6,7 +6,6 @@ does, for the served benchmarks too: what this test checks is also what each of 
 
 from __future__ import annotations
 
-import io
 import time
 
 import httpx
@@ -56,41 +55,3 @@ def test_serve_run_local_config_serves_images():
         # Only Serve's own access line, written outside the app, still shows what was sent.
         carrying = [line for line in lines if malformed in line]
         assert all("POST /v1/images/generations 400" in line for line in carrying), carrying
-
-
-def test_serve_run_video_config_serves_videos_to_the_official_client(tmp_path):
-    """`config/local-videos.yaml` as its header says to run it: a Redis, its URL in the
-    environment, `serve run`; the official client makes and downloads a clip."""
-    import av
-    import openai
-
-    from tests.redis_server import RedisServer
-
-    redis_server = RedisServer(tmp_path, persistent=True)
-    redis_server.start()
-    config = with_overrides(
-        load_config(REPO / "config" / "local-videos.yaml"),
-        port=free_port(),
-        args={"storage": {"directory": str(tmp_path / "files")}},
-    )
-    env = {"IMAGE_SERVICE_VIDEO_REDIS_URL": redis_server.url}
-    try:
-        with ServeRun(config, env=env) as server:
-            server.wait_for_first_image(timeout_s=240)
-            client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
-            video = client.videos.create_and_poll(
-                model="tiny-wan", prompt="a fox", seconds="1", poll_interval_ms=200, timeout=60
-            )
-            assert video.status == "completed", video.error
-            clip = client.videos.download_content(video.id).read()
-            with av.open(io.BytesIO(clip)) as container:
-                stream = container.streams.video[0]
-                assert (stream.codec_context.name, stream.width, stream.height) == (
-                    "h264",
-                    64,
-                    64,
-                )
-                # One second at Wan's 16 frames per second, as Wan's 4k + 1 frames.
-                assert len(list(container.decode(video=0))) == 17
-    finally:
-        redis_server.stop()

@@ -1,8 +1,12 @@
 """The Videos API through real Ray Serve, a real Redis and a real webhook receiver, with the
 official `openai` client: a job is created, polled, downloaded, listed and deleted; its
 webhook verifies with the client's own check; and the faults a durable job must survive
-(its replica killed mid-job, Redis restarted under load) end every job `completed` or
-`failed`, none lost and none finished twice."""
+(its replica killed mid-job, stopped by a redeploy, Redis restarted under load) end every
+job `completed` or `failed`, none lost and none finished twice. Last, the shipped
+`config/local-videos.yaml` through `serve run`, as its header says to run it.
+
+The suite runs this module in a process of its own beside the rest (README), so its Ray,
+Redis and `serve run` overlap the other tiers rather than adding to them."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from ray import serve
 from deployments.config.video_config import video_deployment_name
 from deployments.videos.webhook_delivery import new_webhook_secret
 from serve_app import build_app
-from tests.harness import free_port
+from tests.harness import REPO, ServeRun, free_port, load_config, with_overrides
 from tests.redis_server import RedisServer
 
 from .helpers import scrape_until, total
@@ -352,3 +356,36 @@ def test_the_playground_makes_a_video_and_plays_it(base_url):
         assert "completed" in page.inner_text("#video-status")
         assert page.is_hidden("#video-error")
         browser.close()
+
+
+def test_serve_run_video_config_serves_videos_to_the_official_client(tmp_path):
+    """`config/local-videos.yaml` as its header says to run it: a Redis, its URL in the
+    environment, `serve run`; the official client makes and downloads a clip."""
+    redis_server = RedisServer(tmp_path, persistent=True)
+    redis_server.start()
+    config = with_overrides(
+        load_config(REPO / "config" / "local-videos.yaml"),
+        port=free_port(),
+        args={"storage": {"directory": str(tmp_path / "files")}},
+    )
+    env = {"IMAGE_SERVICE_VIDEO_REDIS_URL": redis_server.url}
+    try:
+        with ServeRun(config, env=env) as server:
+            server.wait_for_first_image(timeout_s=240)
+            client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+            video = client.videos.create_and_poll(
+                model="tiny-wan", prompt="a fox", seconds="1", poll_interval_ms=200, timeout=60
+            )
+            assert video.status == "completed", video.error
+            clip = client.videos.download_content(video.id).read()
+            with av.open(io.BytesIO(clip)) as container:
+                stream = container.streams.video[0]
+                assert (stream.codec_context.name, stream.width, stream.height) == (
+                    "h264",
+                    64,
+                    64,
+                )
+                # One second at Wan's 16 frames per second, as Wan's 4k + 1 frames.
+                assert len(list(container.decode(video=0))) == 17
+    finally:
+        redis_server.stop()
