@@ -93,13 +93,16 @@ class Jobs:
             if video is not None and video.status in ("completed", "failed"):
                 break
             time.sleep(POLL_S)
-        queued_at, started_at = self._store.times(video_id)
         with self._lock:
             self.ended.append(
                 {
                     "status": video.status,
                     "latency_s": time.time() - created,
-                    "wait_s": (started_at - queued_at) if started_at and queued_at else None,
+                    "wait_s": (
+                        video.started_at - video.queued_at
+                        if video.started_at and video.queued_at
+                        else None
+                    ),
                     "ended": time.time(),
                     "created": created,
                 }

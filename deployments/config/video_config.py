@@ -182,12 +182,7 @@ class VideoConfig(Strict):
 
     def resolved_redis_url(self) -> str:
         """`redis_url`, or the URL in `redis_url_env` (read where it is called)."""
-        if self.redis_url is not None:
-            return self.redis_url
-        value = os.environ.get(self.redis_url_env or "", "")
-        if not value:
-            raise ValueError(f"videos.redis_url_env: ${self.redis_url_env} is not set")
-        return check_redis_url(value)
+        return redis_url_from(self.redis_url, self.redis_url_env)
 
     def model_by_id(self) -> dict[str, VideoModelConfig]:
         return {model.id: model for model in self.models}
@@ -219,6 +214,17 @@ class VideoConfig(Strict):
                 },
             }
         return options
+
+
+def redis_url_from(redis_url: str | None, redis_url_env: str | None) -> str:
+    """The URL given, or the one in the environment variable named, read where this runs
+    (a replica, or Serve's controller for the autoscaling policy)."""
+    if redis_url:
+        return redis_url
+    value = os.environ.get(redis_url_env or "", "")
+    if not value:
+        raise ValueError(f"videos.redis_url_env: ${redis_url_env} is not set")
+    return check_redis_url(value)
 
 
 def _safe(model_id: str) -> str:

@@ -132,9 +132,9 @@ class VideoJobRunner:
             )
             return "failed"
         if self._metrics is not None:
-            queued_at, _ = self._patiently(self._jobs.times, video_id)
             waiting = self._queue_length() if self._queue_length else 0
-            self._metrics.job_started(time.time() - (queued_at or record.created_at), waiting)
+            queued_at = record.queued_at or record.created_at
+            self._metrics.job_started(time.time() - queued_at, waiting)
         logger.info("video job %s: run %s starts", video_id, detail)
         return self._run(record, token)
 

@@ -14,24 +14,15 @@ controller): a URL with a password is then in no config Serve shows.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ray.serve.config import AutoscalingContext
 
+from deployments.config.video_config import redis_url_from
+
 # The key of the dict `VideoGenerator.record_autoscaling_stats` returns.
 RUNNING_METRIC = "video_jobs_running"
 POLICY_FUNCTION = "deployments.videos.queue_policy:VideoQueuePolicy"
-
-
-def redis_url_from(redis_url: str | None, redis_url_env: str | None) -> str:
-    """The URL given, or the one in the environment variable named (read here)."""
-    if redis_url:
-        return redis_url
-    value = os.environ.get(redis_url_env or "", "")
-    if not value:
-        raise ValueError(f"videos.redis_url_env: ${redis_url_env} is not set")
-    return value
 
 
 class VideoQueuePolicy:

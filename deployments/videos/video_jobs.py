@@ -136,6 +136,9 @@ class VideoRecord:
     created_at: int
     spec: VideoSpec
     attempts: int = 0
+    # To the millisecond: when the job was queued, and when its latest run started.
+    queued_at: float | None = None
+    started_at: float | None = None
     completed_at: int | None = None
     expires_at: int | None = None
     error_code: str | None = None
@@ -148,6 +151,9 @@ class VideoRecord:
         def number(name: str) -> int | None:
             return int(fields[name]) if fields.get(name) else None
 
+        def instant(name: str) -> float | None:
+            return float(fields[name]) if fields.get(name) else None
+
         return cls(
             id=fields["id"],
             owner=fields["owner"],
@@ -156,6 +162,8 @@ class VideoRecord:
             created_at=int(fields["created_at"]),
             spec=VideoSpec(**json.loads(fields["spec"])),
             attempts=int(fields.get("attempts") or 0),
+            queued_at=instant("queued_at"),
+            started_at=instant("started_at"),
             completed_at=number("completed_at"),
             expires_at=number("expires_at"),
             error_code=fields.get("error_code") or None,
@@ -227,12 +235,6 @@ class VideoJobStore:
             pipe.zremrangebyscore(self._owned(owner), 0, time.time() - UNFINISHED_TTL_S)
             pipe.execute()
         return record
-
-    def times(self, video_id: str) -> tuple[float | None, float | None]:
-        """When the job was queued, and when its latest run started (None if it has not),
-        in Unix seconds to the millisecond."""
-        queued, started = self._redis.hmget(self._job(video_id), ["queued_at", "started_at"])
-        return (float(queued) if queued else None, float(started) if started else None)
 
     def get(self, video_id: str) -> VideoRecord | None:
         fields = self._redis.hgetall(self._job(video_id))
