@@ -19,6 +19,7 @@ from ray.serve.schema import DeploymentSchema
 from deployments.autoscaling_policy import POLICY_FUNCTION
 from deployments.config.base import Strict
 from deployments.config.optimizations_config import OptimizationsConfig
+from deployments.config.parallel_config import ParallelConfig
 from deployments.config.safety_config import PromptModerationConfig, SafetyConfig
 
 
@@ -306,6 +307,11 @@ class ModelConfig(Strict):
         description="An image classifier every image of this model passes before it leaves "
         "the replica (previews too); unset: none.",
     )
+    parallel: ParallelConfig | None = Field(
+        default=None,
+        description="One replica over several devices: its ranks split each denoising "
+        "step (context parallelism, CFG-parallel); unset: one device per replica.",
+    )
     autoscaling_policy: AutoscalingPolicyConfig | None = Field(
         default=None,
         description="How the autoscaler counts this model's load: unset, Serve's default "
@@ -319,6 +325,8 @@ class ModelConfig(Strict):
         replace whole options, as a config's `deployments:` entry does), with the
         `autoscaling_policy` in whichever `autoscaling_config` results."""
         options = {**self.deployment, **(overrides or {})}
+        if self.parallel is not None and "placement_group_bundles" not in options:
+            options.update(self.parallel.placement(options.get("ray_actor_options") or {}))
         autoscaling = options.get("autoscaling_config")
         if (
             self.autoscaling_policy is not None
@@ -353,6 +361,21 @@ class ModelConfig(Strict):
             # int8 weights take LoRA through peft's torchao layers (checked on CPU: same images
             # alone and among concurrent calls, base unchanged); float8 needs a GPU to check.
             raise ValueError("adapters cannot be combined with float8 quantization yet")
+        return self
+
+    @model_validator(mode="after")
+    def _parallel_fits(self) -> ModelConfig:
+        if self.parallel is None:
+            return self
+        # Each rank holds its own denoiser: what a call changes on rank 0's (an adapter, a
+        # cache's state, a compiled graph) the other ranks would not see.
+        if self.adapters or self.adapter_directory:
+            raise ValueError("parallel: adapters cannot be combined with parallel replicas yet")
+        if self.optimizations.cache is not None or self.optimizations.compile:
+            raise ValueError(
+                "parallel: optimizations.cache and optimizations.compile cannot be combined "
+                "with parallel replicas yet"
+            )
         return self
 
     @model_validator(mode="after")

@@ -36,9 +36,11 @@ from deployments.generator.adapters.adapter_store import AdapterStore
 from deployments.generator.calls.warmup import compiled_graphs, prepare_to_serve
 from deployments.generator.engine import ImageEngine
 from deployments.generator.model.cache_hooks import apply_cache
+from deployments.generator.model.components import denoiser_of
 from deployments.generator.model.model_limits import check_default_size
 from deployments.generator.model.pipelines import load_pipeline, resolve_device
 from deployments.generator.model.torch_threads import cpu_threads_per_call, run_in_pool, worker_pool
+from deployments.generator.parallel.rank_group import RankGroup
 from deployments.generator.safety.image_checker import load_image_checker
 from deployments.generator.safety.safety_gate import SafetyGate
 from deployments.jobs import (
@@ -153,6 +155,8 @@ class ImageGenerator:
             # LoRA adapters in the pipeline now (least recently used first), loads so far,
             # and switches between adapter sets; None for a model without adapters.
             "adapters": self._adapter_counters(),
+            # The processes of a parallel replica's ranks 1..N-1 (`models[].parallel`).
+            "rank_pids": self._engine.rank_pids,
         }
 
     def _adapter_counters(self) -> dict[str, list[str] | int | list[float]] | None:
@@ -201,6 +205,9 @@ def start_engine(
         torch.set_num_threads(cpu_threads_per_call(worker_threads))
     pipeline = load_pipeline(model)
     apply_cache(pipeline, model)  # optimizations.cache; fails the start if unsupported
+    ranks = None
+    if model.parallel is not None:  # before the warm-up: its forwards run on every rank
+        ranks = RankGroup.start(model, denoiser_of(pipeline), torch.get_num_threads())
     prepare_to_serve(pipeline, model, batching)
     metrics = GeneratorMetrics(model.id)
     return ImageEngine(
@@ -212,6 +219,7 @@ def start_engine(
         pool=pool,
         continuous=runs_continuous(model, batching),
         safety=safety_gate(model, pipeline.device),
+        ranks=ranks,
     )
 
 

@@ -37,6 +37,7 @@ from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.model.components import denoiser_of
 from deployments.generator.model.pipelines import RequestPipelines
 from deployments.generator.model.torch_threads import CountingExecutor, worker_pool
+from deployments.generator.parallel.rank_group import RankGroup
 from deployments.generator.progress.previews import fit_previewer
 from deployments.generator.progress.prompt_tokens import PromptTokens
 from deployments.generator.progress.replica_progress import EngineMetrics, ReplicaProgress
@@ -74,11 +75,13 @@ class ImageEngine:
         pool: ThreadPoolExecutor | None = None,
         continuous: bool = False,
         safety: SafetyGate | None = None,
+        ranks: RankGroup | None = None,
     ) -> None:
         """`pool`, if given, is the executor of `worker_threads` threads that loaded the
         pipeline (see `model/torch_threads.py`); otherwise one is made. `continuous`:
         text-to-image jobs of the flow families the loop has run in it, the rest in calls.
-        `safety`: every image and preview passes the model's checker before it leaves."""
+        `safety`: every image and preview passes the model's checker before it leaves.
+        `ranks`: the group of a parallel replica, whose denoiser already leads it."""
         self._pipelines = RequestPipelines(pipeline)
         self.device = pipeline.device
         self.adapters = adapters
@@ -88,6 +91,7 @@ class ImageEngine:
         self._executor = CountingExecutor(self._pool)
         previewer = self._previewer = fit_previewer(pipeline)
         self._safety = safety
+        self._ranks = ranks
         screen = safety.screen if safety is not None else None
         self._runner = CallRunner(
             self._pipelines, previewer, batching, adapters, self._progress, screen
@@ -148,12 +152,19 @@ class ImageEngine:
             family, self._pool, lanes, batching, hooks, self.work, previewer, adapters
         )
 
+    @property
+    def rank_pids(self) -> list[int]:
+        """The processes of a parallel replica's other ranks (rank 1 first); else none."""
+        return [] if self._ranks is None else list(self._ranks.pids)
+
     def capabilities(self) -> ModelCapabilities:
         return replace(self._pipelines.capabilities(), previews=self._previewer is not None)
 
     def check_health(self) -> None:
         """Raise if the replica can no longer generate, so that Serve replaces it."""
         self._progress.check_health()
+        if self._ranks is not None:
+            self._ranks.check()
 
     async def generate(self, job: GenerationJob, sink: EventSink | None = None) -> GeneratedImages:
         """The job's images; `sink`, if given, is called (from a worker thread) with its
@@ -206,3 +217,5 @@ class ImageEngine:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._ranks is not None:
+            self._ranks.stop()

@@ -65,6 +65,8 @@ def is_device_failure(error: BaseException) -> bool:
     # leaves the context usable): its call is split and rerun.
     if is_out_of_memory(error):
         return False
+    if isinstance(error, ReplicaBroken):  # a parallel replica's rank group failed, say
+        return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(error, accelerator_error):
         return True

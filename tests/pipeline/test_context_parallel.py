@@ -1,0 +1,169 @@
+"""The parts of a parallel replica on real tiny models and a real gloo group of two processes,
+without Ray: SD3's joint attention must go through diffusers' dispatcher (its stock processor
+is silently wrong under context parallelism), CFG-parallel gives each rank half of the batch,
+and the lockstep channel carries a forward's arguments whole.
+
+Through Serve, with faults: `tests/integration/test_parallel.py`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deployments.config.model_config import ModelConfig
+from deployments.generator.model.embedded import ensure_embedded_model
+from deployments.generator.model.pipelines import load_pipeline
+from deployments.generator.parallel.cfg_split import split_batches
+from deployments.generator.parallel.context_parallel import (
+    Degrees,
+    ParallelUnavailable,
+    check_degrees,
+    device_mesh,
+    enable_context_parallel,
+)
+from deployments.generator.parallel.lockstep import _described, _filled, follow, lead
+from tests.harness import free_port
+
+
+def _pipeline(family: str):
+    return load_pipeline(ModelConfig(id=family, source=f"embedded:{family}", device="cpu"))
+
+
+def _generate(pipeline, seed: int = 3) -> np.ndarray:
+    guided = {}
+    if "negative_prompt" in inspect.signature(pipeline.__call__).parameters:
+        guided["negative_prompt"] = ["fog", "rain"]
+    return pipeline(
+        prompt=["a red fox", "a blue bird"],
+        **guided,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(2)],
+        output_type="np",
+    ).images
+
+
+def _rank(rank: int, port: int, family: str, degrees: Degrees, stock: bool, results) -> None:
+    """One rank of a group of two: rank 0 generates and puts its images (and the batch sizes
+    its denoiser saw) in `results`, rank 1 follows."""
+    try:
+        torch.set_num_threads(1)
+        # Loaded before joining, as a rank of a replica does: an embedded model built inside
+        # a process group came out without its T5 weights (seen here: transformers saves from
+        # a group's main process only).
+        pipeline = _pipeline(family)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=degrees.world_size,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        denoiser = pipeline.transformer
+        seen: list[int] = []  # the rows each step's first block ran on this rank
+        denoiser.transformer_blocks[0].register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(
+                (args[0] if args else kwargs["hidden_states"]).shape[0]
+            ),
+            with_kwargs=True,
+        )
+        mesh = device_mesh(degrees, torch.device("cpu"))
+        if stock:  # SD3 as diffusers ships it: the plan on, the processor left as it is
+            from deployments.generator.parallel import context_parallel
+
+            context_parallel.use_dispatched_joint_attention = lambda denoiser: 0
+        enable_context_parallel(denoiser, degrees, mesh)
+        split_batches(denoiser, mesh)
+        if rank == 0:
+            leading = lead(denoiser, torch.device("cpu"), heartbeat_s=30)
+            images = _generate(pipeline)
+            leading.stop()
+            results.put((images, seen))
+        else:
+            follow(denoiser, torch.device("cpu"))
+        dist.destroy_process_group()
+    except BaseException:
+        results.put(traceback.format_exc())
+        raise
+
+
+def _in_group(family: str, degrees: Degrees, stock: bool = False):
+    ensure_embedded_model(f"embedded:{family}")  # built once, here, not by each rank
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_rank, args=(rank, port, family, degrees, stock, results))
+        for rank in range(degrees.world_size)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        result = results.get(timeout=240)
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    assert not isinstance(result, str), result
+    return result
+
+
+@pytest.fixture(scope="module")
+def sd3_alone() -> np.ndarray:
+    return _generate(_pipeline("tiny-sd3"))
+
+
+@pytest.mark.parametrize("family", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("degrees", [Degrees(ulysses=2), Degrees(ring=2)], ids=["ulysses", "ring"])
+def test_a_split_over_two_ranks_equals_one_device(family, degrees):
+    images, _ = _in_group(family, degrees)
+    assert np.abs(images - _generate(_pipeline(family))).max() < 1e-4
+
+
+def test_sd3s_stock_attention_is_wrong_when_split(sd3_alone):
+    """Why `DispatchedJointAttnProcessor` exists: without it each rank attends to its half."""
+    images, _ = _in_group("tiny-sd3", Degrees(ulysses=2), stock=True)
+    assert np.abs(images - sd3_alone).max() > 1e-3
+
+
+def test_cfg_parallel_gives_each_rank_half_of_the_batch(sd3_alone):
+    images, seen = _in_group("tiny-sd3", Degrees(cfg=2))
+    assert np.abs(images - sd3_alone).max() < 1e-4
+    # Two images with their negative prompts: 4 rows a step, 2 on each rank.
+    assert seen and set(seen) == {2}
+
+
+def test_degrees_the_heads_cannot_take_are_refused_naming_the_key():
+    denoiser = _pipeline("tiny-flux").transformer  # 2 attention heads
+    check_degrees(denoiser, Degrees(ulysses=2))
+    with pytest.raises(ParallelUnavailable, match=r"parallel\.ulysses_degree: 4 does not divide"):
+        check_degrees(denoiser, Degrees(ulysses=4))
+    unet = _pipeline("tiny-sdxl").unet
+    with pytest.raises(ParallelUnavailable, match="has no context-parallel plan"):
+        check_degrees(unet, Degrees(ring=2))
+
+
+def test_a_forwards_arguments_travel_whole():
+    tensors: list[torch.Tensor] = []
+    arguments = (
+        (torch.ones(2, 3),),
+        {"timestep": torch.arange(2), "joint_attention_kwargs": {"scale": 0.5}, "flag": None},
+    )
+    description = _described(arguments, tensors)
+    assert len(tensors) == 2
+    assert "tensor(" not in repr(description)  # shapes and dtypes only
+    args, kwargs = _filled(description, tensors)
+    assert torch.equal(args[0], torch.ones(2, 3))
+    assert torch.equal(kwargs["timestep"], torch.arange(2))
+    assert kwargs["joint_attention_kwargs"] == {"scale": 0.5} and kwargs["flag"] is None
