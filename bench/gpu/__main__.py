@@ -1,18 +1,20 @@
 """The GPU benchmark: SD3.5 Medium's architecture (random weights) served by this service on
-one CUDA GPU, with each speed lever off and on.
+one CUDA GPU, with each speed lever off and on, and on a replica of 2 and 4 GPUs where the
+machine has them.
 
     python -m bench.gpu                 # one CUDA GPU; about 8 minutes on an H200
     python -m bench.gpu --cpu-smoke     # the same flow at toy scale on a CPU
 
 It builds the model once (bench/gpu/model.py, cached), serves it with the application that
 `serve_app.build_app` makes from config/sd3.5-medium.yaml's args, once per lever (eager;
-compile; float8 and int8 weight-only quantization; the TaylorSeer cache; attention
-backends are listed as skipped: SD3 takes only 'native'), and drives it over HTTP on
-127.0.0.1: seconds per large image alone, images/s at each concurrency, the replica's
-peak GPU memory, and the share of the dense bf16 FLOP floor each point reaches. What does
-not fit in the time budget is cut and listed. Results go to <out>/gpu-latest.json
-(cpu-smoke.json for the smoke test). Without a CUDA device, and without --cpu-smoke, it
-says so and exits with status 2, having measured nothing.
+Ulysses context parallelism on 2 and 4 GPUs, each only where torch.cuda.device_count()
+allows; the continuous loop; compile; float8 and int8 weight-only quantization; the
+TaylorSeer cache; attention backends are listed as skipped: SD3 takes only 'native'), and
+drives it over HTTP on 127.0.0.1: seconds per large image alone, images/s at each
+concurrency, the replica's peak GPU memory, and the share of the dense bf16 FLOP floor each
+point reaches. What does not fit in the time budget is cut and listed. Results go to
+<out>/gpu-latest.json (cpu-smoke.json for the smoke test). Without a CUDA device, and
+without --cpu-smoke, it says so and exits with status 2, having measured nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ ASSUMED_H200 = Environment(
     capability=(9, 0),
     importable=frozenset({"flash_attn", "torchao"}),
     applies_optimizations=True,
+    gpus=1,
 )
 
 
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return NO_GPU_EXIT
     if options.plan_only and not profile.toy and not env.cuda:
         print(
-            "No CUDA device here: planning for an H200 with flash_attn, torchao and the "
+            "No CUDA device here: planning for one H200 with flash_attn, torchao and the "
             "code that applies `optimizations:` (assumed)."
         )
         env = ASSUMED_H200

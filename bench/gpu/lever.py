@@ -1,5 +1,6 @@
 """One lever of the GPU benchmark: deploy the application with it, measure its points within
-the time left, read the replica's peak GPU memory, and take the application down."""
+the time left, read the replica's peak GPU memory (rank 0's, for a parallel replica: the
+rank that also holds the text encoders and the VAE), and take the application down."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def run_lever(
         "lever": lever.name,
         "optimizations": lever.optimizations,
         "batching": lever.batching,
+        "parallel": lever.parallel,
+        "ranks": lever.ranks,
         "note": lever.note,
         "points": [],
         "skipped_points": [],
@@ -35,14 +38,15 @@ def run_lever(
         print(f"[{lever.name}] skipped: {reason}", flush=True)
         return {**record, "status": "skipped", "reason": reason}
     note = f" ({lever.note})" if lever.note else ""
+    parallel = f", parallel {lever.parallel}" if lever.parallel else ""
     print(
         f"[{lever.name}] deploying with optimizations {lever.optimizations}, batching "
-        f"{lever.batching}{note}",
+        f"{lever.batching}{parallel}{note}",
         flush=True,
     )
     start_estimate = budget.profile.start_s + lever.extra_start_s
     try:
-        args = app_args(budget.profile, source, lever.optimizations, lever.batching)
+        args = app_args(budget.profile, source, lever.optimizations, lever.batching, lever.parallel)
         record["start_s"] = stack.deploy(args, timeout_s=min(left, 3 * start_estimate))
         at_start = stack.counters()["cuda_peak_allocated_bytes"]
         record["peak_gpu_gib_at_start"] = round(at_start / GIB, 2) if at_start else None

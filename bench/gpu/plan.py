@@ -1,10 +1,12 @@
 """What the GPU benchmark measures, in which order, and what it cuts to fit its time.
 
-Each lever is one `optimizations:` of the served model, so one replica start. The eager
-baseline gets the whole matrix (both sizes at every concurrency); every other lever gets the
-two points that tell most: seconds per large image alone, and images/s of small ones at the
-highest concurrency (where batching fills the device); compile only the first, since it is
-warmed up for that shape alone. Levers run in priority order, each if its estimated cost fits
+Each lever is one setting of the served model (its `optimizations:`, `batching` or
+`parallel`), so one replica start; a parallel lever's replica is a group of ranks, one GPU
+each, planned only where the machine has that many. The eager baseline gets the whole matrix
+(both sizes at every concurrency); every other lever gets the two points that tell most:
+seconds per large image alone, and images/s of small ones at the highest concurrency (where
+batching fills the device); compile only the first, since it is warmed up for that shape
+alone. Levers run in priority order, each if its estimated cost fits
 in the time left, and within a lever each point that still fits; the rest are skipped and
 listed. Costs come from guesses until measurements replace them (seconds per image alone, a
 replica's start): the guesses only plan, and no figure printed as a result comes from them.
@@ -16,6 +18,8 @@ import importlib.util
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from bench.gpu.model import transformer_config
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,17 @@ class Lever:
     # and the small one at the highest concurrency; "large_alone": only the first.
     scope: str = "key"
     note: str = ""
+    # The model's `parallel` (one replica over several devices); empty: one device.
+    parallel: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> int:
+        """The devices one replica of this lever runs on (`ParallelConfig.world_size`)."""
+        if not self.parallel:
+            return 1
+        from deployments.config.parallel_config import ParallelConfig
+
+        return ParallelConfig(**self.parallel).world_size
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,7 @@ class Environment:
     capability: tuple[int, int] | None
     importable: frozenset[str]
     applies_optimizations: bool
+    gpus: int  # torch.cuda.device_count(): the most ranks a parallel replica can have
 
 
 def detect_environment() -> Environment:
@@ -132,18 +148,22 @@ def detect_environment() -> Environment:
         # The code that applies `optimizations:` (being written apart from this benchmark).
         applies_optimizations=importlib.util.find_spec("deployments.generator.model.optimizations")
         is not None,
+        gpus=torch.cuda.device_count() if cuda else 0,
     )
 
 
 def levers(profile: Profile, env: Environment) -> tuple[list[Lever], list[tuple[str, str]]]:
     """The levers to measure, in priority order, and those skipped with the reason."""
+    # Parallel replicas right after the baseline: a machine with several GPUs is lent
+    # rarely, and their latency is what it would be lent for (with one GPU they are skipped).
+    parallel, skipped = parallel_levers(profile, env)
     # The continuous loop (step-level batches) against the GPU config's request-level ones:
     # measured on CPUs (docs/benchmarks.md), off in the GPU configs until measured here.
     chosen = [
         Lever("eager", {}, scope="matrix"),
+        *parallel,
         Lever("continuous", {}, batching={"continuous": True}),
     ]
-    skipped: list[tuple[str, str]] = []
 
     def offer(lever: Lever, missing: str | None) -> None:
         if missing:
@@ -189,6 +209,39 @@ def levers(profile: Profile, env: Environment) -> tuple[list[Lever], list[tuple[
         Lever("int8_weight_only", {"quantization": "int8_weight_only"}, 20),
         _need_torchao(env) or _cpu_only(profile, "quantizing"),
     )
+    return chosen, skipped
+
+
+# The Ulysses levers' ranks. A group of one is the eager lever itself (ParallelConfig refuses
+# a `parallel` of one rank; a replica without it is one device), so eager's large image alone
+# is the 1-rank figure these are read against.
+ULYSSES_RANKS = (2, 4)
+# A group's other ranks load the model after rank 0 has, then meet: a guess, for planning.
+GROUP_START_S = 30.0
+
+
+def parallel_levers(
+    profile: Profile, env: Environment
+) -> tuple[list[Lever], list[tuple[str, str]]]:
+    """Ulysses context parallelism at 2 and 4 ranks (`models[].parallel`), one GPU a rank:
+    a latency tier, so the large image alone is the figure; the small point's images/s is
+    the whole replica's, all its devices together. A lever is planned only where
+    `torch.cuda.device_count()` has a GPU for each rank; the CPU smoke runs its ranks on CPU
+    cores (gloo), which checks the flow and says nothing of a GPU's speed-up."""
+    heads = transformer_config(profile.toy)["num_attention_heads"]
+    chosen: list[Lever] = []
+    skipped: list[tuple[str, str]] = []
+    for ranks in ULYSSES_RANKS:
+        # No optimizations: compile and the cache are refused with `parallel`.
+        lever = Lever(f"ulysses_{ranks}", {}, GROUP_START_S, parallel={"ulysses_degree": ranks})
+        if heads % ranks:
+            reason = f"the model's {heads} attention heads do not split {ranks} ways"
+            skipped.append((lever.name, reason))
+        elif not profile.toy and env.gpus < ranks:
+            reason = f"needs {ranks} GPUs, one a rank; the machine has {env.gpus}"
+            skipped.append((lever.name, reason))
+        else:
+            chosen.append(lever)
     return chosen, skipped
 
 

@@ -98,6 +98,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         shares = [f"{floor_s / alone:.1%} of the floor"] if floor_s else []
         if eager and record["lever"] != "eager":
             shares.append(f"{eager / alone:.2f}x eager")
+        if record.get("ranks", 1) > 1:  # a parallel replica: eager is its group of one
+            shares.append(f"{record['ranks']} {'GPUs' if on_gpu else 'CPU ranks'}")
         shares += [record["note"]] if record.get("note") else []
         shown = f" ({', '.join(shares)})" if shares else ""
         lines.append(

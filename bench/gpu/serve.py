@@ -40,10 +40,12 @@ def app_args(
     source: Path,
     optimizations: dict[str, Any],
     batching: dict[str, Any] | None = None,
+    parallel: dict[str, Any] | None = None,
 ) -> AppArgs:
     """The GPU config's args, serving the model at `source` with `optimizations` (and
-    `batching` over the model's own): one replica, no API keys, the profile's device,
-    dtype, size and steps."""
+    `batching` over the model's own, and `parallel` if given): one replica, no API keys,
+    the profile's device, dtype, size and steps. A parallel replica's placement group takes
+    one bundle of the replica's `ray_actor_options` per rank, so one GPU a rank."""
     args = copy.deepcopy(load_config(GPU_CONFIG)["applications"][0]["args"])
     args.pop("auth", None)  # keys would only add a header to every request
     model = args["models"][0]
@@ -58,6 +60,8 @@ def app_args(
     )
     if batching:
         model["batching"] = {**model.get("batching", {}), **batching}
+    if parallel:
+        model["parallel"] = parallel
     deployment = model["deployment"]
     deployment.pop("autoscaling_config", None)
     deployment["num_replicas"] = 1
