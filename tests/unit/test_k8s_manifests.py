@@ -31,7 +31,13 @@ from serve_app import InvalidArgs, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = [K8S / "base", K8S / "ha", K8S / "object-storage", K8S / "videos"]
+OVERLAYS = [
+    K8S / "base",
+    K8S / "ha",
+    K8S / "object-storage",
+    K8S / "videos",
+    K8S / "parallel",
+]
 CRD = Path(__file__).resolve().parents[1] / "data/kuberay/v1.7.0/ray.io_rayservices.yaml"
 # The release file unchanged (its digest, recorded in tests/data/kuberay/README.md).
 CRD_SHA256 = "0a8fc325e6e22b9231c1f282b309555e2ecf94227ca20a03df3d1d9a403907ab"
@@ -42,6 +48,7 @@ SERVE_CONFIGS = {
     "ha": GPU_CONFIG,
     "object-storage": REPO / "config/sd3.5-medium-s3.yaml",
     "videos": REPO / "config/sd3.5-medium-videos.yaml",
+    "parallel": REPO / "config/flux-dev-parallel.yaml",
 }
 KUBERNETES_VERSION = "1.32"
 Doc = dict[str, Any]
@@ -351,6 +358,31 @@ def test_object_storage_variant_keeps_images_in_a_bucket_with_no_shared_volume()
     # The rest is the base's.
     (base,) = [doc for doc in render(K8S / "base") if doc["kind"] == "RayService"]
     assert _containers(base)["gpu"][1]["resources"] == _containers(service)["gpu"][1]["resources"]
+
+
+def test_parallel_variant_fits_one_replicas_ranks_in_one_pod():
+    """A parallel replica's bundles are placed STRICT_PACK, on one node: a worker pod must
+    hold all of its GPUs, and the group enough pods for the most replicas."""
+    config = yaml.safe_load(SERVE_CONFIGS["parallel"].read_text())
+    (model,) = parse_args(config["applications"][0]["args"]).models
+    assert model.parallel is not None
+    options = model.deployment_options()
+    bundles = options["placement_group_bundles"]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert len(bundles) == model.parallel.world_size
+    assert all(bundle["GPU"] == 1 for bundle in bundles)  # one GPU per rank
+    service = _rayservice(render(K8S / "parallel"))
+    (gpu,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (container,) = gpu["template"]["spec"]["containers"]
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"]
+    # Exactly one replica's ranks per pod: fewer GPUs and no replica fits on a node, more
+    # and the rest sit idle (a second replica would need a whole second set).
+    assert int(resources["limits"]["nvidia.com/gpu"]) == model.parallel.world_size
+    assert int(resources["limits"]["cpu"]) >= sum(bundle["CPU"] for bundle in bundles)
+    autoscaling = options["autoscaling_config"]
+    assert gpu["minReplicas"] <= autoscaling["min_replicas"]
+    assert gpu["maxReplicas"] >= autoscaling["max_replicas"]
 
 
 def test_the_overlays_json_patch_refuses_a_base_whose_lists_moved():
