@@ -7,7 +7,7 @@ generator (`deployments/generator/parallel/`, which starts the ranks and splits 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -46,9 +46,8 @@ class ParallelConfig(Strict):
         "failed, its requests answer 503 and Serve replaces the replica. Longer than the "
         "slowest step at the largest size.",
     )
-    placement_strategy: str = Field(
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         default="STRICT_PACK",
-        pattern="^(STRICT_PACK|PACK|SPREAD|STRICT_SPREAD)$",
         description="Ray's placement strategy for a replica's ranks: STRICT_PACK keeps them "
         "on one node (GPUs linked by NVLink); PACK lets them spill to others.",
     )
