@@ -19,7 +19,7 @@ from ray.serve.schema import DeploymentSchema
 from deployments.autoscaling_policy import POLICY_FUNCTION
 from deployments.config.base import Strict
 from deployments.config.optimizations_config import OptimizationsConfig
-from deployments.config.parallel_config import ParallelConfig
+from deployments.config.parallel_config import ParallelConfig, rank_bundle
 from deployments.config.safety_config import PromptModerationConfig, SafetyConfig
 
 
@@ -375,6 +375,19 @@ class ModelConfig(Strict):
             raise ValueError(
                 "parallel: optimizations.cache and optimizations.compile cannot be combined "
                 "with parallel replicas yet"
+            )
+        resources = self.deployment.get("ray_actor_options") or {}
+        gpus = resources.get("num_gpus") or 0
+        if gpus != int(gpus):
+            # Two ranks on one GPU: NCCL refuses a group with a device twice.
+            raise ValueError("parallel: each rank needs whole GPUs (ray_actor_options.num_gpus)")
+        if not rank_bundle(resources):
+            raise ValueError("parallel: each rank needs num_cpus or num_gpus above 0")
+        bundles = self.deployment.get("placement_group_bundles")
+        if bundles is not None and len(bundles) != self.parallel.world_size:
+            raise ValueError(
+                f"parallel: deployment.placement_group_bundles has {len(bundles)} bundles for "
+                f"{self.parallel.world_size} ranks (one per rank, the replica's first)"
             )
         return self
 

@@ -77,12 +77,23 @@ class ParallelConfig(Strict):
         """The Serve options that reserve a replica's ranks: one bundle per rank, each with
         the replica's own resources (`ray_actor_options`), rank 0 (the replica) in the
         first."""
-        bundle = {"CPU": float(replica_resources.get("num_cpus", 1))}
-        if replica_resources.get("num_gpus"):
-            bundle["GPU"] = float(replica_resources["num_gpus"])
-        for name, amount in (replica_resources.get("resources") or {}).items():
-            bundle[name] = float(amount)
+        bundle = rank_bundle(replica_resources)
         return {
             "placement_group_bundles": [dict(bundle) for _ in range(self.world_size)],
             "placement_group_strategy": self.placement_strategy,
         }
+
+
+def rank_bundle(replica_resources: dict[str, Any]) -> dict[str, float]:
+    """One rank's bundle: the replica's `ray_actor_options` as a placement group's resources
+    (what Ray would reserve for the replica alone)."""
+    bundle = {"CPU": float(replica_resources.get("num_cpus", 1))}
+    for option, resource in (("num_gpus", "GPU"), ("memory", "memory")):
+        if replica_resources.get(option):
+            bundle[resource] = float(replica_resources[option])
+    for name, amount in (replica_resources.get("resources") or {}).items():
+        bundle[name] = float(amount)
+    if replica_resources.get("accelerator_type"):
+        # How Ray itself asks for an accelerator type: a sliver of its node resource.
+        bundle[f"accelerator_type:{replica_resources['accelerator_type']}"] = 0.001
+    return {name: amount for name, amount in bundle.items() if amount > 0}

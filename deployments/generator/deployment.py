@@ -203,11 +203,18 @@ def start_engine(
     (`prepare_to_serve`)."""
     if resolve_device(model.device).type == "cpu":
         torch.set_num_threads(cpu_threads_per_call(worker_threads))
-    pipeline = load_pipeline(model)
-    apply_cache(pipeline, model)  # optimizations.cache; fails the start if unsupported
     ranks = None
-    if model.parallel is not None:  # before the warm-up: its forwards run on every rank
-        ranks = RankGroup.start(model, denoiser_of(pipeline), torch.get_num_threads())
+    if model.parallel is not None:  # the other ranks load the model while this one does
+        ranks = RankGroup.launch(model, torch.get_num_threads())
+    try:
+        pipeline = load_pipeline(model)
+        apply_cache(pipeline, model)  # optimizations.cache; fails the start if unsupported
+        if ranks is not None:  # before the warm-up: its forwards run on every rank
+            ranks.join(denoiser_of(pipeline))
+    except BaseException:
+        if ranks is not None:
+            ranks.stop()
+        raise
     prepare_to_serve(pipeline, model, batching)
     metrics = GeneratorMetrics(model.id)
     return ImageEngine(

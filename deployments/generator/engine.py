@@ -158,7 +158,13 @@ class ImageEngine:
         return [] if self._ranks is None else list(self._ranks.pids)
 
     def capabilities(self) -> ModelCapabilities:
-        return replace(self._pipelines.capabilities(), previews=self._previewer is not None)
+        capabilities = replace(self._pipelines.capabilities(), previews=self._previewer is not None)
+        if self._ranks is not None:
+            # Each side a multiple of the sequence split: every rank gets image tokens, and
+            # as many as the others (a sequence shorter than the split fails every rank).
+            multiple = capabilities.size_multiple * self._ranks.sequence_split
+            capabilities = replace(capabilities, size_multiple=multiple)
+        return capabilities
 
     def check_health(self) -> None:
         """Raise if the replica can no longer generate, so that Serve replaces it."""

@@ -132,6 +132,16 @@ def test_different_requests_at_once_each_equal_their_run_alone(base_url):
         assert_same_images(got, expected)
 
 
+def test_a_size_the_ranks_cannot_split_is_a_400_and_the_group_serves_on(base_url):
+    """Each side must be a multiple of the cell times the sequence split (16 x 2 here), so
+    every rank gets image tokens: 48x48 (9 tokens) is refused before any rank runs."""
+    refused = generate(base_url, "tiny-flux", size="48x48")
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "size"
+    assert "32" in refused.json()["error"]["message"]
+    assert images(generate(base_url, "tiny-flux", size="96x32"))[0].shape == (32, 96, 3)
+
+
 def test_a_streamed_request_gets_its_previews_from_a_parallel_replica(base_url):
     with httpx.stream(
         "POST",

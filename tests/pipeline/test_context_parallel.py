@@ -144,14 +144,17 @@ def test_cfg_parallel_gives_each_rank_half_of_the_batch(sd3_alone):
     assert seen and set(seen) == {2}
 
 
-def test_degrees_the_heads_cannot_take_are_refused_naming_the_key():
+def test_degrees_and_families_the_split_cannot_take_are_refused_naming_the_key():
     denoiser = _pipeline("tiny-flux").transformer  # 2 attention heads
     check_degrees(denoiser, Degrees(ulysses=2))
     with pytest.raises(ParallelUnavailable, match=r"parallel\.ulysses_degree: 4 does not divide"):
         check_degrees(denoiser, Degrees(ulysses=4))
     unet = _pipeline("tiny-sdxl").unet
-    with pytest.raises(ParallelUnavailable, match="has no context-parallel plan"):
+    with pytest.raises(ParallelUnavailable, match=r"parallel\.ring_degree: .* not verified"):
         check_degrees(unet, Degrees(ring=2))
+    chroma = _pipeline("tiny-chroma").transformer  # FLUX's layout, but untested split
+    with pytest.raises(ParallelUnavailable, match=r"parallel\.cfg_parallel: .* not verified"):
+        check_degrees(chroma, Degrees(cfg=2))
 
 
 def test_a_forwards_arguments_travel_whole():

@@ -40,6 +40,9 @@ def test_a_parallel_block_it_cannot_run_is_refused_naming_the_key(parallel, key)
         ({"adapters": [{"id": "ink", "source": "embedded:tiny-sd3/ink"}]}, "adapters"),
         ({"optimizations": {"cache": {"kind": "first_block"}}}, "optimizations.cache"),
         ({"optimizations": {"compile": {}}}, "optimizations.compile"),
+        ({"deployment": {"ray_actor_options": {"num_gpus": 0.5}}}, "whole GPUs"),
+        ({"deployment": {"ray_actor_options": {"num_cpus": 0}}}, "num_cpus or num_gpus"),
+        ({"deployment": {"placement_group_bundles": [{"CPU": 1}]}}, "1 bundles for 2 ranks"),
     ],
 )
 def test_what_each_rank_would_not_see_is_refused_with_parallel(other, named):
@@ -52,11 +55,23 @@ def test_each_replica_reserves_one_bundle_per_rank_with_the_replicas_resources()
         id="m",
         parallel={"ring_degree": 2, "cfg_parallel": True},
         deployment={
-            "ray_actor_options": {"num_cpus": 4, "num_gpus": 1, "resources": {"h100": 1}},
+            "ray_actor_options": {
+                "num_cpus": 4,
+                "num_gpus": 1,
+                "memory": 2**30,
+                "resources": {"h100": 1},
+                "accelerator_type": "H100",
+            },
         },
     )
     options = model.deployment_options()
-    bundle = {"CPU": 4.0, "GPU": 1.0, "h100": 1.0}
+    bundle = {
+        "CPU": 4.0,
+        "GPU": 1.0,
+        "memory": float(2**30),
+        "h100": 1.0,
+        "accelerator_type:H100": 0.001,
+    }
     assert options["placement_group_bundles"] == [bundle] * 4
     assert options["placement_group_strategy"] == "STRICT_PACK"
     # Ray's own schema takes it (the replica's resources fit the first bundle).
@@ -64,7 +79,7 @@ def test_each_replica_reserves_one_bundle_per_rank_with_the_replicas_resources()
 
 
 def test_a_placement_group_of_the_configs_own_is_kept():
-    bundles = [{"CPU": 2}, {"CPU": 1}]
+    bundles = [{"CPU": 2}, {"CPU": 1}]  # rank 0 does more than the others
     model = ModelConfig(
         id="m",
         parallel={"ulysses_degree": 2},

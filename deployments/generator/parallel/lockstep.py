@@ -47,28 +47,34 @@ class GroupFailed(ReplicaBroken):
 
 @dataclass(frozen=True)
 class _TensorSlot:
-    """Where a tensor was in the arguments: the receivers allocate it, then it is broadcast."""
+    """Where a tensor was in the arguments: the receivers allocate it, then it is broadcast.
+    Every tensor travels on the group's device (NCCL moves no CPU tensor); one that was on
+    the CPU is put back there."""
 
     index: int
     shape: tuple[int, ...]
     dtype: torch.dtype
+    on_cpu: bool = False
 
 
-def _described(value: Any, tensors: list[torch.Tensor]) -> Any:
-    """`value` with every tensor replaced by a `_TensorSlot` (the tensors appended in order)."""
+def _described(value: Any, tensors: list[torch.Tensor], device: torch.device | None = None) -> Any:
+    """`value` with every tensor replaced by a `_TensorSlot`; the tensors, on `device` (if
+    given), appended in order."""
     if isinstance(value, torch.Tensor):
-        tensors.append(value.contiguous())
-        return _TensorSlot(len(tensors) - 1, tuple(value.shape), value.dtype)
+        on_cpu = value.device.type == "cpu"
+        tensors.append((value if device is None else value.to(device)).contiguous())
+        return _TensorSlot(len(tensors) - 1, tuple(value.shape), value.dtype, on_cpu)
     if isinstance(value, dict):
-        return {key: _described(item, tensors) for key, item in value.items()}
+        return {key: _described(item, tensors, device) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_described(item, tensors) for item in value)
+        return type(value)(_described(item, tensors, device) for item in value)
     return value
 
 
 def _filled(value: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(value, _TensorSlot):
-        return tensors[value.index]
+        tensor = tensors[value.index]
+        return tensor.cpu() if value.on_cpu else tensor
     if isinstance(value, dict):
         return {key: _filled(item, tensors) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -79,7 +85,7 @@ def _filled(value: Any, tensors: list[torch.Tensor]) -> Any:
 def _send(command: Any, device: torch.device) -> list[torch.Tensor]:
     """Rank 0: broadcast `command` (a forward's `(args, kwargs)`, or a word); the tensors."""
     tensors: list[torch.Tensor] = []
-    description = [_described(command, tensors)]
+    description = [_described(command, tensors, device)]
     dist.broadcast_object_list(description, src=0, device=device)
     for tensor in tensors:
         dist.broadcast(tensor, src=0)

@@ -22,11 +22,13 @@ import datetime
 import logging
 import os
 import socket
+from unittest import mock
 
 import ray
 import torch
 import torch.distributed as dist
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch.distributed import distributed_c10d
 
 from deployments.config.model_config import ModelConfig
 from deployments.config.parallel_config import ParallelConfig
@@ -55,6 +57,15 @@ def degrees_of(config: ParallelConfig) -> Degrees:
     )
 
 
+def rank_device(model: ModelConfig) -> torch.device:
+    """The device of a rank: the model's, with an index on CUDA (Ray shows each rank its
+    own GPU only, as device 0), which `set_device` and NCCL need."""
+    device = resolve_device(model.device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", 0)
+    return device
+
+
 def join_group(
     denoiser: torch.nn.Module,
     device: torch.device,
@@ -66,6 +77,7 @@ def join_group(
     """Join the replica's process group as `rank` and make `denoiser` this rank's part.
     Every rank calls this at once (the process group and the mesh are collective)."""
     degrees = degrees_of(config)
+    timeout = datetime.timedelta(seconds=config.collective_timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
@@ -73,11 +85,16 @@ def join_group(
         init_method=f"tcp://{address}:{port}",
         rank=rank,
         world_size=degrees.world_size,
-        timeout=datetime.timedelta(seconds=config.collective_timeout_s),
+        timeout=timeout,
     )
-    mesh = device_mesh(degrees, device)
-    enable_context_parallel(denoiser, degrees, mesh)
-    split_batches(denoiser, mesh)
+    # The mesh's groups other than the whole world (a CFG half's context group, say) are
+    # made by `new_group` with torch's default timeout (30 min on gloo, 10 on NCCL), which
+    # neither DeviceMesh nor diffusers lets one set: for the mesh's making, the default is
+    # the group's own.
+    with mock.patch.object(distributed_c10d, "_get_default_timeout", return_value=timeout):
+        mesh = device_mesh(degrees, device)
+        enable_context_parallel(denoiser, degrees, mesh)
+        split_batches(denoiser, mesh)
 
 
 @ray.remote
@@ -85,7 +102,7 @@ class DenoiserRank:
     """A follower rank: the model's denoiser on this actor's device."""
 
     def __init__(self, model: ModelConfig, threads: int) -> None:
-        device = resolve_device(model.device)
+        device = rank_device(model)
         if device.type == "cpu":
             torch.set_num_threads(threads)
         self._device = device
@@ -107,59 +124,76 @@ class DenoiserRank:
 
 
 class RankGroup:
-    """Rank 0's view of its group: the followers, and the leading forward."""
+    """Rank 0's view of its group: the followers, and the leading forward.
 
-    def __init__(
-        self, followers: list, pids: list[int], following: list, leading: LeadingForward
-    ) -> None:
+    `launch` starts the followers (each loads the model) before rank 0 loads its own, so
+    the loads overlap; `join` forms the group once rank 0's denoiser is there."""
+
+    def __init__(self, model: ModelConfig, followers: list) -> None:
+        self._model = model
         self._followers = followers
-        self.pids = pids  # the followers' processes, rank 1 first
-        self._following = following
-        self._leading = leading
+        self.pids: list[int] = []  # the followers' processes, rank 1 first
+        self.sequence_split = degrees_of(model.parallel).context  # ranks per sequence
+        self._following: list = []
+        self._leading: LeadingForward | None = None
+        self._denoiser: torch.nn.Module | None = None
 
     @classmethod
-    def start(cls, model: ModelConfig, denoiser: torch.nn.Module, threads: int) -> RankGroup:
-        """Start the followers of `model` in this replica's placement group (bundles 1..N-1),
-        join them with `denoiser` as rank 0, and lead. Raises if the group cannot form."""
-        config = model.parallel
-        check_degrees(denoiser, degrees_of(config))
-        device = resolve_device(model.device)
+    def launch(cls, model: ModelConfig, threads: int) -> RankGroup:
+        """Start the followers of `model` in this replica's placement group (bundles
+        1..N-1); each loads the model in its own process."""
         placement = ray.util.get_current_placement_group()
         followers = [
             DenoiserRank.options(**_rank_options(placement, rank)).remote(model, threads)
-            for rank in range(1, config.world_size)
+            for rank in range(1, model.parallel.world_size)
         ]
+        return cls(model, followers)
+
+    def join(self, denoiser: torch.nn.Module) -> None:
+        """Form the group with `denoiser` as rank 0's, and lead it. Raises (and ends the
+        followers) if the model cannot run at its degrees or the group cannot form."""
+        config = self._model.parallel
         try:
-            loaded = [follower.pid.remote() for follower in followers]
-            pids = ray.get(loaded, timeout=START_TIMEOUT_S)
+            check_degrees(denoiser, degrees_of(config))
+            loaded = [follower.pid.remote() for follower in self._followers]
+            self.pids = ray.get(loaded, timeout=START_TIMEOUT_S)
             address = ray.util.get_node_ip_address()
             port = _free_port(address)
             joined = [
                 follower.join.remote(config, address, port, rank)
-                for rank, follower in enumerate(followers, start=1)
+                for rank, follower in enumerate(self._followers, start=1)
             ]
+            device = rank_device(self._model)
             join_group(denoiser, device, config, address, port, rank=0)
             ray.get(joined, timeout=config.collective_timeout_s)
         except BaseException:
-            for follower in followers:
-                ray.kill(follower)
+            self._end_followers()
             raise
-        following = [follower.follow.remote() for follower in followers]
-        heartbeat_s = config.collective_timeout_s / 2
-        logger.info("%s: a group of %d ranks serves", model.id, config.world_size)
-        return cls(followers, pids, following, lead(denoiser, device, heartbeat_s))
+        self._following = [follower.follow.remote() for follower in self._followers]
+        self._leading = lead(denoiser, device, heartbeat_s=config.collective_timeout_s / 2)
+        self._denoiser = denoiser
+        logger.info("%s: a group of %d ranks serves", self._model.id, config.world_size)
 
     def check(self) -> None:
-        """Raise `GroupFailed` if the group can no longer step: a collective failed, or a
-        follower's loop ended (its process died, or it left after a failure)."""
+        """Raise `GroupFailed` if the group can no longer step: a collective failed, a
+        follower's loop ended (its process died, or it left after a failure), or something
+        replaced rank 0's leading forward (its calls would run on rank 0 alone)."""
+        if self._leading is None:
+            return
         if self._leading.failed is not None:
             raise GroupFailed(f"the rank group failed: {type(self._leading.failed).__name__}")
         ended, _ = ray.wait(self._following, num_returns=1, timeout=0)
         if ended:
             raise GroupFailed("a rank of the group has stopped")
+        if self._denoiser.forward is not self._leading:
+            raise GroupFailed("the denoiser no longer leads its group")
 
     def stop(self) -> None:
-        self._leading.stop()
+        if self._leading is not None:
+            self._leading.stop()
+        self._end_followers()
+
+    def _end_followers(self) -> None:
         for follower in self._followers:
             ray.kill(follower)
 
