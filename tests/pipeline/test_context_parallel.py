@@ -8,8 +8,8 @@ Through Serve, with faults: `tests/integration/test_parallel.py`.
 
 from __future__ import annotations
 
-import datetime
 import inspect
+import time
 import traceback
 
 import numpy as np
@@ -19,17 +19,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deployments.config.model_config import ModelConfig
+from deployments.config.parallel_config import ParallelConfig
 from deployments.generator.model.embedded import ensure_embedded_model
 from deployments.generator.model.pipelines import load_pipeline
-from deployments.generator.parallel.cfg_split import split_batches
 from deployments.generator.parallel.context_parallel import (
     Degrees,
     ParallelUnavailable,
     check_degrees,
-    device_mesh,
-    enable_context_parallel,
 )
-from deployments.generator.parallel.lockstep import _described, _filled, follow, lead
+from deployments.generator.parallel.lockstep import (
+    GroupFailed,
+    _described,
+    _filled,
+    follow,
+    lead,
+)
+from deployments.generator.parallel.rank_group import join_group
 from tests.harness import free_port
 
 
@@ -53,22 +58,18 @@ def _generate(pipeline, seed: int = 3) -> np.ndarray:
     ).images
 
 
-def _rank(rank: int, port: int, family: str, degrees: Degrees, stock: bool, results) -> None:
-    """One rank of a group of two: rank 0 generates and puts its images (and the batch sizes
-    its denoiser saw) in `results`, rank 1 follows."""
+def _rank(rank: int, port: int, family: str, config: ParallelConfig, options: dict, results):
+    """One rank of a group: rank 0 generates and puts in `results` its images and the batch
+    sizes its first block saw (or, if the call failed, the seconds it took and the error);
+    the others follow. `options`: `stock` (SD3's attention left as diffusers ships it) and
+    `stall` (the rank that sleeps in its second forward, as a hung process would)."""
+    joined = False
     try:
         torch.set_num_threads(1)
         # Loaded before joining, as a rank of a replica does: an embedded model built inside
         # a process group came out without its T5 weights (seen here: transformers saves from
         # a group's main process only).
         pipeline = _pipeline(family)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=degrees.world_size,
-            timeout=datetime.timedelta(seconds=60),
-        )
         denoiser = pipeline.transformer
         seen: list[int] = []  # the rows each step's first block ran on this rank
         denoiser.transformer_blocks[0].register_forward_pre_hook(
@@ -77,33 +78,48 @@ def _rank(rank: int, port: int, family: str, degrees: Degrees, stock: bool, resu
             ),
             with_kwargs=True,
         )
-        mesh = device_mesh(degrees, torch.device("cpu"))
-        if stock:  # SD3 as diffusers ships it: the plan on, the processor left as it is
+        if options.get("stock"):  # SD3 as diffusers ships it: the plan on, its own processor
             from deployments.generator.parallel import context_parallel
 
             context_parallel.use_dispatched_joint_attention = lambda denoiser: 0
-        enable_context_parallel(denoiser, degrees, mesh)
-        split_batches(denoiser, mesh)
+        if options.get("stall") == rank:
+            denoiser.transformer_blocks[0].register_forward_pre_hook(
+                lambda *_: time.sleep(600) if len(seen) == 2 else None
+            )
+        join_group(denoiser, torch.device("cpu"), config, "127.0.0.1", port, rank)
+        joined = True
         if rank == 0:
             leading = lead(denoiser, torch.device("cpu"), heartbeat_s=30)
-            images = _generate(pipeline)
+            started = time.monotonic()
+            try:
+                images = _generate(pipeline)
+            except GroupFailed as error:
+                results.put((time.monotonic() - started, str(error)))
+                return
             leading.stop()
             results.put((images, seen))
         else:
             follow(denoiser, torch.device("cpu"))
         dist.destroy_process_group()
     except BaseException:
-        results.put(traceback.format_exc())
+        if rank == 0 or not joined:
+            results.put(traceback.format_exc())
         raise
 
 
-def _in_group(family: str, degrees: Degrees, stock: bool = False):
+def _in_group(family: str, degrees: Degrees, timeout_s: float = 60, **options):
     ensure_embedded_model(f"embedded:{family}")  # built once, here, not by each rank
+    config = ParallelConfig(
+        ulysses_degree=degrees.ulysses,
+        ring_degree=degrees.ring,
+        cfg_parallel=degrees.cfg == 2,
+        collective_timeout_s=timeout_s,
+    )
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     processes = [
-        context.Process(target=_rank, args=(rank, port, family, degrees, stock, results))
+        context.Process(target=_rank, args=(rank, port, family, config, options, results))
         for rank in range(degrees.world_size)
     ]
     for process in processes:
@@ -112,7 +128,7 @@ def _in_group(family: str, degrees: Degrees, stock: bool = False):
         result = results.get(timeout=240)
     finally:
         for process in processes:
-            process.join(timeout=60)
+            process.join(timeout=5)
             if process.is_alive():
                 process.kill()
     assert not isinstance(result, str), result
@@ -142,6 +158,23 @@ def test_cfg_parallel_gives_each_rank_half_of_the_batch(sd3_alone):
     assert np.abs(images - sd3_alone).max() < 1e-4
     # Two images with their negative prompts: 4 rows a step, 2 on each rank.
     assert seen and set(seen) == {2}
+
+
+def test_both_splits_at_once_equal_one_device(sd3_alone):
+    """Four ranks: two CFG halves, each over two Ulysses ranks (the mesh's groups that are
+    not the whole world are made by `new_group`)."""
+    images, seen = _in_group("tiny-sd3", Degrees(cfg=2, ulysses=2))
+    assert np.abs(images - sd3_alone).max() < 1e-4
+    assert set(seen) == {2}
+
+
+def test_a_stall_inside_a_cfg_half_fails_the_call_within_the_collective_timeout():
+    """Rank 3 hangs in its half's forward: rank 2 waits in their Ulysses group, rank 0 in
+    its CFG group with rank 2. Both groups are the mesh's own, made with the group's timeout
+    (5 s here), not torch's default of 30 minutes."""
+    seconds, error = _in_group("tiny-sd3", Degrees(cfg=2, ulysses=2), timeout_s=5, stall=3)
+    assert "the rank group failed" in error
+    assert seconds < 30
 
 
 def test_degrees_and_families_the_split_cannot_take_are_refused_naming_the_key():
