@@ -41,16 +41,18 @@ DEPLOYMENT = {
 
 
 def _tested(model: dict, **changes) -> dict:
-    parallel = model.get("parallel")
-    if parallel is not None:
-        changes["parallel"] = {**parallel, "collective_timeout_s": STALL_TIMEOUT_S}
-    return {**model, "deployment": DEPLOYMENT, **changes}
+    tested = {**model, "deployment": DEPLOYMENT, **changes}
+    if tested.get("parallel") is not None:
+        tested["parallel"] = {**tested["parallel"], "collective_timeout_s": STALL_TIMEOUT_S}
+    return tested
 
 
 # The shipped config's models (tiny-sd3 over two Ulysses ranks, tiny-flux over two ring
-# ranks, both in the continuous loop), each beside its single-device twin, and an SD3 whose
-# batches' halves run on two ranks (CFG-parallel, in request-level batches).
+# ranks, both in the continuous loop), each beside its single-device twin; and the other
+# split of each family in request-level batches: an SD3 whose batches' halves run on two
+# ring pairs (CFG-parallel, four ranks), and a FLUX over two Ulysses ranks.
 _sd3, _flux = SHIPPED["models"]
+_BATCHES = {"max_batch_images": 4, "max_wait_ms": 50, "continuous": False}
 ARGS = {
     **SHIPPED,
     "models": [
@@ -60,10 +62,11 @@ ARGS = {
         _tested(_flux, id="tiny-flux-alone", parallel=None),
         _tested(
             _sd3,
-            id="sd3-cfg",
-            parallel={"cfg_parallel": True},
-            batching={"max_batch_images": 4, "max_wait_ms": 50, "continuous": False},
+            id="sd3-ring-cfg",
+            parallel={"ring_degree": 2, "cfg_parallel": True},
+            batching=_BATCHES,
         ),
+        _tested(_flux, id="flux-ulysses", parallel={"ulysses_degree": 2}, batching=_BATCHES),
     ],
     "limits": {"max_pixels": 128 * 128, "max_steps": 400},
 }
@@ -71,7 +74,8 @@ ARGS = {
 PARALLEL = (
     ("tiny-sd3", "tiny-sd3-alone", 2),
     ("tiny-flux", "tiny-flux-alone", 2),
-    ("sd3-cfg", "tiny-sd3-alone", 2),
+    ("sd3-ring-cfg", "tiny-sd3-alone", 4),
+    ("flux-ulysses", "tiny-flux-alone", 2),
 )
 
 
