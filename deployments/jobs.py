@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from deployments.scheduling.job_schedule import UNSCHEDULED, JobSchedule
 from deployments.sizes import format_size
 
 # What a pipeline call does: draw from a prompt, redraw a whole image (image-to-image), or
@@ -63,6 +64,8 @@ class GenerationJob:
     adapters: tuple[AdapterWeight, ...] = ()
     # OpenAI's `moderation`: "auto", or "low" (the model's relaxed safety thresholds).
     moderation: Literal["auto", "low"] = "auto"
+    # Its class and deadline: where it stands in its replica's queue (`scheduling/`).
+    schedule: JobSchedule = field(default=UNSCHEDULED, compare=False)
 
     @property
     def size(self) -> str:
@@ -211,6 +214,20 @@ class GenerationOutOfMemory(Exception):
     fit later, when fewer calls share the device: a retryable answer (503), not the client's
     fault. Plain data (a message), so it crosses Ray pickled to the ingress.
     """
+
+
+class DeadlineUnreachable(Exception):
+    """The replica cannot finish the job by its deadline at the rate it runs now, so it
+    refused it before any compute: a retryable 503 with `retry-after` (by then, the work
+    ahead of it is less). Plain data, so it crosses Ray pickled to the ingress."""
+
+    def __init__(self, late_s: float, retry_after_s: int) -> None:
+        super().__init__(late_s, retry_after_s)
+        self.late_s = late_s
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return f"would finish {self.late_s:.1f} s after its deadline"
 
 
 class AdapterUnavailable(Exception):

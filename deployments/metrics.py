@@ -8,6 +8,8 @@ errors clients get. The generator's metrics carry the model id as their `model` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ray.util.metrics import Counter, Gauge, Histogram
 
 # Seconds of one pipeline call, from a tiny model on a CPU to a large one on a busy GPU.
@@ -100,8 +102,9 @@ class GeneratorMetrics:
 
 
 class IngressMetrics:
-    """Recorded by the ingress: each error answer, by its OpenAI error type and code; and with
-    quotas on, each key's requests and image-steps. A key's label is its configured name or a
+    """Recorded by the ingress: each error answer, by its OpenAI error type and code; each
+    image request's end by model and priority class; and with quotas on, each key's
+    requests and image-steps. A key's label is its configured name or a
     short hash of it, never the key, and their number is capped (`max_metric_keys`)."""
 
     def __init__(self) -> None:
@@ -129,6 +132,27 @@ class IngressMetrics:
             "safety checker).",
             tag_keys=("model", "key", "what"),
         )
+        self._class_requests = Counter(
+            "image_generation_class_requests",
+            description="Image requests by model, priority class and outcome: ok, "
+            "client_error, error, cancelled, timed_out (504), refused_late (503 "
+            "`deadline_unreachable`: it could not have finished by its deadline).",
+            tag_keys=("model", "priority", "outcome"),
+        )
+        self._class_seconds = Histogram(
+            "image_generation_class_seconds",
+            description="Seconds from arrival to answer of each successful image request, by "
+            "model and priority class.",
+            boundaries=GENERATION_SECONDS_BOUNDARIES,
+            tag_keys=("model", "priority"),
+        )
+        self._class_queue_seconds = Histogram(
+            "image_generation_class_queue_seconds",
+            description="Seconds each successful image request waited in its generator "
+            "replica before its images started, by model and priority class.",
+            boundaries=GENERATION_SECONDS_BOUNDARIES,
+            tag_keys=("model", "priority"),
+        )
         self._store_errors = Counter(
             "image_generation_quota_store_errors",
             description="Quota decisions or slot releases that failed because Redis did not "
@@ -138,6 +162,23 @@ class IngressMetrics:
 
     def error(self, error_type: str, code: str | None) -> None:
         self._errors.inc(1, tags={"type": error_type, "code": code or "none"})
+
+    def request_finished(self, fields: Mapping[str, object]) -> None:
+        """An image request's end, by model and priority class: its outcome; if it succeeded,
+        its seconds in all and waiting in its replica's queue."""
+        tags = {
+            "model": str(fields.get("model") or "none"),
+            "priority": str(fields.get("priority") or "none"),
+        }
+        self._class_requests.inc(1, tags={**tags, "outcome": class_outcome(fields)})
+        if fields.get("outcome") != "ok":
+            return
+        total_s = fields.get("total_s")
+        if isinstance(total_s, float | int):
+            self._class_seconds.observe(float(total_s), tags=tags)
+        queue_s = fields.get("queue_s")
+        if isinstance(queue_s, float | int):
+            self._class_queue_seconds.observe(float(queue_s), tags=tags)
 
     def key_request(self, key: str, outcome: str, image_steps: int) -> None:
         self._key_requests.inc(1, tags={"key": key, "outcome": outcome})
@@ -154,6 +195,16 @@ class IngressMetrics:
 # Seconds a video job waits in its queue, or takes from creation to its end: from a tiny
 # model on a CPU to a long clip on a busy GPU.
 VIDEO_JOB_SECONDS_BOUNDARIES = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600]
+
+
+def class_outcome(fields: Mapping[str, object]) -> str:
+    """A request's outcome in the per-class metrics: its log line's, with timeouts and
+    deadline refusals told apart from other errors."""
+    if fields.get("error_code") == "deadline_unreachable":
+        return "refused_late"
+    if fields.get("status") == 504:
+        return "timed_out"
+    return str(fields.get("outcome") or "none")
 
 
 class VideoMetrics:

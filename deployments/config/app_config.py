@@ -19,6 +19,7 @@ from deployments.config.base import Strict, default_cache_dir
 from deployments.config.model_config import BatchingConfig, ModelConfig, generator_deployment_name
 from deployments.config.quota_config import QuotaConfig
 from deployments.config.safety_config import PromptModerationConfig
+from deployments.config.scheduling_config import SchedulingConfig
 from deployments.config.video_config import VideoConfig
 from deployments.sizes import parse_size
 
@@ -277,6 +278,11 @@ class AppArgs(Strict):
         description="A blocklist every prompt is checked against before any compute; off by "
         "default.",
     )
+    scheduling: SchedulingConfig = Field(
+        default_factory=SchedulingConfig,
+        description="Priority classes and deadlines: the order a replica starts waiting "
+        "work in, and refusing what cannot finish in time.",
+    )
     cors: CORSConfig = Field(default_factory=CORSConfig, description="CORS (off by default).")
     request_logs: RequestLogConfig = Field(
         default_factory=RequestLogConfig, description="Per-request log lines."
@@ -334,6 +340,12 @@ class AppArgs(Strict):
             raise ValueError(f"default_model {self.default_model!r} is not one of the models")
         for model in self.models:
             self._check_defaults(model)
+        return self
+
+    @model_validator(mode="after")
+    def _priority_keys_need_keys(self) -> AppArgs:
+        if self.scheduling.keys and not self.auth.enabled:
+            raise ValueError("scheduling.keys needs API keys (auth.api_keys_env or _file)")
         return self
 
     def _check_defaults(self, model: ModelConfig) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -41,16 +42,18 @@ from deployments.generator.parallel.rank_group import RankGroup
 from deployments.generator.progress.previews import fit_previewer
 from deployments.generator.progress.prompt_tokens import PromptTokens
 from deployments.generator.progress.replica_progress import EngineMetrics, ReplicaProgress
-from deployments.generator.progress.work_meter import WorkMeter
+from deployments.generator.progress.work_meter import WorkMeter, work_of
 from deployments.generator.safety.safety_gate import SafetyGate
 from deployments.jobs import (
     AdapterUnavailable,
+    DeadlineUnreachable,
     EventSink,
     GeneratedImages,
     GenerationEvent,
     GenerationJob,
     ModelCapabilities,
 )
+from deployments.scheduling.deadline_admission import too_late
 
 logger = logging.getLogger("ray.serve")
 
@@ -176,6 +179,7 @@ class ImageEngine:
         """The job's images; `sink`, if given, is called (from a worker thread) with its
         progress and previews."""
         self._progress.check_health()  # until Serve's health check replaces the replica
+        self._refuse_if_late(job)
         await self._stage_adapters(job)
         if sink is not None and self._safety is not None:
             sink = self._safety.screened(job, sink)
@@ -187,6 +191,27 @@ class ImageEngine:
         except asyncio.CancelledError:
             logger.info("request %s cancelled; its generation stops", job.request_id)
             raise
+
+    def _refuse_if_late(self, job: GenerationJob) -> None:
+        """Raise `DeadlineUnreachable` (a retryable 503) for a job that the work ahead of it
+        and its own, at the replica's best recent rate, would finish after its deadline
+        (`scheduling/deadline_admission.py`)."""
+        work = self._progress.work
+        late = too_late(
+            job.schedule,
+            own_work=work_of(job),
+            ahead_work=work.ahead_of(job.schedule.rank),
+            rate=work.rate.best(),
+            now=time.time(),
+        )
+        if late is not None:
+            logger.info(
+                "request %s refused: it would finish in %.1f s, %.1f s after its deadline",
+                job.request_id,
+                late.finish_s,
+                late.late_s,
+            )
+            raise DeadlineUnreachable(late.late_s, late.retry_after_s)
 
     async def _stage_adapters(self, job: GenerationJob) -> None:
         """Fetch and check the job's adapters off the event loop before it queues, so that

@@ -38,6 +38,7 @@ from deployments.ingress.errors import (
     unauthorized,
 )
 from deployments.ingress.output import IMAGE_FILES_PATH
+from deployments.ingress.priorities import PRIORITY_HEADER, TIMEOUT_HEADER
 from deployments.ingress.protocol import (
     ImageGenerationRequest,
     ImagesResponse,
@@ -133,7 +134,9 @@ def create_api(
         openapi_extra=_body_schema("application/json", ImageGenerationRequest.model_json_schema()),
     )
     async def generate_images(request: Request) -> Response:
-        async with service.scope(request_id_of(request), "generations", _key(request)) as scope:
+        async with service.scope(
+            request_id_of(request), "generations", _key(request), request.headers
+        ) as scope:
             _refuse_malformed_request_id(request)
             _refuse_foreign_origin(request, args.cors)
             _require_json(request)
@@ -149,7 +152,9 @@ def create_api(
         openapi_extra=_body_schema("multipart/form-data", edit_form_schema()),
     )
     async def edit_images(request: Request) -> Response:
-        async with service.scope(request_id_of(request), "edits", _key(request)) as scope:
+        async with service.scope(
+            request_id_of(request), "edits", _key(request), request.headers
+        ) as scope:
             _refuse_malformed_request_id(request)
             _refuse_foreign_origin(request, args.cors)
             form = await edit_form(request, args.limits.max_upload_bytes)
@@ -278,7 +283,7 @@ def _add_cors(app: FastAPI, cors: CORSConfig) -> None:
             CORSMiddleware,
             allow_origins=cors.allow_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type"],
+            allow_headers=["authorization", "content-type", PRIORITY_HEADER, TIMEOUT_HEADER],
             expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS],
             max_age=cors.max_age_s,
         )

@@ -1,6 +1,7 @@
 """A request's deadline: everything the ingress waits for on a request's behalf ends by it.
 
-`args.request_timeout_s` after a request arrives, whatever it is still waiting for (the
+`args.request_timeout_s` after a request arrives (or sooner, where the client's
+`x-request-timeout` says: `priorities.py`), whatever it is still waiting for (the
 model's capabilities, a place in the queue, its images, the next streamed event) is
 cancelled and the client gets a 504 in the API's error shape. Cancelling the wait also
 cancels the generation on the replica (see `deployments/ingress/deployment.py`).

@@ -32,11 +32,12 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.config.app_config import AppArgs
 from deployments.ingress.app import REQUEST_ID, create_api
-from deployments.ingress.errors import invalid_request, service_unavailable
+from deployments.ingress.errors import APIError, invalid_request, service_unavailable
 from deployments.ingress.moderation import moderation_blocked
 from deployments.ingress.videos.video_service import VideoService
 from deployments.jobs import (
     AdapterUnavailable,
+    DeadlineUnreachable,
     GeneratedImages,
     GenerationEvent,
     GenerationJob,
@@ -114,6 +115,18 @@ def generator_errors_as_api_errors(request_id: str) -> Iterator[None]:
         raise service_unavailable(
             "The service is at capacity and its queue is full. Retry shortly.",
             retry_after_s=2,
+        ) from None
+    except DeadlineUnreachable as error:
+        # Refused before any compute: the replica's work ahead of it would not end in time.
+        raise APIError(
+            503,
+            "The service cannot finish this request before its timeout at its current load, "
+            "so it did not start it. Retry after the time in retry-after, or allow a longer "
+            "timeout.",
+            type="server_error",
+            code="deadline_unreachable",
+            retryable=True,
+            retry_after_s=error.retry_after_s,
         ) from None
     except GenerationOutOfMemory:
         # Ray re-raises the replica's exception as an instance of its class.

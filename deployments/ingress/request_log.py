@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 logger = logging.getLogger("ray.serve")
@@ -20,8 +21,15 @@ logger = logging.getLogger("ray.serve")
 class RequestLog:
     """Collects one request's fields while it runs; `finish` writes its line, once."""
 
-    def __init__(self, request_id: str, endpoint: str) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        endpoint: str,
+        on_finish: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> None:
+        """`on_finish` gets the line's fields when it is written (the per-class metrics)."""
         self.request_id = request_id
+        self._on_finish = on_finish
         self._started = time.perf_counter()
         self._fields: dict[str, Any] = {"request_id": request_id, "endpoint": endpoint}
         self._finished = False
@@ -45,6 +53,8 @@ class RequestLog:
         )
         fields = {key: value for key, value in self._fields.items() if value is not None}
         logger.info("image_request %s", format_logfmt(fields), extra={"image_request": fields})
+        if self._on_finish is not None:
+            self._on_finish(fields)
 
 
 def format_logfmt(fields: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 from starlette.concurrency import run_in_threadpool
@@ -33,6 +33,7 @@ from deployments.ingress.errors import (
 from deployments.ingress.model_catalog import ModelCatalog, Target
 from deployments.ingress.moderation import check_moderation_level, prompt_blocklists
 from deployments.ingress.output import ImagePackager
+from deployments.ingress.priorities import Priorities
 from deployments.ingress.protocol import (
     ImageRequest,
     ImagesResponse,
@@ -53,6 +54,7 @@ from deployments.jobs import (
     ModelCapabilities,
     Task,
 )
+from deployments.scheduling.job_schedule import UNSCHEDULED, JobSchedule
 from deployments.storage import ImageStorage, StorageUnavailable, open_store
 
 logger = logging.getLogger("ray.serve")
@@ -82,6 +84,10 @@ class ErrorMetrics(Protocol):
 
     def moderation_blocked(self, model: str, key: str, what: str) -> None: ...
 
+    def request_finished(self, fields: Mapping[str, object]) -> None:
+        """An image request ended; `fields` are its log line's (`request_log.py`)."""
+        ...
+
 
 @dataclass
 class RequestScope:
@@ -93,6 +99,8 @@ class RequestScope:
     deadline: Deadline
     key_digest: bytes | None = None
     model_id: str = ""
+    # Its class and deadline, as its job carries them (`priorities.py`).
+    schedule: JobSchedule = UNSCHEDULED
 
     @property
     def key_label(self) -> str:
@@ -130,6 +138,7 @@ class ImageService:
         self._backends = dict(backends)
         self.validator = RequestValidator(args.limits)
         self._blocklists = prompt_blocklists(args)
+        self.priorities = Priorities(args)
         # Opening a bucket checks that it is reachable: a wrong one fails the ingress's start.
         self.store = store or open_store(args.storage)
         self._metrics = metrics
@@ -162,13 +171,22 @@ class ImageService:
 
     @contextlib.asynccontextmanager
     async def scope(
-        self, request_id: str, endpoint: str, key_digest: bytes | None = None
+        self,
+        request_id: str,
+        endpoint: str,
+        key_digest: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[RequestScope]:
         """A request's scope; its one log line is written however the request ends (a
-        successful answer writes it when its images are sent)."""
-        log = RequestLog(request_id, endpoint)
+        successful answer writes it when its images are sent). `headers` may ask for a
+        priority class and a shorter timeout (`priorities.py`)."""
+        finished = self._metrics.request_finished if self._metrics is not None else None
+        log = RequestLog(request_id, endpoint, finished)
         scope = RequestScope(request_id, log, Deadline(self.args.request_timeout_s), key_digest)
         try:
+            scope.schedule = self.priorities.schedule(headers or {}, key_digest)
+            scope.deadline = Deadline(scope.schedule.deadline - scope.schedule.arrived)
+            log.add(priority=scope.schedule.priority_class)
             yield scope
         except APIError as error:
             log.finish(error.status_code, error.code)
@@ -194,6 +212,7 @@ class ImageService:
         self._moderate(params, model, scope)
         adapters = self.models.adapters.resolve(model, target.adapter, params.lora)
         job = params.to_job(context, scope.request_id, adapters=adapters)
+        job = replace(job, schedule=scope.schedule)
         scope.log.add(**self._logged_parameters(params, job, model.id))
         cost = job_cost(job, context.capabilities)
         return PreparedJob(params, job, backend, "image_generation", cost)
@@ -235,6 +254,7 @@ class ImageService:
             input_size=inputs.input_size,
             adapters=adapters,
         )
+        job = replace(job, schedule=scope.schedule)
         scope.log.add(**self._logged_parameters(params, job, model.id))
         return PreparedJob(params, job, backend, "image_edit", job_cost(job, context.capabilities))
 

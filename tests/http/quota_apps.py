@@ -50,6 +50,9 @@ class QuotaCounts:
     def moderation_blocked(self, model: str, key: str, what: str) -> None:
         pass
 
+    def request_finished(self, fields) -> None:
+        pass
+
 
 def quota_args(args: AppArgs, monkeypatch, redis_url: str | None, **quotas) -> AppArgs:
     """`args` with the three keys on, alice named, and `quotas` over Redis at `redis_url`."""

@@ -25,6 +25,9 @@ class ErrorCounts:
     def moderation_blocked(self, model: str, key: str, what: str) -> None:
         self.counts[("blocked", f"{model}/{key}/{what}")] = 1
 
+    def request_finished(self, fields) -> None:
+        pass
+
 
 def request_lines(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if hasattr(r, "image_request")]

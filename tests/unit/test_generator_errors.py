@@ -11,7 +11,12 @@ from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from deployments.ingress.deployment import generator_errors_as_api_errors
 from deployments.ingress.errors import APIError
-from deployments.jobs import AdapterUnavailable, GenerationOutOfMemory, ReplicaBroken
+from deployments.jobs import (
+    AdapterUnavailable,
+    DeadlineUnreachable,
+    GenerationOutOfMemory,
+    ReplicaBroken,
+)
 
 
 def answer_to(error: BaseException) -> APIError:
@@ -61,3 +66,15 @@ def test_a_cancelled_generator_call_is_the_client_leaving_not_a_server_error(can
     cancellation (the request's 499), never reach the 500 handler."""
     with pytest.raises(asyncio.CancelledError), generator_errors_as_api_errors("req-1"):
         raise cancelled
+
+
+def test_a_job_refused_for_its_deadline_is_a_retryable_503_with_the_replicas_retry_after():
+    wrapped = RayTaskError("generate", "traceback", DeadlineUnreachable(12.5, 13))
+    answer = answer_to(wrapped.as_instanceof_cause())
+    assert (answer.status_code, answer.code, answer.retryable) == (
+        503,
+        "deadline_unreachable",
+        True,
+    )
+    assert answer.retry_after_s == 13
+    assert "traceback" not in answer.message

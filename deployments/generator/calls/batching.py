@@ -24,6 +24,11 @@ where one image fills it (large sizes), so large images batch less or run alone.
 more images than fit runs as a batch of its own. With `max_batch_images=1` every job runs
 alone: the per-request design.
 
+Among the batches that may start, the most urgent goes first: the one holding the job of
+the highest class (after aging), then of the earliest deadline (`deployments/scheduling/
+job_schedule.py`); among equals, a full batch before one that is not. A job joins the first
+compatible batch with room whatever its class: riding along costs the batch nothing.
+
 A job cancelled while it waits leaves its batch; a running batch is told to stop only when
 every job in it is cancelled. A batch's run answers for each job: its images or its own
 failure, so a failing job fails no other (how a batch runs as pipeline calls, and survives a
@@ -124,6 +129,10 @@ class _Batch:
     @property
     def num_images(self) -> int:
         return sum(entry.queued.job.num_images for entry in self.entries)
+
+    def urgency(self, now: float) -> tuple[int, float, float]:
+        """Its most urgent job's (`JobSchedule.urgency`)."""
+        return min(entry.queued.job.schedule.urgency(now) for entry in self.entries)
 
 
 class BatchQueue:
@@ -227,19 +236,25 @@ class BatchQueue:
             self._on_change(self.waiting_jobs)
 
     def _next_ready(self, now: float) -> _Batch | None:
-        """The batch to start: full ones first, then those past their wait, oldest first;
-        among them one of an adapter set that is running, if any (see `_prefer_running`)."""
-        ready = [b for b in self._pending if b.num_images >= self.capacity(b.key)]
-        if self._regrouping(now):
-            return self._prefer_running(ready, now) if ready else None
-        ready += [
-            b
-            for b in self._pending
-            if b not in ready and (self._running == 0 or now - b.created >= self._max_wait_s)
-        ]
+        """The batch to start among those ready (full, or past their wait): the most urgent,
+        full before not among equals, oldest first; among them one of an adapter set that is
+        running, if any (see `_prefer_running`)."""
+        full = [b for b in self._pending if b.num_images >= self.capacity(b.key)]
+        ready = full
+        if not self._regrouping(now):
+            ready = full + [
+                b
+                for b in self._pending
+                if b not in full and (self._running == 0 or now - b.created >= self._max_wait_s)
+            ]
         if not ready:
             return None
-        return self._prefer_running(ready, now)
+        wall = time.time()
+        urgency = {id(b): b.urgency(wall) for b in ready}
+        ready.sort(key=lambda b: (urgency[id(b)], b not in full, b.created))
+        # Only a batch of the first's class may go before it for its adapters.
+        peers = [b for b in ready if urgency[id(b)][0] == urgency[id(ready[0])][0]]
+        return self._prefer_running(peers, now)
 
     def _regrouping(self, now: float) -> bool:
         """Whether a batch that is not full waits for the callers of the batch that just ended."""
@@ -249,7 +264,8 @@ class BatchQueue:
         """A batch of another adapter set than the running batches' would only wait, its
         worker idle, until they end (calls of different sets never overlap: see
         `adapter_gate.py`), while one of their set runs beside them at once. So a batch of a
-        running set goes first, unless another has waited `OVERDUE_S`: no set starves."""
+        running set goes first, unless another has waited `OVERDUE_S`: no set starves.
+        `ready` holds the batches of the most urgent class, most urgent first."""
         first = ready[0]
         if not self._running_sets or first.key.adapters in self._running_sets:
             return first

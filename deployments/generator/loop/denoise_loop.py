@@ -2,7 +2,8 @@
 
 A `Lane` is one worker thread's loop (the replica runs `worker_threads` of them). Its images
 are grouped by size; each turn of the loop, for every size it holds:
-1. jobs that arrived join at the step boundary, as many images as the group's budget allows
+1. jobs that arrived join at the step boundary, most urgent first, as many images as the
+   group's budget allows
    (`BatchingConfig.images_per_batch`: `max_batch_images` and `max_batch_pixels`): their
    prompts are encoded in one text-encoder call, each image gets its latents from its own
    seed and its own scheduler for its own steps (`families/`);
@@ -118,12 +119,15 @@ class Lane:
             self._finish([job for job in jobs if all(image.done for image in job.images)])
 
     def _admit(self) -> None:
-        """Jobs from the inbox join their size's group while its budget has room, in order
-        of arrival per size: a job that does not fit yet keeps its place, and none of its
-        size passes it (a request of many images is not starved by a stream of single
-        ones); those of other sizes may still join."""
+        """Jobs from the inbox join their size's group while its budget has room, most
+        urgent first (higher class after aging, then earlier deadline, then arrival:
+        `scheduling/job_schedule.py`): a job that does not fit yet keeps its place, and none
+        of its size passes it (a request of many images is not starved by a stream of
+        single ones); those of other sizes may still join."""
         with self._lock:
             arrived = list(self._inbox)
+        now = time.time()
+        arrived.sort(key=lambda job: job.job.schedule.urgency(now))  # stable: arrival order
         joining: list[LoopJob] = []
         held = {size: sum(j.job.num_images for j in jobs) for size, jobs in self._groups.items()}
         waiting: set[Size] = set()  # sizes whose first job in line does not fit yet

@@ -6,11 +6,17 @@ gone): its full cost (`job_work`) while it waits for a batch, less one step of i
 pixels after each step its calls run. Counting the steps done costs a lock and a few
 multiplications per step, nothing beside a denoising step. A call that fails and runs again
 counts its steps twice; a job's remaining work stops at 0.
+
+The same counts tell a job that cannot finish by its deadline (`scheduling/
+deadline_admission.py`): the meter knows each held job's class, so the work ahead of a new
+job is the held work of its class and higher, and the steps done per second of time holding
+work are its replica's rate (`ServiceRate`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +24,7 @@ from typing import Protocol
 
 from deployments.autoscaling_policy import job_work
 from deployments.jobs import GenerationJob
+from deployments.scheduling.deadline_admission import ServiceRate
 
 
 class _Queued(Protocol):
@@ -45,32 +52,53 @@ class WorkMeter:
         # By submission (the QueuedJob's identity): one job object may be submitted twice at
         # once, and two requests may send equal jobs.
         self._remaining: dict[int, float] = {}
+        self._ranks: dict[int, int] = {}  # each held job's class rank
+        self.rate = ServiceRate()
 
     @contextmanager
     def holding(self, queued: _Queued) -> Iterator[None]:
         """Counts the submitted job `queued` while the block runs (its time in the batch
         queue and its calls)."""
         job = queued.job
-        cost = job_work(
-            job.width, job.height, job.num_images, job.num_inference_steps, job.strength
-        )
         with self._lock:
-            self._remaining[id(queued)] = float(cost)
+            self._remaining[id(queued)] = work_of(job)
+            self._ranks[id(queued)] = job.schedule.rank
+            if len(self._remaining) == 1:
+                self.rate.busy(True, time.monotonic())
         try:
             yield
         finally:
             with self._lock:
                 del self._remaining[id(queued)]
+                del self._ranks[id(queued)]
+                if not self._remaining:
+                    self.rate.busy(False, time.monotonic())
 
     def step_done(self, parts: Iterable[HeldPart]) -> None:
         """One step of a call ran: each part's images' pixels come off its held job."""
+        total = 0.0
         with self._lock:
             for part in parts:
                 key = id(part.queued)
+                done = part.job.width * part.job.height * part.job.num_images
+                total += done
                 if key in self._remaining:
-                    done = part.job.width * part.job.height * part.job.num_images
                     self._remaining[key] = max(0.0, self._remaining[key] - done)
+            self.rate.done(total, time.monotonic())
+
+    def ahead_of(self, rank: int) -> float:
+        """The remaining work of the held jobs of class `rank` and higher: what a new job of
+        that class waits for (aging aside)."""
+        with self._lock:
+            return sum(work for key, work in self._remaining.items() if self._ranks[key] <= rank)
 
     def held(self) -> HeldWork:
         with self._lock:
             return HeldWork(step_pixels=sum(self._remaining.values()), jobs=len(self._remaining))
+
+
+def work_of(job: GenerationJob) -> float:
+    """A job's whole cost in steps x pixels."""
+    return float(
+        job_work(job.width, job.height, job.num_images, job.num_inference_steps, job.strength)
+    )
