@@ -114,7 +114,7 @@ def test_the_config_names_only_its_classes_and_keys_need_auth():
     ]:
         with pytest.raises(ValidationError):
             AppArgs.model_validate({"auth": {"api_keys_env": "K"}, "scheduling": scheduling})
-    with pytest.raises(ValidationError, match="scheduling.keys needs API keys"):
+    with pytest.raises(ValidationError, match=r"scheduling\.keys needs API keys"):
         AppArgs.model_validate({"scheduling": {"keys": [{"key_sha256": "0" * 64}]}})
     assert AppArgs().scheduling.default_class == "normal"
 
