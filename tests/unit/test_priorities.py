@@ -232,16 +232,24 @@ def test_too_late_when_the_work_ahead_and_its_own_end_after_the_deadline():
     assert too_late(job_schedule, 1e9, 0, 1, now).retry_after_s == 60  # capped
 
 
-def test_the_work_ahead_is_the_held_work_of_its_class_and_higher():
+def test_the_work_ahead_is_the_held_work_of_its_class_and_higher_and_what_started():
     meter = WorkMeter()
 
     class Held:
-        def __init__(self, rank: int) -> None:
-            self.job = scheduled_job(rank, rank, steps=1, size=10)
+        def __init__(self, rank: int, steps: int = 1) -> None:
+            self.job = scheduled_job(rank, rank, steps=steps, size=10)
 
-    high, normal, low = Held(0), Held(1), Held(2)
+    class Step:  # a call's part: the held job's images in one step
+        def __init__(self, held: Held) -> None:
+            self.queued, self.job = held, held.job
+
+    high, normal, low = Held(0), Held(1), Held(2, steps=3)
     with meter.holding(high), meter.holding(normal), meter.holding(low):
         assert meter.ahead_of(0) == 100
         assert meter.ahead_of(1) == 200
-        assert meter.ahead_of(2) == 300
+        assert meter.ahead_of(2) == 500
+        meter.step_done([Step(low)])
+        # Started, its 2 steps left are ahead of every class: nothing preempts it.
+        assert meter.ahead_of(0) == 300
+        assert meter.ahead_of(1) == 400
     assert meter.ahead_of(2) == 0

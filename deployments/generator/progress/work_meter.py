@@ -8,8 +8,9 @@ multiplications per step, nothing beside a denoising step. A call that fails and
 counts its steps twice; a job's remaining work stops at 0.
 
 The same counts tell a job that cannot finish by its deadline (`scheduling/
-deadline_admission.py`): the meter knows each held job's class, so the work ahead of a new
-job is the held work of its class and higher, and the steps done per second of time holding
+deadline_admission.py`): the meter knows each held job's class and whether it has started,
+so the work ahead of a new job is the held work of its class and higher plus what has
+started, and the steps done per second of time holding
 work are its replica's rate (`ServiceRate`).
 """
 
@@ -53,6 +54,7 @@ class WorkMeter:
         # once, and two requests may send equal jobs.
         self._remaining: dict[int, float] = {}
         self._ranks: dict[int, int] = {}  # each held job's class rank
+        self._started: set[int] = set()  # held jobs that have run a step: nothing passes them
         self.rate = ServiceRate()
 
     @contextmanager
@@ -71,6 +73,7 @@ class WorkMeter:
             with self._lock:
                 del self._remaining[id(queued)]
                 del self._ranks[id(queued)]
+                self._started.discard(id(queued))
                 if not self._remaining:
                     self.rate.busy(False, time.monotonic())
 
@@ -84,13 +87,19 @@ class WorkMeter:
                 total += done
                 if key in self._remaining:
                     self._remaining[key] = max(0.0, self._remaining[key] - done)
+                    self._started.add(key)
             self.rate.done(total, time.monotonic())
 
     def ahead_of(self, rank: int) -> float:
-        """The remaining work of the held jobs of class `rank` and higher: what a new job of
-        that class waits for (aging aside)."""
+        """What a new job of class `rank` waits for (aging aside): the remaining work of the
+        held jobs of its class and higher, and of the started ones of any class (a started
+        job is never preempted)."""
         with self._lock:
-            return sum(work for key, work in self._remaining.items() if self._ranks[key] <= rank)
+            return sum(
+                work
+                for key, work in self._remaining.items()
+                if self._ranks[key] <= rank or key in self._started
+            )
 
     def held(self) -> HeldWork:
         with self._lock:
