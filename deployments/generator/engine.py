@@ -106,6 +106,7 @@ class ImageEngine:
             settings=batching,
             on_change=self._progress.queue_changed,
             progress=self._progress,
+            late=self._late_to_start,
         )
         self._continuous = None
         if continuous:
@@ -148,6 +149,7 @@ class ImageEngine:
             job_done=self._progress.loop_job_done,
             broken=self._runner.device_failed,
             others_waiting=self._executor.has_waiting,
+            late=self._late_to_start,
         )
         if self._safety is not None:
             hooks = replace(hooks, screen=self._safety.screen)
@@ -196,22 +198,28 @@ class ImageEngine:
         """Raise `DeadlineUnreachable` (a retryable 503) for a job that the work ahead of it
         and its own, at the replica's best recent rate, would finish after its deadline
         (`scheduling/deadline_admission.py`)."""
+        error = self._late(job, self._progress.work.ahead_of(job.schedule.rank), "arrived")
+        if error is not None:
+            raise error
+
+    def _late_to_start(self, job: GenerationJob) -> DeadlineUnreachable | None:
+        """What a waiting job fails with instead of starting, if its own work alone would
+        end after its deadline (higher classes passed it while it waited)."""
+        return self._late(job, 0.0, "waited")
+
+    def _late(self, job: GenerationJob, ahead_work: float, when: str) -> DeadlineUnreachable | None:
         work = self._progress.work
-        late = too_late(
-            job.schedule,
-            own_work=work_of(job),
-            ahead_work=work.ahead_of(job.schedule.rank),
-            rate=work.rate.best(),
-            now=time.time(),
+        late = too_late(job.schedule, work_of(job), ahead_work, work.rate.best(), time.time())
+        if late is None:
+            return None
+        logger.info(
+            "request %s refused as it %s: it would finish in %.1f s, %.1f s after its deadline",
+            job.request_id,
+            when,
+            late.finish_s,
+            late.late_s,
         )
-        if late is not None:
-            logger.info(
-                "request %s refused: it would finish in %.1f s, %.1f s after its deadline",
-                job.request_id,
-                late.finish_s,
-                late.late_s,
-            )
-            raise DeadlineUnreachable(late.late_s, late.retry_after_s)
+        return DeadlineUnreachable(late.late_s, late.retry_after_s)
 
     async def _stage_adapters(self, job: GenerationJob) -> None:
         """Fetch and check the job's adapters off the event loop before it queues, so that

@@ -29,6 +29,9 @@ the highest class (after aging), then of the earliest deadline (`deployments/sch
 job_schedule.py`); among equals, a full batch before one that is not. A job joins the first
 compatible batch with room whatever its class: riding along costs the batch nothing.
 
+A job that can no longer finish by its deadline when its batch starts (at the replica's best
+recent rate, `deployments/scheduling/deadline_admission.py`) fails instead of starting.
+
 A job cancelled while it waits leaves its batch; a running batch is told to stop only when
 every job in it is cancelled. A batch's run answers for each job: its images or its own
 failure, so a failing job fails no other (how a batch runs as pipeline calls, and survives a
@@ -150,11 +153,14 @@ class BatchQueue:
         settings: BatchingConfig,
         on_change: Callable[[int], None] | None = None,
         progress: ReplicaProgress | None = None,
+        late: Callable[[GenerationJob], Exception | None] | None = None,
     ) -> None:
         """`progress`: where the replica keeps its held work and batch sizes (its own, if
-        none is given)."""
+        none is given). `late`: what a job fails with instead of starting, if it can no
+        longer finish by its deadline (None: it starts)."""
         progress = progress if progress is not None else ReplicaProgress()
         self._run_batch = run_batch
+        self._late = late
         # Told the number of waiting jobs whenever it may have changed (for a metric).
         self._on_change = on_change
         self._executor = executor
@@ -289,6 +295,9 @@ class BatchQueue:
 
     def _start(self, batch: _Batch) -> None:
         self._pending.remove(batch)
+        self._leave_late(batch)
+        if not batch.entries:
+            return
         batch.started = True
         self._running += 1
         self._running_sets[batch.key.adapters] += 1
@@ -297,6 +306,17 @@ class BatchQueue:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self._run_batch, queued, batch.cancelled)
         future.add_done_callback(lambda done: self._finish(batch, done))
+
+    def _leave_late(self, batch: _Batch) -> None:
+        """Jobs that can no longer finish by their deadline fail instead of starting: their
+        steps would be cancelled at the deadline, unread."""
+        if self._late is None:
+            return
+        for entry in list(batch.entries):
+            error = self._late(entry.queued.job)
+            if error is not None:
+                batch.entries.remove(entry)
+                entry.result.set_exception(error)
 
     def _finish(
         self, batch: _Batch, done: asyncio.Future[list[GeneratedImages | Exception]]

@@ -7,7 +7,8 @@ are grouped by size; each turn of the loop, for every size it holds:
    (`BatchingConfig.images_per_batch`: `max_batch_images` and `max_batch_pixels`): their
    prompts are encoded in one text-encoder call, each image gets its latents from its own
    seed and its own scheduler for its own steps (`families/`);
-2. images whose callers have gone (cancelled, timed out) leave;
+2. images whose callers have gone (cancelled, timed out) leave (waiting jobs that can no
+   longer finish by their deadline fail instead of joining);
 3. one denoising step runs over all of the group's images, in one transformer forward, each
    at its own timestep with its own guidance and adapters (`mixed_lora.py`);
 4. images that took their last step leave: decoded together in one VAE call, and each job
@@ -134,6 +135,11 @@ class Lane:
         for job in arrived:
             if job.gone:
                 self._drop(job)
+                continue
+            late = self._hooks.late(job.job)
+            if late is not None:  # it would be cancelled at its deadline, unread
+                self._drop(job)
+                job.deliver(late)
                 continue
             room = self._hooks.capacity(*job.size) - held.get(job.size, 0)
             if job.size not in waiting and job.job.num_images <= room:

@@ -86,3 +86,6 @@ class LaneHooks:
     others_waiting: Callable[[], bool]  # request-level work waits for a thread
     # A done job's result as it is answered (the safety gate's `screen`: it may block it).
     screen: Screen = field(default=lambda _job, result: result)
+    # What a waiting job fails with instead of joining, if it can no longer finish by its
+    # deadline (None: it may join).
+    late: Callable[[GenerationJob], Exception | None] = field(default=lambda _job: None)
