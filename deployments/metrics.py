@@ -139,19 +139,14 @@ class IngressMetrics:
             "`deadline_unreachable`: it could not have finished by its deadline).",
             tag_keys=("model", "priority", "outcome"),
         )
-        self._class_seconds = Histogram(
+        self._class_seconds = _seconds_by_class(
             "image_generation_class_seconds",
-            description="Seconds from arrival to answer of each successful image request, by "
-            "model and priority class.",
-            boundaries=GENERATION_SECONDS_BOUNDARIES,
-            tag_keys=("model", "priority"),
+            "Seconds from arrival to answer of each successful image request",
         )
-        self._class_queue_seconds = Histogram(
+        self._class_queue_seconds = _seconds_by_class(
             "image_generation_class_queue_seconds",
-            description="Seconds each successful image request waited in its generator "
-            "replica before its images started, by model and priority class.",
-            boundaries=GENERATION_SECONDS_BOUNDARIES,
-            tag_keys=("model", "priority"),
+            "Seconds each successful image request waited in its generator replica before "
+            "its images started",
         )
         self._store_errors = Counter(
             "image_generation_quota_store_errors",
@@ -195,6 +190,15 @@ class IngressMetrics:
 # Seconds a video job waits in its queue, or takes from creation to its end: from a tiny
 # model on a CPU to a long clip on a busy GPU.
 VIDEO_JOB_SECONDS_BOUNDARIES = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600]
+
+
+def _seconds_by_class(name: str, what: str) -> Histogram:
+    return Histogram(
+        name,
+        description=f"{what}, by model and priority class.",
+        boundaries=GENERATION_SECONDS_BOUNDARIES,
+        tag_keys=("model", "priority"),
+    )
 
 
 def class_outcome(fields: Mapping[str, object]) -> str:

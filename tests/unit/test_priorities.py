@@ -17,6 +17,7 @@ from deployments.config.app_config import AppArgs
 from deployments.generator.progress.work_meter import WorkMeter
 from deployments.ingress.errors import APIError
 from deployments.ingress.priorities import Priorities
+from deployments.metrics import class_outcome
 from deployments.scheduling import deadline_admission
 from deployments.scheduling.deadline_admission import ServiceRate, too_late
 from deployments.scheduling.job_schedule import JobSchedule
@@ -253,3 +254,14 @@ def test_the_work_ahead_is_the_held_work_of_its_class_and_higher_and_what_starte
         assert meter.ahead_of(0) == 300
         assert meter.ahead_of(1) == 400
     assert meter.ahead_of(2) == 0
+
+
+def test_the_per_class_outcome_tells_refusals_and_timeouts_from_other_errors():
+    assert class_outcome({"status": 200, "outcome": "ok"}) == "ok"
+    refused = {"status": 503, "outcome": "error", "error_code": "deadline_unreachable"}
+    assert class_outcome(refused) == "refused_late"
+    assert class_outcome({"status": 504, "outcome": "error", "error_code": "timeout"}) == (
+        "timed_out"
+    )
+    assert class_outcome({"status": 503, "outcome": "error"}) == "error"
+    assert class_outcome({"status": 499, "outcome": "cancelled"}) == "cancelled"
