@@ -59,6 +59,15 @@ class BatchingConfig(Strict):
         "`optimizations.compile` or `optimizations.cache` keep the request-level batches "
         "(docs/continuous-batching.md).",
     )
+    preempt_lower_classes: bool = Field(
+        default=False,
+        description="In the continuous loop, a step runs only the images of the most urgent "
+        "priority class in flight across the replica's lanes; lower classes' images wait at "
+        "the step boundary with their state kept, and a higher-class request joins a full "
+        "loop beside them (docs/priorities.md). Pays where a step's cost grows with its "
+        "images (CPUs, large images); where a step of several images costs about one, "
+        "lower classes would ride along for free.",
+    )
 
     def images_per_call(self, width: int, height: int) -> int:
         """Most images of this size in one pipeline call: the pixel budget, and at least 1 (a

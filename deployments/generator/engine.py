@@ -196,20 +196,24 @@ class ImageEngine:
 
     def _refuse_if_late(self, job: GenerationJob) -> None:
         """Raise `DeadlineUnreachable` (a retryable 503) for a job that the work ahead of it
-        and its own, at the replica's best recent rate, would finish after its deadline
+        and its own, at the replica's recent rate, would finish after its deadline
         (`scheduling/deadline_admission.py`)."""
         error = self._late(job, self._progress.work.ahead_of(job.schedule.rank), "arrived")
         if error is not None:
             raise error
 
     def _late_to_start(self, job: GenerationJob) -> DeadlineUnreachable | None:
-        """What a waiting job fails with instead of starting, if its own work alone would
-        end after its deadline (higher classes passed it while it waited)."""
-        return self._late(job, 0.0, "waited")
+        """What a waiting job fails with instead of starting, if its own work would end
+        after its deadline (higher classes passed it while it waited). Its steps share the
+        replica's rate with the images in flight, as a step shares a device: at rate `mu`
+        and `k` images in all, its own work takes `own x k / mu`."""
+        sharing = self._progress.work.images_in_flight()
+        extra = work_of(job) * sharing / job.num_images
+        return self._late(job, extra, "waited")
 
     def _late(self, job: GenerationJob, ahead_work: float, when: str) -> DeadlineUnreachable | None:
         work = self._progress.work
-        late = too_late(job.schedule, work_of(job), ahead_work, work.rate.best(), time.time())
+        late = too_late(job.schedule, work_of(job), ahead_work, work.rate.recent(), time.time())
         if late is None:
             return None
         logger.info(

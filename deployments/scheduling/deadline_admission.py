@@ -7,12 +7,12 @@ before it (held work of its class and higher: what its place in line puts ahead 
 its own, at that rate, ends after its deadline. The caller gets a retryable 503 with
 `retry-after` set to how late it would have been: by then, the work ahead is that much less.
 
-The rate is the best one measured over the recent busy windows, not the last one: a replica
-that ran one job at a time and now gets a burst batches the burst and runs faster than it
-did, so the last rate would refuse jobs it could still finish. Refusing only what even the
-best recent rate cannot finish keeps the refusals to jobs that would time out anyway (or
-nearly). With no measurement yet (a replica that has not worked for `MIN_WINDOW_S`), nothing
-is refused.
+The rate is the median of the last few busy windows (`RECENT_WINDOWS` of `MIN_WINDOW_S` each:
+about 10 s of work), so it follows the load the replica runs now: under an overload the
+rate it had when calmer would admit work it cannot finish (measured: with the best of 30
+windows, a flood's admitted requests still timed out by the hundred). A median rather than
+the last window, so that one slow window (a start, a pause) does not refuse a burst. With no
+window measured yet (a replica that has not worked for `MIN_WINDOW_S`), nothing is refused.
 
 This is the admission test of a queue with deadlines: the work ahead of a job in a
 non-preemptive priority queue (`job_schedule.py`) is known when it arrives, and a server of
@@ -23,15 +23,16 @@ the line for the jobs behind it and then time out.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass
 
 from deployments.scheduling.job_schedule import JobSchedule
 
-# Busy seconds of one window of the rate, and how many recent windows its best is taken from.
+# Busy seconds of one window of the rate, and how many recent windows its median is taken from.
 MIN_WINDOW_S = 2.0
-WINDOWS = 30
+RECENT_WINDOWS = 5
 # The most seconds `retry-after` says.
 MAX_RETRY_AFTER_S = 60
 
@@ -45,7 +46,7 @@ class ServiceRate:
         self._busy_since: float | None = None  # start of the current busy period
         self._window_busy = 0.0  # the current window's busy seconds, at its start
         self._window_done = 0.0  # work done in the current window
-        self._rates: deque[float] = deque(maxlen=WINDOWS)
+        self._rates: deque[float] = deque(maxlen=RECENT_WINDOWS)
 
     def busy(self, holding: bool, now: float) -> None:
         """The replica began (True) or stopped (False) holding work at `now`."""
@@ -67,10 +68,10 @@ class ServiceRate:
                 self._window_busy = clock
                 self._window_done = 0.0
 
-    def best(self) -> float | None:
-        """Work per second in the best recent window; None before a window has ended."""
+    def recent(self) -> float | None:
+        """Work per second, the median of the recent windows; None before one has ended."""
         with self._lock:
-            return max(self._rates, default=None)
+            return statistics.median(self._rates) if self._rates else None
 
     def _clock(self, now: float) -> float:
         ongoing = now - self._busy_since if self._busy_since is not None else 0.0

@@ -5,7 +5,9 @@ of `JobSchedule.urgency`: the higher class first, then the earlier deadline, the
 arrival. It is a non-preemptive priority queue: a started batch or a job already in the
 continuous loop runs to its end, so a job waits for the work running when it came (batches,
 or the loop's images in flight) and for the waiting work ranked before it, never for waiting
-work of a lower class that has not aged to its own.
+work of a lower class that has not aged to its own. (With `batching.preempt_lower_classes`
+the continuous loop also pauses lower classes' images in flight at each step boundary:
+`deployments/generator/loop/class_gate.py`.)
 
 Aging keeps a lower class from waiting forever: every `aging_s` a job waits, it counts as
 one class higher, down to the highest. Under a flood of low-class work a high-class job

@@ -19,8 +19,11 @@ def decode_png(b64: str) -> np.ndarray:
 
 def one_at_a_time(*, request_timeout_s: float, max_steps: int = 5000, **limits) -> dict:
     """Args of a replica that runs one request at a time (one worker thread, no batching) on
-    32x32 images of the embedded model: its load and timing are easy to reason about."""
+    32x32 images of the embedded model: its load and timing are easy to reason about. Its
+    tests are about timeouts, full queues and scaling, so its replicas refuse nothing for
+    its deadline (`tests/integration/test_priorities.py` tests that)."""
     return {
+        "scheduling": {"refuse_late": False},
         "models": [
             {"id": "tiny-sd3", "device": "cpu", "default_size": "32x32", "default_steps": 4}
         ],

@@ -1,8 +1,10 @@
 """Priorities and deadlines through real Ray Serve and real HTTP: requests of two API keys'
-classes sent at once, on a replica with request-level batches and on one with the continuous
-loop. High-class requests that wait start before low-class ones that waited longer; each
-image equals the same request sent alone; a request that cannot finish by its timeout is
-refused at once, before any of its steps runs; the ingress counts each class's outcomes."""
+classes sent at once, on a replica with request-level batches, on one with the continuous
+loop, and on one whose loop preempts lower classes. High-class requests that wait start
+before low-class ones that waited longer (preempting, before the low-class request already
+running ends); each image equals the same request sent alone; a request that cannot finish
+by its timeout is refused at once, before any of its steps runs; the ingress counts each
+class's outcomes."""
 
 from __future__ import annotations
 
@@ -24,14 +26,15 @@ pytestmark = pytest.mark.integration
 
 APP = "priorities"
 KEYS = {"gold": "sk-int-gold-51d0", "bulk": "sk-int-bulk-a3e9"}
-MODELS = ("tiny-calls", "tiny-loop")
+MODELS = ("tiny-calls", "tiny-loop", "tiny-preempt")
 # A 32x32 step of the tiny model takes about 10 ms here: the blocker runs for seconds, the
 # short requests for a few tenths each, so their order of completion is their order of start.
 BLOCKER_STEPS = 250
 SHORT_STEPS = 30
 
 
-def model(model_id: str, continuous: bool) -> dict:
+def model(model_id: str, continuous: bool, preempt: bool = False) -> dict:
+    batching = {"max_batch_images": 1, "max_wait_ms": 0, "continuous": continuous}
     return {
         "id": model_id,
         "source": "embedded:tiny-sd3",
@@ -40,7 +43,7 @@ def model(model_id: str, continuous: bool) -> dict:
         # One thread and one image a batch (or a loop step): one request runs at a time and
         # the others wait in the replica, where their classes order them.
         "worker_threads": 1,
-        "batching": {"max_batch_images": 1, "max_wait_ms": 0, "continuous": continuous},
+        "batching": {**batching, "preempt_lower_classes": preempt},
         "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}},
     }
 
@@ -51,7 +54,11 @@ def base_url(serve_url, tmp_path_factory):
     keys_file.write_text("\n".join(KEYS.values()) + "\n")
     sha = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in KEYS.items()}
     args = {
-        "models": [model("tiny-calls", False), model("tiny-loop", True)],
+        "models": [
+            model("tiny-calls", False),
+            model("tiny-loop", True),
+            model("tiny-preempt", True, preempt=True),
+        ],
         "limits": {"max_pixels": 64 * 64, "max_steps": 400},
         "auth": {"api_keys_file": str(keys_file)},
         "request_timeout_s": 60,
@@ -97,26 +104,27 @@ def test_waiting_high_class_requests_start_before_low_class_ones_that_came_first
     def short(seed: int) -> dict:
         return {"model": model_id, "num_inference_steps": SHORT_STEPS, "seed": seed}
 
+    blocker_body = {"model": model_id, "num_inference_steps": BLOCKER_STEPS, "seed": 5}
     low_bodies = [short(seed) for seed in (11, 12, 13)]
     high_bodies = [short(seed) for seed in (21, 22)]
     with ThreadPoolExecutor(6) as pool:
-        blocker = pool.submit(
-            post, base_url, "bulk", {"model": model_id, "num_inference_steps": BLOCKER_STEPS}
-        )
+        blocker = pool.submit(post, base_url, "bulk", blocker_body)
         time.sleep(0.5)  # the blocker runs; everything below waits behind it
         lows = [pool.submit(post, base_url, "bulk", body) for body in low_bodies]
         time.sleep(0.3)
         highs = [pool.submit(post, base_url, "gold", body) for body in high_bodies]
         low_answers = [future.result() for future in lows]
         high_answers = [future.result() for future in highs]
-        assert blocker.result()[0].status_code == 200
+        blocked, blocker_finished = blocker.result()
     last_high = max(finished for _, finished in high_answers)
     first_low = min(finished for _, finished in low_answers)
     assert last_high < first_low, "a low-class request started before a waiting high one"
-    # Each image is the one the same request makes alone.
-    for body, (response, _) in zip(
-        low_bodies + high_bodies, low_answers + high_answers, strict=True
-    ):
+    # Preempting, the loop pauses the low-class blocker's image while the high ones step.
+    assert (last_high < blocker_finished) == (model_id == "tiny-preempt")
+    # Each image is the one the same request makes alone (paused or not).
+    bodies = [blocker_body, *low_bodies, *high_bodies]
+    answers = [(blocked, blocker_finished), *low_answers, *high_answers]
+    for body, (response, _) in zip(bodies, answers, strict=True):
         alone, _ = post(base_url, "gold", body)
         assert np.array_equal(image_of(response), image_of(alone))
 

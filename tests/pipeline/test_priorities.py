@@ -2,7 +2,7 @@
 request-level batches): a job that cannot finish in time is refused before any of its steps
 runs, on arrival or when it would start after waiting; the others run as they would have.
 
-The replica's rate is set by the test (`ServiceRate.best`), so what is refused does not
+The replica's rate is set by the test (`ServiceRate.recent`), so what is refused does not
 depend on this machine's speed."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 
 from deployments.config.model_config import BatchingConfig, ModelConfig
@@ -56,9 +57,9 @@ def job(seed: int, steps: int, timeout_s: float | None = None) -> GenerationJob:
 
 
 def set_rate(engine: ImageEngine, steps_per_s: float | None) -> None:
-    """The replica's best recent rate, in 32x32 steps per second."""
+    """The replica's recent rate, in 32x32 steps per second."""
     rate = None if steps_per_s is None else steps_per_s * STEP_WORK
-    engine.work.rate.best = lambda: rate
+    engine.work.rate.recent = lambda: rate
 
 
 def test_a_job_that_cannot_finish_in_time_is_refused_on_arrival(engine):
@@ -91,3 +92,50 @@ def test_a_waiting_job_that_can_no_longer_finish_fails_instead_of_starting(engin
     assert isinstance(doomed, DeadlineUnreachable)
     assert blocker.seeds == (1,) and kept.seeds == (3,)  # kept has no deadline
     assert engine.steps_run - before == 30 + 20  # none of job 2's steps ran
+
+
+def classed(seed: int, rank: int, steps: int, waited_s: float = 0.0) -> GenerationJob:
+    schedule = JobSchedule(
+        priority_class=("high", "low")[rank], rank=rank, arrived=time.time() - waited_s, aging_s=10
+    )
+    return make_job(seed, width=32, height=32, num_inference_steps=steps, schedule=schedule)
+
+
+def preempting_engine(sd3, preempt: bool, lanes: int = 2) -> ImageEngine:
+    batching = BatchingConfig(
+        max_batch_images=8, max_wait_ms=0, continuous=True, preempt_lower_classes=preempt
+    )
+    return ImageEngine(sd3, worker_threads=lanes, batching=batching, continuous=True)
+
+
+def low_then_high(engine: ImageEngine, lows: list[GenerationJob], high: GenerationJob):
+    async def scenario():
+        running = [asyncio.ensure_future(engine.generate(low)) for low in lows]
+        await asyncio.sleep(0.1)  # the low jobs are in both lanes' loops
+        return await asyncio.gather(engine.generate(high), *running)
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("preempt", [True, False], ids=["preempting", "sharing"])
+def test_with_preemption_a_high_class_job_steps_alone_past_low_ones_and_all_equal_alone(
+    sd3, preempt
+):
+    engine = preempting_engine(sd3, preempt)
+    lows = [classed(seed, 1, steps=40) for seed in (1, 2, 3, 4)]
+    high = classed(9, 0, steps=8)
+    results = low_then_high(engine, lows, high)
+    # Its largest step: itself alone, or beside the low images of its lane.
+    assert (results[0].batch_images == 1) == preempt
+    assert all(low.batch_images >= 2 for low in results[1:])  # they went on together
+    for job_, result in zip([high, *lows], results, strict=True):
+        (alone,) = asyncio.run(engine.generate(job_)).images
+        difference = np.abs(result.images[0].astype(np.int16) - alone.astype(np.int16))
+        assert difference.max() <= 1 and (difference > 0).mean() <= 0.001
+
+
+def test_a_low_class_job_that_aged_to_the_top_steps_beside_the_high_one(sd3):
+    engine = preempting_engine(sd3, preempt=True, lanes=1)  # one lane: they meet in it
+    aged = classed(1, 1, steps=40, waited_s=15)  # one class up after 10 s
+    high, _ = low_then_high(engine, [aged], classed(9, 0, steps=8))
+    assert high.batch_images == 2

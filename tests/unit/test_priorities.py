@@ -202,20 +202,22 @@ def test_unscheduled_jobs_keep_the_old_order_full_batches_first():
 # --- the replica's rate and the deadline test ---
 
 
-def test_the_rate_counts_busy_time_only_and_keeps_the_best_window(monkeypatch):
+def test_the_rate_counts_busy_time_only_and_is_the_median_of_recent_windows(monkeypatch):
     monkeypatch.setattr(deadline_admission, "MIN_WINDOW_S", 1.0)
     rate = ServiceRate()
-    assert rate.best() is None
+    assert rate.recent() is None
     rate.busy(True, 0.0)
     rate.done(100.0, 0.5)
     rate.done(100.0, 1.0)  # 200 in 1 s: a window
-    assert rate.best() == pytest.approx(200.0)
+    assert rate.recent() == pytest.approx(200.0)
     rate.busy(False, 1.0)
     rate.busy(True, 50.0)  # 49 idle seconds do not count
     rate.done(50.0, 51.0)
-    assert rate.best() == pytest.approx(200.0)  # the slower window is not the best
-    rate.done(1000.0, 52.0)
-    assert rate.best() == pytest.approx(1000.0)
+    rate.done(300.0, 52.0)
+    assert rate.recent() == pytest.approx(200.0)  # the median of 200, 50, 300
+    for second in range(53, 60):  # the windows of a slower load replace the old ones
+        rate.done(20.0, float(second))
+    assert rate.recent() == pytest.approx(20.0)
 
 
 def test_too_late_when_the_work_ahead_and_its_own_end_after_the_deadline():
@@ -253,6 +255,7 @@ def test_the_work_ahead_is_the_held_work_of_its_class_and_higher_and_what_starte
         # Started, its 2 steps left are ahead of every class: nothing preempts it.
         assert meter.ahead_of(0) == 300
         assert meter.ahead_of(1) == 400
+        assert meter.images_in_flight() == 1  # what a starting job's steps share the rate with
     assert meter.ahead_of(2) == 0
 
 

@@ -29,7 +29,7 @@ the highest class (after aging), then of the earliest deadline (`deployments/sch
 job_schedule.py`); among equals, a full batch before one that is not. A job joins the first
 compatible batch with room whatever its class: riding along costs the batch nothing.
 
-A job that can no longer finish by its deadline when its batch starts (at the replica's best
+A job that can no longer finish by its deadline when its batch starts (at the replica's
 recent rate, `deployments/scheduling/deadline_admission.py`) fails instead of starting.
 
 A job cancelled while it waits leaves its batch; a running batch is told to stop only when

@@ -21,6 +21,7 @@ from typing import Any
 
 from deployments.config.model_config import BatchingConfig
 from deployments.generator.calls.batching import QueuedJob
+from deployments.generator.loop.class_gate import ClassGate
 from deployments.generator.loop.denoise_loop import Lane, LaneHooks, LoopJob
 from deployments.generator.loop.families import FlowFamily
 from deployments.generator.loop.loop_adapters import LoopAdapters
@@ -47,7 +48,8 @@ class ContinuousBatching:
         self._batching = batching
         self._work = work
         self._adapters = adapters
-        self._lanes = [Lane(family, adapters, previewer, hooks) for _ in range(lanes)]
+        gate = ClassGate() if batching.preempt_lower_classes else None
+        self._lanes = [Lane(family, adapters, previewer, hooks, gate) for _ in range(lanes)]
 
     def accepts(self, job: GenerationJob) -> bool:
         """Text-to-image jobs whose images fit one step and whose adapters (staged by now)

@@ -39,6 +39,7 @@ import torch
 
 from deployments.generator.calls.batching import adapter_key
 from deployments.generator.calls.call_plan import is_out_of_memory
+from deployments.generator.loop.class_gate import ClassGate
 from deployments.generator.loop.families import FlowFamily, ImageState
 from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.loop.loop_jobs import LaneHooks, LoopJob, Size
@@ -58,8 +59,12 @@ class Lane:
         adapters: LoopAdapters | None,
         previewer: LatentPreviewer | None,
         hooks: LaneHooks,
+        gate: ClassGate | None = None,
     ) -> None:
+        """`gate`: with `batching.preempt_lower_classes`, which class steps now across the
+        replica's lanes (`class_gate.py`); None: every image in flight steps."""
         self._family = family
+        self._gate = gate
         self._previewer = previewer
         self._adapters = adapters
         self._hooks = hooks
@@ -94,9 +99,12 @@ class Lane:
                     self._drop_abandoned_arrivals()
                 else:
                     self._admit()
-                for size in [size for size, jobs in self._groups.items() if jobs]:
-                    self._turn(size)
+                self._publish()
+                sizes = [size for size, jobs in self._groups.items() if jobs]
+                stepped = [self._turn(size) for size in sizes]
                 if any(self._groups.values()):
+                    if self._gate is not None and not any(stepped):
+                        self._gate.pause()  # a higher class steps in another lane
                     continue
                 with self._lock:
                     if not self._inbox or draining:
@@ -111,13 +119,42 @@ class Lane:
                 logger.exception("the continuous loop failed")
             self._fail_everything(error)
             raise
+        finally:  # nothing of it is in flight now
+            if self._gate is not None:
+                self._gate.publish(self, None)
 
-    def _turn(self, size: Size) -> None:
+    def _turn(self, size: Size) -> bool:
+        """One step of the size's group (of its images that may step now); True if it ran."""
         jobs = self._groups[size]
         self._leave_abandoned(jobs)
-        if jobs:
-            self._step(jobs)
-            self._finish([job for job in jobs if all(image.done for image in job.images)])
+        stepping = self._stepping(jobs)
+        if not stepping:
+            return False
+        self._step(stepping)
+        self._finish([job for job in stepping if job in jobs and all(i.done for i in job.images)])
+        return True
+
+    def _stepping(self, jobs: list[LoopJob]) -> list[LoopJob]:
+        """The jobs whose images step now: all of them, or with a gate those of the most
+        urgent class in flight in any lane (the others wait at the step boundary, their
+        latents and schedulers kept)."""
+        if self._gate is None or not jobs:
+            return list(jobs)
+        top = self._gate.top()
+        now = time.time()
+        return [job for job in jobs if top is None or self._rank(job, now) <= top]
+
+    @staticmethod
+    def _rank(job: LoopJob, now: float) -> int:
+        return job.job.schedule.effective_rank(now)
+
+    def _publish(self) -> None:
+        """Tell the gate the most urgent class this lane holds in flight."""
+        if self._gate is None:
+            return
+        now = time.time()
+        ranks = [self._rank(job, now) for jobs in self._groups.values() for job in jobs]
+        self._gate.publish(self, min(ranks, default=None))
 
     def _admit(self) -> None:
         """Jobs from the inbox join their size's group while its budget has room, most
@@ -130,7 +167,6 @@ class Lane:
         now = time.time()
         arrived.sort(key=lambda job: job.job.schedule.urgency(now))  # stable: arrival order
         joining: list[LoopJob] = []
-        held = {size: sum(j.job.num_images for j in jobs) for size, jobs in self._groups.items()}
         waiting: set[Size] = set()  # sizes whose first job in line does not fit yet
         for job in arrived:
             if job.gone:
@@ -141,9 +177,8 @@ class Lane:
                 self._drop(job)
                 job.deliver(late)
                 continue
-            room = self._hooks.capacity(*job.size) - held.get(job.size, 0)
+            room = self._hooks.capacity(*job.size) - self._sharing(job, joining, now)
             if job.size not in waiting and job.job.num_images <= room:
-                held[job.size] = held.get(job.size, 0) + job.job.num_images
                 joining.append(job)
             else:
                 waiting.add(job.size)
@@ -154,6 +189,20 @@ class Lane:
                 self._inbox.remove(job)
         for job in self._started(joining):
             self._groups.setdefault(job.size, []).append(job)
+
+    def _sharing(self, job: LoopJob, joining: list[LoopJob], now: float) -> int:
+        """Images of the job's size that would step with it: its group's and those joining
+        before it; with a gate, only those of its class or a more urgent one (the others
+        wait while it steps, so a higher class joins a group full of lower ones)."""
+        images = [
+            (other, other.job.num_images)
+            for other in [*self._groups.get(job.size, ()), *joining]
+            if other.size == job.size
+        ]
+        if self._gate is not None:
+            rank = self._rank(job, now)
+            images = [(other, n) for other, n in images if self._rank(other, now) <= rank]
+        return sum(n for _, n in images)
 
     def _started(self, jobs: list[LoopJob]) -> list[LoopJob]:
         """The jobs' images made (prompts encoded in one call, latents and schedulers);
@@ -244,7 +293,8 @@ class Lane:
         a step tells (the engine's counters, streams) comes after, once per step."""
         stepped = list(jobs)
         self._together_or_alone(jobs, self._step_jobs, self._fail_in_loop)
-        stepped = [job for job in stepped if job in jobs]  # those that did not fail
+        # Those that did not fail (a failed job has left its group).
+        stepped = [job for job in stepped if job in self._groups.get(job.size, ())]
         if not stepped:
             return
         self._hooks.step_done(stepped, sum(len(job.images) for job in stepped))

@@ -55,6 +55,7 @@ class WorkMeter:
         self._remaining: dict[int, float] = {}
         self._ranks: dict[int, int] = {}  # each held job's class rank
         self._started: set[int] = set()  # held jobs that have run a step: nothing passes them
+        self._images: dict[int, int] = {}  # each held job's images
         self.rate = ServiceRate()
 
     @contextmanager
@@ -65,6 +66,7 @@ class WorkMeter:
         with self._lock:
             self._remaining[id(queued)] = work_of(job)
             self._ranks[id(queued)] = job.schedule.rank
+            self._images[id(queued)] = job.num_images
             if len(self._remaining) == 1:
                 self.rate.busy(True, time.monotonic())
         try:
@@ -73,6 +75,7 @@ class WorkMeter:
             with self._lock:
                 del self._remaining[id(queued)]
                 del self._ranks[id(queued)]
+                del self._images[id(queued)]
                 self._started.discard(id(queued))
                 if not self._remaining:
                     self.rate.busy(False, time.monotonic())
@@ -100,6 +103,12 @@ class WorkMeter:
                 for key, work in self._remaining.items()
                 if self._ranks[key] <= rank or key in self._started
             )
+
+    def images_in_flight(self) -> int:
+        """Images of the held jobs that have started: what a starting job's steps share the
+        replica's rate with."""
+        with self._lock:
+            return sum(self._images[key] for key in self._started)
 
     def held(self) -> HeldWork:
         with self._lock:
