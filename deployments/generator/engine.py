@@ -108,6 +108,8 @@ class ImageEngine:
             progress=self._progress,
             late=self._late_to_start,
         )
+        # Lower classes' images in the loop pause for higher ones: they are not ahead.
+        self._preempting = continuous and batching.preempt_lower_classes
         self._continuous = None
         if continuous:
             self._continuous = self._continuous_batching(worker_threads, batching, previewer)
@@ -198,7 +200,8 @@ class ImageEngine:
         """Raise `DeadlineUnreachable` (a retryable 503) for a job that the work ahead of it
         and its own, at the replica's recent rate, would finish after its deadline
         (`scheduling/deadline_admission.py`)."""
-        error = self._late(job, self._progress.work.ahead_of(job.schedule.rank), "arrived")
+        ahead = self._progress.work.ahead_of(job.schedule.rank, self._preempting)
+        error = self._late(job, ahead, "arrived")
         if error is not None:
             raise error
 
@@ -207,7 +210,7 @@ class ImageEngine:
         after its deadline (higher classes passed it while it waited). Its steps share the
         replica's rate with the images in flight, as a step shares a device: at rate `mu`
         and `k` images in all, its own work takes `own x k / mu`."""
-        sharing = self._progress.work.images_in_flight()
+        sharing = self._progress.work.images_in_flight(job.schedule.rank, self._preempting)
         extra = work_of(job) * sharing / job.num_images
         return self._late(job, extra, "waited")
 

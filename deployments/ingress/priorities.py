@@ -50,13 +50,13 @@ class Priorities:
 
     def timeout_s(self, header: str | None) -> float:
         """`request_timeout_s`, or the client's shorter `x-request-timeout`."""
-        if header is None:
+        if header is None or not header.strip():
             return self._timeout_s
         try:
             seconds = float(header)
         except ValueError:
             seconds = math.nan
-        if not math.isfinite(seconds) or seconds <= 0:
+        if math.isnan(seconds) or seconds <= 0:  # a longer one than the service's, inf too, is fine
             raise invalid_request(
                 f"The {TIMEOUT_HEADER} header must be a number of seconds above 0.",
                 param=TIMEOUT_HEADER,
@@ -68,9 +68,9 @@ class Priorities:
         config = self._config
         key = config.key(key_digest)
         own = key.priority if key is not None and key.priority else config.default_class
-        if asked is None or asked.strip().lower() == own:
+        asked = (asked or "").strip().lower()
+        if not asked or asked == own:  # an empty header asks for nothing
             return own
-        asked = asked.strip().lower()
         if asked not in config.classes:
             classes = ", ".join(config.classes)
             raise invalid_request(

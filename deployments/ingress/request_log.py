@@ -54,7 +54,10 @@ class RequestLog:
         fields = {key: value for key, value in self._fields.items() if value is not None}
         logger.info("image_request %s", format_logfmt(fields), extra={"image_request": fields})
         if self._on_finish is not None:
-            self._on_finish(fields)
+            try:
+                self._on_finish(fields)
+            except Exception:  # a metric must never replace the request's own answer
+                logger.exception("recording request %s's metrics failed", self.request_id)
 
 
 def format_logfmt(fields: dict[str, Any]) -> str:

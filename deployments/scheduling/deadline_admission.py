@@ -3,8 +3,9 @@
 A replica measures the rate at which it gets work done (`ServiceRate`: denoising steps x
 pixels per second of time it holds work, the same units as the cost-aware autoscaler's
 held work). A job arriving with `refuse_late` is refused when the work that would run
-before it (held work of its class and higher: what its place in line puts ahead of it) plus
-its own, at that rate, ends after its deadline. The caller gets a retryable 503 with
+before it (held work of its class and higher, and started work of any class that will not
+pause for it: what its place in line puts ahead of it) plus its own, at that rate, ends
+after its deadline. The caller gets a retryable 503 with
 `retry-after` set to how late it would have been: by then, the work ahead is that much less.
 
 The rate is the median of the last few busy windows (`RECENT_WINDOWS` of `MIN_WINDOW_S` each:

@@ -139,3 +139,27 @@ def test_a_low_class_job_that_aged_to_the_top_steps_beside_the_high_one(sd3):
     aged = classed(1, 1, steps=40, waited_s=15)  # one class up after 10 s
     high, _ = low_then_high(engine, [aged], classed(9, 0, steps=8))
     assert high.batch_images == 2
+
+
+def test_classes_that_aged_to_the_top_together_still_step_within_one_budget(sd3):
+    batching = BatchingConfig(
+        max_batch_images=2, max_wait_ms=0, continuous=True, preempt_lower_classes=True
+    )
+    engine = ImageEngine(sd3, worker_threads=1, batching=batching, continuous=True)
+
+    def classed_job(seed: int, rank: int) -> GenerationJob:
+        schedule = JobSchedule(rank=rank, arrived=time.time(), aging_s=0.3)
+        return make_job(seed, width=32, height=32, num_inference_steps=80, schedule=schedule)
+
+    async def scenario():
+        # Low, then normal, then high: each joins beside the others (only its class and
+        # higher count against its budget), three images in a group of budget 2; within
+        # 0.6 s all have aged to the top.
+        running = []
+        for seed, rank in ((1, 2), (2, 1), (3, 0)):
+            running.append(asyncio.ensure_future(engine.generate(classed_job(seed, rank))))
+            await asyncio.sleep(0.05)
+        return await asyncio.gather(*running)
+
+    results = asyncio.run(scenario())
+    assert max(result.batch_images for result in results) == 2

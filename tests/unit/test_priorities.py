@@ -77,6 +77,7 @@ def test_the_header_asks_only_for_classes_the_key_or_everyone_may():
     assert priorities.schedule({"x-priority": "normal"}, digest(LOW_KEY)).rank == 1
     assert priorities.schedule({"x-priority": "Low "}, None).priority_class == "low"
     assert priorities.schedule({"x-priority": "high"}, digest(HIGH_KEY)).rank == 0  # its own
+    assert priorities.schedule({"x-priority": ""}, digest(LOW_KEY)).rank == 2  # asks nothing
     for headers, key, code in [
         ({"x-priority": "high"}, digest(LOW_KEY), "priority_not_allowed"),
         ({"x-priority": "high"}, None, "priority_not_allowed"),
@@ -96,7 +97,10 @@ def test_the_deadline_is_the_timeout_or_the_clients_shorter_one():
     )
     # Longer than the service waits: the service's timeout stands.
     assert priorities.schedule({"x-request-timeout": "500"}, None, arrived=0.0).deadline == 100
-    for bad in ("0", "-1", "soon", "nan", "inf"):
+    # Infinite, or empty: the service's timeout stands.
+    assert priorities.schedule({"x-request-timeout": "inf"}, None, arrived=0.0).deadline == 100
+    assert priorities.schedule({"x-request-timeout": " "}, None, arrived=0.0).deadline == 100
+    for bad in ("0", "-1", "soon", "nan", "-inf"):
         with pytest.raises(APIError) as refused:
             priorities.schedule({"x-request-timeout": bad}, None)
         assert refused.value.param == "x-request-timeout"
@@ -251,11 +255,18 @@ def test_the_work_ahead_is_the_held_work_of_its_class_and_higher_and_what_starte
         assert meter.ahead_of(0) == 100
         assert meter.ahead_of(1) == 200
         assert meter.ahead_of(2) == 500
+        meter.step_done([Step(normal)], in_loop=True)
+        # In a loop that preempts lower classes, a started job of a lower class is not ahead.
+        assert meter.ahead_of(0, preempting=True) == 100
+        assert meter.images_in_flight(0, preempting=True) == 0
+        assert meter.ahead_of(0) == 100  # its one step is done: nothing left
         meter.step_done([Step(low)])
-        # Started, its 2 steps left are ahead of every class: nothing preempts it.
-        assert meter.ahead_of(0) == 300
-        assert meter.ahead_of(1) == 400
-        assert meter.images_in_flight() == 1  # what a starting job's steps share the rate with
+        # A started call: its 2 steps left are ahead of every class, preempting or not.
+        assert meter.ahead_of(0) == meter.ahead_of(0, preempting=True) == 300
+        assert meter.ahead_of(1) == 300  # the normal job is done (0 left)
+        # What a starting job's steps share the rate with: the images in flight beside it.
+        assert meter.images_in_flight(0) == 2
+        assert meter.images_in_flight(0, preempting=True) == 1
     assert meter.ahead_of(2) == 0
 
 

@@ -25,8 +25,8 @@ more images than fit runs as a batch of its own. With `max_batch_images=1` every
 alone: the per-request design.
 
 Among the batches that may start, the most urgent goes first: the one holding the job of
-the highest class (after aging), then of the earliest deadline (`deployments/scheduling/
-job_schedule.py`); among equals, a full batch before one that is not. A job joins the first
+the highest class (after aging: `deployments/scheduling/job_schedule.py`); within a class, a
+full batch before one that is not, then the earliest deadline. A job joins the first
 compatible batch with room whatever its class: riding along costs the batch nothing.
 
 A job that can no longer finish by its deadline when its batch starts (at the replica's
@@ -220,8 +220,10 @@ class BatchQueue:
 
     def _withdraw(self, batch: _Batch, entry: _Entry) -> None:
         if not batch.started:
-            batch.entries.remove(entry)
-            if not batch.entries:
+            # Its batch may have left it already (late: `_leave_late`), or left the queue.
+            if entry in batch.entries:
+                batch.entries.remove(entry)
+            if not batch.entries and batch in self._pending:
                 self._pending.remove(batch)
             if self._on_change is not None:
                 self._on_change(self.waiting_jobs)
@@ -242,9 +244,9 @@ class BatchQueue:
             self._on_change(self.waiting_jobs)
 
     def _next_ready(self, now: float) -> _Batch | None:
-        """The batch to start among those ready (full, or past their wait): the most urgent,
-        full before not among equals, oldest first; among them one of an adapter set that is
-        running, if any (see `_prefer_running`)."""
+        """The batch to start among those ready (full, or past their wait): the highest
+        class, then full before not, then the earliest deadline, oldest first; among them
+        one of an adapter set that is running, if any (see `_prefer_running`)."""
         full = [b for b in self._pending if b.num_images >= self.capacity(b.key)]
         ready = full
         if not self._regrouping(now):
@@ -257,7 +259,9 @@ class BatchQueue:
             return None
         wall = time.time()
         urgency = {id(b): b.urgency(wall) for b in ready}
-        ready.sort(key=lambda b: (urgency[id(b)], b not in full, b.created))
+        # Within a class, a full batch first (as before classes: it is the throughput), then
+        # the earlier deadline.
+        ready.sort(key=lambda b: (urgency[id(b)][0], b not in full, urgency[id(b)], b.created))
         # Only a batch of the first's class may go before it for its adapters.
         peers = [b for b in ready if urgency[id(b)][0] == urgency[id(ready[0])][0]]
         return self._prefer_running(peers, now)
@@ -313,6 +317,8 @@ class BatchQueue:
         if self._late is None:
             return
         for entry in list(batch.entries):
+            if entry.result.done():
+                continue  # cancelled, its withdrawal on its way: the batch's run skips it
             error = self._late(entry.queued.job)
             if error is not None:
                 batch.entries.remove(entry)

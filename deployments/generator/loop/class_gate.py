@@ -9,7 +9,7 @@ step boundary, their latents and schedulers kept, and a lane with nothing of tha
 waits too. Across lanes, not per lane: the lanes' threads share the replica's cores (and a
 GPU's), so a lane of low-class images going on beside the high class's takes the compute
 the high class needs (measured on the CPU benchmark: deciding per lane, the high class's p95
-under a low-class flood was 30x its unloaded p95; across lanes, 5x). It is step-level
+under a low-class flood was 30x its unloaded p95; across lanes, 2x). It is step-level
 preemption: nothing is lost, only delayed, and aging bounds the delay as it bounds a lower
 class's wait in the queue.
 """

@@ -104,6 +104,8 @@ class Lane:
                 stepped = [self._turn(size) for size in sizes]
                 if any(self._groups.values()):
                     if self._gate is not None and not any(stepped):
+                        if draining:  # paused: the thread goes to request-level work
+                            return True
                         self._gate.pause()  # a higher class steps in another lane
                     continue
                 with self._lock:
@@ -137,12 +139,21 @@ class Lane:
     def _stepping(self, jobs: list[LoopJob]) -> list[LoopJob]:
         """The jobs whose images step now: all of them, or with a gate those of the most
         urgent class in flight in any lane (the others wait at the step boundary, their
-        latents and schedulers kept)."""
+        latents and schedulers kept), most urgent first within one step's budget (classes
+        that aged to the top together may hold more than one budget in the group)."""
         if self._gate is None or not jobs:
             return list(jobs)
         top = self._gate.top()
         now = time.time()
-        return [job for job in jobs if top is None or self._rank(job, now) <= top]
+        ranked = [job for job in jobs if top is None or self._rank(job, now) <= top]
+        ranked.sort(key=lambda job: job.job.schedule.urgency(now))
+        budget = self._hooks.capacity(*jobs[0].size)
+        stepping: list[LoopJob] = []
+        for job in ranked:
+            if stepping and sum(len(j.images) for j in stepping) + len(job.images) > budget:
+                break
+            stepping.append(job)
+        return stepping
 
     @staticmethod
     def _rank(job: LoopJob, now: float) -> int:
@@ -153,7 +164,9 @@ class Lane:
         if self._gate is None:
             return
         now = time.time()
-        ranks = [self._rank(job, now) for jobs in self._groups.values() for job in jobs]
+        ranks = [
+            self._rank(job, now) for jobs in self._groups.values() for job in jobs if not job.gone
+        ]
         self._gate.publish(self, min(ranks, default=None))
 
     def _admit(self) -> None:

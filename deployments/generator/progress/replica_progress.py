@@ -57,15 +57,15 @@ class ReplicaProgress:
         """What the batch queue tells when its waiting jobs may have changed, if anything."""
         return self._metrics.queue_changed if self._metrics is not None else None
 
-    def step_done(self, parts: Iterable[HeldPart]) -> None:
+    def step_done(self, parts: Iterable[HeldPart], in_loop: bool = False) -> None:
         """One denoising step of a call (or of the loop) ran over `parts`."""
         with self._lock:
             self._steps_run += 1
-        self.work.step_done(parts)
+        self.work.step_done(parts, in_loop)
 
     def loop_step_done(self, parts: list, images: int) -> None:
         """One step of the continuous loop ran: `images` images of `parts` (its jobs)."""
-        self.step_done(parts)
+        self.step_done(parts, in_loop=True)
         self.batch_sizes.append(images)
 
     def call_finished(self, images: int, generate_s: float, steps: int, denoise_s: float) -> None:

@@ -56,6 +56,7 @@ class WorkMeter:
         self._ranks: dict[int, int] = {}  # each held job's class rank
         self._started: set[int] = set()  # held jobs that have run a step: nothing passes them
         self._images: dict[int, int] = {}  # each held job's images
+        self._in_loop: set[int] = set()  # started jobs in the continuous loop
         self.rate = ServiceRate()
 
     @contextmanager
@@ -77,11 +78,13 @@ class WorkMeter:
                 del self._ranks[id(queued)]
                 del self._images[id(queued)]
                 self._started.discard(id(queued))
+                self._in_loop.discard(id(queued))
                 if not self._remaining:
                     self.rate.busy(False, time.monotonic())
 
-    def step_done(self, parts: Iterable[HeldPart]) -> None:
-        """One step of a call ran: each part's images' pixels come off its held job."""
+    def step_done(self, parts: Iterable[HeldPart], in_loop: bool = False) -> None:
+        """One step of a call (or, `in_loop`, of the continuous loop) ran: each part's
+        images' pixels come off its held job."""
         total = 0.0
         with self._lock:
             for part in parts:
@@ -91,24 +94,34 @@ class WorkMeter:
                 if key in self._remaining:
                     self._remaining[key] = max(0.0, self._remaining[key] - done)
                     self._started.add(key)
+                    if in_loop:
+                        self._in_loop.add(key)
             self.rate.done(total, time.monotonic())
 
-    def ahead_of(self, rank: int) -> float:
+    def ahead_of(self, rank: int, preempting: bool = False) -> float:
         """What a new job of class `rank` waits for (aging aside): the remaining work of the
         held jobs of its class and higher, and of the started ones of any class (a started
-        job is never preempted)."""
+        call is never preempted; nor is a started job in the loop, unless the loop
+        is `preempting` lower classes)."""
         with self._lock:
             return sum(
                 work
                 for key, work in self._remaining.items()
-                if self._ranks[key] <= rank or key in self._started
+                if self._ranks[key] <= rank or self._runs_first(key, preempting)
             )
 
-    def images_in_flight(self) -> int:
-        """Images of the held jobs that have started: what a starting job's steps share the
-        replica's rate with."""
+    def images_in_flight(self, rank: int, preempting: bool = False) -> int:
+        """Images of the held jobs that have started and step beside a job of class `rank`:
+        what its steps share the replica's rate with."""
         with self._lock:
-            return sum(self._images[key] for key in self._started)
+            return sum(
+                self._images[key]
+                for key in self._started
+                if self._ranks[key] <= rank or self._runs_first(key, preempting)
+            )
+
+    def _runs_first(self, key: int, preempting: bool) -> bool:
+        return key in self._started and not (preempting and key in self._in_loop)
 
     def held(self) -> HeldWork:
         with self._lock:
