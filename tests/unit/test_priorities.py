@@ -8,15 +8,19 @@ import asyncio
 import hashlib
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
 from pydantic import ValidationError
 
 from deployments.config.app_config import AppArgs
+from deployments.config.model_config import BatchingConfig
+from deployments.generator.calls.batching import BatchQueue
 from deployments.generator.progress.work_meter import WorkMeter
 from deployments.ingress.errors import APIError
 from deployments.ingress.priorities import Priorities
+from deployments.jobs import DeadlineUnreachable
 from deployments.metrics import class_outcome
 from deployments.scheduling import deadline_admission
 from deployments.scheduling.deadline_admission import ServiceRate, too_late
@@ -279,3 +283,32 @@ def test_the_per_class_outcome_tells_refusals_and_timeouts_from_other_errors():
     )
     assert class_outcome({"status": 503, "outcome": "error"}) == "error"
     assert class_outcome({"status": 499, "outcome": "cancelled"}) == "cancelled"
+
+
+def test_a_late_job_cancelled_as_its_batch_starts_leaves_the_others_running():
+    """The race an audit found: a cancelled job's answer is settled at once, its withdrawal
+    a loop turn later; a batch starting between must not trip over it."""
+    runner = FakeRunner()
+
+    def late(waiting) -> Exception | None:
+        return DeadlineUnreachable(1.0, 1) if waiting.seeds == (2,) else None
+
+    async def scenario():
+        settings = BatchingConfig(max_batch_images=8, max_wait_ms=1000)
+        queue = BatchQueue(runner, ThreadPoolExecutor(2), workers=2, settings=settings, late=late)
+        runner.hold()
+        blocker = asyncio.create_task(queue.submit(job(0, size=32)))
+        while not runner.batches:
+            await asyncio.sleep(0.001)
+        kept = asyncio.create_task(queue.submit(job(1)))
+        doomed = asyncio.create_task(queue.submit(job(2)))
+        await asyncio.sleep(0.01)  # both wait in one batch (its window is 1 s)
+        doomed.cancel()
+        queue._max_wait_s = 0.0
+        queue._dispatch()  # the batch starts before the cancelled job withdraws
+        runner.release()
+        return await asyncio.gather(blocker, kept, doomed, return_exceptions=True)
+
+    blocker, kept, doomed = asyncio.run(scenario())
+    assert kept.seeds == (1,) and blocker.seeds == (0,)
+    assert isinstance(doomed, asyncio.CancelledError)
