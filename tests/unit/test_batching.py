@@ -329,9 +329,10 @@ PAPER = (("paper", 1.0),)
 
 def first_two_started(runner: FakeRunner) -> list[tuple[int, ...]]:
     """With ink job 0 running on one of two workers, a paper job (1) and then an ink job (2)
-    wait their window out: which starts second? (A window of 1 s: job 2 must join before
-    job 1's window ends; a loaded machine stalled 20 ms between the two submits, and once,
-    in CI with the suite's two processes, long enough to pass a window of 200 ms.)"""
+    wait their window out: which starts second? Both windows end at one dispatch, as the
+    test ends them: with a real window, the paper batch's ends first by the time between the
+    two submits, and a loaded machine stalled that long (in CI with the suite's two
+    processes, past the timer's own lateness), so that it started alone."""
 
     async def scenario():
         queue = make_queue(runner, workers=2, max_wait_ms=1000)
@@ -342,6 +343,10 @@ def first_two_started(runner: FakeRunner) -> list[tuple[int, ...]]:
             asyncio.create_task(queue.submit(replace(job(1), adapters=PAPER))),
             asyncio.create_task(queue.submit(replace(job(2), adapters=INK))),
         ]
+        await asyncio.sleep(0.05)  # both wait in their own batch
+        assert len(runner.batches) == 1
+        queue._max_wait_s = 0.0
+        queue._dispatch()  # both windows end now
         await started(runner, 2)
         runner.release()
         await asyncio.gather(running, *waiting)
