@@ -185,16 +185,18 @@ class Lane:
             if job.gone:
                 self._drop(job)
                 continue
+            room = self._hooks.capacity(*job.size) - self._sharing(job, joining, now)
+            if job.size in waiting or job.job.num_images > room:
+                waiting.add(job.size)
+                continue
+            # Checked as it would join, not every step while it waits (a hot path when
+            # hundreds wait): one that can no longer finish would be cancelled unread.
             late = self._hooks.late(job.job)
-            if late is not None:  # it would be cancelled at its deadline, unread
+            if late is not None:
                 self._drop(job)
                 job.deliver(late)
                 continue
-            room = self._hooks.capacity(*job.size) - self._sharing(job, joining, now)
-            if job.size not in waiting and job.job.num_images <= room:
-                joining.append(job)
-            else:
-                waiting.add(job.size)
+            joining.append(job)
         if not joining:
             return
         with self._lock:
