@@ -121,7 +121,7 @@ class Lane:
                 logger.exception("the continuous loop failed")
             self._fail_everything(error)
             raise
-        finally:  # nothing of it is in flight now
+        finally:  # ended, failed, or yielded with only paused images: none of it steps now
             if self._gate is not None:
                 self._gate.publish(self, None)
 
@@ -209,15 +209,12 @@ class Lane:
         """Images of the job's size that would step with it: its group's and those joining
         before it; with a gate, only those of its class or a more urgent one (the others
         wait while it steps, so a higher class joins a group full of lower ones)."""
-        images = [
-            (other, other.job.num_images)
+        rank = self._rank(job, now)
+        return sum(
+            other.job.num_images
             for other in [*self._groups.get(job.size, ()), *joining]
-            if other.size == job.size
-        ]
-        if self._gate is not None:
-            rank = self._rank(job, now)
-            images = [(other, n) for other, n in images if self._rank(other, now) <= rank]
-        return sum(n for _, n in images)
+            if other.size == job.size and (self._gate is None or self._rank(other, now) <= rank)
+        )
 
     def _started(self, jobs: list[LoopJob]) -> list[LoopJob]:
         """The jobs' images made (prompts encoded in one call, latents and schedulers);
