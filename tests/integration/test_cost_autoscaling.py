@@ -23,7 +23,7 @@ from .helpers import one_at_a_time
 pytestmark = pytest.mark.integration
 
 GENERATIONS = "/v1/images/generations"
-LARGE = {"prompt": "x", "size": "256x256", "num_inference_steps": 16}
+LARGE = {"prompt": "x", "size": "128x128", "num_inference_steps": 16}
 SMALL = {"prompt": "x", "size": "32x32", "num_inference_steps": 2}
 CLIENTS = 6
 
@@ -50,10 +50,10 @@ def args() -> dict:
         "ray_actor_options": {"num_cpus": 0.5},
     }
     # Two large requests per replica: six clients of them want three replicas; six of the
-    # small ones hold 1/512 of that.
+    # small ones hold 1/128 of that.
     model["autoscaling_policy"] = {
         "kind": "cost_aware",
-        "target_step_pixels_per_replica": 2 * job_work(256, 256, 1, 16, None),
+        "target_step_pixels_per_replica": 2 * job_work(128, 128, 1, 16, None),
     }
     return args
 
@@ -110,7 +110,7 @@ def test_large_requests_scale_out_where_as_many_small_ones_do_not(serve_url):
                 time.sleep(0.25)
         print(
             f"\n[cost autoscaling] 6 clients of 32x32 x 2 steps: 1 replica for 8 s "
-            f"({len(small_statuses)} requests); 6 clients of 256x256 x 16 steps: 2 replicas "
+            f"({len(small_statuses)} requests); 6 clients of 128x128 x 16 steps: 2 replicas "
             f"after {time.monotonic() - started:.1f}s"
         )
         assert set(large_statuses) == {200}

@@ -125,7 +125,9 @@ def test_a_missing_bucket_fails_the_deploy_naming_the_key(cluster, serve_url, s3
                     parse_args(args_for(s3_server, "no-such-bucket")),
                     generator_options={"ray_actor_options": {"num_cpus": 0.5}},
                     ingress_options={
-                        "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": S3_ENV}}
+                        "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": S3_ENV}},
+                        # One try, not Serve's three: the error is the same each time.
+                        "max_constructor_retry_count": 1,
                     },
                 ),
                 name=app,

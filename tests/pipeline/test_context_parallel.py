@@ -115,7 +115,7 @@ def _in_group(family: str, degrees: Degrees, timeout_s: float = 60, **options):
         cfg_parallel=degrees.cfg == 2,
         collective_timeout_s=timeout_s,
     )
-    context = mp.get_context("spawn")
+    context = _ranks_context()
     results = context.Queue()
     port = free_port()
     processes = [
@@ -133,6 +133,15 @@ def _in_group(family: str, degrees: Degrees, timeout_s: float = 60, **options):
                 process.kill()
     assert not isinstance(result, str), result
     return result
+
+
+def _ranks_context():
+    """Processes forked from one server that imported torch and diffusers once (about 10
+    CPU-seconds that each spawned rank paid again); the server has started no thread, and
+    each rank is a fresh fork of it, as a spawned one would be fresh."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 @pytest.fixture(scope="module")
