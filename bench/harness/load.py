@@ -75,6 +75,8 @@ class LoadResult:
     latencies_s: list[float] = field(repr=False)
     statuses: dict[str, int]
     work: float = 0.0  # steps x pixels of the answered requests
+    # Each answered request's steps x pixels, in the order of `latencies_s`.
+    works: list[float] = field(default_factory=list, repr=False)
 
     @property
     def images_per_s(self) -> float:
@@ -112,6 +114,7 @@ class _Tally:
     statuses: Counter[str] = field(default_factory=Counter)
     images: int = 0
     work: float = 0.0
+    works: list[float] = field(default_factory=list)
 
     async def post(self, client: httpx.AsyncClient, workload: Workload, body: dict) -> None:
         """Send one request and count its answer (its latency and work only if 200)."""
@@ -125,11 +128,18 @@ class _Tally:
         if response.status_code == 200:
             self.latencies.append(time.perf_counter() - sent)
             self.images += len(response.json()["data"])
-            self.work += workload.work(body)
+            self.works.append(workload.work(body))
+            self.work += self.works[-1]
 
     def result(self, concurrency: int, elapsed: float) -> LoadResult:
         return LoadResult(
-            concurrency, elapsed, self.images, self.latencies, dict(self.statuses), self.work
+            concurrency,
+            elapsed,
+            self.images,
+            self.latencies,
+            dict(self.statuses),
+            self.work,
+            self.works,
         )
 
 

@@ -2,6 +2,8 @@
 
     python -m bench.serving.continuous                       # writes bench/results/continuous.json
     python -m bench.serving.continuous --quick               # one round, shorter loads
+    python -m bench.serving.continuous --open-only --capacity-rps 11.3 --shares 0.7
+                                      # the Poisson points alone (continuous-open.json)
 
 One `serve run` of `config/local.yaml`'s tiny-sd3 model twice over: `tiny-sd3` with the
 continuous loop (`batching.continuous: true`) and `tiny-sd3-request` with request-level
@@ -191,10 +193,25 @@ def run_open(server: ServeRun, sizes, model_id: str, rate: float, duration_s: fl
     load = workload(model_id, sizes, adapters=True)
     with CpuMeter(server, model_id) as cpu:
         result = open_loop(server.base_url, load, rate, duration_s, seed=seed)
-    return {**figures(result, cpu), "rate_per_s": round(rate, 3)}
+    return {**figures(result, cpu), **by_length(result), "rate_per_s": round(rate, 3)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def by_length(result) -> dict:
+    """p95 of the longest quarter of the requests (by steps x pixels) and of the rest: which
+    requests the tail is made of."""
+    if not result.works:
+        return {}
+    cut = sorted(result.works)[3 * len(result.works) // 4]
+    long = sorted(t for t, w in zip(result.latencies_s, result.works, strict=True) if w >= cut)
+    short = sorted(t for t, w in zip(result.latencies_s, result.works, strict=True) if w < cut)
+
+    def p95(values: list[float]) -> float:
+        return round(values[round(0.95 * (len(values) - 1))], 3) if values else float("nan")
+
+    return {"p95_longest_quarter_s": p95(long), "p95_rest_s": p95(short)}
+
+
+def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=LOCAL_CONFIG)
     parser.add_argument("--sizes", default="64x64,128x128")
@@ -202,13 +219,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-duration", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round of 5 s loads")
+    parser.add_argument(
+        "--shares", default="0.5,0.7,0.9", help="Poisson rates, as shares of the capacity"
+    )
+    parser.add_argument(
+        "--open-only",
+        action="store_true",
+        help="only the Poisson points (no ceiling, no closed loops), at --capacity-rps",
+    )
+    parser.add_argument(
+        "--capacity-rps",
+        type=float,
+        help="the request-level capacity the shares are of (default: measured at c=16)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args(argv)
     if options.quick:
         options.rounds, options.duration, options.open_duration = 1, 5.0, 8.0
+    if options.open_only and options.capacity_rps is None:
+        parser.error("--open-only needs --capacity-rps")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
     sizes = tuple(options.sizes.split(","))
+    shares = [float(share) for share in options.shares.split(",")]
     engines = (CONTINUOUS, REQUEST_LEVEL)
-    bare = ceiling(sorted({*sizes, "256x256"}))
+    bare = {} if options.open_only else ceiling(sorted({*sizes, "256x256"}))
     print(f"ceiling: {bare}", flush=True)
     closed: dict[str, dict[str, list[dict]]] = {}
     opened: dict[str, dict[str, list[dict]]] = {}
@@ -219,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_id in engines:  # every adapter loaded once: rounds measure steady state
             warm = workload(model_id, sizes, adapters=True)
             closed_loop(server.base_url, warm, 8, duration_s=3.0)
-        for index in range(options.rounds):
+        for index in range(0 if options.open_only else options.rounds):
             for case in cases(sizes):
                 order = engines if index % 2 == 0 else engines[::-1]
                 for model_id in order:
@@ -227,11 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                     closed.setdefault(case.name, {}).setdefault(model_id, []).append(row)
                     print(f"round {index + 1} {case.name} {model_id}: {row}", flush=True)
         capacity_case = cases(sizes)[3].name  # the realistic mix, c=16
-        capacity = statistics.median(
+        capacity = options.capacity_rps or statistics.median(
             r["requests"] / options.duration for r in closed[capacity_case][REQUEST_LEVEL]
         )
         for index in range(options.rounds):  # Poisson arrivals, alternating too
-            for share in (0.5, 0.7, 0.9):
+            for share in shares:
                 order = engines if index % 2 == 0 else engines[::-1]
                 for model_id in order:
                     rate = share * capacity
@@ -256,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "open_rounds": opened,
     }
     results["targets"] = targets(results, sizes)
-    write_json(results, options.out / "continuous.json")
+    name = "continuous-open.json" if options.open_only else "continuous.json"
+    write_json(results, options.out / name)
     print(markdown(results))
     return 0
 
@@ -274,25 +313,29 @@ def targets(results: dict, sizes: tuple[str, ...]) -> dict[str, dict]:
     def rate(case: str, model_id: str) -> float:
         return closed[case][model_id]["step_pixels_per_s"]
 
-    p95 = {m: results["open"]["70% of capacity"][m]["p95_s"] for m in (CONTINUOUS, REQUEST_LEVEL)}
-    checks = {
-        "4 adapters >= 90% of no adapters (continuous, c=16)": (
+    checks = {}
+    if closed:
+        checks["4 adapters >= 90% of no adapters (continuous, c=16)"] = (
             rate(names[3], CONTINUOUS) / rate(names[1], CONTINUOUS),
             0.90,
-        ),
-        "mix at 256x256, c=16: continuous >= 1.1x request-level": (
+        )
+        checks["mix at 256x256, c=16: continuous >= 1.1x request-level"] = (
             rate(names[4], CONTINUOUS) / rate(names[4], REQUEST_LEVEL),
             1.10,
-        ),
-        "p95 at 70% of capacity: continuous <= 0.75x request-level": (
+        )
+    if "70% of capacity" in results["open"]:
+        p95 = {
+            m: results["open"]["70% of capacity"][m]["p95_s"] for m in (CONTINUOUS, REQUEST_LEVEL)
+        }
+        checks["p95 at 70% of capacity: continuous <= 0.75x request-level"] = (
             p95[CONTINUOUS] / p95[REQUEST_LEVEL],
             0.75,
-        ),
-        "mix at 64x64, c=16: continuous >= 1.0x request-level": (
+        )
+    if closed:
+        checks["mix at 64x64, c=16: continuous >= 1.0x request-level"] = (
             rate(names[5], CONTINUOUS) / rate(names[5], REQUEST_LEVEL),
             1.0,
-        ),
-    }
+        )
     return {
         name: {
             "measured": round(value, 3),
@@ -326,7 +369,8 @@ def markdown(results: dict) -> str:
         f"{size}: {row['step_pixels_per_s']:,.0f} (batch {row['best_batch']})"
         for size, row in results["ceiling"].items()
     )
-    lines.append(f"\nCeiling, the bare pipeline's best batch, steps x px/s: {ceilings}.\n")
+    if ceilings:
+        lines.append(f"\nCeiling, the bare pipeline's best batch, steps x px/s: {ceilings}.\n")
     for name, check in results["targets"].items():
         verdict = "met" if check["met"] else "MISSED"
         lines.append(f"- {name}: {check['measured']} (target {check['target']}): {verdict}")
