@@ -4,9 +4,12 @@ the job's answer back on the event loop.
 `ContinuousBatching` takes text-to-image jobs of a flow-matching transformer family (SD3,
 FLUX) whose images fit one step's budget; everything else (edits, SDXL, a job larger than
 the budget) stays on the request-level path (`calls/batching.py`). Each job goes to the lane
-(`denoise_loop.Lane`, one per worker thread) holding the fewest images, which starts in a
-worker thread if it was idle. Its caller's cancellation (the client went away, the request
-timed out) marks the job, and its images leave the loop at the next step boundary.
+(`denoise_loop.Lane`, one per worker thread) with the least work left (its held jobs'
+remaining steps x pixels, from the work meter: least-work-left dispatch, which keeps a
+short job out of the lane a long, large one slows; the fewest images would count a
+20-step 128x128 image as one 4-step 64x64 image), which starts in a worker thread if it was
+idle. Its caller's cancellation (the client went away, the request timed out) marks the
+job, and its images leave the loop at the next step boundary.
 
 Lanes and request-level batches share the worker threads: the batch queue's executor is a
 `CountingExecutor`, so a lane sees request-level work waiting for a thread and yields it.
@@ -72,7 +75,7 @@ class ContinuousBatching:
 
         queued = QueuedJob(job=job, sink=sink, submitted=time.perf_counter())
         with self._work.holding(queued):
-            lane = min(self._lanes, key=lambda lane: lane.images)
+            lane = min(self._lanes, key=self._work_left)
             if lane.add(LoopJob(queued=queued, deliver=deliver)):
                 self._start(lane)
             try:
@@ -80,6 +83,11 @@ class ContinuousBatching:
             except asyncio.CancelledError:
                 queued.abandoned.set()  # it leaves at the lane's next step boundary
                 raise
+
+    def _work_left(self, lane: Lane) -> tuple[float, int]:
+        """What a job sent to `lane` waits behind: its held jobs' remaining steps x pixels
+        (then its images, for lanes holding nothing)."""
+        return self._work.remaining(lane.held()), lane.images
 
     def _start(self, lane: Lane) -> None:
         future = asyncio.get_running_loop().run_in_executor(self._pool, lane.run)

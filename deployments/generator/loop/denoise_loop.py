@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from deployments.generator.calls.batching import adapter_key
+from deployments.generator.calls.batching import QueuedJob, adapter_key
 from deployments.generator.calls.call_plan import is_out_of_memory
 from deployments.generator.loop.class_gate import ClassGate
 from deployments.generator.loop.families import FlowFamily, ImageState
@@ -86,6 +86,11 @@ class Lane:
             start = not self.running
             self.running = True
         return start
+
+    def held(self) -> list[QueuedJob]:
+        """The jobs the lane holds (waiting, in flight or decoding), as submitted."""
+        with self._lock:
+            return [job.queued for job in self._held]
 
     def run(self) -> bool:
         """The loop, until the lane holds nothing (False) or yields its thread to waiting

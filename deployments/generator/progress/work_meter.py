@@ -98,6 +98,11 @@ class WorkMeter:
                         self._in_loop.add(key)
             self.rate.done(total, time.monotonic())
 
+    def remaining(self, held: Iterable[_Queued]) -> float:
+        """The remaining work of these held jobs (0 for one no longer held)."""
+        with self._lock:
+            return sum(self._remaining.get(id(queued), 0.0) for queued in held)
+
     def ahead_of(self, rank: int, preempting: bool = False) -> float:
         """What a new job of class `rank` waits for (aging aside): the remaining work of the
         held jobs of its class and higher, and of the started ones of any class (a started
