@@ -5,7 +5,8 @@ The head node has a `head` resource, the worker node an `accelerator` resource t
 for a GPU, so a test can place deployments the way a GPU cluster does. Both nodes run on this
 machine: they share its disk, as nodes share a volume in production. Each module deploys its
 own application under its own route prefix and removes it when done, so modules do not pay
-for a Ray start each.
+for a Ray start each. The cluster lives as long as this tier: its daemons (two raylets, the
+GCS, Serve's controller and proxy) would otherwise take CPU from the tiers that run after it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ HEAD_RESOURCE = "head"
 ACCELERATOR_RESOURCE = "accelerator"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster():
     # More logical CPUs than the machine's two: replicas of several applications fit at once,
     # and each test keeps only one of them busy.
@@ -40,7 +41,7 @@ def cluster():
     cluster.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_url(cluster):
     port = free_port()
     # One proxy, on the head: both nodes share this machine's ports.
