@@ -389,3 +389,31 @@ def test_int8_weights_keep_each_adapters_images_through_lru_eviction_and_reload(
     for name, (pointer, values) in weights.items():
         assert after[name][0] == pointer, f"{name} moved"
         assert torch.equal(after[name][1], values), f"{name} changed"
+
+
+def test_building_an_embedded_adapter_leaves_other_threads_modules_real(tmp_path):
+    """An embedded adapter is built on its first use, while the replica serves: another
+    thread making modules meanwhile (peft's LoRA layers as an adapter loads) gets real
+    weights, not the empty ones of a model loader's process-wide patch (its images were
+    wrong)."""
+    import threading
+
+    from deployments.generator.adapters.embedded_adapters import ensure_embedded_adapter
+    from deployments.generator.model.embedded import ensure_embedded_model
+
+    ensure_embedded_model("embedded:tiny-sd3", tmp_path)  # only the adapter's build is timed
+    built = threading.Event()
+    devices: set[str] = set()
+
+    def build() -> None:
+        try:
+            ensure_embedded_adapter("embedded:tiny-sd3/ink", tmp_path)
+        finally:
+            built.set()
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    while not built.is_set():
+        devices.add(torch.nn.Linear(4, 4).weight.device.type)
+    builder.join()
+    assert devices == {"cpu"}

@@ -98,7 +98,13 @@ def _build(model: str, recipe: AdapterRecipe, directory: Path, cache_dir: Path |
     pipeline_class = getattr(diffusers, _model_index_class(model_dir))
     denoiser_name = "unet" if (model_dir / "unet").is_dir() else "transformer"
     denoiser_class = getattr(diffusers, _component_class(model_dir, denoiser_name))
-    denoiser = denoiser_class.from_pretrained(model_dir, subfolder=denoiser_name)
+    # Built with real tensors: `low_cpu_mem_usage` (the default) builds inside accelerate's
+    # empty-weights patch of torch's module construction, process-wide while it lasts, so a
+    # LoRA layer that another thread made meanwhile (an adapter loading for a request) came
+    # out empty: that request's images were wrong (seen in the loop's adapter test).
+    denoiser = denoiser_class.from_pretrained(
+        model_dir, subfolder=denoiser_name, low_cpu_mem_usage=False
+    )
     config = LoraConfig(
         r=_RANK, lora_alpha=_RANK, target_modules=list(recipe.targets), init_lora_weights=False
     )
