@@ -425,3 +425,48 @@ def test_an_adapter_on_a_text_encoder_runs_per_call_and_the_loop_s_prompts_stay_
     assert not np.array_equal(clip_alone.images[0], base_alone.images[0])  # it does something
     assert_nearly_equal(with_clip.images[0], clip_alone.images[0])
     assert_nearly_equal(after.images[0], base_alone.images[0])
+
+
+def test_lanes_needing_more_adapters_than_slots_load_each_once_per_job_not_per_step():
+    """Two lanes, two adapter slots, four adapters: one lane's images use two, the other's
+    the two others. A lane never evicts what the other lane's images step with (each would
+    load its pair back at every step); a job whose adapter has no free slot waits for one.
+    Every image is still its request alone."""
+    names = ["ink", "paper", "ink-again", "paper-again"]
+    adapters = [
+        *ADAPTERS,
+        AdapterConfig(id="ink-again", source="embedded:tiny-sd3/ink"),
+        AdapterConfig(id="paper-again", source="embedded:tiny-sd3/paper"),
+    ]
+    # In submission order, the lanes take turns: ink and ink-again in one, the papers in the
+    # other (least work left, the first lane on a tie).
+    jobs = [job(seed, steps=6, adapters=((names[seed], 1.0),)) for seed in range(4)]
+    shared, reference = (load_pipeline(ModelConfig(device="cpu")) for _ in range(2))
+    store = AdapterStore(shared, adapters, max_loaded=2)
+    # Both lanes' threads are held until every job is in its lane, so that both lanes have
+    # their pairs in flight at once (not by luck of timing).
+    pool, all_in = ThreadPoolExecutor(2), threading.Event()
+    for _ in range(2):
+        pool.submit(all_in.wait, 120)
+    loop = ImageEngine(
+        shared, worker_threads=2, batching=CONTINUOUS, adapters=store, pool=pool, continuous=True
+    )
+    alone = ImageEngine(reference, worker_threads=1, adapters=AdapterStore(reference, adapters, 4))
+
+    async def together_then_alone():
+        tasks = [asyncio.ensure_future(loop.generate(each)) for each in jobs]
+        while loop.work.held().jobs < len(jobs):
+            await asyncio.sleep(0.005)
+        all_in.set()
+        mixed = await asyncio.gather(*tasks)
+        return mixed, [await alone.generate(each) for each in jobs]
+
+    try:
+        mixed, references = run(together_then_alone())
+    finally:
+        loop.shutdown()
+        alone.shutdown()
+    for got, expected in zip(mixed, references, strict=True):
+        assert_nearly_equal(got.images[0], expected.images[0])
+    # One load per job; lanes that evict each other's load about 2 per step each.
+    assert store.loads <= len(jobs), store.loads

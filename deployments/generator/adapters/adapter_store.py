@@ -188,6 +188,11 @@ class AdapterStore:
         with self._lock:
             return any(self._on_text_encoders.get(i, True) for i in adapter_ids)
 
+    @property
+    def max_loaded(self) -> int:
+        """`max_adapters_per_replica`: the adapters the pipeline keeps loaded."""
+        return self._max_loaded
+
     def holds(self, adapter_ids: Iterable[str]) -> bool:
         """Whether all of them are loaded in the pipeline; ask it under the gate."""
         return all(adapter_id in self._loaded for adapter_id in adapter_ids)

@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -107,6 +107,7 @@ class Lane:
                 self._publish()
                 sizes = [size for size, jobs in self._groups.items() if jobs]
                 stepped = [self._turn(size) for size in sizes]
+                self._publish_adapters()  # finished images free their adapters' slots
                 if any(self._groups.values()):
                     if self._gate is not None and not any(stepped):
                         if draining:  # paused: the thread goes to request-level work
@@ -117,6 +118,8 @@ class Lane:
                     if not self._inbox or draining:
                         self.running = bool(self._inbox)
                         return self.running
+                if self._adapters is not None:  # its jobs wait for other lanes' slots
+                    self._adapters.wait(timeout_s=0.05)
         except BaseException as error:
             # A broken device (nothing here can run again), or a fault of the loop itself:
             # every job it holds fails, none is left waiting.
@@ -129,6 +132,7 @@ class Lane:
         finally:  # ended, failed, or yielded with only paused images: none of it steps now
             if self._gate is not None:
                 self._gate.publish(self, None)
+            self._publish_adapters()  # paused images keep theirs
 
     def _turn(self, size: Size) -> bool:
         """One step of the size's group (of its images that may step now); True if it ran."""
@@ -194,6 +198,9 @@ class Lane:
             if job.size in waiting or job.job.num_images > room:
                 waiting.add(job.size)
                 continue
+            if not self._adapter_room(job, joining):  # until images in flight free a slot
+                waiting.add(job.size)
+                continue
             # Checked as it would join, not every step while it waits (a hot path when
             # hundreds wait): one that can no longer finish would be cancelled unread.
             late = self._hooks.late(job.job)
@@ -209,6 +216,7 @@ class Lane:
                 self._inbox.remove(job)
         for job in self._started(joining):
             self._groups.setdefault(job.size, []).append(job)
+        self._publish_adapters()
 
     def _sharing(self, job: LoopJob, joining: list[LoopJob], now: float) -> int:
         """Images of the job's size that would step with it: its group's and those joining
@@ -225,7 +233,8 @@ class Lane:
         """The jobs' images made (prompts encoded in one call, latents and schedulers);
         those that cannot start fail alone."""
         if self._adapters is not None:
-            jobs = [job for job in jobs if self._staged(job)]
+            in_use = self._in_use() | _adapter_ids(jobs)  # a load keeps them all
+            jobs = [job for job in jobs if self._staged(job, in_use)]
         self._together_or_alone(jobs, self._encode, self._failed_start)
         return [job for job in jobs if job.images]
 
@@ -256,9 +265,9 @@ class Lane:
                     raise
                 failed(job, error)
 
-    def _staged(self, job: LoopJob) -> bool:
+    def _staged(self, job: LoopJob, in_use: set[str]) -> bool:
         try:
-            self._adapters.load(adapter_key(job.job.adapters), self._in_use())
+            self._adapters.load(self, adapter_key(job.job.adapters), in_use)
             return True
         except Exception as error:
             if self._hooks.broken(error):
@@ -267,12 +276,19 @@ class Lane:
             return False
 
     def _in_use(self) -> set[str]:
-        return {
-            adapter_id
-            for jobs in self._groups.values()
-            for job in jobs
-            for adapter_id, _ in job.job.adapters
-        }
+        return _adapter_ids(job for jobs in self._groups.values() for job in jobs)
+
+    def _publish_adapters(self) -> None:
+        """Tell the replica's other lanes which adapters this lane's images use now."""
+        if self._adapters is not None:
+            self._adapters.publish(self, self._in_use())
+
+    def _adapter_room(self, job: LoopJob, joining: list[LoopJob]) -> bool:
+        """Whether the job's adapters fit the slots beside what is in flight and joining."""
+        if self._adapters is None or not job.job.adapters:
+            return True
+        in_use = self._in_use() | _adapter_ids(joining)
+        return self._adapters.reserve(self, in_use, _adapter_ids([job]))
 
     def _failed_start(self, job: LoopJob, error: Exception) -> None:
         job.images.clear()
@@ -341,7 +357,7 @@ class Lane:
         try:
             if self._adapters is None:
                 return self._family.forward(images)
-            return self._adapters.forward(self._family, images)
+            return self._adapters.forward(self, self._family, images)
         except Exception as error:
             if len(images) == 1 or not is_out_of_memory(error):
                 raise
@@ -436,3 +452,7 @@ class Lane:
             self.running = False
         for job in failing:
             job.deliver(error)
+
+
+def _adapter_ids(jobs: Iterable[LoopJob]) -> set[str]:
+    return {adapter_id for job in jobs for adapter_id, _ in job.job.adapters}

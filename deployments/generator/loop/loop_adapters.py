@@ -9,11 +9,20 @@ What a step does need is its images' adapters loaded in the pipeline: inside the
 checks (nothing can load or unload while it holds the gate), and where one is missing (not
 loaded yet, or evicted by a request-level call since) it takes the gate with a
 `LoadForLoop` key, whose switch loads them, and tries again.
+
+Residency across lanes. The replica's lanes share the `max_adapters_per_replica` slots: each
+lane publishes the adapters its images in flight use (`publish`), a load keeps every lane's
+(it never evicts what another lane steps with: that lane would load it back for its next
+step, and the first lane again, at every step), and a job joins a lane only if its adapters
+fit the slots beside every lane's in flight (`reserve`); otherwise it waits for images to
+finish and free one. So each job loads its adapters at most once. A job joining an idle loop
+always may: a set larger than the slots runs, as a request-level call of it would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -34,13 +43,49 @@ class LoopAdapters:
         # computes per-row adapters in a routed forward; outside one, peft's own.
         store.after_load.append(lambda: install(denoiser))
         install(denoiser)
+        self._changed = threading.Condition()  # guards `_in_flight`; told of every change
+        self._in_flight: dict[int, frozenset[str]] = {}  # by lane (`id`)
 
-    def load(self, adapters: tuple[AdapterWeight, ...], in_use: Iterable[str]) -> None:
-        """Load a joining job's adapters (keeping those the lane's images use). Raises
-        `AdapterUnavailable` for one that cannot be loaded: the job fails alone."""
+    def publish(self, lane: object, in_use: Iterable[str]) -> None:
+        """The adapters `lane`'s images in flight use now (nothing: an empty set)."""
+        with self._changed:
+            self._in_flight[id(lane)] = frozenset(in_use)
+            self._changed.notify_all()
+
+    def _others(self, lane: object) -> set[str]:
+        with self._changed:
+            return self._others_locked(lane)
+
+    def _others_locked(self, lane: object) -> set[str]:
+        return {a for key, ids in self._in_flight.items() if key != id(lane) for a in ids}
+
+    def reserve(self, lane: object, in_use: set[str], joining: set[str]) -> bool:
+        """Whether images with adapters `joining` may join `lane` (whose images in flight,
+        and those joining before them, use `in_use`): all of them fit the slots beside the
+        other lanes' in flight, or the loop has nothing else in flight. If so, they count
+        as `lane`'s at once (two lanes admitting together must not both take the last
+        slot), until its next `publish`."""
+        with self._changed:
+            others = self._others_locked(lane)
+            wanted = in_use | joining
+            if (others or in_use) and len(others | wanted) > self._store.max_loaded:
+                return False
+            self._in_flight[id(lane)] = self._in_flight.get(id(lane), frozenset()) | wanted
+            return True
+
+    def wait(self, timeout_s: float) -> None:
+        """Until a lane publishes a change (images finished: a slot may be free)."""
+        with self._changed:
+            self._changed.wait(timeout_s)
+
+    def load(self, lane: object, adapters: tuple[AdapterWeight, ...], in_use: set[str]) -> None:
+        """Load a joining job's adapters, keeping those `lane`'s images (`in_use`) and every
+        other lane's use. Raises `AdapterUnavailable` for one that cannot be loaded: the job
+        fails alone."""
         ids = {adapter_id for adapter_id, _ in adapters}
         if ids:
-            with self._store.gate.enter(LoadForLoop(frozenset(ids | set(in_use)))):
+            keep = ids | in_use | self._others(lane)
+            with self._store.gate.enter(LoadForLoop(frozenset(keep))):
                 pass
 
     def encoding(self) -> contextlib.AbstractContextManager[None]:
@@ -53,8 +98,11 @@ class LoopAdapters:
         """Whether the loop can run these adapters: none touches a text encoder."""
         return not self._store.on_text_encoders(adapter_id for adapter_id, _ in adapters)
 
-    def forward(self, family: FlowFamily, images: list[ImageState]) -> list[torch.Tensor]:
-        """`family.forward(images)` with each row's own adapters."""
+    def forward(
+        self, lane: object, family: FlowFamily, images: list[ImageState]
+    ) -> list[torch.Tensor]:
+        """`family.forward(images)` with each row's own adapters (those missing, evicted by a
+        request-level call, loaded again beside the other lanes')."""
         needed = frozenset(adapter_id for image in images for adapter_id, _ in image.adapters)
         while True:
             with self._store.gate.enter(LOOP_STEP):
@@ -62,5 +110,5 @@ class LoopAdapters:
                     rows = [row.adapters for row in family.rows(images)]
                     with routed(rows, self._device):
                         return family.forward(images)
-            with self._store.gate.enter(LoadForLoop(needed)):
+            with self._store.gate.enter(LoadForLoop(needed | self._others(lane))):
                 pass
