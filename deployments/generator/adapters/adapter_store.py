@@ -62,9 +62,11 @@ LOOP_STEP = LoopStep()
 
 @dataclass(frozen=True)
 class LoadForLoop:
-    """The gate's key whose switch loads `ids` for the continuous loop (sets nothing)."""
+    """The gate's key whose switch loads `ids` for the continuous loop (sets nothing),
+    evicting none of `ids` nor of `keep` (what other images in flight use)."""
 
     ids: frozenset[str]
+    keep: frozenset[str] = frozenset()
 
 
 class AdapterMetrics(Protocol):
@@ -208,7 +210,7 @@ class AdapterStore:
                 self._pipeline.disable_lora()
             return
         if isinstance(adapters, LoadForLoop):
-            self._load_all(sorted(adapters.ids))
+            self._load_all(sorted(adapters.ids), keep=adapters.keep)
             return
         if not adapters:
             if self._loaded:
@@ -219,10 +221,10 @@ class AdapterStore:
         self._pipeline.enable_lora()
         self._pipeline.set_adapters(ids, [float(scale) for _, scale in adapters])
 
-    def _load_all(self, ids: list[str]) -> None:
+    def _load_all(self, ids: list[str], keep: frozenset[str] = frozenset()) -> None:
         for adapter_id in ids:
             if adapter_id not in self._loaded:
-                self._evict(keep=ids)
+                self._evict(keep=[*ids, *keep])
                 self._load(adapter_id)
             with self._lock:
                 self._loaded.move_to_end(adapter_id)

@@ -56,13 +56,15 @@ class ContinuousBatching:
 
     def accepts(self, job: GenerationJob) -> bool:
         """Text-to-image jobs whose images fit one step and whose adapters (staged by now)
-        only touch the denoiser."""
+        only touch the denoiser and fit the replica's adapter slots."""
         if job.task != "text-to-image":
             return False
         if job.num_images > self._batching.images_per_batch(job.width, job.height):
             return False
         return not job.adapters or (
-            self._adapters is not None and self._adapters.accepts(job.adapters)
+            self._adapters is not None
+            and len(job.adapters) <= self._adapters.slots  # more: one call, request-level
+            and self._adapters.accepts(job.adapters)
         )
 
     async def submit(self, job: GenerationJob, sink: EventSink | None = None) -> GeneratedImages:

@@ -127,12 +127,14 @@ class Lane:
                 error = ReplicaBroken(f"the device failed: {type(error).__name__}")
             else:
                 logger.exception("the continuous loop failed")
+            if self._adapters is not None:  # before another thread may run the lane again
+                self._adapters.publish(self, ())
+                self._adapters.unclaim(self)
             self._fail_everything(error)
             raise
         finally:  # ended, failed, or yielded with only paused images: none of it steps now
             if self._gate is not None:
                 self._gate.publish(self, None)
-            self._publish_adapters()  # paused images keep theirs
 
     def _turn(self, size: Size) -> bool:
         """One step of the size's group (of its images that may step now); True if it ran."""
@@ -186,6 +188,9 @@ class Lane:
         single ones); those of other sizes may still join."""
         with self._lock:
             arrived = list(self._inbox)
+        if self._adapters is not None:
+            self._adapters.unclaim(self)
+        refused_adapters = False  # after one refusal, no job here takes a new adapter
         now = time.time()
         arrived.sort(key=lambda job: job.job.schedule.urgency(now))  # stable: arrival order
         joining: list[LoopJob] = []
@@ -198,7 +203,8 @@ class Lane:
             if job.size in waiting or job.job.num_images > room:
                 waiting.add(job.size)
                 continue
-            if not self._adapter_room(job, joining):  # until images in flight free a slot
+            if job.job.adapters and (refused_adapters or not self._adapter_room(job, joining)):
+                refused_adapters = True  # until images in flight free a slot
                 waiting.add(job.size)
                 continue
             # Checked as it would join, not every step while it waits (a hot path when
@@ -285,7 +291,7 @@ class Lane:
 
     def _adapter_room(self, job: LoopJob, joining: list[LoopJob]) -> bool:
         """Whether the job's adapters fit the slots beside what is in flight and joining."""
-        if self._adapters is None or not job.job.adapters:
+        if self._adapters is None:
             return True
         in_use = self._in_use() | _adapter_ids(joining)
         return self._adapters.reserve(self, in_use, _adapter_ids([job]))
