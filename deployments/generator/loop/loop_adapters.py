@@ -111,7 +111,9 @@ class LoopAdapters:
         other lane's use. Raises `AdapterUnavailable` for one that cannot be loaded: the job
         fails alone."""
         ids = frozenset(adapter_id for adapter_id, _ in adapters)
-        if ids:
+        # Loaded already (the common case): no gate switch, which would wait for every
+        # lane's step in flight to end. Evicted before its first step, it loads then.
+        if ids and not self._store.holds(ids):
             keep = frozenset(in_use) | self._others(lane)
             with self._store.gate.enter(LoadForLoop(ids, keep)):
                 pass
