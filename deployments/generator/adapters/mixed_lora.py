@@ -13,6 +13,14 @@ arithmetic (`lora.Linear.forward` with `scaling = weight * alpha / r`) row by ro
 composed set (several adapters on one image) is the sum of its adapters' updates, as peft
 sums active adapters; nothing is merged into the weights, so nothing is shared.
 
+Few small adapters (float32, ranks summing to at most `_STACKED_RANKS`), as on a CPU, run
+stacked: one down-projection by every adapter's A at once, each row's columns weighted by its
+scales (zero for adapters it does not use), one up-projection by the B's side by side. Four
+adapters cost two matrix products a layer instead of four of each and four gathers and
+scatters: on a small model the adapters' cost is those calls' overhead. Other dtypes keep
+one pass per adapter, with the scale applied in float32 after it, as peft does (a bfloat16
+scale would be off).
+
 In every other thread, and in this one outside `routed`, the layer runs peft's forward,
 unchanged: the request-level engine's calls see no difference. The routing is thread-local
 state, like the cache hooks' per-call state (`cache_hooks.py`).
@@ -31,12 +39,18 @@ import torch
 from deployments.jobs import AdapterWeight
 
 _ATTRIBUTE = "_mixed_batch_original_forward"
+_STACK = "_mixed_batch_stack"  # a layer's stacked adapter weights (`_Stack`)
+_STACKED_RANKS = 128
 
 
 class _Routing(threading.local):
     # For each adapter that some rows use: (row indices, each row's scale as a column).
     by_adapter: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     rows: int = 0
+    # Each row's scale of each adapter (rows x adapters, in `by_adapter`'s order; 0: unused),
+    # and its columns for a layer that has only some of the adapters (by their positions).
+    dense: torch.Tensor | None = None
+    columns: dict[tuple[int, ...], torch.Tensor] | None = None
 
 
 _ROUTING = _Routing()
@@ -64,10 +78,16 @@ def routed(rows: Sequence[tuple[AdapterWeight, ...]], device: torch.device) -> I
         for adapter_id, (indices, scales) in by_adapter.items()
     }
     _ROUTING.rows = len(rows)
+    dense = torch.zeros(len(rows), len(by_adapter), dtype=torch.float32)
+    for column, (indices, scales) in enumerate(by_adapter.values()):
+        dense[indices, column] = torch.tensor(scales)
+    _ROUTING.dense = dense.to(device)
+    _ROUTING.columns = {}
     try:
         yield
     finally:
         _ROUTING.by_adapter = None
+        _ROUTING.dense = _ROUTING.columns = None
 
 
 def install(denoiser: torch.nn.Module) -> int:
@@ -98,6 +118,13 @@ def _routed_forward(layer: Any, original: Any) -> Any:
                 f"a LoRA layer got {x.shape[0]} rows where the routing has {_ROUTING.rows}"
             )
         result = layer.base_layer(x, *args, **kwargs)
+        used = [(position, adapter_id) for position, adapter_id in enumerate(routing)]
+        used = [
+            (position, adapter_id) for position, adapter_id in used if adapter_id in layer.lora_A
+        ]
+        stack = _stack(layer, [adapter_id for _, adapter_id in used]) if used else None
+        if stack is not None:
+            return result + stack.update(x, _row_scales([p for p, _ in used])).to(result.dtype)
         for adapter_id, (indices, scales) in routing.items():
             if adapter_id not in layer.lora_A:
                 continue  # the adapter does not touch this layer
@@ -119,3 +146,70 @@ def _unit_scale(layer: Any, adapter_id: str) -> float:
     if layer.use_rslora.get(adapter_id, False):
         return layer.lora_alpha[adapter_id] / math.sqrt(rank)
     return layer.lora_alpha[adapter_id] / rank
+
+
+def _row_scales(positions: list[int]) -> torch.Tensor:
+    """Each row's scale of the adapters at `positions` of the routing (rows x adapters)."""
+    dense = _ROUTING.dense
+    if len(positions) == dense.shape[1]:
+        return dense
+    key = tuple(positions)
+    if key not in _ROUTING.columns:
+        _ROUTING.columns[key] = torch.tensor(positions, device=dense.device)
+    return dense.index_select(1, _ROUTING.columns[key])
+
+
+class _Stack:
+    """A layer's adapters side by side: their A's stacked (sum of ranks x in), their B's
+    (out x sum of ranks), and the map from each adapter's scale to its rank's columns,
+    times its scale at weight 1 (adapters x sum of ranks)."""
+
+    def __init__(self, layer: Any, adapter_ids: list[str]) -> None:
+        # The modules themselves, held: a reloaded adapter is new modules, never the old
+        # ones' ids again while this holds them.
+        self.modules = [(layer.lora_A[a], layer.lora_B[a]) for a in adapter_ids]
+        self.down = torch.cat([down.weight for down, _ in self.modules], dim=0)
+        self.up = torch.cat([up.weight for _, up in self.modules], dim=1)
+        ranks = [down.weight.shape[0] for down, _ in self.modules]
+        spread = torch.zeros(len(ranks), sum(ranks), dtype=torch.float32)
+        start = 0
+        for index, (adapter_id, rank) in enumerate(zip(adapter_ids, ranks, strict=True)):
+            spread[index, start : start + rank] = _unit_scale(layer, adapter_id)
+            start += rank
+        self.spread = spread.to(self.down.device)
+
+    def holds(self, layer: Any, adapter_ids: list[str]) -> bool:
+        return len(adapter_ids) == len(self.modules) and all(
+            layer.lora_A[a] is down and layer.lora_B[a] is up
+            for a, (down, up) in zip(adapter_ids, self.modules, strict=True)
+        )
+
+    def update(self, x: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+        """Every row's sum of its adapters' updates, each at its scale."""
+        weights = row_scales @ self.spread  # rows x sum of ranks
+        hidden = torch.nn.functional.linear(x.to(self.down.dtype), self.down)
+        hidden = hidden * weights.view(weights.shape[0], *([1] * (hidden.ndim - 2)), -1)
+        return torch.nn.functional.linear(hidden, self.up)
+
+
+def _stack(layer: Any, adapter_ids: list[str]) -> _Stack | None:
+    """The layer's stacked adapters, made anew when its adapters changed; None where they
+    run one by one (not float32 linear layers, a bias, dropout in training, large ranks)."""
+    stack = getattr(layer, _STACK, None)
+    if stack is not None and stack.holds(layer, adapter_ids):
+        return stack
+    pairs = [(layer.lora_A[a], layer.lora_B[a]) for a in adapter_ids]
+    stackable = all(
+        isinstance(down, torch.nn.Linear)
+        and isinstance(up, torch.nn.Linear)
+        and down.bias is None
+        and up.bias is None
+        and down.weight.dtype == torch.float32
+        and not (isinstance(layer.lora_dropout[a], torch.nn.Dropout) and layer.training)
+        for a, (down, up) in zip(adapter_ids, pairs, strict=True)
+    )
+    if not stackable or sum(down.weight.shape[0] for down, _ in pairs) > _STACKED_RANKS:
+        return None
+    stack = _Stack(layer, adapter_ids)
+    object.__setattr__(layer, _STACK, stack)
+    return stack
