@@ -74,3 +74,22 @@ def test_outside_a_routing_and_in_other_threads_the_layer_is_peft_s_own(model):
 
 def test_installing_twice_wraps_once(model):
     assert install(model) == 0
+
+
+def test_an_adapter_loaded_again_under_its_name_is_computed_from_its_new_weights(model):
+    """The stacked weights are the layer's current adapters: one deleted and loaded again
+    (new weights, same name, as an evicted adapter comes back) is not served from before."""
+    x = torch.randn(2, 3, 8)
+    rows = [(("ink", 1.0),), (("paper", 1.0),)]
+    with routed(rows, torch.device("cpu")):
+        before = model(x)
+    model.proj.delete_adapter("ink")
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["proj"], init_lora_weights=False)
+    inject_adapter_in_model(config, model, adapter_name="ink")
+    install(model)
+    with routed(rows, torch.device("cpu")):
+        after = model(x)
+    torch.testing.assert_close(after[0], peft_alone(model, x[:1], rows[0])[0])
+    assert not torch.allclose(after[0], before[0])
+    torch.testing.assert_close(after[1], before[1])
