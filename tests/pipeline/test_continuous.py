@@ -119,6 +119,27 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+def held_together_then_alone(
+    loop: ImageEngine, alone: ImageEngine, jobs: list[GenerationJob], all_in: threading.Event
+) -> tuple[list[GeneratedImages], list[GeneratedImages]]:
+    """Every job submitted to `loop`, whose threads wait for `all_in`, set once every job is
+    in its lane; then each job alone on `alone`. Both engines are shut down after."""
+
+    async def together_then_alone():
+        tasks = [asyncio.ensure_future(loop.generate(each)) for each in jobs]
+        while loop.work.held().jobs < len(jobs):
+            await asyncio.sleep(0.005)
+        all_in.set()
+        mixed = await asyncio.gather(*tasks)
+        return mixed, [await alone.generate(each) for each in jobs]
+
+    try:
+        return run(together_then_alone())
+    finally:
+        loop.shutdown()
+        alone.shutdown()
+
+
 def test_images_joining_at_different_steps_equal_each_request_alone(pipeline):
     """Four requests with different steps, guidance, negative prompts and image counts join
     one loop two steps apart; each equals the diffusers pipeline run on it alone. The guided
@@ -177,19 +198,7 @@ def test_different_adapters_share_one_forward_and_each_image_is_its_own():
     loop = loop_engine(shared, AdapterStore(shared, ADAPTERS, max_loaded=4), pool=pool)
     alone = ImageEngine(reference, worker_threads=1, adapters=AdapterStore(reference, ADAPTERS, 4))
 
-    async def together_then_alone():
-        tasks = [asyncio.ensure_future(loop.generate(each)) for each in jobs]
-        while loop.work.held().jobs < len(jobs):
-            await asyncio.sleep(0.005)
-        all_in.set()
-        mixed = await asyncio.gather(*tasks)
-        return mixed, [await alone.generate(each) for each in jobs]
-
-    try:
-        mixed, references = run(together_then_alone())
-    finally:
-        loop.shutdown()
-        alone.shutdown()
+    mixed, references = held_together_then_alone(loop, alone, jobs, all_in)
     for got, reference in zip(mixed, references, strict=True):
         assert_nearly_equal(got.images[0], reference.images[0])
     assert max(loop.batch_sizes) == len(jobs)  # one forward held every adapter set
@@ -453,19 +462,7 @@ def test_lanes_needing_more_adapters_than_slots_load_each_once_per_job_not_per_s
     )
     alone = ImageEngine(reference, worker_threads=1, adapters=AdapterStore(reference, adapters, 4))
 
-    async def together_then_alone():
-        tasks = [asyncio.ensure_future(loop.generate(each)) for each in jobs]
-        while loop.work.held().jobs < len(jobs):
-            await asyncio.sleep(0.005)
-        all_in.set()
-        mixed = await asyncio.gather(*tasks)
-        return mixed, [await alone.generate(each) for each in jobs]
-
-    try:
-        mixed, references = run(together_then_alone())
-    finally:
-        loop.shutdown()
-        alone.shutdown()
+    mixed, references = held_together_then_alone(loop, alone, jobs, all_in)
     for got, expected in zip(mixed, references, strict=True):
         assert_nearly_equal(got.images[0], expected.images[0])
     # One load per job; lanes that evict each other's load about 2 per step each.
