@@ -280,8 +280,13 @@ def test_past_the_queue_requests_get_503_at_once(overload, step_s):
         probe_503_s=round(sorted(probes)[2], 3),
         slowest_admitted_s=round(max(seconds for _, seconds in served), 2),
     )
-    # At once: while the admitted requests still run (each holds the replica for ~5 s).
-    assert rejection_s[-1] < 1.0 and max(probes) < 0.5
+    # At once: long before any admitted request ends (a request that waited for a slot
+    # would take at least as long as one of them). Relative, not in seconds: on a loaded
+    # 2-core machine 12 clients starting together took 1.4 s for their 503s (the admitted
+    # ones, calibrated to 8 s, took tens of seconds).
+    shortest_admitted_s = min(seconds for _, seconds in served)
+    assert rejection_s[-1] < shortest_admitted_s / 4
+    assert max(probes) < shortest_admitted_s / 10
 
 
 def test_sustained_4x_overload_nothing_hangs_memory_stays_flat(overload):
