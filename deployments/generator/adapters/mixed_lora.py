@@ -118,10 +118,8 @@ def _routed_forward(layer: Any, original: Any) -> Any:
                 f"a LoRA layer got {x.shape[0]} rows where the routing has {_ROUTING.rows}"
             )
         result = layer.base_layer(x, *args, **kwargs)
-        used = [(position, adapter_id) for position, adapter_id in enumerate(routing)]
-        used = [
-            (position, adapter_id) for position, adapter_id in used if adapter_id in layer.lora_A
-        ]
+        # The routing's adapters that touch this layer, with their columns in the routing.
+        used = [(column, a) for column, a in enumerate(routing) if a in layer.lora_A]
         stack = _stack(layer, [adapter_id for _, adapter_id in used]) if used else None
         if stack is not None:
             return result + stack.update(x, _row_scales([p for p, _ in used])).to(result.dtype)
