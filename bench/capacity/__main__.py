@@ -37,19 +37,22 @@ def measure() -> None:
     _write(SERVICE, measure_engine(SIZES, BATCHES, steps=(4, 20)).to_json())
 
 
-def validate(cases: list[str] | None, repeats: int) -> None:
+def validate(cases: list[str] | None, repeats: int, speed: float) -> None:
     from bench.capacity.experiment import cases as all_cases
     from bench.capacity.experiment import pace_for
     from bench.capacity.service import ServiceModel
+    from bench.capacity.throttle import Throttle
     from bench.capacity.validate import kept, load
     from bench.capacity.validate import validate as run
 
-    measure()  # the engine's speed now, just before the cluster runs
-    service = ServiceModel.load(SERVICE)
-    pace = pace_for(service)
-    print(f"[capacity] the traces at x{pace} their rates (the engine's speed now)", flush=True)
-    selected = [case for case in all_cases(pace) if not cases or case.name in cases]
-    data = run(selected, service, repeats, pace)
+    with Throttle(speed) as throttle:
+        with throttle.inside():
+            measure()  # the engine's speed now (at the throttle's), just before the cluster
+        service = ServiceModel.load(SERVICE)
+        pace = pace_for(service)
+        print(f"[capacity] the traces at x{pace} their rates (the engine's speed now)", flush=True)
+        selected = [case for case in all_cases(pace) if not cases or case.name in cases]
+        data = run(selected, service, repeats, pace, throttle)
     _write(VALIDATION, kept(load(VALIDATION), data))
     chart(data, CHART)
     print(f"wrote {CHART}")
@@ -86,6 +89,7 @@ def show() -> int:
         data = validations[-1]
         print(f"The latest validation: simulation against the real cluster ({data['nodes']}).")
         print(f"The traces at x{data.get('pace', 1.0)} their rates (the engine's speed then).")
+        print(f"The cluster at x{data.get('throttle', 1.0)} of the machine's speed (throttle.py).")
         print(
             f"Replica start {data['start_times_s']} s, request overhead "
             f"{data['request_overhead_s']} s (calibrated)."
@@ -154,13 +158,20 @@ def main() -> int:
     check.add_argument(
         "--repeats", type=int, default=REPEATS, help="runs of each case (default %(default)s)"
     )
+    check.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="run the cluster at this share of the machine's speed, e.g. 0.5 (a frozen-"
+        "and-thawed cgroup, bench/capacity/throttle.py; needs root; default %(default)s)",
+    )
     commands.add_parser("refit", help="the stored validation's speed-fit diagnostic again")
     commands.add_parser("extrapolate", help="GPU capacity at 10, 100, 1000 requests/s")
     args = parser.parse_args()
     if args.command == "measure":
         measure()
     elif args.command == "validate":
-        validate(args.case, args.repeats)
+        validate(args.case, args.repeats, args.speed)
     elif args.command == "refit":
         refit()
     elif args.command == "extrapolate":

@@ -31,6 +31,7 @@ from bench.capacity.experiment import (
 from bench.capacity.figures import summarize
 from bench.capacity.probe import LoggedCall, probe
 from bench.capacity.service import ServiceModel
+from bench.capacity.throttle import Throttle
 from bench.capacity.traces import RequestKind, Trace
 
 # How long a trace waits for its application to be back at `min_replicas` after the probe:
@@ -280,10 +281,12 @@ def _run_case(case: Case, app: str, port: int, repeat: int, service: ServiceMode
 
 
 def run_cluster(
-    selected: list[Case], service: ServiceModel, repeats: int
+    selected: list[Case], service: ServiceModel, repeats: int, throttle: Throttle
 ) -> tuple[list[RealRun], dict[str, Any]]:
     """The calibration, then every case `repeats` times on one two-node cluster, the cases
-    interleaved (a drift of the machine's speed reaches all of them alike); the runs and it."""
+    interleaved (a drift of the machine's speed reaches all of them alike); the runs and it.
+    The cluster's processes run in `throttle`'s group (at its speed); this one, the clients',
+    outside it."""
     # Ray starts its workers at niceness 15, below the load's client and everything else on
     # the machine; at 0 they compete as equals (bench/harness/serve_run.py's SAME_PRIORITY).
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray's own spelling)
@@ -293,11 +296,12 @@ def run_cluster(
 
     from tests.harness import free_port
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
-    )
-    cluster.add_node(num_cpus=2, resources={"generator": SETTINGS.max_replicas})
+    with throttle.inside():  # Ray's processes, and the workers they start, stay in it
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
+        )
+        cluster.add_node(num_cpus=2, resources={"generator": SETTINGS.max_replicas})
     ray.init(address=cluster.address, log_to_driver=False)
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

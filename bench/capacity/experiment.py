@@ -48,9 +48,10 @@ REPLICA = ReplicaSettings(
 )
 REQUEST_TIMEOUT_S = 100.0
 # Each case runs this many times on the cluster (interleaved) and in the simulation (one
-# seed each); the figures compared are the medians. One run's tail moves by a third from
-# one run to the next on this machine.
-REPEATS = 3
+# seed each). One run of each, by default: every run is judged against its own simulation,
+# and the four cases fit the validation in 15 minutes (`--repeats` for more; the figures
+# of several are their medians).
+REPEATS = 1
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,12 @@ def cases(pace: float = 1.0) -> list[Case]:
         ),
         Case(
             "burst-large (cost-aware)",
+            # Large requests at 3.5 x pace a second: at 2.5 the burst scaled out at some
+            # speeds of the engine and not at others (a trace at the policy's threshold;
+            # tests/unit/test_capacity_validation.py simulates it at x1, x0.7 and x0.5).
             burst(
                 2.0 * pace,
-                2.5 * pace,
+                3.5 * pace,
                 20.0,
                 15.0,
                 DURATION_S,

@@ -22,6 +22,7 @@ from bench.capacity.figures import COMPARED
 from bench.capacity.probe import PROBE_WARM_CALLS
 from bench.capacity.service import ServiceModel
 from bench.capacity.simulation import ReplicaSettings, SimResult, simulate
+from bench.capacity.throttle import Throttle
 
 # What a validation's figures depend on besides the cluster: the model, its inputs' code and
 # the experiment. Runs with the same digest pool (`pooled`).
@@ -38,6 +39,7 @@ MODEL_FILES = (
     "bench/capacity/replicas.py",
     "bench/capacity/service.py",
     "bench/capacity/simulation.py",
+    "bench/capacity/throttle.py",
     "bench/capacity/traces.py",
     "deployments/autoscaling_policy.py",
 )
@@ -78,17 +80,23 @@ def judged(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def validate(
-    selected: list[Case], service: ServiceModel, repeats: int = REPEATS, pace: float = 1.0
+    selected: list[Case],
+    service: ServiceModel,
+    repeats: int = REPEATS,
+    pace: float = 1.0,
+    throttle: Throttle | None = None,
 ) -> dict[str, Any]:
     """The cases on the cluster, `repeats` runs each, then each run simulated (its repeat
     the seed) with `service` (measured on this machine just before), the contention
     calibrated on the cluster at the speed the run's probe measured, the request overhead
     its probe measured (else the calibration's), and the replica start measured in that run
     (else the median of all); medians against medians. `pace`: the traces' rates, as
-    `experiment.cases` was given it (recorded, for `speed_fit` and the report)."""
+    `experiment.cases` was given it (recorded, for `speed_fit` and the report). `throttle`:
+    the cluster run at a share of this machine's speed (`throttle.py`; none: full speed)."""
     from bench.capacity.cluster import run_cluster
 
-    runs, calibration = run_cluster(selected, service, repeats)
+    throttle = throttle or Throttle(1.0)
+    runs, calibration = run_cluster(selected, service, repeats, throttle)
     overhead, contention = calibration["request_overhead_s"], calibration["contention"]
     measured_starts = [t for run in runs for t in run.start_times_s]
     start_s = statistics.median(measured_starts) if measured_starts else 10.0
@@ -135,6 +143,7 @@ def validate(
         "model": model_digest(),
         "repeats": repeats,
         "pace": pace,
+        "throttle": throttle.speed,
         "service": service.with_overhead(overhead).to_json(),
         "replica": {**REPLICA.__dict__, "start_s": start_s},
         "start_times_s": measured_starts,

@@ -44,7 +44,7 @@ def three_runs(monkeypatch):
     """The cluster answers CASE's three runs in 0.1, 0.5 (the outlier) and 0.12 s."""
     latencies = [0.1, 0.5, 0.12]
 
-    def run_cluster(selected, service, repeats):
+    def run_cluster(selected, service, repeats, throttle):
         assert [case.name for case in selected] == [CASE.name] and repeats == 3
         runs = [made_up_run(latency, repeat) for repeat, latency in enumerate(latencies)]
         return runs, {"request_overhead_s": 0.0, "contention": NONE}
@@ -85,7 +85,7 @@ def test_each_run_is_simulated_at_the_speed_its_probe_measured(monkeypatch):
     assert slow.slowdowns == {(1, 0): 2.2, (2, 0): 2.8}
     assert slow.backlog == (8, 1.1) and slow.warmup_idle == ()  # the probe warmed it
 
-    def run_cluster(selected, service, repeats):
+    def run_cluster(selected, service, repeats, throttle):
         runs = [made_up_run(0.1, repeat) for repeat in range(3)]
         for run, factor in zip(runs, (1.1, 2.2, 1.1), strict=True):
             run.probe = {"factor": factor, "calls": 20}
@@ -153,7 +153,7 @@ def test_the_trace_s_call_speed_is_read_against_its_probe_s_on_both_sides(monkey
     ]
     trace = [[a.t, KIND.size, KIND.steps, 1, 0.0, standalone * 1.43] for a in CASE.trace.arrivals]
 
-    def run_cluster(selected, service, repeats):
+    def run_cluster(selected, service, repeats, throttle):
         runs = [made_up_run(0.1, repeat) for repeat in range(3)]
         for run in runs:
             run.server = probe + trace
@@ -171,7 +171,7 @@ def test_each_run_is_simulated_with_the_overhead_its_probe_measured(monkeypatch)
     adds 0.2 s to every simulated request of its run; a run without one takes the
     calibration's overhead."""
 
-    def run_cluster(selected, service, repeats):
+    def run_cluster(selected, service, repeats, throttle):
         runs = [made_up_run(0.1, repeat) for repeat in range(3)]
         runs[0].probe = {"factor": 1.0, "overhead_s": 0.2, "calls": 20}
         runs[1].probe = {"factor": 1.0, "calls": 20}
@@ -208,3 +208,23 @@ def test_the_traces_follow_the_machine_s_speed_so_the_replicas_carry_the_same_lo
 def test_a_validation_records_its_pace(three_runs):
     data = validate([CASE], SERVICE, repeats=3, pace=0.7)
     assert data["pace"] == 0.7
+
+
+@pytest.mark.parametrize("speed", [1.0, 0.7, 0.5])
+def test_every_trace_scales_out_as_it_names_at_every_speed_of_the_machine(speed):
+    """Each case's trace, simulated on the stored engine measurement slowed to `speed` (the
+    traces at the pace `measure` would find), still makes its policy scale out: a trace at
+    the policy's threshold would test the autoscaler at one speed and not at another (the
+    cost-aware burst stayed at one replica at x0.57)."""
+    from bench.capacity.experiment import REPLICA, cases, pace_for
+    from bench.capacity.simulation import simulate
+
+    stored = ServiceModel.load(ROOT / "bench" / "results" / "capacity-service.json")
+    slowed = ServiceModel(
+        {key: CallCost(c.fixed_s / speed, c.per_step_s / speed) for key, c in stored.costs.items()},
+        "test",
+    )
+    for case in cases(pace_for(slowed)):
+        for seed in range(3):
+            run = simulate(case.trace, slowed, case.settings, REPLICA, seed, NONE).summary()
+            assert run["first_scale_up_s"] is not None, (case.name, seed)

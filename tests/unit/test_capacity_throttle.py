@@ -1,0 +1,55 @@
+"""The validation's slower machine on demand (`bench/capacity/throttle.py`): a process put in
+the throttle's group runs at a share of its speed while it is in, and everything is as it was
+after. Needs a cgroup freezer this process may write (root here and in CI)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.capacity.throttle import Throttle, freezer_root
+
+try:
+    ROOT, _, _ = freezer_root()
+    WRITABLE = os.access(ROOT, os.W_OK)
+except RuntimeError:
+    WRITABLE = False
+
+pytestmark = pytest.mark.skipif(not WRITABLE, reason="no writable cgroup freezer here")
+
+
+def cpu_share(seconds: float) -> float:
+    """This process's CPU seconds over the wall-clock seconds of a busy loop."""
+    cpu, wall = time.process_time(), time.monotonic()
+    while time.monotonic() - wall < seconds:
+        pass
+    return (time.process_time() - cpu) / (time.monotonic() - wall)
+
+
+def test_a_process_in_the_throttle_runs_at_its_share_and_comes_back_out():
+    groups_before = Path("/proc/self/cgroup").read_text()
+    with Throttle(0.5) as throttle:
+        with throttle.inside():
+            assert Path("/proc/self/cgroup").read_text() != groups_before
+            # At most half, and less if the machine is busy; without the freezing, ~1.
+            share = cpu_share(1.0)
+        assert Path("/proc/self/cgroup").read_text() == groups_before
+        group = throttle._group
+        assert group is not None and group.exists()
+    assert share < 0.65
+    assert not group.exists()
+
+
+def test_at_full_speed_nothing_is_made():
+    with Throttle(1.0) as throttle:
+        with throttle.inside():
+            pass
+        assert throttle._group is None
+
+
+def test_a_speed_outside_the_range_is_refused():
+    with pytest.raises(ValueError, match="speed"):
+        Throttle(0.0)
