@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench.capacity.breakdown import breakdown_table
 from bench.capacity.experiment import REPEATS
 from bench.capacity.report import (
     call_speed_table,
@@ -58,6 +59,7 @@ def validate(cases: list[str] | None, repeats: int, speed: float) -> None:
     print(f"wrote {CHART}")
     print(validation_table(data))
     print(call_speed_table(data) or "(no ingress timings: no call-speed diagnostic)")
+    print(breakdown_table(data) or "(no request ids in the ingress's log: no breakdown)")
 
 
 def refit() -> None:
@@ -125,6 +127,10 @@ def show() -> int:
         if speeds:
             print("\nDiagnostic: the trace's calls over its probe's, real and simulated.\n")
             print(speeds)
+        parts = breakdown_table(data)
+        if parts:
+            print("\nWhere the time went, each run's requests by part, real and simulated.\n")
+            print(parts)
         if "speed_fit" in data:
             print("\nDiagnostic: each case with one service-time factor fitted to its real p50.\n")
             print(speed_fit_table(data["speed_fit"]))

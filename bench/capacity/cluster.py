@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from bench.capacity.breakdown import trace_request_id
 from bench.capacity.experiment import (
     LARGE,
     REQUEST_TIMEOUT_S,
@@ -68,11 +69,12 @@ async def replay(url: str, trace: Trace) -> list[tuple[float, str, float | None,
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S + 10, limits=limits) as client:
         started = time.monotonic()
 
-        async def send(arrival) -> None:
+        async def send(index: int, arrival) -> None:
             body = {**arrival.kind.body(arrival.seed), "response_format": "url"}
+            headers = {"x-request-id": trace_request_id(index)}  # joins the ingress's log
             sent = time.monotonic() - started
             try:
-                response = await client.post(url, json=body)
+                response = await client.post(url, json=body, headers=headers)
                 status = "ok" if response.status_code == 200 else str(response.status_code)
             except httpx.HTTPError as error:
                 status = type(error).__name__
@@ -80,11 +82,11 @@ async def replay(url: str, trace: Trace) -> list[tuple[float, str, float | None,
             results.append((arrival.t, status, done, done - sent))
 
         tasks = []
-        for arrival in trace.arrivals:
+        for index, arrival in enumerate(trace.arrivals):
             delay = arrival.t - (time.monotonic() - started)
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(send(arrival)))
+            tasks.append(asyncio.ensure_future(send(index, arrival)))
         await asyncio.gather(*tasks)
     return results
 
@@ -174,11 +176,21 @@ def _logged_call(fields: dict[str, str]) -> LoggedCall:
 
 def server_timings(app: str, started: float) -> list[list[Any]]:
     """Each request of `app` as its ingress logged it: seconds from `started` (wall clock;
-    the probe's are before 0), then its `LoggedCall`'s fields. The replica's own view, which
-    the client's latencies cannot give: how fast the calls ran during the trace, against
-    its probe's."""
+    the probe's are before 0), then its `LoggedCall`'s fields, its request id and the
+    ingress's own seconds on it (`total_s`: from its arrival there to its answer). The
+    replica's own view, which the client's latencies cannot give: how fast the calls ran
+    during the trace, against its probe's, and where each request's time went
+    (`breakdown.py`)."""
     lines = _ingress_lines(app)
-    return sorted([round(stamp - started, 3), *_logged_call(fields)] for stamp, fields in lines)
+    return sorted(
+        [
+            round(stamp - started, 3),
+            *_logged_call(fields),
+            fields.get("request_id", ""),
+            float(fields.get("total_s", "nan")),
+        ]
+        for stamp, fields in lines
+    )
 
 
 def logged_calls(app: str, ids: list[str], wait_s: float = 10.0) -> dict[str, LoggedCall]:

@@ -67,6 +67,8 @@ class RequestRecord:
     done: float | None = None
     latency_s: float | None = None
     call_factor: float | None = None  # its call's wall seconds over its standalone ones
+    routed: float | None = None  # when it reached a replica (left the handle)
+    call_began: float | None = None  # when its call began on that replica
 
 
 @dataclass(eq=False)

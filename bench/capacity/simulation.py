@@ -205,6 +205,7 @@ class Simulation:
         two = self._room.sample(self.rng, 2)
         chosen = min(two, key=lambda r: len(r.ongoing))
         job = Job(record=record, replica=chosen)
+        record.routed = self.env.now
         chosen.ongoing.append(job)
         chosen.batches.add(job, job.kind, self.env.now)
         self._update_room(chosen)
@@ -316,6 +317,7 @@ class Simulation:
             job.record.done = self.env.now + self.service.request_overhead_s
             job.record.latency_s = job.record.done - job.record.arrival.t
             job.record.call_factor = (self.env.now - call.began) / call.work_s
+            job.record.call_began = call.began
         self._maybe_gone(replica)
         self._dispatch(replica)
         self._route()

@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.capacity.breakdown import real_parts, sim_parts
 from bench.capacity.experiment import REPEATS, REPLICA, Case, cases
 from bench.capacity.figures import COMPARED
 from bench.capacity.probe import PROBE_WARM_CALLS
@@ -104,12 +105,13 @@ def validate(
     for case in selected:
         own = [run for run in runs if run.case == case.name]
         real_runs = [run.summary(case.trace.duration_s) for run in own]
-        sims, lones = [], []
+        sims, lones, overheads = [], [], []
         for run in own:
             own_start = statistics.median(run.start_times_s) if run.start_times_s else start_s
             replica = ReplicaSettings(**{**REPLICA.__dict__, "start_s": own_start})
             at_speed = contention.at_speed(run.probe["factor"]) if run.probe else contention
             own_service = service.with_overhead(run.probe.get("overhead_s", overhead))
+            overheads.append(own_service.request_overhead_s)
             sims.append(
                 simulate(case.trace, own_service, case.settings, replica, run.repeat, at_speed)
             )
@@ -119,6 +121,10 @@ def validate(
                 "summary": summary,
                 "sim": sim.summary(),
                 "call_speed": call_speed(run.server, service, sim, lone),
+                "parts": {
+                    "real": real_parts(run.requests, run.server),
+                    "sim": sim_parts(sim, run_overhead),
+                },
                 "probe": run.probe,
                 "start_times_s": run.start_times_s,
                 "load_average": run.load_average,
@@ -126,7 +132,9 @@ def validate(
                 "requests": run.requests,
                 "server": run.server,
             }
-            for summary, sim, run, lone in zip(real_runs, sims, own, lones, strict=True)
+            for summary, sim, run, lone, run_overhead in zip(
+                real_runs, sims, own, lones, overheads, strict=True
+            )
         ]
         rows.append(
             {
@@ -167,7 +175,7 @@ def call_speed(
     calls left out)."""
 
     def ratio(row: list[Any]) -> float:
-        _, size, steps, images, _, call_s = row
+        _, size, steps, images, _, call_s = row[:6]
         return call_s / service.call_s(size, steps, images)
 
     probe = [ratio(row) for row in server if row[0] < 0][PROBE_WARM_CALLS:]
