@@ -15,6 +15,7 @@ from bench.capacity.report import (
     candidates_table,
     chart,
     extrapolation_table,
+    runs_table,
     speed_fit_table,
     validation_table,
 )
@@ -54,10 +55,13 @@ def validate(cases: list[str] | None, repeats: int, speed: float) -> None:
         print(f"[capacity] the traces at x{pace} their rates (the engine's speed now)", flush=True)
         selected = [case for case in all_cases(pace) if not cases or case.name in cases]
         data = run(selected, service, repeats, pace, throttle)
-    _write(VALIDATION, kept(load(VALIDATION), data))
+    stored = kept(load(VALIDATION), data)
+    _write(VALIDATION, stored)
     chart(data, CHART)
     print(f"wrote {CHART}")
     print(validation_table(data))
+    print("\nEvery run of the stored validations of this model, by speed:\n")
+    print(runs_table(stored["validations"]))
     print(call_speed_table(data) or "(no ingress timings: no call-speed diagnostic)")
     print(breakdown_table(data) or "(no request ids in the ingress's log: no breakdown)")
 
@@ -84,7 +88,7 @@ def extrapolate() -> None:
 def show() -> int:
     missing = [p for p in (VALIDATION, EXTRAPOLATION) if not p.exists()]
     if VALIDATION.exists():
-        from bench.capacity.validate import load, model_digest, pooled
+        from bench.capacity.validate import load, model_digest, pooled, speed_of
 
         stored = load(VALIDATION)
         validations = stored["validations"]
@@ -113,6 +117,9 @@ def show() -> int:
                 f"{row['starting']} replica(s) starting: x{row['factor']}"
             )
         print()
+        print("Every run of the stored validations of this model, by speed:\n")
+        print(runs_table(validations))
+        print(f"\nThe latest validation (x{speed_of(data):g}) in full:\n")
         print(validation_table(data))
         if data.get("model") != model_digest():
             print("\n(The simulation's code has changed since this validation.)")

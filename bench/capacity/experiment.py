@@ -89,12 +89,12 @@ def cases(pace: float = 1.0) -> list[Case]:
         ),
         Case(
             "burst-large (cost-aware)",
-            # Large requests at 3.5 x pace a second: at 2.5 the burst scaled out at some
+            # Large requests at 5 x pace a second: at 2.5 (and 3.5) the burst scaled out at some
             # speeds of the engine and not at others (a trace at the policy's threshold;
             # tests/unit/test_capacity_validation.py simulates it at x1, x0.7 and x0.5).
             burst(
                 2.0 * pace,
-                3.5 * pace,
+                5.0 * pace,
                 20.0,
                 15.0,
                 DURATION_S,

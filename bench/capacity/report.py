@@ -71,6 +71,40 @@ def validation_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+JUDGED = ("mean_replicas", "p50_s", "p95_s", "first_scale_up_s")
+JUDGED_LABELS = {**LABELS, "first_scale_up_s": "first scale-up (s)"}
+
+
+def runs_table(validations: list[dict[str, Any]]) -> str:
+    """Every run of every stored validation, by the speed its cluster ran at: each judged
+    figure real / simulated (error), (!) beyond 20%, and how many of them are within 20%.
+    Throughput is left out: an open-loop trace that refuses nothing answers its arrival
+    rate whatever the model."""
+    head = " | ".join(JUDGED_LABELS[key] for key in JUDGED)
+    lines = [
+        f"| speed | pace | trace | run | {head} | within 20% |",
+        "|---|---|---|---|" + "---|" * len(JUDGED) + "---|",
+    ]
+    ordered = sorted(validations, key=lambda data: -float(data.get("throttle") or 1.0))
+    for data in ordered:
+        speed = float(data.get("throttle") or 1.0)
+        for case in data["cases"]:
+            for number, run in enumerate(case["real_runs"], start=1):
+                real, sim = run["summary"], run["sim"]
+                cells, good = [], 0
+                for key in JUDGED:
+                    error = None
+                    if real[key] and sim[key] is not None:
+                        error = (sim[key] - real[key]) / real[key]
+                    good += error is not None and abs(error) <= 0.2
+                    cells.append(f"{_number(real[key])} / {_number(sim[key])} ({_error(error)})")
+                lines.append(
+                    f"| x{speed:g} | x{data.get('pace', 1.0)} | {case['case']} | {number} | "
+                    f"{' | '.join(cells)} | {good} of {len(JUDGED)} |"
+                )
+    return "\n".join(lines)
+
+
 def call_speed_table(data: dict[str, Any]) -> str:
     """`validate.call_speed` of each run: the trace's calls over its probe's, on the
     cluster (from the ingress's logs) and in the run's simulation."""

@@ -189,14 +189,26 @@ def call_speed(
     }
 
 
-def pools_with(data: dict[str, Any], last: dict[str, Any]) -> bool:
-    """Whether validation `data` pools with `last`: the same model (a known one) and cases."""
+def same_model(data: dict[str, Any], last: dict[str, Any]) -> bool:
+    """Whether validation `data` checked the model `last` did: the same model (a known one)
+    and cases, at whatever speed."""
     cases_of = [row["case"] for row in data["cases"]]
     return (
         last.get("model") is not None
         and data.get("model") == last.get("model")
         and cases_of == [row["case"] for row in last["cases"]]
     )
+
+
+def speed_of(data: dict[str, Any]) -> float:
+    """The share of the machine's speed a validation's cluster ran at (`throttle.py`)."""
+    return float(data.get("throttle") or 1.0)
+
+
+def pools_with(data: dict[str, Any], last: dict[str, Any]) -> bool:
+    """Whether validation `data` pools with `last`: the same model, cases and throttle (a
+    run at half speed is another check of the model, not another sample of the same)."""
+    return same_model(data, last) and speed_of(data) == speed_of(last)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -207,9 +219,10 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def kept(stored: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    """What the file keeps once validation `data` is made: the stored validations it pools
-    with, then it. The others are dropped (git keeps them), and the note with them."""
-    same = [old for old in stored.get("validations", []) if pools_with(old, data)]
+    """What the file keeps once validation `data` is made: the stored validations of its
+    model and cases (at every speed), then it. The others are dropped (git keeps them), and
+    the note with them."""
+    same = [old for old in stored.get("validations", []) if same_model(old, data)]
     note = {"model_note": stored["model_note"]} if same and "model_note" in stored else {}
     return {**note, "validations": [*same, data]}
 
