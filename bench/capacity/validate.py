@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.capacity.breakdown import real_parts, sim_parts
+from bench.capacity.contention import Contention
 from bench.capacity.experiment import REPEATS, REPLICA, Case, cases
 from bench.capacity.figures import COMPARED
 from bench.capacity.probe import PROBE_WARM_CALLS
@@ -104,27 +105,9 @@ def validate(
     rows = []
     for case in selected:
         own = [run for run in runs if run.case == case.name]
-        real_runs = [run.summary(case.trace.duration_s) for run in own]
-        sims, lones, overheads = [], [], []
-        for run in own:
-            own_start = statistics.median(run.start_times_s) if run.start_times_s else start_s
-            replica = ReplicaSettings(**{**REPLICA.__dict__, "start_s": own_start})
-            at_speed = contention.at_speed(run.probe["factor"]) if run.probe else contention
-            own_service = service.with_overhead(run.probe.get("overhead_s", overhead))
-            overheads.append(own_service.request_overhead_s)
-            sims.append(
-                simulate(case.trace, own_service, case.settings, replica, run.repeat, at_speed)
-            )
-            lones.append(at_speed.slowdowns.get((1, 0), 1.0))
         paired = [
             {
-                "summary": summary,
-                "sim": sim.summary(),
-                "call_speed": call_speed(run.server, service, sim, lone),
-                "parts": {
-                    "real": real_parts(run.requests, run.server),
-                    "sim": sim_parts(sim, run_overhead),
-                },
+                "summary": run.summary(case.trace.duration_s),
                 "probe": run.probe,
                 "start_times_s": run.start_times_s,
                 "load_average": run.load_average,
@@ -132,20 +115,9 @@ def validate(
                 "requests": run.requests,
                 "server": run.server,
             }
-            for summary, sim, run, lone, run_overhead in zip(
-                real_runs, sims, own, lones, overheads, strict=True
-            )
+            for run in own
         ]
-        rows.append(
-            {
-                "case": case.name,
-                "trace": case.trace.description,
-                "policy": case.settings.policy_name,
-                **judged(paired),
-                "sim_timeline": [(t, n, s) for t, n, s, _ in sims[0].timeline],
-                "sim_decisions": sims[0].decisions,
-            }
-        )
+        rows.append(_judged_case(case, paired, service, contention, overhead, start_s))
     data = {
         "nodes": "two Ray nodes on one 2-core machine (head: proxy, ingress; worker: generators)",
         "model": model_digest(),
@@ -163,6 +135,58 @@ def validate(
     }
     data["speed_fit"] = speed_fit(data, selected)
     return data
+
+
+def _judged_case(
+    case: Case,
+    paired: list[dict[str, Any]],
+    service: ServiceModel,
+    contention: Contention,
+    overhead: float,
+    start_s: float,
+) -> dict[str, Any]:
+    """A case's real runs (`paired`, in repeat order), each simulated as `validate` says,
+    its simulation's summary, call speed and parts added, and the case judged."""
+    sims = []
+    for repeat, run in enumerate(paired):
+        starts = run["start_times_s"]
+        own_start = statistics.median(starts) if starts else start_s
+        replica = ReplicaSettings(**{**REPLICA.__dict__, "start_s": own_start})
+        probe = run["probe"]
+        at_speed = contention.at_speed(probe["factor"]) if probe else contention
+        own_service = service.with_overhead(probe.get("overhead_s", overhead))
+        sim = simulate(case.trace, own_service, case.settings, replica, repeat, at_speed)
+        sims.append(sim)
+        lone = at_speed.slowdowns.get((1, 0), 1.0)
+        run["sim"] = sim.summary()
+        run["call_speed"] = call_speed(run["server"], service, sim, lone)
+        run["parts"] = {
+            "real": real_parts(run["requests"], run["server"]),
+            "sim": sim_parts(sim, own_service.request_overhead_s),
+        }
+    return {
+        "case": case.name,
+        "trace": case.trace.description,
+        "policy": case.settings.policy_name,
+        **judged(paired),
+        "sim_timeline": [(t, n, s) for t, n, s, _ in sims[0].timeline],
+        "sim_decisions": sims[0].decisions,
+    }
+
+
+def resimulated(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored validation's real runs simulated again by the code as it is now, with the
+    inputs they were simulated with (no cluster): how a change of the model does against
+    runs already made. Not a validation of the new model: those runs were not its test."""
+    by_name = {case.name: case for case in cases(data.get("pace", 1.0))}
+    service = ServiceModel.from_json(data["service"])
+    contention = Contention.from_json(data["contention"])
+    overhead, start_s = data["request_overhead_s"], data["replica"]["start_s"]
+    rows = [
+        _judged_case(by_name[row["case"]], row["real_runs"], service, contention, overhead, start_s)
+        for row in data["cases"]
+    ]
+    return {**data, "cases": rows}
 
 
 def call_speed(
