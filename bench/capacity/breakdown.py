@@ -10,7 +10,7 @@ the ingress logs its seconds for it (`total_s`), the replica's queue and the cal
   and the wait at the handle for a replica with room (the simulation's router);
 - `queue`: on the replica, waiting for a worker or a batch;
 - `call`: the pipeline call.
-The simulation's requests have the same parts: the request overhead (a constant), the wait
+The simulation's requests have the same parts: the request overhead, the wait
 at the handle, the replica's queue and the call.
 """
 
@@ -57,17 +57,17 @@ def real_parts(requests: list[Any], server: list[list[Any]]) -> dict[str, Any] |
     return _quantiles(parts) if parts["call"] else None
 
 
-def sim_parts(sim: SimResult, overhead_s: float) -> dict[str, Any]:
-    """The same parts of a simulated run (`overhead_s`: its request overhead)."""
+def sim_parts(sim: SimResult) -> dict[str, Any]:
+    """The same parts of a simulated run."""
     parts: dict[str, list[float]] = {name: [] for name in PARTS}
     for record in sim.requests:
         if record.status != "ok" or record.routed is None or record.call_began is None:
             continue
         assert record.done is not None
-        parts["outside"].append(overhead_s)
+        parts["outside"].append(record.overhead_s)
         parts["ingress"].append(record.routed - record.arrival.t)
         parts["queue"].append(record.call_began - record.routed)
-        parts["call"].append(record.done - overhead_s - record.call_began)
+        parts["call"].append(record.done - record.overhead_s - record.call_began)
     return _quantiles(parts)
 
 

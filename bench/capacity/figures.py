@@ -8,6 +8,9 @@ from typing import Any
 from bench.capacity.autoscaler import replica_seconds
 
 COMPARED = ("mean_replicas", "throughput_rps", "p50_s", "p95_s")
+# What a validation judges each run on (throughput is reported, not judged: an open-loop
+# trace that refuses nothing answers its arrival rate whatever the model).
+JUDGED = ("mean_replicas", "p50_s", "p95_s", "first_scale_up_s")
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -108,6 +108,7 @@ def probe(
     return {
         "factor": round(sum(c.call_s for _, c in timed) / standalone, 3),
         "overhead_s": round(max(0.0, statistics.fmean(extra)), 4),
+        "overheads": [round(max(0.0, seconds), 4) for seconds in extra],
         "calls": len(timed),
         "rate": round(rate, 3),
     }

@@ -69,6 +69,7 @@ class RequestRecord:
     call_factor: float | None = None  # its call's wall seconds over its standalone ones
     routed: float | None = None  # when it reached a replica (left the handle)
     call_began: float | None = None  # when its call began on that replica
+    overhead_s: float = 0.0  # its seconds outside the replica (added after its call)
 
 
 @dataclass(eq=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.capacity.figures import COMPARED
+from bench.capacity.figures import COMPARED, JUDGED
 
 LABELS = {
     "mean_replicas": "mean replicas",
@@ -71,7 +71,6 @@ def validation_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-JUDGED = ("mean_replicas", "p50_s", "p95_s", "first_scale_up_s")
 JUDGED_LABELS = {**LABELS, "first_scale_up_s": "first scale-up (s)"}
 
 

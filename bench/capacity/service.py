@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -39,6 +40,11 @@ class ServiceModel:
     # the client's own handling), added to its latency; it holds no replica.
     request_overhead_s: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
+    # How calls and overheads vary around their means, where measured (a run's probe): each
+    # call's seconds times one of `call_spread` (mean 1), each request's overhead one of
+    # `overheads`, drawn at random. Empty: every call its mean, every overhead the constant.
+    call_spread: tuple[float, ...] = ()
+    overheads: tuple[float, ...] = ()
 
     def cost(self, size: str, images: int) -> CallCost:
         measured = sorted(batch for s, batch in self.costs if s == size)
@@ -92,6 +98,23 @@ class ServiceModel:
 
     def with_overhead(self, request_overhead_s: float) -> ServiceModel:
         return ServiceModel(self.costs, self.source, request_overhead_s, self.notes)
+
+    def with_spread(self, call_spread: list[float], overheads: list[float]) -> ServiceModel:
+        """These costs, each call's seconds and each request's overhead drawn from measured
+        samples (`call_spread`: ratios, rescaled here to a mean of 1)."""
+        mean = sum(call_spread) / len(call_spread) if call_spread else 1.0
+        spread = tuple(ratio / mean for ratio in call_spread)
+        return ServiceModel(
+            self.costs, self.source, self.request_overhead_s, self.notes, spread, tuple(overheads)
+        )
+
+    def overhead_s(self, draw: random.Random) -> float:
+        """One request's overhead: a measured one at random, else the constant."""
+        return draw.choice(self.overheads) if self.overheads else self.request_overhead_s
+
+    def spread(self, draw: random.Random) -> float:
+        """One call's seconds over its mean: a measured ratio at random, else 1."""
+        return draw.choice(self.call_spread) if self.call_spread else 1.0
 
 
 def measure_engine(

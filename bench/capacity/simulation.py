@@ -95,6 +95,9 @@ class Simulation:
         self.drain_s = drain_s
         self.env = simpy.Environment()
         self.rng = random.Random(seed)
+        # The service's spread draws from a stream of its own: a model with spread routes
+        # and scales on the same draws as one without.
+        self.spread_rng = random.Random(seed + 1_000_003)
         self.replicas: list[Replica] = []
         self._room = RoomSet()  # running replicas below max_ongoing_requests
         self._running: set[Replica] = set()  # kept with _room: counted without a scan
@@ -269,8 +272,9 @@ class Simulation:
         kind = batch[0].kind
         # A job of more images than a call holds runs in several calls.
         calls = [min(capacity, images - done) for done in range(0, images, capacity)]
-        seconds = sum(self.service.call_s(kind.size, kind.steps, n) for n in calls)
-        fixed = sum(self.service.cost(kind.size, n).fixed_s for n in calls)
+        spread = self.service.spread(self.spread_rng)
+        seconds = spread * sum(self.service.call_s(kind.size, kind.steps, n) for n in calls)
+        fixed = spread * sum(self.service.cost(kind.size, n).fixed_s for n in calls)
         warm = self.contention.warm(replica.served, replica.initial)
         replica.served += 1
         now = self.env.now
@@ -314,7 +318,8 @@ class Simulation:
         self._update_room(replica)
         for job in batch:
             job.record.status = "ok"
-            job.record.done = self.env.now + self.service.request_overhead_s
+            job.record.overhead_s = self.service.overhead_s(self.spread_rng)
+            job.record.done = self.env.now + job.record.overhead_s
             job.record.latency_s = job.record.done - job.record.arrival.t
             job.record.call_factor = (self.env.now - call.began) / call.work_s
             job.record.call_began = call.began

@@ -20,7 +20,7 @@ from typing import Any
 from bench.capacity.breakdown import real_parts, sim_parts
 from bench.capacity.contention import Contention
 from bench.capacity.experiment import REPEATS, REPLICA, Case, cases
-from bench.capacity.figures import COMPARED
+from bench.capacity.figures import COMPARED, JUDGED
 from bench.capacity.probe import PROBE_WARM_CALLS
 from bench.capacity.service import ServiceModel
 from bench.capacity.simulation import ReplicaSettings, SimResult, simulate
@@ -46,6 +46,9 @@ MODEL_FILES = (
     "deployments/autoscaling_policy.py",
 )
 ROOT = Path(__file__).resolve().parents[2]
+# Simulations of each real run (seeds of the routing's and the spread's draws): a run is
+# judged against their medians, the model's expected figure for that trace and speed.
+SIM_SEEDS = 5
 
 
 def model_digest() -> str:
@@ -97,6 +100,7 @@ def validate(
     the cluster run at a share of this machine's speed (`throttle.py`; none: full speed)."""
     from bench.capacity.cluster import run_cluster
 
+    model = model_digest()  # the code that runs now, not what the files hold after
     throttle = throttle or Throttle(1.0)
     runs, calibration = run_cluster(selected, service, repeats, throttle)
     overhead, contention = calibration["request_overhead_s"], calibration["contention"]
@@ -120,7 +124,7 @@ def validate(
         rows.append(_judged_case(case, paired, service, contention, overhead, start_s))
     data = {
         "nodes": "two Ray nodes on one 2-core machine (head: proxy, ingress; worker: generators)",
-        "model": model_digest(),
+        "model": model,
         "repeats": repeats,
         "pace": pace,
         "throttle": throttle.speed,
@@ -144,9 +148,13 @@ def _judged_case(
     contention: Contention,
     overhead: float,
     start_s: float,
+    spread: bool = True,
 ) -> dict[str, Any]:
     """A case's real runs (`paired`, in repeat order), each simulated as `validate` says,
-    its simulation's summary, call speed and parts added, and the case judged."""
+    `SIM_SEEDS` times: its simulations' medians ("sim"), their least and greatest
+    ("sim_range": how much the model itself expects one run to vary), the first one's call
+    speed and parts added, and the case judged. `spread`: each run's calls and overheads
+    vary as its probe's did (`ServiceModel.with_spread`)."""
     sims = []
     for repeat, run in enumerate(paired):
         starts = run["start_times_s"]
@@ -155,14 +163,29 @@ def _judged_case(
         probe = run["probe"]
         at_speed = contention.at_speed(probe["factor"]) if probe else contention
         own_service = service.with_overhead(probe.get("overhead_s", overhead))
-        sim = simulate(case.trace, own_service, case.settings, replica, repeat, at_speed)
+        if spread:
+            ratios = [_ratio(row, service) for row in run["server"] if row[0] < 0]
+            own_service = own_service.with_spread(
+                ratios[PROBE_WARM_CALLS:], probe.get("overheads", [])
+            )
+        runs = [
+            simulate(case.trace, own_service, case.settings, replica, seed, at_speed)
+            for seed in range(repeat * SIM_SEEDS, (repeat + 1) * SIM_SEEDS)
+        ]
+        sim = runs[0]
         sims.append(sim)
         lone = at_speed.slowdowns.get((1, 0), 1.0)
-        run["sim"] = sim.summary()
+        summaries = [one.summary() for one in runs]
+        run["sim"] = medians(summaries)
+        run["sim_range"] = {
+            key: [min(values), max(values)] if values else None
+            for key in JUDGED
+            for values in [[one[key] for one in summaries if one[key] is not None]]
+        }
         run["call_speed"] = call_speed(run["server"], service, sim, lone)
         run["parts"] = {
             "real": real_parts(run["requests"], run["server"]),
-            "sim": sim_parts(sim, own_service.request_overhead_s),
+            "sim": sim_parts(sim),
         }
     return {
         "case": case.name,
@@ -174,7 +197,7 @@ def _judged_case(
     }
 
 
-def resimulated(data: dict[str, Any]) -> dict[str, Any]:
+def resimulated(data: dict[str, Any], spread: bool = True) -> dict[str, Any]:
     """A stored validation's real runs simulated again by the code as it is now, with the
     inputs they were simulated with (no cluster): how a change of the model does against
     runs already made. Not a validation of the new model: those runs were not its test."""
@@ -183,10 +206,18 @@ def resimulated(data: dict[str, Any]) -> dict[str, Any]:
     contention = Contention.from_json(data["contention"])
     overhead, start_s = data["request_overhead_s"], data["replica"]["start_s"]
     rows = [
-        _judged_case(by_name[row["case"]], row["real_runs"], service, contention, overhead, start_s)
+        _judged_case(
+            by_name[row["case"]], row["real_runs"], service, contention, overhead, start_s, spread
+        )
         for row in data["cases"]
     ]
     return {**data, "cases": rows}
+
+
+def _ratio(row: list[Any], service: ServiceModel) -> float:
+    """A logged call's seconds over its standalone ones (`cluster.server_timings`' row)."""
+    _, size, steps, images, _, call_s = row[:6]
+    return call_s / service.call_s(size, steps, images)
 
 
 def call_speed(
@@ -198,12 +229,8 @@ def call_speed(
     seconds over the standalone ones, the trace's over the probe's (its first warm-up
     calls left out)."""
 
-    def ratio(row: list[Any]) -> float:
-        _, size, steps, images, _, call_s = row[:6]
-        return call_s / service.call_s(size, steps, images)
-
-    probe = [ratio(row) for row in server if row[0] < 0][PROBE_WARM_CALLS:]
-    trace = [ratio(row) for row in server if row[0] >= 0]
+    probe = [_ratio(row, service) for row in server if row[0] < 0][PROBE_WARM_CALLS:]
+    trace = [_ratio(row, service) for row in server if row[0] >= 0]
     simulated = [r.call_factor for r in sim.requests if r.call_factor is not None]
     if not probe or not trace or not simulated:
         return None

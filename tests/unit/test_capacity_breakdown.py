@@ -46,6 +46,6 @@ def test_a_simulated_request_s_parts_add_up_to_its_latency():
             record.done - 0.03 - record.call_began,
         )
         assert abs(sum(parts) - record.latency_s) < 1e-9 and min(parts) >= 0
-    parts = sim_parts(sim, 0.03)
+    parts = sim_parts(sim)
     assert parts["ingress"]["p95_s"] > 0  # the backlog waited at the handle
     assert parts["outside"]["p50_s"] == 0.03

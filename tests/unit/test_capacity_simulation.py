@@ -330,3 +330,31 @@ def test_a_request_waiting_minutes_at_the_handle_is_still_routed():
     trace = Trace("t", 1.0, (Arrival(0.0, SMALL, 0), Arrival(0.0, SMALL, 1)), "t")
     result = Simulation(trace, long_call, one, room, seed=1, drain_s=1300).run()
     assert sorted(r.latency_s for r in result.requests) == pytest.approx([600.0, 1200.5], abs=0.5)
+
+
+def test_calls_and_overheads_vary_as_measured_around_the_same_means():
+    """With a measured spread (calls at 0.5 or 1.5 of their mean seconds, overheads of 0 or
+    0.2 s), a loaded replica's calls keep their mean, its requests' mean overhead is 0.1 s,
+    and the tail grows, as queues behind long calls do; without it, every call of a batch
+    size takes the same seconds and every overhead is the constant."""
+    trace = burst(8, 8, 0, 0, 60, [(SMALL, 1)], seed=11)
+    settings = AutoscalingSettings(**{**FAST.__dict__, "max_replicas": 1})
+    plain = SERVICE.with_overhead(0.1)
+    calls_vary = plain.with_spread([1.0, 3.0], [0.1])  # ratios rescaled to a mean of 1
+    assert calls_vary.call_spread == (0.5, 1.5)
+
+    def run(service: ServiceModel):
+        answered = [r for r in simulate(trace, service, settings, REPLICA, 0).requests]
+        answered = [r for r in answered if r.status == "ok"]
+        calls = [round(r.done - r.overhead_s - r.call_began, 6) for r in answered]
+        latencies = sorted(r.latency_s for r in answered)
+        return calls, [r.overhead_s for r in answered], latencies[int(0.95 * len(latencies))]
+
+    plain_calls, plain_overheads, plain_p95 = run(plain)
+    spread_calls, _, spread_p95 = run(calls_vary)
+    assert len(set(plain_calls)) <= 4 < len(set(spread_calls))  # one length a batch size
+    assert np.mean(spread_calls) == pytest.approx(np.mean(plain_calls), rel=0.15)
+    assert spread_p95 > 1.2 * plain_p95
+    assert set(plain_overheads) == {0.1}
+    _, overheads, _ = run(plain.with_spread([], [0.0, 0.2]))
+    assert set(overheads) == {0.0, 0.2} and np.mean(overheads) == pytest.approx(0.1, abs=0.03)
