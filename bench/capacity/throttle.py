@@ -14,7 +14,7 @@ delays, timeouts and metric periods keep their seconds, as on a slow machine.
 
 Needs root (or a delegated cgroup); at `speed` 1 nothing is made and nothing is needed.
 
-    python -m bench.capacity.throttle GROUP SPEED   # the duty cycle alone (what `Throttle` runs)
+    python -m bench.capacity.throttle GROUP SPEED PARENT_PID   # the duty cycle `Throttle` runs
 """
 
 from __future__ import annotations
@@ -67,9 +67,11 @@ def _own_group(root: Path, freeze_file: str) -> Path:
     return root
 
 
-def duty_cycle(freeze_file: Path, values: tuple[str, str], speed: float) -> None:
-    """Thaw the group `speed` of every `PERIOD_S`, freeze it the rest, until SIGTERM; thawed
-    on the way out. Deadlines on one clock, so the share does not drift with late wake-ups."""
+def duty_cycle(freeze_file: Path, values: tuple[str, str], speed: float, parent: int) -> None:
+    """Thaw the group `speed` of every `PERIOD_S`, freeze it the rest, until SIGTERM or
+    until `parent`, the process that started it, is gone (killed, it could not say so; its
+    pid is given, as it may be gone before this one has started); thawed on the way out.
+    Deadlines on one clock, so the share does not drift with late wake-ups."""
     frozen, thawed = values
     stop = False
 
@@ -82,7 +84,7 @@ def duty_cycle(freeze_file: Path, values: tuple[str, str], speed: float) -> None
     with freeze_file.open("w") as state:
         deadline = time.monotonic()
         try:
-            while not stop:
+            while not stop and os.getppid() == parent:
                 state.write(thawed)
                 state.flush()
                 deadline += speed * PERIOD_S
@@ -123,7 +125,14 @@ class Throttle:
         self._group.mkdir()
         self._freeze = (freeze_file, values)
         self._cycle = subprocess.Popen(
-            [sys.executable, "-m", "bench.capacity.throttle", str(self._group), str(self.speed)]
+            [
+                sys.executable,
+                "-m",
+                "bench.capacity.throttle",
+                str(self._group),
+                str(self.speed),
+                str(os.getpid()),
+            ]
         )
         return self
 
@@ -156,6 +165,6 @@ class Throttle:
 
 
 if __name__ == "__main__":
-    group, speed_arg = sys.argv[1], float(sys.argv[2])
+    group, speed_arg, parent_pid = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     _, file_name, freeze_values = freezer_root()
-    duty_cycle(Path(group) / file_name, freeze_values, speed_arg)
+    duty_cycle(Path(group) / file_name, freeze_values, speed_arg, parent_pid)

@@ -53,3 +53,35 @@ def test_at_full_speed_nothing_is_made():
 def test_a_speed_outside_the_range_is_refused():
     with pytest.raises(ValueError, match="speed"):
         Throttle(0.0)
+
+
+def test_the_group_is_thawed_when_the_process_that_throttles_it_dies():
+    """A validation killed outright cannot close its throttle: the duty cycle sees its
+    parent gone and thaws the group rather than freeze it forever, even when the parent
+    died before the duty cycle had started."""
+    import subprocess
+    import sys
+
+    script = (
+        "import time\n"
+        "from bench.capacity.throttle import Throttle\n"
+        "t = Throttle(0.2).__enter__()\n"
+        "print(t._group, t._cycle.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    group, cycle = parent.stdout.readline().split()
+    parent.kill()  # at once: the duty cycle may still be starting
+    parent.wait()
+    status = Path(f"/proc/{cycle}/status")
+    deadline = time.monotonic() + 10
+    while status.exists() and "zombie" not in status.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not status.exists() or "zombie" in status.read_text()
+        freeze = Path(group) / "cgroup.freeze"
+        if freeze.exists():
+            assert freeze.read_text().strip() == "0"
+    finally:
+        Path(group).rmdir()
