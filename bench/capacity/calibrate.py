@@ -6,7 +6,8 @@ large kind, at the real stack (proxy, ingress, generator replicas on the "GPU" n
 - "1 call": one client, a second replica up and idle: the request overhead (the intercept)
   and the slowdown of a lone call (the slope), from latency = overhead + factor x the
   standalone call seconds, fitted over the two kinds;
-- "2 calls": two clients, one on each of two applications' replica: two calls at once;
+- "2 calls": two clients, one on each of two applications' replica: two calls at once,
+  in turns with "1 call" (`TURNS`), so that a drift of the machine reaches both alike;
 - "1 call, 1 starting": one client while a replica of a third, generator-only application
   loads its model and warms up on the same node (only the requests sent and answered within
   its STARTING window count), twice;
@@ -39,7 +40,8 @@ import httpx
 from bench.capacity.contention import Contention
 from bench.capacity.service import ServiceModel
 
-PHASE_S = 12.0
+PHASE_S = 15.0
+TURNS = 3  # "1 call" and "2 calls" each in this many turns of PHASE_S / TURNS
 STARTS = 2
 BACKLOG = 8
 WARM_S = 30.0
@@ -50,13 +52,29 @@ WARM_BLOCKS = ((0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 24))
 Sample = tuple[str, str, float, float, float]
 
 
-def _client(url: str, kinds, service: ServiceModel, phase: list[str], stop, out: list) -> None:
+def _client(
+    url: str,
+    kinds,
+    service: ServiceModel,
+    phase: list[str],
+    stop,
+    out: list,
+    gate: threading.Event | None = None,
+    idle: threading.Event | None = None,
+) -> None:
     """One request at a time; a sample for each sent and answered within one phase, or
-    (`phase[1]`, the saturated phases) for each answered within it."""
+    (`phase[1]`, the saturated phases) for each answered within it. With a `gate`, it sends
+    only while the gate is open, and sets `idle` while it waits there."""
     by_done = len(phase) > 1
     with httpx.Client(timeout=60) as client:
         index = 0
         while not stop.is_set():
+            if gate is not None and idle is not None and not gate.is_set():
+                idle.set()
+                gate.wait(0.1)
+                continue
+            if idle is not None:
+                idle.clear()
             kind = kinds[index % len(kinds)]
             body = {**kind.body(index), "response_format": "url"}
             label, sent = phase[0], time.monotonic()
@@ -158,17 +176,26 @@ def calibrate(
         target=_client, args=(urls[0], kinds, service, phase, stop_first, samples)
     )
     first.start()
-    phase[0] = "1 call"
-    time.sleep(PHASE_S)
-    phase[0] = ""
+    # "1 call" and "2 calls" in turns: the machine's speed drifts by a tenth and more
+    # between two 12 s phases, which landed in their ratio (x1.02 to x1.20 between
+    # calibrations) when one phase ran after the other.
+    gate, idle = threading.Event(), threading.Event()
     second = threading.Thread(
-        target=_client, args=(urls[1], kinds[::-1], service, phase, stop_second, samples)
+        target=_client,
+        args=(urls[1], kinds[::-1], service, phase, stop_second, samples, gate, idle),
     )
     second.start()
-    time.sleep(1.0)
-    phase[0] = "2 calls"
-    time.sleep(PHASE_S)
-    phase[0] = ""
+    for _ in range(TURNS):
+        idle.wait()  # the second client's last request answered: one call at a time
+        phase[0] = "1 call"
+        time.sleep(PHASE_S / TURNS)
+        phase[0] = ""
+        gate.set()
+        time.sleep(0.5)  # its first request on the way
+        phase[0] = "2 calls"
+        time.sleep(PHASE_S / TURNS)
+        phase[0] = ""
+        gate.clear()
     stop_second.set()
     second.join()
     return {"samples": samples, "stop": stop_first, "thread": first, "phase": phase}
