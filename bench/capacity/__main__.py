@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.capacity.breakdown import breakdown_table
+from bench.capacity.breakdown import breakdown_table, overlap_table
 from bench.capacity.experiment import REPEATS
 from bench.capacity.report import (
     call_speed_table,
@@ -64,6 +64,7 @@ def validate(cases: list[str] | None, repeats: int, speed: float) -> None:
     print(runs_table(stored["validations"]))
     print(call_speed_table(data) or "(no ingress timings: no call-speed diagnostic)")
     print(breakdown_table(data) or "(no request ids in the ingress's log: no breakdown)")
+    print(overlap_table(data) or "(too few calls alone and beside another: no overlap table)")
 
 
 def refit() -> None:
@@ -138,6 +139,10 @@ def show() -> int:
         if parts:
             print("\nWhere the time went, each run's requests by part, real and simulated.\n")
             print(parts)
+        overlaps = overlap_table(data)
+        if overlaps:
+            print("\nCalls alone and beside another, each run's, against the calibration.\n")
+            print(overlaps)
         if "speed_fit" in data:
             print("\nDiagnostic: each case with one service-time factor fitted to its real p50.\n")
             print(speed_fit_table(data["speed_fit"]))

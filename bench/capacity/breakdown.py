@@ -16,9 +16,11 @@ at the handle, the replica's queue and the call.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from bench.capacity.figures import percentile
+from bench.capacity.service import ServiceModel
 from bench.capacity.simulation import SimResult
 
 PARTS = ("outside", "ingress", "queue", "call")
@@ -88,4 +90,66 @@ def breakdown_table(data: dict[str, Any]) -> str | None:
                     f"| {row['case']} | {number} | {name} | {real[name]['p50_s']} | "
                     f"{sim[name]['p50_s']} | {real[name]['p95_s']} | {sim[name]['p95_s']} |"
                 )
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def overlap_effect(server: list[list[Any]], service: ServiceModel) -> dict[str, Any] | None:
+    """How much slower a trace's calls ran beside another call than alone, from the
+    ingress's log (each call from its line's time less its seconds to that time, a batch's
+    jobs once): the median of their seconds over the standalone ones, for calls that
+    overlapped another for under a tenth of their time ("alone") and for over half
+    ("beside"), and beside over alone, to hold against the calibrated "2 calls" over
+    "1 call" the simulation runs with."""
+    calls: dict[tuple[str, int, float], list[tuple[float, float, float]]] = {}
+    for row in server:
+        if row[0] < 0:
+            continue
+        end, size, steps, images, _, call_s = row[:6]
+        # A batch's jobs log the same call seconds within moments of each other: once.
+        same = calls.setdefault((size, images, call_s), [])
+        if not any(abs(end - other_end) < 0.5 for _, other_end, _ in same):
+            same.append((end - call_s, end, call_s / service.call_s(size, steps, images)))
+    intervals = [call for same in calls.values() for call in same]
+    alone, beside = [], []
+    for start, end, ratio in intervals:
+        shared = sum(
+            max(0.0, min(end, other_end) - max(start, other_start))
+            for other_start, other_end, _ in intervals
+            if (other_start, other_end) != (start, end)
+        ) / max(end - start, 1e-9)
+        if shared < 0.1:
+            alone.append(ratio)
+        elif shared > 0.5:
+            beside.append(ratio)
+    if len(alone) < 5 or len(beside) < 5:
+        return None
+    low, high = statistics.median(alone), statistics.median(beside)
+    return {
+        "alone": round(low, 3),
+        "beside": round(high, 3),
+        "ratio": round(high / low, 3),
+        "calls": [len(alone), len(beside)],
+    }
+
+
+def overlap_table(data: dict[str, Any]) -> str | None:
+    """Each run's `overlap_effect` beside the calibration's "2 calls" over "1 call" and its
+    probe's lone-call factor (None if no run has one)."""
+    slowdowns = {(r["calls"], r["starting"]): r["factor"] for r in data["contention"]["slowdowns"]}
+    calibrated = slowdowns.get((2, 0), 1.0) / slowdowns.get((1, 0), 1.0)
+    lines = [
+        "| trace | run | probe: lone call | trace: alone | trace: beside another | beside / alone "
+        "| calibrated 2 calls / 1 call |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in data["cases"]:
+        for number, run in enumerate(row["real_runs"], start=1):
+            effect = run.get("overlap")
+            if not effect:
+                continue
+            lines.append(
+                f"| {row['case']} | {number} | {run['probe'].get('factor', '-')} | "
+                f"{effect['alone']} | {effect['beside']} | {effect['ratio']} | "
+                f"{calibrated:.3f} |"
+            )
     return "\n".join(lines) if len(lines) > 2 else None

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.capacity.breakdown import real_parts, sim_parts
+from bench.capacity.breakdown import overlap_effect, real_parts, sim_parts
 from bench.capacity.contention import Contention
 from bench.capacity.experiment import REPEATS, REPLICA, Case, cases
 from bench.capacity.figures import COMPARED, JUDGED
@@ -187,6 +187,7 @@ def _judged_case(
             "real": real_parts(run["requests"], run["server"]),
             "sim": sim_parts(sim),
         }
+        run["overlap"] = overlap_effect(run["server"], service)
     return {
         "case": case.name,
         "trace": case.trace.description,

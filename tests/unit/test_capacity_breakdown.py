@@ -4,7 +4,9 @@ parts add up to its latency."""
 
 from __future__ import annotations
 
-from bench.capacity.breakdown import real_parts, sim_parts, trace_request_id
+import pytest
+
+from bench.capacity.breakdown import overlap_effect, real_parts, sim_parts, trace_request_id
 from bench.capacity.contention import NONE
 from bench.capacity.service import CallCost, ServiceModel
 from bench.capacity.simulation import ReplicaSettings, simulate
@@ -49,3 +51,19 @@ def test_a_simulated_request_s_parts_add_up_to_its_latency():
     parts = sim_parts(sim)
     assert parts["ingress"]["p95_s"] > 0  # the backlog waited at the handle
     assert parts["outside"]["p50_s"] == 0.03
+
+
+def test_calls_beside_another_are_told_from_calls_alone_by_their_logged_times():
+    """Six calls alone at 1.0 of their standalone seconds, then six pairs at once at 1.5:
+    beside another they ran x1.5 the lone ones. A batch's jobs share one line time and
+    count once."""
+    service = ServiceModel({("32x32", 1): CallCost(0.05, 0.025)}, "test")  # 0.1 s a call
+    server = [[t + 0.1, "32x32", 2, 1, 0.0, 0.1, f"a{t}", 0.1] for t in range(6)]
+    for t in range(10, 16):
+        server.append([t + 0.15, "32x32", 2, 1, 0.0, 0.15, f"b{t}", 0.15])
+        server.append([t + 0.16, "32x32", 2, 1, 0.0, 0.15001, f"c{t}", 0.15])
+        server.append([t + 0.17, "32x32", 2, 1, 0.0, 0.15001, f"d{t}", 0.15])  # c's batch
+    effect = overlap_effect(server, service)
+    assert effect is not None and effect["calls"] == [6, 12]
+    assert effect["alone"] == 1.0 and effect["beside"] == effect["ratio"] == pytest.approx(1.5)
+    assert overlap_effect(server[:6], service) is None  # none beside another: no figure
