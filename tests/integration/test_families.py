@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
+from deployments.autoscaling_policy import JOBS_METRIC
 from deployments.config.model_config import generator_deployment_name
 from deployments.jobs import GenerationJob
 from serve_app import build_app, build_application, parse_args
@@ -255,21 +257,52 @@ def sdxl_job(seed: int, prompt: str) -> GenerationJob:
     )
 
 
+def replica_batch_sizes(handle) -> list[int]:
+    """Images in each of a generator replica's most recent batches, oldest first (its last
+    100: this module runs far fewer on one replica)."""
+    return handle.counters.remote().result()["batch_sizes"]
+
+
+def held_jobs(handle) -> int:
+    """The jobs a generator replica holds (running or waiting): what it reports to the
+    cost-aware autoscaling policy."""
+    return int(handle.record_autoscaling_stats.remote().result()[JOBS_METRIC])
+
+
+def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def test_a_poisoned_job_fails_alone_and_its_batch_neighbours_succeed(base_url):
     """Through a real replica (the ingress refuses such text with a 400, so the job is sent
-    on the generator's handle): a prompt the tokenizer rejects, batched with 6 good jobs."""
+    on the generator's handle): a prompt the tokenizer rejects, batched with 7 good jobs."""
     handle = serve.get_deployment_handle(generator_deployment_name("tiny-sdxl"), "families")
-    before = len(handle.counters.remote().result()["batch_sizes"])
-    # The first job starts alone on the idle replica; the rest arrive while it runs and wait
-    # (max_wait_ms) for each other: one batch of 7, the poisoned job last in it.
+    before = len(replica_batch_sizes(handle))
+    # Two long jobs of other sizes (so they batch with nothing) hold both worker threads until
+    # the 8 jobs all wait in the replica, where they gather into one batch; then they are
+    # cancelled. Sent together on a busy machine, the 8 could arrive over more than
+    # `max_wait_ms` and split into batches (CI saw [1, 4, 3]).
+    blockers = [
+        handle.generate.remote(
+            make_job(100 + index, width=width, height=64, num_inference_steps=5000)
+        )
+        for index, width in enumerate((64, 32))
+    ]
+    wait_for(lambda: len(replica_batch_sizes(handle)) == before + 2, "the two long jobs to start")
     jobs = [sdxl_job(seed, f"a lighthouse, take {seed}") for seed in range(7)]
     jobs.append(sdxl_job(7, "a lighthouse \ud800"))
     responses = [handle.generate.remote(job) for job in jobs]
+    wait_for(lambda: held_jobs(handle) == 2 + len(jobs), "the 8 jobs to wait in the replica")
+    for blocker in blockers:
+        blocker.cancel()
     good = [response.result(timeout_s=120) for response in responses[:-1]]
     with pytest.raises(TypeError):  # the tokenizer's own error, raised for this job alone
         responses[-1].result(timeout_s=120)
-    batch_sizes = handle.counters.remote().result()["batch_sizes"][before:]
-    assert 7 in batch_sizes, f"the poisoned job was not batched: {batch_sizes}"
+    batches = replica_batch_sizes(handle)[before:]
+    assert batches == [1, 1, 8], f"the poisoned job was not batched: {batches}"
     for sent, result in zip(jobs, good, strict=False):
         alone = handle.generate.remote(sent).result(timeout_s=120)
         difference = np.abs(result.images[0].astype(int) - alone.images[0].astype(int))
