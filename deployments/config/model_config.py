@@ -55,8 +55,9 @@ class BatchingConfig(Strict):
         description="Step-level continuous batching for text-to-image on SD3, FLUX and "
         "Chroma: each worker thread runs one denoising loop that jobs join at the next "
         "step and leave when their own steps are done, mixing steps, guidance, negative "
-        "prompts and adapters in one forward. Edits, other families, and models with "
-        "`optimizations.compile` or `optimizations.cache` keep the request-level batches "
+        "prompts and adapters in one forward. With `optimizations.compile` each step's "
+        "rows are padded to a few counts, all compiled at start. Edits, other families, and "
+        "models with `optimizations.cache` keep the request-level batches "
         "(docs/continuous-batching.md).",
     )
     preempt_lower_classes: bool = Field(

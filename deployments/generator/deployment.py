@@ -144,6 +144,9 @@ class ImageGenerator:
             "steps_run": self._engine.steps_run,
             # Images in each of its most recent pipeline calls, oldest first: how it batched.
             "batch_sizes": self._engine.batch_sizes[-100:],
+            # Rows the continuous loop's forwards ran, and of them padding (a compiled
+            # denoiser's steps run at warmed row counts: `loop/row_buckets.py`).
+            "loop_rows": self._engine.loop_rows,
             # Most bytes of GPU memory its tensors held at once (since the start or the last
             # `reset_peak_memory`); None off CUDA.
             "cuda_peak_allocated_bytes": (
@@ -215,7 +218,8 @@ def start_engine(
         if ranks is not None:
             ranks.stop()
         raise
-    prepare_to_serve(pipeline, model, batching)
+    continuous = runs_continuous(model, batching)
+    prepare_to_serve(pipeline, model, batching, continuous=continuous)
     metrics = GeneratorMetrics(model.id)
     return ImageEngine(
         pipeline,
@@ -224,9 +228,10 @@ def start_engine(
         metrics=metrics,
         adapters=adapter_store(pipeline, model, metrics),
         pool=pool,
-        continuous=runs_continuous(model, batching),
+        continuous=continuous,
         safety=safety_gate(model, pipeline.device),
         ranks=ranks,
+        compiled=model.optimizations.compile_config is not None,
     )
 
 
@@ -238,8 +243,8 @@ def safety_gate(model: ModelConfig, device: torch.device) -> SafetyGate | None:
 
 
 def runs_continuous(model: ModelConfig, batching: BatchingConfig) -> bool:
-    """Whether the model's text-to-image jobs run in the continuous loop: asked for, and
-    neither compiled (the loop's batch shapes change every step) nor cached (the caches'
-    state is per pipeline call, not per image in a loop): those keep request-level batches."""
-    optimizations = model.optimizations
-    return batching.continuous and not optimizations.compile and optimizations.cache is None
+    """Whether the model's text-to-image jobs run in the continuous loop: asked for, and not
+    cached (the caches' state is per pipeline call, not per image in a loop): a cached model
+    keeps request-level batches. A compiled one runs the loop with its rows padded to the
+    counts its start warms (`loop/row_buckets.py`)."""
+    return batching.continuous and model.optimizations.cache is None

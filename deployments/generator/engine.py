@@ -79,10 +79,13 @@ class ImageEngine:
         continuous: bool = False,
         safety: SafetyGate | None = None,
         ranks: RankGroup | None = None,
+        compiled: bool = False,
     ) -> None:
         """`pool`, if given, is the executor of `worker_threads` threads that loaded the
         pipeline (see `model/torch_threads.py`); otherwise one is made. `continuous`:
-        text-to-image jobs of the flow families the loop has run in it, the rest in calls.
+        text-to-image jobs of the flow families the loop has run in it, the rest in calls;
+        `compiled`: the denoiser is compiled, so the loop pads its forwards' rows to the
+        counts its start warmed (`loop/row_buckets.py`).
         `safety`: every image and preview passes the model's checker before it leaves.
         `ranks`: the group of a parallel replica, whose denoiser already leads it."""
         self._pipelines = RequestPipelines(pipeline)
@@ -112,7 +115,9 @@ class ImageEngine:
         self._preempting = continuous and batching.preempt_lower_classes
         self._continuous = None
         if continuous:
-            self._continuous = self._continuous_batching(worker_threads, batching, previewer)
+            self._continuous = self._continuous_batching(
+                worker_threads, batching, previewer, compiled
+            )
 
     @property
     def continuous(self) -> bool:
@@ -130,12 +135,17 @@ class ImageEngine:
         return self._progress.work
 
     @property
+    def loop_rows(self) -> dict[str, int]:
+        """Rows the continuous loop's forwards ran, and of them padding."""
+        return self._progress.loop_rows
+
+    @property
     def batch_sizes(self) -> list[int]:
         """Images in each of the most recent batches (or loop steps), oldest first."""
         return list(self._progress.batch_sizes)
 
     def _continuous_batching(
-        self, lanes: int, batching: BatchingConfig, previewer
+        self, lanes: int, batching: BatchingConfig, previewer, pad_rows: bool
     ) -> ContinuousBatching | None:
         view = self._pipelines.view()
         family = family_of(view)
@@ -152,11 +162,12 @@ class ImageEngine:
             broken=self._runner.device_failed,
             others_waiting=self._executor.has_waiting,
             late=self._late_to_start,
+            forward_done=self._progress.loop_forward,
         )
         if self._safety is not None:
             hooks = replace(hooks, screen=self._safety.screen)
         return ContinuousBatching(
-            family, self._pool, lanes, batching, hooks, self.work, previewer, adapters
+            family, self._pool, lanes, batching, hooks, self.work, previewer, adapters, pad_rows
         )
 
     @property

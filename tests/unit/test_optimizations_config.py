@@ -77,7 +77,7 @@ def test_the_replica_starts_in_its_worker_thread_and_warms_up_before_it_is_ready
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     monkeypatch.setattr(deployment, "load_pipeline", lambda model: record("load", pipeline))
     monkeypatch.setattr(
-        deployment, "prepare_to_serve", lambda p, model, batching: record("warm-up", p)
+        deployment, "prepare_to_serve", lambda p, model, batching, **_: record("warm-up", p)
     )
     monkeypatch.setattr(deployment, "ImageEngine", lambda p, *a, **k: record("engine", engine))
     monkeypatch.setattr(deployment, "GeneratorMetrics", lambda model_id: None)

@@ -7,7 +7,9 @@ would pay for it, and every request batched with them too. So the constructor co
 denoiser's blocks and runs each warm-up shape (each size at each batch size) through a real
 pipeline view with the engine's own call arguments: the same guards, hence the same graphs.
 Afterwards a request at a warmed shape compiles nothing; one at a shape that was not warmed
-compiles at its first call, and a warning says so.
+compiles at its first call, and a warning says so. Where the model's text-to-image jobs run
+in the continuous loop, its forwards are warmed too: one at each row count the loop pads a
+step to, at each warm-up size (`deployments/generator/loop/row_buckets.py`).
 
 Without `compile`, any other option still gets one small call at start, so an option that
 loads but cannot run here fails the start, not the first request.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch._dynamo.callback import on_compile_end
@@ -27,6 +29,8 @@ from torch._dynamo.utils import counters
 from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.config.optimizations_config import CompileConfig
 from deployments.generator.calls.call_arguments import pipeline_arguments
+from deployments.generator.loop.families import family_of
+from deployments.generator.loop.row_buckets import warm_up
 from deployments.generator.model.components import denoiser_of
 from deployments.generator.model.optimizations import OptimizationUnavailable, compile_blocks
 from deployments.generator.model.pipelines import RequestPipelines, call_parameters
@@ -53,6 +57,8 @@ class Warmup:
     shapes: list[WarmupShape]
     seconds: float
     graphs: int
+    # The continuous loop's forwards: (width, height, rows) each.
+    loop_shapes: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def warmup_shapes(
@@ -75,11 +81,16 @@ def compiled_graphs() -> int:
 
 
 def prepare_to_serve(
-    pipeline: Any, model: ModelConfig, batching: BatchingConfig, compile_backend: str = "inductor"
+    pipeline: Any,
+    model: ModelConfig,
+    batching: BatchingConfig,
+    compile_backend: str = "inductor",
+    continuous: bool = False,
 ) -> Warmup | None:
     """Compile the shared pipeline's denoiser if `model.optimizations` says so and run the
-    warm-up calls; with other options only, one small call. None when no option is set.
-    Raises `OptimizationUnavailable` naming the options set if a call fails."""
+    warm-up calls (and with `continuous`, the loop's forwards); with other options only, one
+    small call. None when no option is set. Raises `OptimizationUnavailable` naming the
+    options set if a call fails."""
     options = model.optimizations
     config = options.compile_config
     enabled = ", ".join(options.model_dump(exclude_defaults=True))
@@ -103,13 +114,17 @@ def prepare_to_serve(
                 f"the start-up call at {shape.width}x{shape.height}, {shape.images} image(s) "
                 f"failed: {type(error).__name__}: {error}",
             ) from error
-    warmup = Warmup(shapes, time.perf_counter() - started, compiled_graphs() - graphs)
+    loop_shapes = []
+    if config is not None and continuous:
+        loop_shapes = _warm_loop(pipelines, model, batching, shapes, enabled)
+    warmup = Warmup(shapes, time.perf_counter() - started, compiled_graphs() - graphs, loop_shapes)
     logger.info(
-        "%s ready (%s) after %.1f s of warm-up calls: %s; %d graphs compiled",
+        "%s ready (%s) after %.1f s of warm-up calls: %s%s; %d graphs compiled",
         model.id,
         enabled,
         warmup.seconds,
         ", ".join(f"{s.width}x{s.height} x{s.images}" for s in shapes),
+        "".join(f", loop {w}x{h} {rows} rows" for w, h, rows in loop_shapes),
         warmup.graphs,
     )
     if config is not None:
@@ -132,6 +147,33 @@ def _call(pipelines: RequestPipelines, model: ModelConfig, shape: WarmupShape, s
     )
     view = pipelines.view()
     view(**pipeline_arguments([job], call_parameters(type(view)), _each_step))
+
+
+def _warm_loop(
+    pipelines: RequestPipelines,
+    model: ModelConfig,
+    batching: BatchingConfig,
+    shapes: list[WarmupShape],
+    enabled: str,
+) -> list[tuple[int, int, int]]:
+    """The continuous loop's forward at each row count it pads to, at each warm-up size;
+    nothing where the loop does not run this pipeline's family."""
+    family = family_of(pipelines.view())
+    if family is None:
+        return []
+    done: list[tuple[int, int, int]] = []
+    for width, height in dict.fromkeys((shape.width, shape.height) for shape in shapes):
+        images = batching.images_per_batch(width, height)
+        try:
+            rows = warm_up(family, width, height, images, model.default_guidance_scale)
+        except Exception as error:
+            raise OptimizationUnavailable(
+                enabled,
+                f"the continuous loop's start-up forwards at {width}x{height} failed: "
+                f"{type(error).__name__}: {error}",
+            ) from error
+        done += [(width, height, count) for count in rows]
+    return done
 
 
 def _each_step(_pipeline: Any, _step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict:

@@ -46,13 +46,18 @@ class ContinuousBatching:
         work: WorkMeter,
         previewer: LatentPreviewer | None,
         adapters: LoopAdapters | None,
+        pad_rows: bool = False,
     ) -> None:
+        """`pad_rows`: for a compiled denoiser, each step's rows padded to a few counts
+        (`row_buckets.py`)."""
         self._pool = pool
         self._batching = batching
         self._work = work
         self._adapters = adapters
         gate = ClassGate() if batching.preempt_lower_classes else None
-        self._lanes = [Lane(family, adapters, previewer, hooks, gate) for _ in range(lanes)]
+        self._lanes = [
+            Lane(family, adapters, previewer, hooks, gate, pad_rows) for _ in range(lanes)
+        ]
 
     def accepts(self, job: GenerationJob) -> bool:
         """Text-to-image jobs whose images fit one step and whose adapters (staged by now)

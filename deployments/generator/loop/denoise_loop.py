@@ -43,6 +43,7 @@ from deployments.generator.loop.class_gate import ClassGate
 from deployments.generator.loop.families import FlowFamily, ImageState
 from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.loop.loop_jobs import LaneHooks, LoopJob, Size
+from deployments.generator.loop.row_buckets import padded
 from deployments.generator.model.components import to_uint8
 from deployments.generator.progress.previews import JobReporter, LatentPreviewer
 from deployments.jobs import GeneratedImages, ReplicaBroken
@@ -60,10 +61,14 @@ class Lane:
         previewer: LatentPreviewer | None,
         hooks: LaneHooks,
         gate: ClassGate | None = None,
+        pad_rows: bool = False,
     ) -> None:
         """`gate`: with `batching.preempt_lower_classes`, which class steps now across the
-        replica's lanes (`class_gate.py`); None: every image in flight steps."""
+        replica's lanes (`class_gate.py`); None: every image in flight steps. `pad_rows`:
+        each forward's rows rounded up to a bucket, for a compiled denoiser
+        (`row_buckets.py`)."""
         self._family = family
+        self._pad_rows = pad_rows
         self._gate = gate
         self._previewer = previewer
         self._adapters = adapters
@@ -347,7 +352,7 @@ class Lane:
         started = time.perf_counter()
         images = [image for job in jobs for image in job.images]
         with torch.no_grad():
-            noise = self._forward_in_parts(images)
+            noise = self._forward_in_parts(images, jobs[0].size)
             for image, prediction in zip(images, noise, strict=True):
                 self._family.advance(image, prediction)
         seconds = time.perf_counter() - started
@@ -355,22 +360,34 @@ class Lane:
             job.denoise_s += seconds
             job.largest_step = max(job.largest_step, len(images))
 
-    def _forward_in_parts(self, images: list[ImageState]) -> list[torch.Tensor]:
+    def _forward_in_parts(self, images: list[ImageState], size: Size) -> list[torch.Tensor]:
         """Each image's noise for its step: one forward over them all, or, where that runs
         out of memory, forwards over halves of them, down to one image (whose rows, its
         unconditional one too, stay together), as the request-level path splits a call.
         No image advances until every forward has run."""
         try:
-            if self._adapters is None:
-                return self._family.forward(images)
-            return self._adapters.forward(self, self._family, images)
+            return self._forward(images, size)
         except Exception as error:
             if len(images) == 1 or not is_out_of_memory(error):
                 raise
         # Only past the `except` block is the failed forward's memory freed (its traceback
         # holds the tensors): the halves need it.
         half = len(images) // 2
-        return self._forward_in_parts(images[:half]) + self._forward_in_parts(images[half:])
+        return self._forward_in_parts(images[:half], size) + self._forward_in_parts(
+            images[half:], size
+        )
+
+    def _forward(self, images: list[ImageState], size: Size) -> list[torch.Tensor]:
+        """One forward over the images, its rows padded up to a bucket where `pad_rows`."""
+        stepping = images
+        if self._pad_rows:
+            stepping = padded(self._family, images, self._hooks.capacity(*size))
+        if self._adapters is None:
+            noise = self._family.forward(stepping)
+        else:
+            noise = self._adapters.forward(self, self._family, stepping)
+        self._hooks.forward_done(len(self._family.rows(stepping)), len(stepping) - len(images))
+        return noise[: len(images)]
 
     def _fail_in_loop(self, job: LoopJob, error: Exception) -> None:
         self._groups[job.size].remove(job)

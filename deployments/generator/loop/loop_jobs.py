@@ -89,3 +89,5 @@ class LaneHooks:
     # What a waiting job fails with instead of joining, if it can no longer finish by its
     # deadline (None: it may join).
     late: Callable[[GenerationJob], Exception | None] = field(default=lambda _job: None)
+    # A forward ran (its rows, of them padding: `row_buckets.py`).
+    forward_done: Callable[[int, int], None] = field(default=lambda _rows, _padding: None)

@@ -45,6 +45,10 @@ class ReplicaProgress:
         self.work = WorkMeter()
         # Images in each of the most recent request-level batches and loop steps.
         self.batch_sizes: deque[int] = deque(maxlen=_KEPT_BATCH_SIZES)
+        # The loop's forwards: rows run in all, and of them padding (a compiled denoiser's
+        # steps rounded up to a warmed row count, `loop/row_buckets.py`).
+        self._loop_rows = 0
+        self._padding_rows = 0
 
     @property
     def steps_run(self) -> int:
@@ -62,6 +66,18 @@ class ReplicaProgress:
         with self._lock:
             self._steps_run += 1
         self.work.step_done(parts, in_loop)
+
+    def loop_forward(self, rows: int, padding: int) -> None:
+        """A forward of the loop ran `rows` rows, `padding` of them padding."""
+        with self._lock:
+            self._loop_rows += rows
+            self._padding_rows += padding
+
+    @property
+    def loop_rows(self) -> dict[str, int]:
+        """Rows the loop's forwards ran so far, and how many of them were padding."""
+        with self._lock:
+            return {"rows": self._loop_rows, "padding": self._padding_rows}
 
     def loop_step_done(self, parts: list, images: int) -> None:
         """One step of the continuous loop ran: `images` images of `parts` (its jobs)."""
