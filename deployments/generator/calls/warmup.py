@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch._dynamo.callback import on_compile_end
+from torch._dynamo.callback import callback_handler, on_compile_end
 from torch._dynamo.utils import counters
 
 from deployments.config.model_config import BatchingConfig, ModelConfig
@@ -187,13 +187,13 @@ class _CompileWatch:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._serving = False
 
     def serving(self) -> None:
         with self._lock:
-            if not self._serving:
+            # Registered once; again if `torch._dynamo.reset()` dropped every callback (tests
+            # reset dynamo between compiled pipelines).
+            if self._compiled not in callback_handler.end_callbacks:
                 on_compile_end(self._compiled)
-            self._serving = True
 
     def _compiled(self, *_args: Any) -> None:
         logger.warning(
