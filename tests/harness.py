@@ -146,6 +146,11 @@ class ServeRun:
         assert self._process is not None, "not started"
         return psutil.Process(self._process.pid).children(recursive=True)
 
+    def driver(self) -> psutil.Process:
+        """The `serve run` process itself (it prints the replicas' logs)."""
+        assert self._process is not None, "not started"
+        return psutil.Process(self._process.pid)
+
     def replica_processes(self, deployment: str) -> list[psutil.Process]:
         """This application's replica processes of a deployment (`ServeReplica:app:name`)."""
         # Ray titles an actor busy in a method `ServeReplica:app:name.method` (a replica still

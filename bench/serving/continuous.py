@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import random
+import re
 import statistics
 import sys
 from dataclasses import dataclass
@@ -100,14 +101,18 @@ def workload(model_id: str, sizes: tuple[str, ...], adapters: bool) -> MixedWork
     return MixedWorkload(model_id, sizes[0], 0, model=model_id, sizes=sizes, adapters=names)
 
 
+# A generator replica's process title, `ray::ServeReplica:<app>:ImageGenerator:<model>`.
+GENERATOR_REPLICA = re.compile(r"ServeReplica:\S*:ImageGenerator:")
+
+
 class CpuMeter:
     """CPU seconds of the generator replica ("inside") and of the rest of the server
-    ("outside": proxy, ingress, Ray) over one load."""
+    ("outside": proxy, ingress, Ray's daemons; not the other models' generator replicas)
+    over one load."""
 
     def __init__(self, server: ServeRun, model_id: str) -> None:
         self._inside = server.replica_processes(f"ImageGenerator:{model_id}")
-        others = {p.pid for p in server.replica_processes("ImageGenerator")}
-        self._outside = [p for p in server.processes() if p.pid not in others]
+        self._outside = [p for p in server.processes() if not _is_generator(p)]
 
     @staticmethod
     def _cpu(processes) -> float:
@@ -127,6 +132,17 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         self.inside_s = self._cpu(self._inside) - self._start[0]
         self.outside_s = self._cpu(self._outside) - self._start[1]
+
+
+def _is_generator(process) -> bool:
+    """Whether the process is a generator replica (of any model). Until 2026-12-07 the
+    outside was every process but those matching `replica_processes("ImageGenerator")`,
+    which matches none (a generator's deployment is `ImageGenerator:<model>`): the outside
+    counted the inside too."""
+    try:
+        return GENERATOR_REPLICA.search(" ".join(process.cmdline())) is not None
+    except Exception:  # a process that ended meanwhile
+        return False
 
 
 def figures(result, cpu: CpuMeter) -> dict:

@@ -6,9 +6,10 @@ generator replica under closed-loop load, with py-spy's breakdown of each.
 
 It starts the application with `serve run`, and for each workload drives `--concurrency`
 clients for `--duration` seconds while py-spy samples the three processes (without pausing
-them) and the OS counts their CPU time. It prints one table per workload (milliseconds of
-CPU per request, by category; see `bench/serving/stacks.py`) and writes
-`bench/results/profile-<label>.json`.
+them) and the OS counts their CPU time, and that of every other process of the `serve run`
+(Ray's daemons, Serve's controller, the other models' replicas, `serve run` itself: "rest",
+by process). It prints one table per workload (milliseconds of CPU per request, by
+category; see `bench/serving/stacks.py`) and writes `bench/results/profile-<label>.json`.
 """
 
 from __future__ import annotations
@@ -69,8 +70,31 @@ def serving_processes(server: ServeRun, generator: str) -> dict[str, psutil.Proc
     return found
 
 
+def other_processes(server: ServeRun, profiled: dict[str, psutil.Process]) -> list[psutil.Process]:
+    """Every process of the `serve run` but the profiled ones, with `serve run` itself."""
+    pids = {process.pid for process in profiled.values()}
+    return [server.driver()] + [p for p in server.processes() if p.pid not in pids]
+
+
+def process_name(process: psutil.Process) -> str:
+    """A short name: an actor's title (`ray::ServeController`), else the script or binary."""
+    try:
+        command = process.cmdline()
+    except psutil.Error:
+        return "ended"
+    if not command:
+        return "?"
+    if command[0].startswith("ray::"):
+        return command[0].split(".")[0]
+    scripts = [Path(part).name for part in command if part.endswith(".py")]
+    return scripts[0] if scripts else Path(command[0]).name
+
+
 def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
+    try:
+        times = process.cpu_times()
+    except psutil.Error:  # ended meanwhile (the idle workers Ray starts and stops)
+        return 0.0
     return times.user + times.system
 
 
@@ -81,9 +105,10 @@ def profile_workload(
     concurrency: int,
     duration_s: float,
     rate_hz: int,
+    others: list[psutil.Process] = (),
 ) -> dict:
     """One workload under load: requests, images/s, and per process its CPU ms per request
-    by category."""
+    by category; of `others`, the CPU ms per request by process name."""
     closed_loop(base_url, workload, concurrency, 3.0)  # warm, and batches form
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     workdir = Path(tempfile.mkdtemp(prefix="profile-"))
@@ -96,8 +121,12 @@ def profile_workload(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
     before = {name: cpu_seconds(process) for name, process in processes.items()}
+    rest_before = [cpu_seconds(process) for process in others]
     load = closed_loop(base_url, workload, concurrency, duration_s, warmup_requests=0)
     used = {name: cpu_seconds(process) - before[name] for name, process in processes.items()}
+    rest: Counter[str] = Counter()
+    for process, earlier in zip(others, rest_before, strict=True):
+        rest[process_name(process)] += max(0.0, cpu_seconds(process) - earlier)
     for recorder in recorders.values():
         recorder.wait(timeout=60)
     requests = len(load.latencies_s)
@@ -115,6 +144,10 @@ def profile_workload(
         stacks = parse_collapsed(output.read_text().splitlines()) if output.exists() else {}
         samples = breakdown(stacks, RULES[name]) if stacks else Counter()
         result["processes"][name] = per_request_ms(samples, rate_hz, requests, used[name])
+    per_request = max(requests, 1)
+    result["rest"] = {
+        name: round(1000 * seconds / per_request, 2) for name, seconds in rest.most_common()
+    }
     shutil.rmtree(workdir, ignore_errors=True)
     return result
 
@@ -133,6 +166,8 @@ def markdown(label: str, results: list[dict]) -> str:
         for name, rows in result["processes"].items():
             for category, ms in rows.items():
                 lines.append(f"| {name} | {category} | {ms:.2f} |")
+        for name, ms in result.get("rest", {}).items():
+            lines.append(f"| rest | {name} | {ms:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -159,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     with ServeRun(config) as server:
         server.wait_for_first_image()
         processes = serving_processes(server, generator)
+        others = other_processes(server, processes)
         base_url = server.base_url
         if options.throughput_optimized and not options.ha_proxy:
             base_url = direct_ingress_url()
@@ -170,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 options.concurrency,
                 options.duration,
                 options.rate,
+                others,
             )
             results.append(result)
             print(json.dumps(result), flush=True)

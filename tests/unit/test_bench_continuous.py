@@ -11,6 +11,7 @@ from bench.serving.continuous import (
     GUIDANCE,
     REQUEST_LEVEL,
     STEPS,
+    CpuMeter,
     bench_config,
     cases,
     targets,
@@ -69,3 +70,34 @@ def test_targets_compare_the_engines_and_say_which_are_missed():
         name: check["met"] for name, check in targets(results, ("64x64", "128x128")).items()
     }
     assert list(verdicts.values()) == [False, True, True, True]
+
+
+class FakeProcess:
+    def __init__(self, pid: int, title: str) -> None:
+        self.pid, self._title = pid, title
+
+    def cmdline(self) -> list[str]:
+        return self._title.split()
+
+
+def test_the_cpu_outside_leaves_out_every_generator_replica_and_only_them():
+    """Fails with the meter as it was: it counted the measured replica outside as well."""
+    titles = {
+        1: "ray::ServeReplica:images:ImageGenerator:tiny-sd3",
+        2: "ray::ServeReplica:images:ImageGenerator:tiny-sd3-request.generate",
+        3: "ray::ServeReplica:images:ImageIngress",
+        4: "ray::ProxyActor",
+        5: "/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp",
+    }
+    processes = [FakeProcess(pid, title) for pid, title in titles.items()]
+
+    class FakeServer:
+        def processes(self):
+            return processes
+
+        def replica_processes(self, deployment):
+            return [p for p in processes if p._title.split(".")[0].endswith(deployment)]
+
+    meter = CpuMeter(FakeServer(), CONTINUOUS)
+    assert [p.pid for p in meter._inside] == [1]
+    assert [p.pid for p in meter._outside] == [3, 4, 5]
