@@ -3,7 +3,8 @@
 compiles a forward at every row count the loop pads a step to; under traffic of different
 jobs at once (guided and not, 1 to 3 images, 2 to 5 steps, joining at different steps) every
 forward runs at one of those counts, nothing compiles, and each image is the one the same
-job makes alone on the request-level path of the same compiled pipeline.
+job makes alone on the request-level path of the same compiled pipeline. On SD3 (guidance
+by doubled rows) and FLUX (guidance an input: a row an image).
 
 The compile backend is dynamo's `eager` (the graphs torch.compile makes, run without
 generated code), as in `test_optimizations.py`: the graphs and their guards are inductor's,
@@ -27,16 +28,19 @@ from deployments.generator.model.pipelines import load_pipeline
 from deployments.jobs import GenerationJob
 from tests.jobs import make_job
 
-# 3 images a step: a forward holds 1 to 6 rows, padded to 1, 2, 4 or 6.
-LOOP = BatchingConfig(max_batch_images=3, max_wait_ms=0, continuous=True)
-BUCKETS = [1, 2, 4, 6]
-CONFIG = ModelConfig(
-    id="tiny-sd3",
-    source="embedded:tiny-sd3",
-    device="cpu",
-    default_size="32x32",
-    optimizations={"compile": CompileConfig(warmup_sizes=["32x32"])},
-)
+# 4 images a step: an SD3 forward holds 1 to 8 rows, padded to 1, 2, 4 or 8; FLUX's 1 to 4.
+LOOP = BatchingConfig(max_batch_images=4, max_wait_ms=0, continuous=True)
+BUCKETS = {"tiny-sd3": [1, 2, 4, 8], "tiny-flux": [1, 2, 4]}
+
+
+def config(family: str) -> ModelConfig:
+    return ModelConfig(
+        id=family,
+        source=f"embedded:{family}",
+        device="cpu",
+        default_size="32x32",
+        optimizations={"compile": CompileConfig(warmup_sizes=["32x32"])},
+    )
 
 
 def job(seed: int, n: int, steps: int, guidance: float) -> GenerationJob:
@@ -64,26 +68,28 @@ JOBS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """tiny-sd3's blocks compiled, its start's warm-up run with the loop's, from a clean
+@pytest.fixture(scope="module", params=list(BUCKETS))
+def compiled(request):
+    """The family's blocks compiled, its start's warm-up run with the loop's, from a clean
     dynamo state (earlier compilations in this process would shape its graphs)."""
     torch._dynamo.reset()
-    pipeline = load_pipeline(CONFIG)
-    warmup = prepare_to_serve(pipeline, CONFIG, LOOP, compile_backend="eager", continuous=True)
-    yield pipeline, warmup
+    model = config(request.param)
+    pipeline = load_pipeline(model)
+    warmup = prepare_to_serve(pipeline, model, LOOP, compile_backend="eager", continuous=True)
+    yield pipeline, warmup, BUCKETS[request.param]
     torch._dynamo.reset()
 
 
-def test_row_buckets_are_powers_of_two_up_to_two_rows_an_image():
+def test_row_buckets_are_powers_of_two_up_to_the_most_rows_a_step_holds():
     assert row_buckets(8) == [1, 2, 4, 8, 16]
-    assert row_buckets(3) == BUCKETS
+    assert row_buckets(3) == [1, 2, 4, 6]
     assert row_buckets(1) == [1, 2]
+    assert row_buckets(8, rows_per_image=1) == [1, 2, 4, 8]
 
 
 def test_the_start_runs_the_loop_at_every_row_count_it_pads_to(compiled):
-    _, warmup = compiled
-    assert warmup.loop_shapes == [(32, 32, rows) for rows in BUCKETS]
+    _, warmup, buckets = compiled
+    assert warmup.loop_shapes == [(32, 32, rows) for rows in buckets]
 
 
 async def _all_at_once(engine: ImageEngine, jobs: list[GenerationJob]) -> list[list[np.ndarray]]:
@@ -98,8 +104,8 @@ async def _all_at_once(engine: ImageEngine, jobs: list[GenerationJob]) -> list[l
 
 def test_different_jobs_at_once_step_at_warmed_counts_and_each_image_is_its_own(compiled):
     """Fails without the padding (a step runs 3 or 5 rows) and without the loop's warm-up
-    (a lone unguided image's single row compiles under traffic)."""
-    pipeline, _ = compiled
+    (a lone unguided image's single row compiles under traffic; SD3)."""
+    pipeline, _, buckets = compiled
     rows: list[int] = []
     hook = pipeline.transformer.register_forward_pre_hook(
         lambda _module, _args, kwargs: rows.append(kwargs["hidden_states"].shape[0]),
@@ -115,8 +121,8 @@ def test_different_jobs_at_once_step_at_warmed_counts_and_each_image_is_its_own(
         engine.shutdown()
         hook.remove()
     assert compiled_graphs() == before, "the loop compiled under traffic"
-    assert set(rows) <= set(BUCKETS), f"forwards at unwarmed row counts: {sorted(set(rows))}"
-    assert 1 in rows and len(set(rows)) > 2
+    assert set(rows) <= set(buckets), f"forwards at unwarmed row counts: {sorted(set(rows))}"
+    assert 1 in rows and len(set(rows)) > 1
     # What the replica's counters say the padding cost: rows run, and of them padding.
     assert counted["rows"] == sum(rows) and 0 < counted["padding"] < counted["rows"] / 2
     alone_engine = ImageEngine(pipeline, 1, batching=BatchingConfig(max_batch_images=1))

@@ -10,7 +10,8 @@ symbolic at its second value, so one more graph serves every count; a CUDA-graph
 traffic, the first step at each new count would compile while requests wait behind it.
 
 So with `optimizations.compile` a lane rounds its forward's rows up to a bucket, a power of
-two or the largest count (1, 2, 4, 8, 16 for 8 images a step), and the replica's start runs
+two or the largest count (1, 2, 4, 8, 16 for 8 images a step with guidance; FLUX, whose
+guidance is an input, holds a row an image: 1, 2, 4, 8), and the replica's start runs
 one forward at each bucket at each warm-up size (`warm_up`, from
 `deployments/generator/calls/warmup.py`). Afterwards the loop compiles nothing at a warmed
 size (`tests/pipeline/test_loop_compile.py` counts the graphs).
@@ -38,10 +39,11 @@ logger = logging.getLogger("ray.serve")
 _WARMUP_STEPS = 2
 
 
-def row_buckets(images_per_step: int) -> list[int]:
+def row_buckets(images_per_step: int, rows_per_image: int = 2) -> list[int]:
     """The row counts a step's forward is padded to: the powers of two below the most rows
-    a step can hold (two for each of `images_per_step` images, with guidance), and that."""
-    most = 2 * images_per_step
+    a step can hold (`rows_per_image` for each of `images_per_step` images: two with
+    classifier-free guidance), and that."""
+    most = rows_per_image * images_per_step
     buckets, rows = [], 1
     while rows < most:
         buckets.append(rows)
@@ -53,7 +55,8 @@ def padded(family: FlowFamily, images: list[ImageState], images_per_step: int) -
     """`images` and as many padding images after them as round the forward's rows up to the
     next bucket. `family.forward(padded(...))[: len(images)]` is the images' noise."""
     rows = len(family.rows(images))
-    target = next((b for b in row_buckets(images_per_step) if b >= rows), rows)
+    buckets = row_buckets(images_per_step, family.rows_per_image)
+    target = next((b for b in buckets if b >= rows), rows)
     return images + [_padding_row(images[0])] * (target - rows)
 
 
@@ -72,7 +75,7 @@ def warm_up(
     with torch.no_grad():
         prompt = family.encode(["warm-up"], [None], [False])[0]
         image = family.start(prompt, width, height, _WARMUP_STEPS, guidance, seed=0)
-        buckets = row_buckets(images_per_step)
+        buckets = row_buckets(images_per_step, family.rows_per_image)
         for rows in buckets:
             family.forward([image] + [_padding_row(image)] * (rows - 1))
     return buckets

@@ -72,6 +72,10 @@ class FlowFamily:
     """What the loop needs of a family: prompts encoded, images started, a step over many
     images, latents decoded. `view` is a per-request pipeline view (its own scheduler)."""
 
+    # The most rows an image adds to a forward: two with classifier-free guidance (its
+    # unconditional row beside its own), one where guidance is an input (FLUX).
+    rows_per_image = 2
+
     def __init__(self, view: DiffusionPipeline) -> None:
         self.view = view
         self.device = view._execution_device

@@ -20,6 +20,8 @@ class FluxFamily(FlowFamily):
     """`FluxPipeline`: packed latents, per-sample timesteps and distilled guidance (an input
     of the transformer, not doubled rows; the service runs no "true" guidance)."""
 
+    rows_per_image = 1
+
     def encode(
         self, prompts: list[str], negatives: list[str | None], guided: list[bool]
     ) -> list[ImagePrompt]:
@@ -96,6 +98,8 @@ class ChromaFamily(FluxFamily):
     padding masked in attention) and real classifier-free guidance: an image with guidance
     > 1 adds its negative prompt's row to the forward (the pipeline runs a second forward;
     one forward over both rows is the same arithmetic)."""
+
+    rows_per_image = 2
 
     def encode(
         self, prompts: list[str], negatives: list[str | None], guided: list[bool]
