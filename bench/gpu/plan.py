@@ -189,6 +189,21 @@ def levers(profile: Profile, env: Environment) -> tuple[list[Lever], list[tuple[
         Lever("compile", compile_on, profile.compile_s, scope="large_alone"),
         _cpu_only(profile, "compiling"),
     )
+    # Compile inside the continuous loop: each step's rows padded to a few counts, all
+    # compiled at start (`deployments/generator/loop/row_buckets.py`), at both sizes, so
+    # both points (the large image alone, small ones at the highest concurrency) are warm.
+    loop_compile_on = {
+        "compile": {"mode": "default", "warmup_sizes": [profile.large, profile.small]}
+    }
+    offer(
+        Lever(
+            "continuous_compile",
+            loop_compile_on,
+            2 * profile.compile_s,
+            batching={"continuous": True},
+        ),
+        _cpu_only(profile, "compiling"),
+    )
     fp8_ok = env.capability is not None and env.capability >= (8, 9)
     offer(
         Lever("float8_weight_only", {"quantization": "float8_weight_only"}, 20),

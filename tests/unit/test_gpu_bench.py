@@ -133,6 +133,7 @@ def test_levers_it_cannot_run_are_skipped_with_a_reason():
     # dispatcher): planned, the lever would only fail the replica's start.
     assert "dispatcher" in reasons["attention_flash"]
     assert "optimizations" in reasons["compile"]
+    assert "optimizations" in reasons["continuous_compile"]
     assert "needs 2 GPUs" in reasons["ulysses_2"] and "has 0" in reasons["ulysses_2"]
 
 
