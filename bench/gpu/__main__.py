@@ -9,8 +9,8 @@ It builds the model once (bench/gpu/model.py, cached), serves it with the applic
 `serve_app.build_app` makes from config/sd3.5-medium.yaml's args, once per lever (eager;
 Ulysses context parallelism on 2 and 4 GPUs, each only where torch.cuda.device_count()
 allows; the continuous loop; compile; the loop with compile; float8 and int8 weight-only
-quantization; the
-TaylorSeer cache; attention backends are listed as skipped: SD3 takes only 'native'), and
+quantization; the TaylorSeer cache; attention backends are listed as skipped: SD3 takes only
+'native'), and
 drives it over HTTP on 127.0.0.1: seconds per large image alone, images/s at each
 concurrency, the replica's peak GPU memory, and the share of the dense bf16 FLOP floor each
 point reaches. What does not fit in the time budget is cut and listed. Results go to
