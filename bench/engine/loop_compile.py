@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import random
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.harness.load import PROMPTS
-from bench.harness.results import RESULTS, machine, write_json
+from bench.harness.results import RESULTS, run_header, write_json
 from bench.serving.continuous import GUIDANCE, NEGATIVES, STEPS
 from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.config.optimizations_config import CompileConfig
@@ -148,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines.values():
             engine.shutdown()
     results = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
-        "sizes": sizes,
-        "duration_s": options.duration,
-        "rounds": options.rounds,
+        **run_header(sizes, options.duration, options.rounds),
         "start_s": round(start_s, 1),
         "graphs_compiled_at_start": warmup.graphs,
         "graphs_compiled_under_load": compiled_graphs() - graphs,

@@ -40,6 +40,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def run_header(sizes: Any, duration_s: float, rounds: int) -> dict[str, Any]:
+    """What a load benchmark's result file starts with: when, on what, and its loads."""
+    import datetime
+
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "sizes": sizes,
+        "duration_s": duration_s,
+        "rounds": rounds,
+    }
+
+
 def write_json(results: dict[str, Any], path: Path) -> None:
     """Write `results` to `path` whole or not at all (a run cut short keeps the last file)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,6 @@ the proxy and ingress ("outside"), so that batching gains and serving overhead a
 from __future__ import annotations
 
 import argparse
-import datetime
 import random
 import re
 import statistics
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness.load import PROMPTS, Workload, closed_loop, open_loop
-from bench.harness.results import RESULTS, machine, write_json
+from bench.harness.results import RESULTS, run_header, write_json
 from bench.harness.serve_run import LOCAL_CONFIG, SAME_PRIORITY
 from bench.serving.adapters import ADAPTERS
 from tests.harness import ServeRun, free_port, load_config, with_overrides
@@ -294,11 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     ).append(row)
                     print(f"round {index + 1} open {share:.0%} {model_id}: {row}", flush=True)
     results = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
-        "sizes": sizes,
-        "duration_s": options.duration,
-        "rounds": options.rounds,
+        **run_header(sizes, options.duration, options.rounds),
         "open_only": options.open_only,
         "ceiling": bare,
         "closed": {
