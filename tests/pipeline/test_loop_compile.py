@@ -23,8 +23,9 @@ from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.config.optimizations_config import CompileConfig
 from deployments.generator.calls.warmup import compiled_graphs, prepare_to_serve
 from deployments.generator.engine import ImageEngine
-from deployments.generator.loop.row_buckets import row_buckets
-from deployments.generator.model.pipelines import load_pipeline
+from deployments.generator.loop.families import family_of
+from deployments.generator.loop.row_buckets import row_buckets, warm_up
+from deployments.generator.model.pipelines import RequestPipelines, load_pipeline
 from deployments.jobs import GenerationJob
 from tests.jobs import make_job
 
@@ -85,6 +86,24 @@ def test_row_buckets_are_powers_of_two_up_to_the_most_rows_a_step_holds():
     assert row_buckets(3) == [1, 2, 4, 6]
     assert row_buckets(1) == [1, 2]
     assert row_buckets(8, rows_per_image=1) == [1, 2, 4, 8]
+
+
+def test_a_warm_up_count_out_of_memory_ends_the_size_s_warm_up_not_the_start(compiled):
+    """The larger counts would run in halves under traffic (the loop's out-of-memory split)."""
+    pipeline, _, _ = compiled
+    family = family_of(RequestPipelines(pipeline).view())
+    forward = family.forward
+
+    def forward_up_to_two_rows(images):
+        if len(family.rows(images)) > 2:
+            raise torch.OutOfMemoryError("out of memory (a test's)")
+        return forward(images)
+
+    family.forward = forward_up_to_two_rows
+    assert warm_up(family, 32, 32, LOOP.max_batch_images, 4.5) == [1, 2]
+    family.forward = lambda images: 1 / 0
+    with pytest.raises(ZeroDivisionError):  # any other failure still fails the start
+        warm_up(family, 32, 32, LOOP.max_batch_images, 4.5)
 
 
 def test_the_start_runs_the_loop_at_every_row_count_it_pads_to(compiled):

@@ -31,6 +31,7 @@ from dataclasses import replace
 
 import torch
 
+from deployments.generator.calls.call_plan import is_out_of_memory
 from deployments.generator.loop.families import FlowFamily, ImageState
 
 logger = logging.getLogger("ray.serve")
@@ -71,11 +72,27 @@ def warm_up(
     family: FlowFamily, width: int, height: int, images_per_step: int, guidance: float
 ) -> list[int]:
     """One forward at each bucket's row count for images of this size (rows of one image
-    without guidance, so that every count from 1 can be made); the counts run."""
+    without guidance, so that every count from 1 can be made), smallest first; the counts
+    run. A count that runs out of memory ends the warm-up of this size with a warning, not
+    the replica's start: under traffic the loop splits such a step in halves (`Lane`), which
+    run at the counts warmed."""
+    warmed: list[int] = []
     with torch.no_grad():
         prompt = family.encode(["warm-up"], [None], [False])[0]
         image = family.start(prompt, width, height, _WARMUP_STEPS, guidance, seed=0)
-        buckets = row_buckets(images_per_step, family.rows_per_image)
-        for rows in buckets:
-            family.forward([image] + [_padding_row(image)] * (rows - 1))
-    return buckets
+        for rows in row_buckets(images_per_step, family.rows_per_image):
+            try:
+                family.forward([image] + [_padding_row(image)] * (rows - 1))
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                logger.warning(
+                    "the loop's warm-up at %dx%d ran out of memory at %d rows: steps of more "
+                    "rows will run in parts",
+                    width,
+                    height,
+                    rows,
+                )
+                break
+            warmed.append(rows)
+    return warmed
