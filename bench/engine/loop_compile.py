@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
-from bench.harness.load import PROMPTS
 from bench.harness.results import RESULTS, run_header, write_json
-from bench.serving.continuous import GUIDANCE, NEGATIVES, STEPS
+from bench.serving.continuous import MixedWorkload, workload
 from deployments.config.model_config import BatchingConfig, ModelConfig
 from deployments.config.optimizations_config import CompileConfig
 from deployments.generator.calls.warmup import compiled_graphs, prepare_to_serve
@@ -48,17 +47,18 @@ REQUEST_LEVEL = BatchingConfig(continuous=False)
 ENGINES = ("loop + compile", "request-level + compile", "loop, eager")
 
 
-def mixed_job(rng: random.Random, sizes: tuple[int, ...], index: int) -> GenerationJob:
-    side = rng.choice(sizes)
-    negative = rng.choice(NEGATIVES) if rng.random() < 1 / 3 else None
+def mixed_job(mix: MixedWorkload, rng: random.Random, index: int) -> GenerationJob:
+    """The next request of `bench.serving.continuous`'s mix, as the job the engine takes."""
+    body = mix.request(rng)
+    width, height = (int(side) for side in body["size"].split("x"))
     return GenerationJob(
-        prompt=rng.choice(PROMPTS),
-        negative_prompt=negative,
-        width=side,
-        height=side,
-        num_inference_steps=rng.choice(STEPS),
-        guidance_scale=rng.choice(GUIDANCE),
-        seeds=(rng.randrange(2**32),),
+        prompt=body["prompt"],
+        negative_prompt=body.get("negative_prompt"),
+        width=width,
+        height=height,
+        num_inference_steps=body["num_inference_steps"],
+        guidance_scale=body["guidance_scale"],
+        seeds=(body["seed"],),
         request_id=f"bench-{index}",
     )
 
@@ -68,6 +68,7 @@ async def closed_loop(
 ) -> dict:
     """`clients` callers each sending its next job when its last is answered."""
     rng = random.Random(seed)
+    mix = workload("bench", tuple(f"{side}x{side}" for side in sizes), adapters=False)
     work, latencies = 0, []
     deadline = time.perf_counter() + seconds
     started = time.perf_counter()
@@ -76,7 +77,7 @@ async def closed_loop(
         nonlocal work
         index = 0
         while time.perf_counter() < deadline:
-            job = mixed_job(rng, sizes, number * 10_000 + index)
+            job = mixed_job(mix, rng, number * 10_000 + index)
             index += 1
             sent = time.perf_counter()
             await engine.generate(job)
