@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from ray import serve
 
+from deployments.autoscaling_policy import JOBS_METRIC
 from deployments.config.model_config import generator_deployment_name
 from serve_app import build_app
 
@@ -30,6 +31,8 @@ MODELS = ("tiny-calls", "tiny-loop", "tiny-preempt")
 # A 32x32 step of the tiny model takes about 10 ms here: the blocker runs for seconds, the
 # short requests for a few tenths each, so their order of completion is their order of start.
 BLOCKER_STEPS = 160
+# Longer where five requests must reach the replica while it runs.
+LONG_BLOCKER_STEPS = 240
 # Busy seconds enough for the replica to measure its rate (a window is 2 s of work).
 WARM_STEPS = 250
 SHORT_STEPS = 30
@@ -94,9 +97,25 @@ def image_of(response: httpx.Response) -> np.ndarray:
     return decode_png(response.json()["data"][0]["b64_json"])
 
 
+def generator(model_id: str):
+    return serve.get_deployment_handle(generator_deployment_name(model_id), APP)
+
+
 def steps_run(model_id: str) -> int:
-    handle = serve.get_deployment_handle(generator_deployment_name(model_id), APP)
-    return handle.counters.remote().result()["steps_run"]
+    return generator(model_id).counters.remote().result()["steps_run"]
+
+
+def held_jobs(model_id: str) -> int:
+    """The jobs the model's replica holds, running or waiting (what it reports to the
+    autoscaling policy)."""
+    return int(generator(model_id).record_autoscaling_stats.remote().result()[JOBS_METRIC])
+
+
+def wait_for(condition, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("model_id", MODELS)
@@ -106,18 +125,26 @@ def test_waiting_high_class_requests_start_before_low_class_ones_that_came_first
     def short(seed: int) -> dict:
         return {"model": model_id, "num_inference_steps": SHORT_STEPS, "seed": seed}
 
-    blocker_body = {"model": model_id, "num_inference_steps": BLOCKER_STEPS, "seed": 5}
+    blocker_body = {"model": model_id, "num_inference_steps": LONG_BLOCKER_STEPS, "seed": 5}
     low_bodies = [short(seed) for seed in (11, 12, 13)]
     high_bodies = [short(seed) for seed in (21, 22)]
     with ThreadPoolExecutor(6) as pool:
+        # Each group is sent once the replica holds the one before: on a busy machine a
+        # request can spend longer than any fixed sleep between client and replica (CI saw
+        # a low-class request reach an idle replica before the blocker, and start).
+        before = steps_run(model_id)
         blocker = pool.submit(post, base_url, "bulk", blocker_body)
-        time.sleep(0.25)  # the blocker runs; everything below waits behind it
+        wait_for(lambda: steps_run(model_id) > before, "the blocker's first step")
         lows = [pool.submit(post, base_url, "bulk", body) for body in low_bodies]
-        time.sleep(0.15)
+        wait_for(lambda: held_jobs(model_id) == 1 + len(lows), "the low-class requests")
         highs = [pool.submit(post, base_url, "gold", body) for body in high_bodies]
+        wait_for(lambda: held_jobs(model_id) == 1 + len(lows) + len(highs), "the high ones")
+        assert not blocker.done(), "the blocker ended before every request waited behind it"
         low_answers = [future.result() for future in lows]
         high_answers = [future.result() for future in highs]
         blocked, blocker_finished = blocker.result()
+    for response, _ in [*low_answers, *high_answers, (blocked, blocker_finished)]:
+        assert response.status_code == 200, response.text
     last_high = max(finished for _, finished in high_answers)
     first_low = min(finished for _, finished in low_answers)
     assert last_high < first_low, "a low-class request started before a waiting high one"
@@ -142,7 +169,7 @@ def test_a_request_that_cannot_finish_by_its_timeout_is_refused_before_any_step(
     with ThreadPoolExecutor(2) as pool:
         before = steps_run("tiny-calls")
         blocker = pool.submit(post, base_url, "bulk", body)
-        time.sleep(0.3)
+        wait_for(lambda: steps_run("tiny-calls") > before, "the blocker's first step")
         sent = time.monotonic()
         # Its own steps alone take over 1 s here, the blocker's rest more.
         late, answered = post(
@@ -169,17 +196,18 @@ def test_a_request_that_cannot_finish_by_its_timeout_is_refused_before_any_step(
 
 def test_the_ingress_counts_each_class_by_outcome(base_url):
     labels = {"model": "tiny-calls"}
-    samples = scrape_until(
-        lambda s: (
-            total(s, "ray_image_generation_class_requests_total", priority="low", **labels) >= 1
-            and total(
-                s, "ray_image_generation_class_requests_total", outcome="refused_late", **labels
-            )
-            >= 1
-        )
-    )
     name = "ray_image_generation_class_requests_total"
-    assert total(samples, name, priority="high", outcome="refused_late", **labels) >= 1
-    assert total(samples, name, priority="high", outcome="ok", **labels) >= 1
-    assert total(samples, name, priority="low", outcome="ok", **labels) >= 1
+    expected = [
+        {"priority": "high", "outcome": "refused_late"},
+        {"priority": "high", "outcome": "ok"},
+        {"priority": "low", "outcome": "ok"},
+    ]
+
+    # Ray exports each process's metrics every few seconds: wait for every count asserted.
+    def counted(samples, tags: dict) -> bool:
+        return total(samples, name, **tags, **labels) >= 1
+
+    samples = scrape_until(lambda s: all(counted(s, tags) for tags in expected))
+    for tags in expected:
+        assert counted(samples, tags), tags
     assert total(samples, "ray_image_generation_class_seconds_count", priority="high") >= 1
