@@ -51,6 +51,18 @@ class _Routing(threading.local):
     # and its columns for a layer that has only some of the adapters (by their positions).
     dense: torch.Tensor | None = None
     columns: dict[tuple[int, ...], torch.Tensor] | None = None
+    # What `routed` was given: each row's adapters, and their device.
+    spec: list[tuple[AdapterWeight, ...]] | None = None
+    device: torch.device | None = None
+
+    _FIELDS = ("by_adapter", "rows", "dense", "columns", "spec", "device")
+
+    def saved(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        for name, value in zip(self._FIELDS, saved, strict=True):
+            setattr(self, name, value)
 
 
 _ROUTING = _Routing()
@@ -63,7 +75,30 @@ class MixedAdaptersUnsupported(ValueError):
 @contextlib.contextmanager
 def routed(rows: Sequence[tuple[AdapterWeight, ...]], device: torch.device) -> Iterator[None]:
     """Within the block, in this thread, row i of every LoRA layer's input gets the adapters
-    `rows[i]` at their scales (() is the base model)."""
+    `rows[i]` at their scales (() is the base model). Nested, the inner routing holds
+    within its block and the outer one again after it."""
+    outer = _ROUTING.saved()
+    _route(list(rows), device)
+    try:
+        yield
+    finally:
+        _ROUTING.restore(outer)
+
+
+@contextlib.contextmanager
+def narrowed(indices: Sequence[int]) -> Iterator[None]:
+    """Within the block, the forwards run only the routed rows at `indices` (a per-image
+    cache skipping the others, `loop/per_image_cache.py`): the routing keeps those rows'
+    adapters. Nothing to do where no routing holds."""
+    spec, device = _ROUTING.spec, _ROUTING.device
+    if spec is None or device is None:
+        yield
+        return
+    with routed([spec[index] for index in indices], device):
+        yield
+
+
+def _route(rows: list[tuple[AdapterWeight, ...]], device: torch.device) -> None:
     by_adapter: dict[str, tuple[list[int], list[float]]] = {}
     for row, adapters in enumerate(rows):
         for adapter_id, scale in adapters:
@@ -83,11 +118,7 @@ def routed(rows: Sequence[tuple[AdapterWeight, ...]], device: torch.device) -> I
         dense[indices, column] = torch.tensor(scales)
     _ROUTING.dense = dense.to(device)
     _ROUTING.columns = {}
-    try:
-        yield
-    finally:
-        _ROUTING.by_adapter = None
-        _ROUTING.dense = _ROUTING.columns = None
+    _ROUTING.spec, _ROUTING.device = rows, device
 
 
 def install(denoiser: torch.nn.Module) -> int:
