@@ -243,8 +243,15 @@ def safety_gate(model: ModelConfig, device: torch.device) -> SafetyGate | None:
 
 
 def runs_continuous(model: ModelConfig, batching: BatchingConfig) -> bool:
-    """Whether the model's text-to-image jobs run in the continuous loop: asked for, and not
-    cached (the caches' state is per pipeline call, not per image in a loop): a cached model
-    keeps request-level batches. A compiled one runs the loop with its rows padded to the
-    counts its start warms (`loop/row_buckets.py`)."""
-    return batching.continuous and model.optimizations.cache is None
+    """Whether the model's text-to-image jobs run in the continuous loop: asked for, and
+    either uncached or with First-Block-Cache (decided per image in the loop,
+    `loop/per_image_cache.py`) and not compiled (its rows computing past the first block change
+    every step, which a compiled denoiser would recompile for). The other caches keep their
+    state per pipeline call, so a model with one keeps request-level batches. A compiled one
+    runs the loop with its rows padded to the counts its start warms
+    (`loop/row_buckets.py`)."""
+    cache = model.optimizations.cache
+    if cache is None:
+        return batching.continuous
+    compiled = model.optimizations.compile_config is not None
+    return batching.continuous and cache.kind == "first_block" and not compiled

@@ -43,8 +43,9 @@ from deployments.generator.loop.class_gate import ClassGate
 from deployments.generator.loop.families import FlowFamily, ImageState
 from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.loop.loop_jobs import LaneHooks, LoopJob, Size
+from deployments.generator.loop.per_image_cache import per_image_cache_of
 from deployments.generator.loop.row_buckets import padded
-from deployments.generator.model.components import to_uint8
+from deployments.generator.model.components import find_denoiser, to_uint8
 from deployments.generator.progress.previews import JobReporter, LatentPreviewer
 from deployments.jobs import GeneratedImages, ReplicaBroken
 
@@ -69,6 +70,8 @@ class Lane:
         (`row_buckets.py`)."""
         self._family = family
         self._pad_rows = pad_rows
+        # The model's First-Block-Cache, decided per image in the loop (None: no cache).
+        self._cache = per_image_cache_of(find_denoiser(getattr(family, "view", None)))
         self._gate = gate
         self._previewer = previewer
         self._adapters = adapters
@@ -382,10 +385,14 @@ class Lane:
         stepping = images
         if self._pad_rows:
             stepping = padded(self._family, images, self._hooks.capacity(*size))
-        if self._adapters is None:
-            noise = self._family.forward(stepping)
-        else:
-            noise = self._adapters.forward(self, self._family, stepping)
+        cached = contextlib.nullcontext()
+        if self._cache is not None:
+            cached = self._cache.rows([row.residuals for row in self._family.rows(stepping)])
+        with cached:
+            if self._adapters is None:
+                noise = self._family.forward(stepping)
+            else:
+                noise = self._adapters.forward(self, self._family, stepping)
         self._hooks.forward_done(len(self._family.rows(stepping)), len(stepping) - len(images))
         return noise[: len(images)]
 

@@ -20,13 +20,15 @@ images share a forward, the tolerance of batched float32 (design note 8).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from deployments.generator.loop.per_image_cache import ImageResiduals
 
 
 @dataclass(eq=False)
@@ -57,6 +59,8 @@ class ImageState:
     positions: torch.Tensor | None = None
     # Its LoRA adapters and their scales (`batching.adapter_key`); () is the base model.
     adapters: tuple[tuple[str, float], ...] = ()
+    # Its First-Block-Cache residuals, where the model has that cache (`per_image_cache.py`).
+    residuals: ImageResiduals = field(default_factory=ImageResiduals)
 
     @property
     def done(self) -> bool:
