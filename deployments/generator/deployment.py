@@ -35,6 +35,7 @@ from deployments.config.model_config import GENERATOR_DEPLOYMENT, BatchingConfig
 from deployments.generator.adapters.adapter_store import AdapterStore
 from deployments.generator.calls.warmup import compiled_graphs, prepare_to_serve
 from deployments.generator.engine import ImageEngine
+from deployments.generator.loop.caches import PER_IMAGE_KINDS
 from deployments.generator.model.cache_hooks import apply_cache
 from deployments.generator.model.components import denoiser_of
 from deployments.generator.model.model_limits import check_default_size
@@ -244,14 +245,13 @@ def safety_gate(model: ModelConfig, device: torch.device) -> SafetyGate | None:
 
 def runs_continuous(model: ModelConfig, batching: BatchingConfig) -> bool:
     """Whether the model's text-to-image jobs run in the continuous loop: asked for, and
-    either uncached or with First-Block-Cache (decided per image in the loop,
-    `loop/per_image_cache.py`) and not compiled (its rows computing past the first block change
-    every step, which a compiled denoiser would recompile for). The other caches keep their
-    state per pipeline call, so a model with one keeps request-level batches. A compiled one
-    runs the loop with its rows padded to the counts its start warms
-    (`loop/row_buckets.py`)."""
+    either uncached or with a cache decided per image in the loop (First-Block-Cache,
+    TaylorSeer: `loop/caches/`) and not compiled (the rows a cached step computes change every
+    step, which a compiled denoiser would recompile for). The other caches keep their state
+    per pipeline call, so a model with one keeps request-level batches. A compiled one runs
+    the loop with its rows padded to the counts its start warms (`loop/row_buckets.py`)."""
     cache = model.optimizations.cache
     if cache is None:
         return batching.continuous
     compiled = model.optimizations.compile_config is not None
-    return batching.continuous and cache.kind == "first_block" and not compiled
+    return batching.continuous and cache.kind in PER_IMAGE_KINDS and not compiled

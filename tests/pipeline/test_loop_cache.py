@@ -1,11 +1,13 @@
-"""First-Block-Cache in the continuous loop (`optimizations.cache.kind: first_block` with
-`batching.continuous`, `deployments/generator/loop/per_image_cache.py`): each image decides at
-its own step, on its own residuals, whether the blocks past the first run for it. Different
-jobs at once (1 or 2 images, 3 to 8 steps, guided or not, joining at different steps) each
-give the images the same job makes alone on the request-level path with diffusers' own
-cache; the blocks past the first run fewer rows than the first (images skip); and an image
-does not depend on what shares its forwards. On FLUX (the loop's family whose blocks diffusers'
-cache knows: it refuses SD3's and Chroma's at the start), with and without LoRA adapters.
+"""Caches decided per image in the continuous loop (`optimizations.cache` with
+`batching.continuous`, `deployments/generator/loop/caches/`): each image keeps its own cache
+state and decides at its own step: First-Block-Cache whether the blocks past the first run
+for it, TaylorSeer whether its hooked modules run or predict. Different jobs at once (1 or 2
+images, 3 to 8 steps, guided or not, joining at different steps) each give the images the
+same job makes alone on the request-level path with diffusers' own cache; the cached
+modules run fewer rows than enter the denoiser (images skip); an image does not depend on
+what shares its forwards; with LoRA adapters on some jobs, the same. First-Block-Cache on
+FLUX (the loop's family whose blocks diffusers' cache knows: it refuses SD3's and Chroma's at
+the start), TaylorSeer on FLUX and on SD3 (two rows an image with guidance).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
+from bench.engine.loop_cache import CachedRows
 from deployments.config.model_config import AdapterConfig, BatchingConfig, ModelConfig
 from deployments.config.optimizations_config import CacheConfig
 from deployments.generator.adapters.adapter_store import AdapterStore
@@ -30,18 +32,30 @@ from tests.jobs import make_job
 
 LOOP = BatchingConfig(max_batch_images=4, max_wait_ms=0, continuous=True)
 ALONE = BatchingConfig(max_batch_images=1, max_wait_ms=0)
-# Skips on the embedded models' random weights at 8 steps (as in test_cache.py).
-CACHE = CacheConfig(kind="first_block", threshold=0.5)
+# Settings that skip on the embedded models' random weights at 8 steps (as in test_cache.py).
+CACHES = {
+    "first_block": CacheConfig(kind="first_block", threshold=0.5),
+    "taylorseer": CacheConfig(
+        kind="taylorseer",
+        options={
+            "cache_interval": 3,
+            "disable_cache_before_step": 2,
+            "taylor_factors_dtype": "float32",
+        },
+    ),
+}
+CASES = [("tiny-flux", "first_block"), ("tiny-flux", "taylorseer"), ("tiny-sd3", "taylorseer")]
+ADAPTERS = {"tiny-flux": "embedded:tiny-flux/ink", "tiny-sd3": "embedded:tiny-sd3/ink"}
 
 
-def config(family: str, **optimizations) -> ModelConfig:
+def config(family: str, kind: str = "first_block", **optimizations) -> ModelConfig:
     return ModelConfig(
         id=family,
         source=f"embedded:{family}",
         device="cpu",
         default_size="32x32",
         default_steps=8,
-        optimizations={"cache": CACHE, **optimizations},
+        optimizations={"cache": CACHES[kind], **optimizations},
     )
 
 
@@ -68,46 +82,21 @@ JOBS = [
 ]
 
 
-def cached_pipeline():
-    model = config("tiny-flux")
+def cached_pipeline(family: str, kind: str):
+    model = config(family, kind)
     pipeline = load_pipeline(model)
     apply_cache(pipeline, model)
     return pipeline
 
 
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join(case))
+def case(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def cached():
-    return cached_pipeline()
-
-
-class RowsThroughBlocks:
-    """The rows each forward runs through the denoiser's first and last transformer block
-    (counted at a layer inside each, which sees the rows the block really runs)."""
-
-    def __init__(self, denoiser: torch.nn.Module) -> None:
-        blocks = [
-            module
-            for name, module in denoiser.named_modules()
-            if name.count(".") == 1 and name.split(".")[0].endswith("transformer_blocks")
-        ]
-        self.first: list[int] = []
-        self.last: list[int] = []
-        self._hooks = [
-            self._first_linear(blocks[0]).register_forward_pre_hook(self._count(self.first)),
-            self._first_linear(blocks[-1]).register_forward_pre_hook(self._count(self.last)),
-        ]
-
-    @staticmethod
-    def _first_linear(block: torch.nn.Module) -> torch.nn.Module:
-        return next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
-
-    @staticmethod
-    def _count(into: list[int]):
-        return lambda _module, args: into.append(args[0].shape[0])
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
+def cached(case):
+    return cached_pipeline(*case)
 
 
 async def _all_at_once(engine: ImageEngine, jobs: list[GenerationJob]) -> list[list[np.ndarray]]:
@@ -141,26 +130,28 @@ def assert_same_images(got: list[list[np.ndarray]], expected: list[list[np.ndarr
             assert difference.max() <= 1 and (difference > 0).mean() <= 0.001
 
 
-def test_first_block_cache_runs_the_loop_other_caches_and_compile_keep_request_level():
-    assert runs_continuous(config("tiny-flux"), LOOP)
+def test_per_image_caches_run_the_loop_other_caches_and_compile_keep_request_level():
+    assert runs_continuous(config("tiny-flux", "first_block"), LOOP)
+    assert runs_continuous(config("tiny-sd3", "taylorseer"), LOOP)
     assert not runs_continuous(config("tiny-flux", compile=True), LOOP)
-    taylor = ModelConfig(optimizations={"cache": CacheConfig(kind="taylorseer")})
-    assert not runs_continuous(taylor, LOOP)
+    magcache = ModelConfig(optimizations={"cache": CacheConfig(kind="magcache")})
+    assert not runs_continuous(magcache, LOOP)
 
 
 def test_different_jobs_at_once_each_give_their_images_alone_and_images_skip(cached):
-    """Fails when the loop runs every block for every row (nothing skips), and when images
-    share one decision (an image's output then depends on its forward's companions)."""
+    """Fails when the loop runs every row through the cached modules (nothing skips), and
+    when images share one decision (an image's output then depends on its forward's
+    companions)."""
     pipeline = cached
-    counted = RowsThroughBlocks(denoiser_of(pipeline))
+    counted = CachedRows(denoiser_of(pipeline))
     engine = ImageEngine(pipeline, 2, batching=LOOP, continuous=True)
     try:
         together = asyncio.run(_all_at_once(engine, JOBS))
     finally:
         engine.shutdown()
         counted.remove()
-    assert sum(counted.last) < sum(counted.first), "no image skipped the blocks past the first"
-    assert max(counted.first) > 1, "the jobs never shared a forward"
+    assert counted.through < counted.entered, "no image skipped the cached modules"
+    assert max(engine.batch_sizes) > 1, "the jobs never shared a forward"
     assert_same_images(together, alone(pipeline, JOBS))
 
 
@@ -176,15 +167,15 @@ def test_an_image_does_not_depend_on_what_shares_its_forwards(cached):
     assert_same_images(first, second)
 
 
-def test_images_with_and_without_an_adapter_skip_on_their_own_rows(cached):
-    """The blocks past the first run on the computing rows with those rows' adapters (the
-    LoRA routing narrowed with them)."""
-    ink = [AdapterConfig(id="ink", source="embedded:tiny-flux/ink")]
+def test_images_with_and_without_an_adapter_skip_on_their_own_rows(case):
+    """The cached modules run on the computing rows with those rows' adapters (the LoRA
+    routing narrowed with them)."""
+    ink = [AdapterConfig(id="ink", source=ADAPTERS[case[0]])]
     jobs = [
         replace(sent, adapters=(("ink", 1.0),)) if i % 2 else sent for i, sent in enumerate(JOBS)
     ]
     # Pipelines of their own: adapters stay loaded in a pipeline's modules.
-    shared, reference = cached_pipeline(), cached_pipeline()
+    shared, reference = cached_pipeline(*case), cached_pipeline(*case)
     engine = ImageEngine(
         shared, 2, batching=LOOP, continuous=True, adapters=AdapterStore(shared, ink, 2)
     )

@@ -88,7 +88,7 @@ def routed(rows: Sequence[tuple[AdapterWeight, ...]], device: torch.device) -> I
 @contextlib.contextmanager
 def narrowed(indices: Sequence[int]) -> Iterator[None]:
     """Within the block, the forwards run only the routed rows at `indices` (a per-image
-    cache skipping the others, `loop/per_image_cache.py`): the routing keeps those rows'
+    cache skipping the others, `loop/caches/`): the routing keeps those rows'
     adapters. Nothing to do where no routing holds."""
     spec, device = _ROUTING.spec, _ROUTING.device
     if spec is None or device is None:

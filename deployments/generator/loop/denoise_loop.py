@@ -39,11 +39,11 @@ import torch
 
 from deployments.generator.calls.batching import QueuedJob, adapter_key
 from deployments.generator.calls.call_plan import is_out_of_memory
+from deployments.generator.loop import caches
 from deployments.generator.loop.class_gate import ClassGate
 from deployments.generator.loop.families import FlowFamily, ImageState
 from deployments.generator.loop.loop_adapters import LoopAdapters
 from deployments.generator.loop.loop_jobs import LaneHooks, LoopJob, Size
-from deployments.generator.loop.per_image_cache import per_image_cache_of
 from deployments.generator.loop.row_buckets import padded
 from deployments.generator.model.components import find_denoiser, to_uint8
 from deployments.generator.progress.previews import JobReporter, LatentPreviewer
@@ -70,8 +70,9 @@ class Lane:
         (`row_buckets.py`)."""
         self._family = family
         self._pad_rows = pad_rows
-        # The model's First-Block-Cache, decided per image in the loop (None: no cache).
-        self._cache = per_image_cache_of(find_denoiser(getattr(family, "view", None)))
+        # The model's cache decides per image in the loop (`caches/`): its forwards say
+        # which image each row is.
+        self._cached = caches.has_per_image_caches(find_denoiser(getattr(family, "view", None)))
         self._gate = gate
         self._previewer = previewer
         self._adapters = adapters
@@ -386,8 +387,8 @@ class Lane:
         if self._pad_rows:
             stepping = padded(self._family, images, self._hooks.capacity(*size))
         cached = contextlib.nullcontext()
-        if self._cache is not None:
-            cached = self._cache.rows([row.residuals for row in self._family.rows(stepping)])
+        if self._cached:
+            cached = caches.rows([row.caches for row in self._family.rows(stepping)])
         with cached:
             if self._adapters is None:
                 noise = self._family.forward(stepping)

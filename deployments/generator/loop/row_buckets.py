@@ -65,7 +65,7 @@ def _padding_row(image: ImageState) -> ImageState:
     """A copy of `image` that adds one row to a forward: its conditional one (without its
     negative prompt, it has no unconditional row). Shares its tensors; advances nothing."""
     prompt = replace(image.prompt, negative_embeds=None, negative_pooled=None, negative_mask=None)
-    return replace(image, prompt=prompt)
+    return replace(image, prompt=prompt, caches={})  # a cache state of its own
 
 
 def warm_up(

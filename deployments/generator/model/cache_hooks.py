@@ -71,7 +71,7 @@ from diffusers.hooks.pyramid_attention_broadcast import (
 
 from deployments.config.model_config import ModelConfig
 from deployments.config.optimizations_config import CacheConfig
-from deployments.generator.loop import per_image_cache
+from deployments.generator.loop import caches as per_image
 from deployments.generator.model.components import DTYPES, denoiser_of, find_denoiser
 from deployments.generator.model.pipelines import RequestPipelines
 
@@ -201,8 +201,7 @@ def apply_cache(pipeline: DiffusionPipeline, model: ModelConfig) -> None:
         else:  # SD3's transformer and the UNet lack diffusers' CacheMixin
             _CONFIGS[config.kind][1](denoiser, diffusers_config)
             HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
-        if config.kind == "first_block":  # decided per image in the continuous loop
-            per_image_cache.install(denoiser, diffusers_config.threshold)
+        per_image.install(denoiser, config.kind, diffusers_config)  # the loop's side
     except (ValueError, TypeError, IndexError, KeyError) as error:
         raise CacheUnsupported(f"{where}: {type(error).__name__}: {error}") from error
     if _make_state_per_call(denoiser, per_call, where) == 0:

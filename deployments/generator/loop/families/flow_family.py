@@ -28,8 +28,6 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from deployments.generator.loop.per_image_cache import ImageResiduals
-
 
 @dataclass(eq=False)
 class ImagePrompt:
@@ -59,8 +57,9 @@ class ImageState:
     positions: torch.Tensor | None = None
     # Its LoRA adapters and their scales (`batching.adapter_key`); () is the base model.
     adapters: tuple[tuple[str, float], ...] = ()
-    # Its First-Block-Cache residuals, where the model has that cache (`per_image_cache.py`).
-    residuals: ImageResiduals = field(default_factory=ImageResiduals)
+    # Its own cache state, by the cache hook that keeps each, where the model's cache is
+    # decided per image (`loop/caches/`).
+    caches: dict[object, Any] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
