@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from bench.engine.loop_cache import CachedRows
 from deployments.config.model_config import AdapterConfig, BatchingConfig, ModelConfig
@@ -184,3 +185,36 @@ def test_images_with_and_without_an_adapter_skip_on_their_own_rows(case):
     finally:
         engine.shutdown()
     assert_same_images(together, alone(reference, jobs, AdapterStore(reference, ink, 2)))
+
+
+def test_a_forward_that_fails_midway_runs_again_from_the_images_states_before_it(cached):
+    """Out of memory in the last layer of the denoiser's last block, in each forward where
+    it runs more than two rows: after First-Block-Cache's first block decided and replaced
+    the images' residuals but before the last one stored theirs, after TaylorSeer's modules
+    counted the step. The step runs again in halves, down to one image, from the states as
+    they were: each image still equals its request alone. Fails when a failed forward's
+    changes are kept (the halves then see a step already counted, or a residual of a step
+    that never finished)."""
+    pipeline = cached
+    blocks = [
+        module
+        for name, module in denoiser_of(pipeline).named_modules()
+        if name.count(".") == 1 and name.split(".")[0].endswith("transformer_blocks")
+    ]
+    last = [m for m in blocks[-1].modules() if isinstance(m, torch.nn.Linear)][-1]
+    failed = []
+
+    def out_of_memory(_module, args):
+        if args[0].shape[0] > 2:  # more rows than one image has
+            failed.append(args[0].shape[0])
+            raise torch.OutOfMemoryError("out of memory (a test's)")
+
+    hook = last.register_forward_pre_hook(out_of_memory)
+    engine = ImageEngine(pipeline, 1, batching=LOOP, continuous=True)
+    try:
+        together = asyncio.run(_all_at_once(engine, JOBS))
+    finally:
+        engine.shutdown()
+        hook.remove()
+    assert failed, "no forward ran out of memory"
+    assert_same_images(together, alone(pipeline, JOBS))

@@ -128,6 +128,7 @@ class _BlockHook(ModelHook):
         skipping: list[tuple[ImageResiduals, torch.Tensor]] = []
         for caches, rows, indices in forward.groups(hidden.device):
             image = caches.setdefault(self._key, ImageResiduals())
+            forward.keep(_restorer(image))
             mine = residual.index_select(0, rows)
             if self._changed(image, mine):
                 image.head = mine
@@ -218,3 +219,12 @@ class _BlockHook(ModelHook):
         if metadata.return_encoder_hidden_states_index is not None:
             output[metadata.return_encoder_hidden_states_index] = encoder
         return tuple(output)
+
+
+def _restorer(image: ImageResiduals):
+    head, tail = image.head, image.tail  # replaced by a step, never changed in place
+
+    def restore() -> None:
+        image.head, image.tail = head, tail
+
+    return restore

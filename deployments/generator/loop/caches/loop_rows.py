@@ -40,6 +40,17 @@ class LoopForward:
         self.rows = list(rows)
         self.state: dict[object, Any] = {}  # what a cache's hooks share within this forward
         self._groups: list[tuple[ImageCaches, torch.Tensor, list[int]]] | None = None
+        self._undo: list[Callable[[], None]] = []
+
+    def keep(self, restore: Callable[[], None]) -> None:
+        """`restore` puts back an image's state as it was before this forward changed it:
+        run if the forward fails (it runs again, in halves or alone, from the same state)."""
+        self._undo.append(restore)
+
+    def undo(self) -> None:
+        for restore in reversed(self._undo):
+            restore()
+        self._undo.clear()
 
     def groups(self, device: torch.device) -> list[tuple[ImageCaches, torch.Tensor, list[int]]]:
         """Each image with its rows (on the device, and on the host), in order of first
@@ -66,9 +77,12 @@ _THIS_THREAD = _ThisThread()
 def rows(caches: Sequence[ImageCaches]) -> Iterator[None]:
     """Within the block, this thread's denoiser forward runs rows whose images' cache states
     are `caches[i]` (one entry a row: an image's rows share one dict)."""
-    _THIS_THREAD.forward = LoopForward(caches)
+    forward = _THIS_THREAD.forward = LoopForward(caches)
     try:
         yield
+    except BaseException:
+        forward.undo()  # the images' states as before: the step runs again from them
+        raise
     finally:
         _THIS_THREAD.forward = None
 

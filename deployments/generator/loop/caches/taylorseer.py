@@ -71,6 +71,7 @@ class _ModuleHook(ModelHook):
             state = caches.get(self)
             if state is None:
                 state = caches[self] = self._new_state()
+            forward.keep(_restorer(state))
             if self._computes(state):
                 computing.append((state, rows))
                 indices.extend(host_rows)
@@ -141,6 +142,18 @@ def _assembled(
             whole.index_copy_(0, rows, values[index].to(like.dtype))
         outputs.append(whole)
     return outputs[0] if single else tuple(outputs)
+
+
+def _restorer(state: Any):
+    """Puts `state` back as it is now: its step count, and its factors (an update replaces
+    an output's factors, never changes them in place)."""
+    saved = dict(vars(state))
+    saved["taylor_factors"] = dict(state.taylor_factors)
+
+    def restore() -> None:
+        vars(state).update(saved)
+
+    return restore
 
 
 def _as_tuple(outputs: Any) -> tuple[torch.Tensor, ...]:
