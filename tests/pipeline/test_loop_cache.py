@@ -218,3 +218,20 @@ def test_a_forward_that_fails_midway_runs_again_from_the_images_states_before_it
         hook.remove()
     assert failed, "no forward ran out of memory"
     assert_same_images(together, alone(pipeline, JOBS))
+
+
+def test_request_level_calls_beside_the_loop_keep_their_own_cache_state(cached, case):
+    """A job of more images than a loop step holds runs request-level (diffusers' hooks,
+    their state per call) in one thread while the loop's forwards run per-image states in
+    another: each image equals its request alone. TaylorSeer only: First-Block-Cache decides
+    once for a request-level batch, so its images are not each request's alone."""
+    if case[1] != "taylorseer":
+        pytest.skip("a request-level batch shares First-Block-Cache's decision")
+    pipeline = cached
+    large = job(60, steps=7, guidance=4.5, n=LOOP.max_batch_images + 1)
+    engine = ImageEngine(pipeline, 2, batching=LOOP, continuous=True)
+    try:
+        together = asyncio.run(_all_at_once(engine, [large, *JOBS]))
+    finally:
+        engine.shutdown()
+    assert_same_images(together, alone(pipeline, [large, *JOBS]))

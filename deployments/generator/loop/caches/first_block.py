@@ -70,10 +70,12 @@ def install(denoiser: torch.nn.Module, threshold: float) -> int:
     if len(blocks) < 2:
         raise ValueError("First-Block-Cache hooked fewer than two blocks")
     key = object()  # the cache's key in each image's states, and in a forward's
-    for index, block in enumerate(blocks):
+    for block in blocks:
         registry = HookRegistry.check_if_exists_or_initialize(block)
-        fbc = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) or registry.get_hook(_FBC_BLOCK_HOOK)
-        role = "head" if index == 0 else "tail" if index == len(blocks) - 1 else "middle"
+        head = registry.get_hook(_FBC_LEADER_BLOCK_HOOK)
+        fbc = head or registry.get_hook(_FBC_BLOCK_HOOK)
+        # diffusers' roles: the head decides, the tail stores what the blocks added.
+        role = "head" if head is not None else "tail" if fbc.is_tail else "middle"
         registry.register_hook(_BlockHook(key, threshold, fbc, role, block), _HOOK)
     return len(blocks)
 
