@@ -220,6 +220,10 @@ def levers(profile: Profile, env: Environment) -> tuple[list[Lever], list[tuple[
     # decides from the step alone, so random weights do not distort its skip rate.
     taylorseer = {"cache": {"kind": "taylorseer", "options": {"cache_interval": 3}}}
     offer(Lever("cache_taylorseer", taylorseer), None)
+    # The same cache in the continuous loop, decided per image
+    # (`deployments/generator/loop/caches/`): against `cache_taylorseer`, what the loop keeps
+    # with the cache on.
+    offer(Lever("continuous_taylorseer", taylorseer, batching={"continuous": True}), None)
     offer(
         Lever("int8_weight_only", {"quantization": "int8_weight_only"}, 20),
         _need_torchao(env) or _cpu_only(profile, "quantizing"),

@@ -134,6 +134,7 @@ def test_levers_it_cannot_run_are_skipped_with_a_reason():
     assert "dispatcher" in reasons["attention_flash"]
     assert "optimizations" in reasons["compile"]
     assert "optimizations" in reasons["continuous_compile"]
+    assert "optimizations" in reasons["continuous_taylorseer"]
     assert "needs 2 GPUs" in reasons["ulysses_2"] and "has 0" in reasons["ulysses_2"]
 
 
