@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.engine.loop_cache import CASES as BENCH_CASES
 from bench.engine.loop_cache import CachedRows
 from deployments.config.model_config import AdapterConfig, BatchingConfig, ModelConfig
 from deployments.config.optimizations_config import CacheConfig
@@ -33,18 +34,9 @@ from tests.jobs import make_job
 
 LOOP = BatchingConfig(max_batch_images=4, max_wait_ms=0, continuous=True)
 ALONE = BatchingConfig(max_batch_images=1, max_wait_ms=0)
-# Settings that skip on the embedded models' random weights at 8 steps (as in test_cache.py).
-CACHES = {
-    "first_block": CacheConfig(kind="first_block", threshold=0.5),
-    "taylorseer": CacheConfig(
-        kind="taylorseer",
-        options={
-            "cache_interval": 3,
-            "disable_cache_before_step": 2,
-            "taylor_factors_dtype": "float32",
-        },
-    ),
-}
+# Settings that skip on the embedded models' random weights at 8 steps (as in test_cache.py):
+# the benchmark's (`bench.engine.loop_cache`).
+CACHES = {case.split("/")[1]: cache for case, cache in BENCH_CASES.items()}
 CASES = [("tiny-flux", "first_block"), ("tiny-flux", "taylorseer"), ("tiny-sd3", "taylorseer")]
 ADAPTERS = {"tiny-flux": "embedded:tiny-flux/ink", "tiny-sd3": "embedded:tiny-sd3/ink"}
 
@@ -110,6 +102,16 @@ async def _all_at_once(engine: ImageEngine, jobs: list[GenerationJob]) -> list[l
     return await asyncio.gather(*(sent(index, job) for index, job in enumerate(jobs)))
 
 
+def in_the_loop(pipeline, jobs: list[GenerationJob], workers: int = 2, adapters=None):
+    """The jobs sent to a loop engine on `pipeline` about a step apart; their images, and
+    the images of each of the loop's steps."""
+    engine = ImageEngine(pipeline, workers, batching=LOOP, continuous=True, adapters=adapters)
+    try:
+        return asyncio.run(_all_at_once(engine, jobs)), engine.batch_sizes
+    finally:
+        engine.shutdown()
+
+
 def alone(pipeline, jobs: list[GenerationJob], adapters=None) -> list[list[np.ndarray]]:
     """Each image by a request of its own on the request-level path (diffusers' cache)."""
     engine = ImageEngine(pipeline, 1, batching=ALONE, adapters=adapters)
@@ -145,14 +147,12 @@ def test_different_jobs_at_once_each_give_their_images_alone_and_images_skip(cac
     companions)."""
     pipeline = cached
     counted = CachedRows(denoiser_of(pipeline))
-    engine = ImageEngine(pipeline, 2, batching=LOOP, continuous=True)
     try:
-        together = asyncio.run(_all_at_once(engine, JOBS))
+        together, steps = in_the_loop(pipeline, JOBS)
     finally:
-        engine.shutdown()
         counted.remove()
     assert counted.through < counted.entered, "no image skipped the cached modules"
-    assert max(engine.batch_sizes) > 1, "the jobs never shared a forward"
+    assert max(steps) > 1, "the jobs never shared a forward"
     assert_same_images(together, alone(pipeline, JOBS))
 
 
@@ -177,13 +177,7 @@ def test_images_with_and_without_an_adapter_skip_on_their_own_rows(case):
     ]
     # Pipelines of their own: adapters stay loaded in a pipeline's modules.
     shared, reference = cached_pipeline(*case), cached_pipeline(*case)
-    engine = ImageEngine(
-        shared, 2, batching=LOOP, continuous=True, adapters=AdapterStore(shared, ink, 2)
-    )
-    try:
-        together = asyncio.run(_all_at_once(engine, jobs))
-    finally:
-        engine.shutdown()
+    together, _ = in_the_loop(shared, jobs, adapters=AdapterStore(shared, ink, 2))
     assert_same_images(together, alone(reference, jobs, AdapterStore(reference, ink, 2)))
 
 
@@ -210,11 +204,9 @@ def test_a_forward_that_fails_midway_runs_again_from_the_images_states_before_it
             raise torch.OutOfMemoryError("out of memory (a test's)")
 
     hook = last.register_forward_pre_hook(out_of_memory)
-    engine = ImageEngine(pipeline, 1, batching=LOOP, continuous=True)
     try:
-        together = asyncio.run(_all_at_once(engine, JOBS))
+        together, _ = in_the_loop(pipeline, JOBS, workers=1)
     finally:
-        engine.shutdown()
         hook.remove()
     assert failed, "no forward ran out of memory"
     assert_same_images(together, alone(pipeline, JOBS))
@@ -229,9 +221,5 @@ def test_request_level_calls_beside_the_loop_keep_their_own_cache_state(cached, 
         pytest.skip("a request-level batch shares First-Block-Cache's decision")
     pipeline = cached
     large = job(60, steps=7, guidance=4.5, n=LOOP.max_batch_images + 1)
-    engine = ImageEngine(pipeline, 2, batching=LOOP, continuous=True)
-    try:
-        together = asyncio.run(_all_at_once(engine, [large, *JOBS]))
-    finally:
-        engine.shutdown()
+    together, _ = in_the_loop(pipeline, [large, *JOBS])
     assert_same_images(together, alone(pipeline, [large, *JOBS]))
