@@ -386,15 +386,14 @@ class Lane:
         stepping = images
         if self._pad_rows:
             stepping = padded(self._family, images, self._hooks.capacity(*size))
-        cached = contextlib.nullcontext()
-        if self._cached:
-            cached = caches.rows([row.caches for row in self._family.rows(stepping)])
-        with cached:
+        rows = self._family.rows(stepping)
+        cached = caches.rows([row.caches for row in rows]) if self._cached else None
+        with cached or contextlib.nullcontext():
             if self._adapters is None:
                 noise = self._family.forward(stepping)
             else:
                 noise = self._adapters.forward(self, self._family, stepping)
-        self._hooks.forward_done(len(self._family.rows(stepping)), len(stepping) - len(images))
+        self._hooks.forward_done(len(rows), len(stepping) - len(images))
         return noise[: len(images)]
 
     def _fail_in_loop(self, job: LoopJob, error: Exception) -> None:

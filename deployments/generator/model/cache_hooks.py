@@ -38,6 +38,11 @@ depends on its batch companions (a batch rerun gives the same images). TaylorSee
 and PAB decide from the step (and MagCache's fixed ratios) alone and cache element-wise, so
 their images do not depend on the batch. The cache is per model, so every call of a replica
 has the same setting: the batching key needs no cache field.
+
+In the continuous loop, First-Block-Cache and TaylorSeer decide per image instead, each
+image with its own state at its own step: hooks of `loop/caches/`, installed here outside
+diffusers' on the same modules, take the loop's forwards and hand every other call to
+diffusers' hooks unchanged.
 """
 
 from __future__ import annotations
