@@ -41,7 +41,6 @@ def measure() -> None:
 
 def validate(cases: list[str] | None, repeats: int, speed: float) -> None:
     from bench.capacity.experiment import cases as all_cases
-    from bench.capacity.experiment import pace_for
     from bench.capacity.service import ServiceModel
     from bench.capacity.throttle import Throttle
     from bench.capacity.validate import kept, load
@@ -51,10 +50,9 @@ def validate(cases: list[str] | None, repeats: int, speed: float) -> None:
         with throttle.inside():
             measure()  # the engine's speed now (at the throttle's), just before the cluster
         service = ServiceModel.load(SERVICE)
-        pace = pace_for(service)
-        print(f"[capacity] the traces at x{pace} their rates (the engine's speed now)", flush=True)
-        selected = [case for case in all_cases(pace) if not cases or case.name in cases]
-        data = run(selected, service, repeats, pace, throttle)
+        # Each run's pace comes from its probe, the stretch from the calibration.
+        selected = [case for case in all_cases() if not cases or case.name in cases]
+        data = run(selected, service, repeats, throttle)
     stored = kept(load(VALIDATION), data)
     _write(VALIDATION, stored)
     chart(data, CHART)
@@ -95,7 +93,10 @@ def show() -> int:
         validations = stored["validations"]
         data = validations[-1]
         print(f"The latest validation: simulation against the real cluster ({data['nodes']}).")
-        print(f"The traces at x{data.get('pace', 1.0)} their rates (the engine's speed then).")
+        print(
+            f"The traces at x{data.get('pace', 1.0)} their rates (the runs' median, each "
+            f"from its probe), x{data.get('stretch', 1.0)} their times (the replica start)."
+        )
         print(f"The cluster at x{data.get('throttle', 1.0)} of the machine's speed (throttle.py).")
         print(
             f"Replica start {data['start_times_s']} s, request overhead "

@@ -11,17 +11,24 @@ large kind, at the real stack (proxy, ingress, generator replicas on the "GPU" n
 - "1 call, 1 starting": one client while a replica of a third, generator-only application
   loads its model and warms up on the same node (only the requests sent and answered within
   its STARTING window count), twice;
-- "saturated" and "backlog": one replica kept busy by 4 clients (its `max_ongoing_requests`)
-  and by 4 + `BACKLOG` (that many waiting at the handle), each sending 4-image requests
-  that fill a call alone (no batching to account for): the factor is the seconds between
-  answers over the calls' standalone seconds, and their ratio the backlog's own effect.
+- "saturated" and "backlog N": one replica kept busy by 4 clients (its
+  `max_ongoing_requests`) and by 4 + N for each N of `BACKLOGS` (that many waiting at the
+  handle), each sending 4-image requests that fill a call alone (no batching to account
+  for): the factor is the seconds between answers over the calls' standalone seconds, and
+  each backlog's over the saturated one its own effect. At two backlogs, because a trace's
+  bursts hold far more waiting than one point says: the calls of a full-speed run that
+  overlapped no other ran x1.1 to x1.4 their standalone seconds with 0 to 2 requests in the
+  system and x1.5 to x2.2 with 5 to 40 (a few calls each, three validations of
+  2026-12-07), where the one backlog measured (8 waiting) said x1.05 to x1.27 and nothing
+  beyond.
 - "warm-up": a fresh one-replica application deployed while the first application's client
   runs on; one client alternating three kinds (small, large, the filling 4-image one) on it
   from the moment it runs ("at once"), and again on another fresh one left idle
   `IDLE_S` first ("idle", as the traces' first replica is): each call's factor (latency
   less the overhead over the standalone seconds) by its place among the replica's calls,
   over the factor of its calls from `STEADY_FROM` on, in blocks of calls 1, 2, 3-4, 5-8,
-  9-16, 17-24.
+  9-16, 17-24, none below 1 (a replica's first calls faster than its later ones are the
+  machine's drift between them, not the replica: one calibration measured x0.58).
 Before each trace, `bench/capacity/probe.py` measures the lone call's factor again (and the
 request overhead), and the calibration's factors are scaled to it for that trace.
 The factors are `Contention` (bench/capacity/contention.py) for the simulation; nothing in
@@ -43,7 +50,7 @@ from bench.capacity.service import ServiceModel
 PHASE_S = 15.0
 TURNS = 3  # "1 call" and "2 calls" each in this many turns of PHASE_S / TURNS
 STARTS = 2
-BACKLOG = 8
+BACKLOGS = (8, 24)  # requests waiting at the handle in the backlog phases
 # A warm-up run lasts until its replica has answered `WARM_CALLS` calls (the blocks and the
 # steady ones after them), `WARM_MAX_S` at most: 30 s fixed were 24 calls at full speed and
 # too few at half.
@@ -175,7 +182,8 @@ def calibrate(
             for kind in [*kinds, filling]:
                 client.post(url, json={**kind.body(0), "response_format": "url"})
     samples = _saturated(urls[0], service, filling, 4, "saturated")
-    samples += _saturated(urls[0], service, filling, 4 + BACKLOG, "backlog")
+    for waiting in BACKLOGS:
+        samples += _saturated(urls[0], service, filling, 4 + waiting, f"backlog {waiting}")
     first = threading.Thread(
         target=_client, args=(urls[0], kinds, service, phase, stop_first, samples)
     )
@@ -234,7 +242,7 @@ def warmup_factors(samples: list[Sample], overhead: float) -> dict[str, Any]:
     # half counts as steady, and a block with no call as no slower.
     steady = _factor(samples[STEADY_FROM:] or samples[len(samples) // 2 :], overhead)
     blocks = [
-        round(_factor(samples[a:b], overhead) / steady, 3) if samples[a:b] else 1.0
+        round(max(1.0, _factor(samples[a:b], overhead) / steady), 3) if samples[a:b] else 1.0
         for a, b in WARM_BLOCKS
     ]
     per_call = [f for (a, b), f in zip(WARM_BLOCKS, blocks, strict=True) for _ in range(b - a)]
@@ -273,12 +281,15 @@ def finish(
             slowdowns[key] = round(_factor(chosen, overhead), 3)
     counts = {label: sum(1 for s in samples if s[0] == label) for label in sorted(phases(samples))}
     saturated = _throughput_factor([s for s in samples if s[0] == "saturated"])
-    backlog = _throughput_factor([s for s in samples if s[0] == "backlog"])
+    backlogs = {
+        waiting: _throughput_factor([s for s in samples if s[0] == f"backlog {waiting}"])
+        for waiting in BACKLOGS
+    }
     notes = {
         "samples": counts,
         "starter_start_s": starts,
         "saturated_factor": round(saturated, 3),
-        "backlog_factor": round(backlog, 3),
+        "backlog_factors": {str(waiting): round(f, 3) for waiting, f in backlogs.items()},
     }
     warm = {label: warmup_factors(run, overhead) for label, run in warm_runs.items()}
     notes["warmup"] = {
@@ -287,7 +298,8 @@ def finish(
     contention = Contention(
         slowdowns,
         notes,
-        (BACKLOG, round(backlog / saturated, 3)),
+        # None faster than the saturated replica: waiting requests add work, never take it.
+        tuple((waiting, round(max(1.0, f / saturated), 3)) for waiting, f in backlogs.items()),
         tuple(warm["at once"]["per_call"]) if warm else (),
         tuple(warm["idle"]["per_call"]) if warm else (),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from bench.capacity.experiment import (
     SMALL,
     Case,
     app_args,
+    pace_for,
+    stretch_for,
 )
 from bench.capacity.figures import summarize
 from bench.capacity.probe import LoggedCall, probe
@@ -57,6 +60,9 @@ class RealRun:
     probe: dict[str, Any] = field(default_factory=dict)
     # Each request as the ingress logged it (`server_timings`), the probe's too.
     server: list[list[Any]] = field(default_factory=list)
+    # The trace it ran: its case at this pace (from its probe) and stretch (`Case.at`).
+    pace: float = 1.0
+    stretch: float = 1.0
 
     def summary(self, duration_s: float) -> dict[str, Any]:
         return summarize(duration_s, self.requests, [(t, n) for t, n, _ in self.timeline])
@@ -247,10 +253,17 @@ def calibrate_on(port: int, service: ServiceModel) -> dict[str, Any]:
 
 
 def _run_case(
-    case: Case, app: str, port: int, repeat: int, service: ServiceModel, throttled: bool
+    case: Case,
+    app: str,
+    port: int,
+    repeat: int,
+    service: ServiceModel,
+    throttled: bool,
+    stretch: float,
 ) -> RealRun:
     """One replay of `case` on a fresh application named `app`, after the speed probe on
-    its replica; the application deleted after."""
+    its replica: at the pace its probe's lone call sets (`experiment.pace_for`), its times
+    `stretch`ed; the application deleted after."""
     from ray import serve
 
     from deployments.config.model_config import generator_deployment_name
@@ -276,12 +289,15 @@ def _run_case(
             raise RuntimeError(f"{app} did not come back to its min_replicas before its trace")
         time.sleep(0.5)
     speed["settled_s"] = round(time.monotonic() - settling, 1)
+    pace = pace_for(service, speed["factor"])
+    case = case.at(pace, stretch)
     # The state before the trace holds from its start.
     poller.started, wall_started = time.monotonic(), time.time()
     poller.samples = [(0.0, *poller.samples[-1][1:])]
     print(
         f"[capacity] {case.name}, run {repeat + 1}: {len(case.trace.arrivals)} requests "
-        f"(load average {load_before:.2f}, probe x{speed['factor']}, "
+        f"in {case.trace.duration_s:g} s (pace x{pace}; load average {load_before:.2f}, "
+        f"probe x{speed['factor']}, "
         f"+{speed['overhead_s']} s, settled after {speed['settled_s']} s)",
         flush=True,
     )
@@ -292,14 +308,18 @@ def _run_case(
     serve.delete(app)
     starts = poller.start_times()
     server = server_timings(app, wall_started)
-    return RealRun(case.name, sorted(requests), timeline, starts, load, repeat, speed, server)
+    return RealRun(
+        case.name, sorted(requests), timeline, starts, load, repeat, speed, server, pace, stretch
+    )
 
 
 def run_cluster(
     selected: list[Case], service: ServiceModel, repeats: int, throttle: Throttle
 ) -> tuple[list[RealRun], dict[str, Any]]:
     """The calibration, then every case `repeats` times on one two-node cluster, the cases
-    interleaved (a drift of the machine's speed reaches all of them alike); the runs and it.
+    interleaved (a drift of the machine's speed reaches all of them alike), each run at its
+    probe's pace and all stretched by the calibration's replica start
+    (`experiment.stretch_for`); the runs and it.
     The cluster's processes run in `throttle`'s group (at its speed); this one, the clients',
     outside it."""
     # Ray starts its workers at niceness 15, below the load's client and everything else on
@@ -326,11 +346,13 @@ def run_cluster(
         calibration = calibrate_on(port, service)
         calibration["load_average"] = (round(load, 2), round(os.getloadavg()[0], 2))
         print(f"[capacity] calibrated: {calibration['contention'].slowdowns}", flush=True)
+        stretch = stretch_for(statistics.median(calibration["contention"].notes["starter_start_s"]))
+        calibration["stretch"] = stretch
         for repeat in range(repeats):
             for index, case in enumerate(selected):
                 app = f"capacity-{index}-{repeat}"
                 throttled = throttle.speed < 1.0
-                runs.append(_run_case(case, app, port, repeat, service, throttled))
+                runs.append(_run_case(case, app, port, repeat, service, throttled, stretch))
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -24,9 +24,10 @@ class Contention:
 
     slowdowns: dict[tuple[int, int], float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
-    # (requests waiting at the handle, the factor on top of the rest then): from none
-    # waiting to that many it grows in proportion, and no further beyond.
-    backlog: tuple[int, float] | None = None
+    # (requests waiting at the handle, the factor on top of the rest then), measured at one
+    # or more backlogs, fewest first: between none waiting (1) and the measured points it is
+    # interpolated, beyond the last it stays there (nothing measured says how it goes on).
+    backlog: tuple[tuple[int, float], ...] = ()
     # A replica's first calls, each slower than its later ones under the same load by this
     # factor, the first call first; from then on 1. `warmup` for a replica that starts
     # during the trace (loaded once it runs), `warmup_idle` for one that was up and idle
@@ -43,10 +44,16 @@ class Contention:
         if not self.slowdowns:
             return 1.0
         base = self._factor(calls, starting)
-        if self.backlog is None or queued <= 0:
-            return base
-        measured, extra = self.backlog
-        return base * (1 + (extra - 1) * min(queued, measured) / measured)
+        return base if queued <= 0 else base * self.backlog_factor(queued)
+
+    def backlog_factor(self, queued: int) -> float:
+        """The factor `queued` requests waiting at the handle put on top of the rest."""
+        below, low = 0, 1.0
+        for measured, extra in self.backlog:
+            if queued <= measured:
+                return low + (extra - low) * (queued - below) / (measured - below)
+            below, low = measured, extra
+        return low
 
     def _factor(self, calls: int, starting: int) -> float:
         calls = max(1, calls)
@@ -87,7 +94,7 @@ class Contention:
     def to_json(self) -> dict[str, Any]:
         return {
             "notes": self.notes,
-            "backlog": None if self.backlog is None else list(self.backlog),
+            "backlog": [list(point) for point in self.backlog],
             "warmup": list(self.warmup),
             "warmup_idle": list(self.warmup_idle),
             "slowdowns": [
@@ -101,11 +108,13 @@ class Contention:
         if not data:
             return cls()
         slowdowns = {(row["calls"], row["starting"]): row["factor"] for row in data["slowdowns"]}
-        backlog = data.get("backlog")
+        backlog = data.get("backlog") or ()
+        if backlog and not isinstance(backlog[0], list):  # one point, as files before 2026-12-08
+            backlog = [backlog]
         return cls(
             slowdowns,
             data.get("notes", {}),
-            None if backlog is None else tuple(backlog),
+            tuple((int(queued), float(extra)) for queued, extra in backlog),
             tuple(data.get("warmup", ())),
             tuple(data.get("warmup_idle", ())),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.capacity.experiment import DURATION_S
 from bench.capacity.figures import COMPARED, JUDGED
 
 LABELS = {
@@ -81,7 +82,7 @@ def runs_table(validations: list[dict[str, Any]]) -> str:
     rate whatever the model."""
     head = " | ".join(JUDGED_LABELS[key] for key in JUDGED)
     lines = [
-        f"| speed | pace | trace | run | {head} | within 20% |",
+        f"| speed | pace, length | trace | run | {head} | within 20% |",
         "|---|---|---|---|" + "---|" * len(JUDGED) + "---|",
     ]
     ordered = sorted(validations, key=lambda data: -float(data.get("throttle") or 1.0))
@@ -97,8 +98,11 @@ def runs_table(validations: list[dict[str, Any]]) -> str:
                         error = (sim[key] - real[key]) / real[key]
                     good += error is not None and abs(error) <= 0.2
                     cells.append(f"{_number(real[key])} / {_number(sim[key])} ({_error(error)})")
+                pace = run.get("pace", data.get("pace", 1.0))
+                stretch = run.get("stretch", data.get("stretch", 1.0))
                 lines.append(
-                    f"| x{speed:g} | x{data.get('pace', 1.0)} | {case['case']} | {number} | "
+                    f"| x{speed:g} | x{pace}, {stretch:g} x {DURATION_S:g} s | {case['case']} | "
+                    f"{number} | "
                     f"{' | '.join(cells)} | {good} of {len(JUDGED)} |"
                 )
     return "\n".join(lines)

@@ -88,16 +88,15 @@ def validate(
     selected: list[Case],
     service: ServiceModel,
     repeats: int = REPEATS,
-    pace: float = 1.0,
     throttle: Throttle | None = None,
 ) -> dict[str, Any]:
     """The cases on the cluster, `repeats` runs each, then each run simulated (its repeat
-    the seed) with `service` (measured on this machine just before), the contention
-    calibrated on the cluster at the speed the run's probe measured, the request overhead
-    its probe measured (else the calibration's), and the replica start measured in that run
-    (else the median of all); medians against medians. `pace`: the traces' rates, as
-    `experiment.cases` was given it (recorded, for `speed_fit` and the report). `throttle`:
-    the cluster run at a share of this machine's speed (`throttle.py`; none: full speed)."""
+    the seed) on the trace it ran (its pace and stretch, `Case.at`) with `service`
+    (measured on this machine just before), the contention calibrated on the cluster at the
+    speed the run's probe measured, the request overhead its probe measured (else the
+    calibration's), and the replica start measured in that run (else the median of all);
+    medians against medians. `throttle`: the cluster run at a share of this machine's
+    speed (`throttle.py`; none: full speed)."""
     from bench.capacity.cluster import run_cluster
 
     model = model_digest()  # the code that runs now, not what the files hold after
@@ -111,7 +110,9 @@ def validate(
         own = [run for run in runs if run.case == case.name]
         paired = [
             {
-                "summary": run.summary(case.trace.duration_s),
+                "pace": run.pace,
+                "stretch": run.stretch,
+                "summary": run.summary(case.at(run.pace, run.stretch).trace.duration_s),
                 "probe": run.probe,
                 "start_times_s": run.start_times_s,
                 "load_average": run.load_average,
@@ -126,7 +127,9 @@ def validate(
         "nodes": "two Ray nodes on one 2-core machine (head: proxy, ingress; worker: generators)",
         "model": model,
         "repeats": repeats,
-        "pace": pace,
+        # The runs' median pace and their stretch (each run's own is in its row).
+        "pace": statistics.median(run.pace for run in runs),
+        "stretch": statistics.median(run.stretch for run in runs),
         "throttle": throttle.speed,
         "service": service.with_overhead(overhead).to_json(),
         "replica": {**REPLICA.__dict__, "start_s": start_s},
@@ -149,14 +152,17 @@ def _judged_case(
     overhead: float,
     start_s: float,
     spread: bool = True,
+    fallback: tuple[float, float] = (1.0, 1.0),
 ) -> dict[str, Any]:
-    """A case's real runs (`paired`, in repeat order), each simulated as `validate` says,
+    """A case's real runs (`paired`, in repeat order), each simulated as `validate` says
+    on the trace it ran (its "pace" and "stretch"; else `fallback`'s),
     `SIM_SEEDS` times: its simulations' medians ("sim"), their least and greatest
     ("sim_range": how much the model itself expects one run to vary), the first one's call
     speed and parts added, and the case judged. `spread`: each run's calls and overheads
     vary as its probe's did (`ServiceModel.with_spread`)."""
     sims = []
     for repeat, run in enumerate(paired):
+        ran = case.at(run.get("pace", fallback[0]), run.get("stretch", fallback[1]))
         starts = run["start_times_s"]
         own_start = statistics.median(starts) if starts else start_s
         replica = ReplicaSettings(**{**REPLICA.__dict__, "start_s": own_start})
@@ -169,7 +175,7 @@ def _judged_case(
                 ratios[PROBE_WARM_CALLS:], probe.get("overheads", [])
             )
         runs = [
-            simulate(case.trace, own_service, case.settings, replica, seed, at_speed)
+            simulate(ran.trace, own_service, case.settings, replica, seed, at_speed)
             for seed in range(repeat * SIM_SEEDS, (repeat + 1) * SIM_SEEDS)
         ]
         sim = runs[0]
@@ -202,13 +208,21 @@ def resimulated(data: dict[str, Any], spread: bool = True) -> dict[str, Any]:
     """A stored validation's real runs simulated again by the code as it is now, with the
     inputs they were simulated with (no cluster): how a change of the model does against
     runs already made. Not a validation of the new model: those runs were not its test."""
-    by_name = {case.name: case for case in cases(data.get("pace", 1.0))}
+    by_name = {case.name: case for case in cases()}
     service = ServiceModel.from_json(data["service"])
     contention = Contention.from_json(data["contention"])
     overhead, start_s = data["request_overhead_s"], data["replica"]["start_s"]
+    fallback = (data.get("pace", 1.0), data.get("stretch", 1.0))  # files before 2026-12-08
     rows = [
         _judged_case(
-            by_name[row["case"]], row["real_runs"], service, contention, overhead, start_s, spread
+            by_name[row["case"]],
+            row["real_runs"],
+            service,
+            contention,
+            overhead,
+            start_s,
+            spread,
+            fallback,
         )
         for row in data["cases"]
     ]
@@ -309,12 +323,15 @@ def speed_fit(
     contention = Contention.from_json(data.get("contention"))
     base = ServiceModel.from_json(data["service"])
     replica = ReplicaSettings(**data["replica"])
-    chosen = selected if selected is not None else cases(data.get("pace", 1.0))
+    chosen = selected if selected is not None else cases()
     by_name = {case.name: case for case in chosen}
     fits = []
     for row in data["cases"]:
-        case, real = by_name[row["case"]], row["real"]
-        probes = [run["probe"] for run in row.get("real_runs", []) if run.get("probe")]
+        runs = row.get("real_runs", [])
+        paces = [run.get("pace", data.get("pace", 1.0)) for run in runs] or [1.0]
+        stretch = runs[0].get("stretch", data.get("stretch", 1.0)) if runs else 1.0
+        case, real = by_name[row["case"]].at(statistics.median(paces), stretch), row["real"]
+        probes = [run["probe"] for run in runs if run.get("probe")]
         factors_seen = [probe["factor"] for probe in probes]
         at_speed = contention.at_speed(statistics.median(factors_seen)) if probes else contention
         overheads = [probe["overhead_s"] for probe in probes if "overhead_s" in probe]

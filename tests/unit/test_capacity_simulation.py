@@ -143,10 +143,22 @@ def test_unmeasured_states_combine_the_nearest_measured_effects():
     assert contention.factor(3, 0) == 1.5
     assert contention.factor(2, 1) == pytest.approx(1.5 * 2.2 / 1.1)
     assert Contention().factor(2, 1) == 1.0
-    backlog = Contention({(1, 0): 1.0}, backlog=(8, 1.2))
+    backlog = Contention({(1, 0): 1.0}, backlog=((8, 1.2),))
     assert backlog.factor(1, 0, 4) == pytest.approx(1.1)
     assert backlog.factor(1, 0, 20) == pytest.approx(1.2)  # no further than measured
     assert Contention.from_json(backlog.to_json()) == backlog
+    old_file = {**backlog.to_json(), "backlog": [8, 1.2]}  # one point, before 2026-12-08
+    assert Contention.from_json(old_file) == backlog
+
+
+def test_the_backlog_s_effect_follows_each_measured_backlog_and_stops_at_the_last():
+    """Measured at 8 and 24 waiting: between them it follows both, not the first alone
+    (which would stay at its own factor from 8 on), and beyond 24 it goes no further."""
+    two = Contention({(1, 0): 1.5}, backlog=((8, 1.2), (24, 1.6)))
+    assert two.factor(1, 0, 8) == pytest.approx(1.5 * 1.2)
+    assert two.factor(1, 0, 16) == pytest.approx(1.5 * 1.4)
+    assert two.factor(1, 0, 40) == pytest.approx(1.5 * 1.6)
+    assert Contention.from_json(two.to_json()) == two
 
 
 def test_requests_waiting_at_the_handle_slow_the_calls_and_wait_for_the_router():
@@ -157,7 +169,7 @@ def test_requests_waiting_at_the_handle_slow_the_calls_and_wait_for_the_router()
     one = AutoscalingSettings(**{**FAST.__dict__, "min_replicas": 1, "max_replicas": 1})
     room = ReplicaSettings(max_ongoing_requests=1, max_queued_requests=10, start_s=5)
     trace = Trace("t", 5.0, tuple(Arrival(0.0, SMALL, i) for i in range(6)), "t")
-    slowed = Contention({(1, 0): 1.0}, backlog=(5, 2.0))
+    slowed = Contention({(1, 0): 1.0}, backlog=((5, 2.0),))
     result = simulate(trace, ONE_SECOND, one, room, seed=1, contention=slowed)
     latencies = sorted(r.latency_s for r in result.requests)
     # 5 waiting: 2 s; then 4 (1.8 s), 3, 2, 1, none (1 s), each call from the first retry

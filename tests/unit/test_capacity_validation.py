@@ -89,10 +89,10 @@ def test_a_case_is_judged_on_its_median_run_not_on_one_run(three_runs):
 def test_each_run_is_simulated_at_the_speed_its_probe_measured(monkeypatch):
     """The machine's speed drifts between minutes: a run whose probe found calls twice as
     slow is simulated twice as slow, the calibration's relative effects kept."""
-    calibrated = Contention({(1, 0): 1.1, (2, 0): 1.4}, backlog=(8, 1.1), warmup_idle=(1.6,))
+    calibrated = Contention({(1, 0): 1.1, (2, 0): 1.4}, backlog=((8, 1.1),), warmup_idle=(1.6,))
     slow = calibrated.at_speed(2.2)
     assert slow.slowdowns == {(1, 0): 2.2, (2, 0): 2.8}
-    assert slow.backlog == (8, 1.1) and slow.warmup_idle == ()  # the probe warmed it
+    assert slow.backlog == ((8, 1.1),) and slow.warmup_idle == ()  # the probe warmed it
 
     def run_cluster(selected, service, repeats, throttle):
         runs = [made_up_run(0.1, repeat) for repeat in range(3)]
@@ -203,10 +203,11 @@ def test_each_run_is_simulated_with_the_overhead_its_probe_measured(monkeypatch)
     assert data["service"]["request_overhead_s"] == 0.05
 
 
-def test_the_traces_follow_the_machine_s_speed_so_the_replicas_carry_the_same_load():
-    """At half the engine's speed a validation sends half the requests: the load on the
-    replicas (rate x service time) and so the autoscaler's view stay as the traces meant."""
-    from bench.capacity.experiment import LARGE, SMALL, cases, pace_for
+def test_the_traces_follow_the_cluster_s_speed_so_the_replicas_carry_the_same_load():
+    """A run on a cluster whose lone call (its probe's) is twice as slow sends half the
+    requests: the load on the replicas (rate x service time) and so the autoscaler's view
+    stay as the traces meant, whether the engine itself or the cluster around it is slow."""
+    from bench.capacity.experiment import LARGE, REFERENCE_REQUEST_S, SMALL, cases, pace_for
 
     def engine(scale: float) -> ServiceModel:
         # A SMALL call 0.12 s and a LARGE one 0.44 s at scale 1: MIX's mean is 0.2 s.
@@ -216,16 +217,54 @@ def test_the_traces_follow_the_machine_s_speed_so_the_replicas_carry_the_same_lo
         }
         return ServiceModel(costs=costs, source="test")
 
-    assert pace_for(engine(1.0)) == pytest.approx(1.0)
-    assert pace_for(engine(2.0)) == pytest.approx(0.5)
+    reference = REFERENCE_REQUEST_S / 0.2  # the lone call's factor the rates were chosen at
+    assert pace_for(engine(1.0), reference) == pytest.approx(1.0)
+    assert pace_for(engine(2.0), reference) == pytest.approx(0.5)
+    assert pace_for(engine(1.0), 2 * reference) == pytest.approx(0.5)
     for full, half in zip(cases(1.0), cases(0.5), strict=True):
         assert full.name == half.name
         assert len(half.trace.arrivals) == pytest.approx(len(full.trace.arrivals) / 2, rel=0.15)
 
 
-def test_a_validation_records_its_pace(three_runs):
-    data = validate([CASE], SERVICE, repeats=3, pace=0.7)
-    assert data["pace"] == 0.7
+def test_the_traces_stretch_with_a_slow_replica_start_so_the_scale_out_fits_in_them():
+    from bench.capacity.experiment import REFERENCE_START_S, cases, stretch_for
+
+    assert stretch_for(REFERENCE_START_S / 2) == 1.0  # never shorter than designed
+    assert stretch_for(REFERENCE_START_S * 2.5) == 2.5
+    for short, long in zip(cases(1.0), cases(1.0, 2.5), strict=True):
+        assert long.trace.duration_s == 2.5 * short.trace.duration_s
+        # The same rates over a longer time: the burst's requests come 2.5 times later.
+        assert len(long.trace.arrivals) == pytest.approx(2.5 * len(short.trace.arrivals), rel=0.2)
+        assert long.trace.arrivals[-1].t > 2 * short.trace.duration_s
+
+
+def test_each_run_is_simulated_on_the_trace_it_ran_at_its_own_pace(monkeypatch):
+    """Each run's pace comes from its own probe: a run sent at half the rates is simulated
+    at half the rates, and the validation records each run's and their median."""
+    paced = Case(
+        "steady",
+        CASE.trace,
+        SETTINGS,
+        lambda pace, stretch: steady(2.0 * pace, 20.0 * stretch, [(KIND, 1.0)], seed=5),
+    )
+
+    def run_cluster(selected, service, repeats, throttle):
+        runs = []
+        for repeat, pace in enumerate((1.0, 0.5, 1.0)):
+            trace = paced.at(pace).trace
+            requests = [(a.t, "ok", a.t + 0.1, 0.1) for a in trace.arrivals]
+            runs.append(RealRun(CASE.name, requests, [(0.0, 1, 0)], [], (1.0, 1.0), repeat))
+            runs[-1].pace = pace
+        return runs, {"request_overhead_s": 0.0, "contention": NONE}
+
+    monkeypatch.setattr(cluster, "run_cluster", run_cluster)
+    data = validate([paced], SERVICE, repeats=3)
+    assert data["pace"] == 1.0 and data["stretch"] == 1.0
+    runs = data["cases"][0]["real_runs"]
+    assert [run["pace"] for run in runs] == [1.0, 0.5, 1.0]
+    simulated = [run["sim"]["requests"] for run in runs]
+    assert simulated == [run["summary"]["requests"] for run in runs]
+    assert simulated[1] < 0.7 * simulated[0]
 
 
 # Two measurements of the engine (`measure`): (fixed s, s a step) by (size, images), on a
@@ -254,18 +293,28 @@ ENGINES = {
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest.mark.parametrize("speed", [1.0, 0.7, 0.5])
 def test_every_trace_scales_out_as_it_names_at_every_speed_of_the_machine(engine, speed):
-    """Each case's trace, simulated on a measured engine slowed to `speed` (the traces at
-    the pace `measure` would find then), still makes its policy scale out: a trace at the
-    policy's threshold tests the autoscaler at one speed and not at another (the cost-aware
-    burst of 2.5 x pace large requests a second stayed at one replica at x0.57 for real, and
-    at 3.5 x pace it did in simulation on the slow day's engine)."""
-    from bench.capacity.experiment import REPLICA, cases, pace_for
+    """Each case's trace, simulated on a measured engine slowed to `speed` on a cluster
+    whose lone call runs x1.4 its standalone seconds and whose replicas start in 18 s over
+    `speed` (the calibrations of 2026-12-07: 17.7 s at x1, 31 s at x0.7, 41 s at x0.5), at
+    the pace and stretch a run would take then, still makes its policy scale out, its
+    second replica running before the trace ends: a trace at the policy's threshold tests
+    the autoscaler at one speed and not at another (the cost-aware burst of 2.5 x pace
+    large requests a second stayed at one replica at x0.57 for real, and at 3.5 x pace it
+    did in simulation on the slow day's engine), and at half speed a 75 s trace ended
+    before the replica it asked for ran."""
+    from dataclasses import replace
+
+    from bench.capacity.experiment import REPLICA, cases, pace_for, stretch_for
     from bench.capacity.simulation import simulate
 
     slowed = ServiceModel(
         {key: CallCost(f / speed, s / speed) for key, (f, s) in ENGINES[engine].items()}, "test"
     )
-    for case in cases(pace_for(slowed)):
+    lone, start_s = 1.4, 18.0 / speed
+    cluster = Contention({(1, 0): lone})
+    replica = replace(REPLICA, start_s=start_s)
+    for case in cases(pace_for(slowed, lone), stretch_for(start_s)):
         for seed in range(2):
-            run = simulate(case.trace, slowed, case.settings, REPLICA, seed, NONE).summary()
+            run = simulate(case.trace, slowed, case.settings, replica, seed, cluster).summary()
             assert run["first_scale_up_s"] is not None, (case.name, seed)
+            assert run["max_replicas"] == 2, (case.name, seed)
