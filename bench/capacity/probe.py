@@ -40,11 +40,14 @@ class LoggedCall(NamedTuple):
     call_s: float
 
 
-def probe_rate(service: ServiceModel, kinds) -> float:
+def probe_rate(service: ServiceModel, kinds, lone: float = 1.0) -> float:
     """Requests a second that keep a replica `PROBE_BUSY` busy with `kinds` in turn, at the
-    speed `measure` found the engine at just before."""
+    speed `measure` found the engine at just before times `lone`, the calibration's lone
+    call on the cluster: at `measure`'s speed alone, the half-speed probes of 2026-12-08 ran
+    the replica half busy and more on a cluster x1.3 slower, and two of four scaled their
+    application up, a replica starting beside the calls they timed."""
     mean_s = statistics.fmean(service.call_s(k.size, k.steps, k.images) for k in kinds)
-    return PROBE_BUSY / mean_s
+    return PROBE_BUSY / (mean_s * lone)
 
 
 async def _open_loop(url: str, kinds, rate: float) -> list[tuple[str, float]]:
@@ -76,11 +79,12 @@ def probe(
     service: ServiceModel,
     kinds,
     logged: Callable[[list[str]], dict[str, LoggedCall]],
+    lone: float = 1.0,
 ) -> dict[str, Any]:
     """The machine's speed just before a trace, on the replica it is about to start on, as
     the trace's calls run: with requests arriving open-loop during them (`_open_loop`, at
-    `probe_rate`), their calls timed by the ingress (`logged`: the requests' `LoggedCall`s
-    by id).
+    `probe_rate`, `lone` the calibration's lone call), their calls timed by the ingress
+    (`logged`: the requests' `LoggedCall`s by id).
 
     - the factor: the calls' logged seconds over their standalone ones (the first
       `PROBE_WARM_CALLS` left out, warm-up), which the simulation gives a lone call;
@@ -97,7 +101,7 @@ def probe(
     others arrive during it (about 0.03 to 0.04 s, where the closed-loop calibration fitted
     0.01 to 0.02 s); fitted to latencies as one factor on the call, it makes every simulated
     call 5% to 14% too slow (such factors over the calls' logged ones)."""
-    rate = probe_rate(service, kinds)
+    rate = probe_rate(service, kinds, lone)
     sent = asyncio.run(_open_loop(url, kinds, rate))[PROBE_WARM_CALLS:]
     calls = logged([request_id for request_id, _ in sent])
     timed = [(latency, calls[request_id]) for request_id, latency in sent if request_id in calls]

@@ -128,7 +128,7 @@ def validate(
         "model": model,
         "repeats": repeats,
         # The runs' median pace and their stretch (each run's own is in its row).
-        "pace": statistics.median(run.pace for run in runs),
+        "pace": round(statistics.median(run.pace for run in runs), 3),
         "stretch": statistics.median(run.stretch for run in runs),
         "throttle": throttle.speed,
         "service": service.with_overhead(overhead).to_json(),

@@ -80,6 +80,8 @@ def test_the_probe_s_rate_keeps_the_replica_equally_busy_at_any_speed():
     fast_rate = probe_module.probe_rate(SERVICE, [KIND])
     assert probe_module.probe_rate(slow, [KIND]) == pytest.approx(fast_rate / 2)
     assert fast_rate * SERVICE.call_s(KIND.size, KIND.steps, 1) == pytest.approx(1 / 3)
+    # A cluster whose lone call the calibration found twice the engine's seconds: the same.
+    assert probe_module.probe_rate(SERVICE, [KIND], lone=2.0) == pytest.approx(fast_rate / 2)
 
 
 def test_a_probe_the_log_does_not_know_fails_rather_than_guessing(service_url, monkeypatch):
