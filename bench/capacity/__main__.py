@@ -84,6 +84,37 @@ def extrapolate() -> None:
     print(extrapolation_table(data))
 
 
+def _print_inputs(data: dict) -> None:
+    """What a validation's simulations were given: pace, stretch, speed, replica starts,
+    request overheads and the calibrated slowdowns."""
+    print(f"The latest validation: simulation against the real cluster ({data['nodes']}).")
+    print(
+        f"The traces at x{data.get('pace', 1.0)} their rates (the runs' median, each "
+        f"from its probe), x{data.get('stretch', 1.0)} their times (the replica start)."
+    )
+    print(f"The cluster at x{data.get('throttle', 1.0)} of the machine's speed (throttle.py).")
+    print(
+        f"Replica start {data['start_times_s']} s, request overhead "
+        f"{data['request_overhead_s']} s (calibrated)."
+    )
+    probed = [
+        run["probe"]["overhead_s"]
+        for row in data["cases"]
+        for run in row["real_runs"]
+        if "overhead_s" in run.get("probe", {})
+    ]
+    if probed:
+        print(
+            f"Each run's request overhead, as its probe measured it: {min(probed)} to "
+            f"{max(probed)} s (the simulation's for that run)."
+        )
+    for row in data.get("contention", {}).get("slowdowns", []):
+        print(
+            f"Calibrated slowdown with {row['calls']} call(s) running, "
+            f"{row['starting']} replica(s) starting: x{row['factor']}"
+        )
+
+
 def show() -> int:
     missing = [p for p in (VALIDATION, EXTRAPOLATION) if not p.exists()]
     if VALIDATION.exists():
@@ -92,32 +123,7 @@ def show() -> int:
         stored = load(VALIDATION)
         validations = stored["validations"]
         data = validations[-1]
-        print(f"The latest validation: simulation against the real cluster ({data['nodes']}).")
-        print(
-            f"The traces at x{data.get('pace', 1.0)} their rates (the runs' median, each "
-            f"from its probe), x{data.get('stretch', 1.0)} their times (the replica start)."
-        )
-        print(f"The cluster at x{data.get('throttle', 1.0)} of the machine's speed (throttle.py).")
-        print(
-            f"Replica start {data['start_times_s']} s, request overhead "
-            f"{data['request_overhead_s']} s (calibrated)."
-        )
-        probed = [
-            run["probe"]["overhead_s"]
-            for row in data["cases"]
-            for run in row["real_runs"]
-            if "overhead_s" in run.get("probe", {})
-        ]
-        if probed:
-            print(
-                f"Each run's request overhead, as its probe measured it: {min(probed)} to "
-                f"{max(probed)} s (the simulation's for that run)."
-            )
-        for row in data.get("contention", {}).get("slowdowns", []):
-            print(
-                f"Calibrated slowdown with {row['calls']} call(s) running, "
-                f"{row['starting']} replica(s) starting: x{row['factor']}"
-            )
+        _print_inputs(data)
         print()
         print("Every run of the stored validations of this model, by speed:\n")
         print(runs_table(validations))
